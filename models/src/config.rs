@@ -1,0 +1,209 @@
+//! The model's hyperparameters (SPEC §2, §6 `config.json`) and the presets of SPEC §3.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+use tokenformer_core::{Error, Result};
+
+/// The Θ normalisation of every Pattention in a model (SPEC §1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NormKind {
+    L2NormGelu,
+    GeluL2Norm,
+    Softmax,
+}
+
+impl NormKind {
+    pub const ALL: [NormKind; 3] = [NormKind::L2NormGelu, NormKind::GeluL2Norm, NormKind::Softmax];
+    pub fn name(&self) -> &'static str {
+        match self {
+            NormKind::L2NormGelu => "l2_norm_gelu",
+            NormKind::GeluL2Norm => "gelu_l2_norm",
+            NormKind::Softmax => "softmax",
+        }
+    }
+}
+
+impl fmt::Display for NormKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for NormKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        NormKind::ALL.into_iter().find(|k| k.name() == s).ok_or_else(|| {
+            Error::invalid(format!(
+                "unknown norm '{s}' (expected l2_norm_gelu, gelu_l2_norm or softmax)"
+            ))
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    pub vocab_size: usize,
+    pub d_model: usize,
+    pub n_layers: usize,
+    pub n_heads: usize,
+    pub max_seq_len: usize,
+    pub qkv_tokens: usize,
+    pub proj_tokens: usize,
+    pub ffn_tokens: usize,
+    /// n₀ of τ = √n₀ for the query/key/value Pattentions: the count they were created with.
+    pub qkv_scale_tokens: usize,
+    pub proj_scale_tokens: usize,
+    pub ffn_scale_tokens: usize,
+    pub norm: NormKind,
+    pub rotary_pct: f64,
+    pub rotary_base: f64,
+    pub tokenizer: String,
+}
+
+/// (name, L, d, H, n_qkv, n_proj, n_ffn, T_max, V): SPEC §3.
+const PRESETS: &[(&str, usize, usize, usize, usize, usize, usize, usize, usize)] = &[
+    ("tiny", 4, 128, 4, 128, 128, 512, 256, 256),
+    ("150M", 12, 768, 12, 768, 768, 3072, 2048, 50304),
+    ("450M", 24, 1024, 16, 1024, 1024, 4096, 2048, 50304),
+    ("900M", 32, 1280, 16, 1280, 1280, 5120, 2048, 50304),
+    ("1.5B", 40, 1536, 16, 1536, 1536, 6144, 2048, 50304),
+    ("owt-124M", 12, 768, 12, 576, 576, 2304, 1024, 50304),
+    ("owt-354M", 12, 768, 12, 2140, 2140, 8560, 1024, 50304),
+    ("owt-757M", 12, 768, 12, 4850, 4850, 19400, 1024, 50304),
+    ("owt-1.4B", 12, 768, 12, 8620, 8620, 34480, 1024, 50304),
+];
+
+impl ModelConfig {
+    pub fn preset_names() -> Vec<&'static str> {
+        PRESETS.iter().map(|p| p.0).collect()
+    }
+
+    /// The preset called `name`, with τ's n₀ equal to the preset's token counts.
+    pub fn preset(name: &str) -> Result<ModelConfig> {
+        let &(_, l, d, h, qkv, proj, ffn, t, v) =
+            PRESETS.iter().find(|p| p.0 == name).ok_or_else(|| {
+                Error::invalid(format!(
+                    "unknown preset '{name}' (expected one of: {})",
+                    ModelConfig::preset_names().join(", ")
+                ))
+            })?;
+        Ok(ModelConfig {
+            vocab_size: v,
+            d_model: d,
+            n_layers: l,
+            n_heads: h,
+            max_seq_len: t,
+            qkv_tokens: qkv,
+            proj_tokens: proj,
+            ffn_tokens: ffn,
+            qkv_scale_tokens: qkv,
+            proj_scale_tokens: proj,
+            ffn_scale_tokens: ffn,
+            norm: NormKind::L2NormGelu,
+            rotary_pct: 0.25,
+            rotary_base: 10000.0,
+            tokenizer: if v == 256 { "byte".into() } else { "gpt2".into() },
+        })
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.d_model / self.n_heads
+    }
+
+    /// r = ⌊rotary_pct · d_h⌋, the number of rotated dims per head.
+    pub fn rotary_dims(&self) -> usize {
+        (self.rotary_pct * self.head_dim() as f64).floor() as usize
+    }
+
+    /// Every rule SPEC §2 puts on a config; the message names the offending field.
+    pub fn validate(&self) -> Result<()> {
+        let fail = |m: String| Err(Error::invalid(format!("invalid model config: {m}")));
+        for (name, v) in [
+            ("vocab_size", self.vocab_size),
+            ("d_model", self.d_model),
+            ("n_layers", self.n_layers),
+            ("n_heads", self.n_heads),
+            ("max_seq_len", self.max_seq_len),
+            ("qkv_tokens", self.qkv_tokens),
+            ("proj_tokens", self.proj_tokens),
+            ("ffn_tokens", self.ffn_tokens),
+            ("qkv_scale_tokens", self.qkv_scale_tokens),
+            ("proj_scale_tokens", self.proj_scale_tokens),
+            ("ffn_scale_tokens", self.ffn_scale_tokens),
+        ] {
+            if v == 0 {
+                return fail(format!("{name} must be positive"));
+            }
+        }
+        if self.vocab_size > 1 << 24 {
+            return fail(format!("vocab_size {} exceeds 2^24", self.vocab_size));
+        }
+        if self.d_model % self.n_heads != 0 {
+            return fail(format!(
+                "n_heads {} does not divide d_model {}",
+                self.n_heads, self.d_model
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.rotary_pct) {
+            return fail(format!("rotary_pct {} is not in [0, 1]", self.rotary_pct));
+        }
+        if self.rotary_dims() % 2 != 0 {
+            return fail(format!(
+                "rotary dims {} (rotary_pct {} of head dim {}) must be even",
+                self.rotary_dims(),
+                self.rotary_pct,
+                self.head_dim()
+            ));
+        }
+        if !(self.rotary_base > 0.0 && self.rotary_base.is_finite()) {
+            return fail(format!("rotary_base {} must be positive", self.rotary_base));
+        }
+        Ok(())
+    }
+
+    /// 2·d·L·(3·n_qkv + n_proj + n_ffn) + V·d + 2·d (SPEC §2).
+    pub fn param_count(&self) -> usize {
+        let tokens = 3 * self.qkv_tokens + self.proj_tokens + self.ffn_tokens;
+        2 * self.d_model * self.n_layers * tokens + self.vocab_size * self.d_model + 2 * self.d_model
+    }
+
+    /// Training FLOPs per token at sequence length `seq` (SPEC §2; attention counted
+    /// non-causally).
+    pub fn train_flops_per_token(&self, seq: usize) -> f64 {
+        let tokens = 3 * self.qkv_tokens + self.proj_tokens + self.ffn_tokens;
+        let matmul_params = 2 * self.d_model * self.n_layers * tokens + self.vocab_size * self.d_model;
+        6.0 * matmul_params as f64 + 12.0 * (self.n_layers * self.d_model * seq) as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[test]
+    fn preset_parameter_counts_match_the_spec() {
+        assert_eq!(ModelConfig::preset("tiny").unwrap().param_count(), 1_081_600);
+        assert_eq!(ModelConfig::preset("150M").unwrap().param_count(), 151_881_216);
+        for name in ModelConfig::preset_names() {
+            ModelConfig::preset(name).unwrap().validate().unwrap();
+        }
+        let approx = [("450M", 454.2e6), ("900M", 903.3e6), ("1.5B", 1587.2e6), ("owt-124M", 123.6e6), ("owt-354M", 354.2e6), ("owt-757M", 753.8e6), ("owt-1.4B", 1309.7e6)];
+        for (name, want) in approx {
+            let got = ModelConfig::preset(name).unwrap().param_count() as f64;
+            assert!((got - want).abs() < 0.06e6, "{name}: {got}");
+        }
+        assert!(ModelConfig::preset("nope").unwrap_err().to_string().contains("unknown preset"));
+    }
+    #[test]
+    fn validation_rejects_bad_configs() {
+        let mut c = ModelConfig::preset("tiny").unwrap();
+        c.n_heads = 3;
+        assert!(c.validate().unwrap_err().to_string().contains("n_heads"));
+        let mut c = ModelConfig::preset("tiny").unwrap();
+        c.rotary_pct = 0.2; // 0.2·32 = 6.4 → 6, even: fine
+        c.validate().unwrap();
+        c.rotary_pct = 0.16; // 5.12 → 5: odd
+        assert!(c.validate().unwrap_err().to_string().contains("even"));
+    }
+}

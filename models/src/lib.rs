@@ -1,0 +1,6 @@
+//! TokenFormer on the autodiff engine: Pattention, the language model, presets, growth, AdamW,
+//! data, training and checkpoints.
+
+pub mod config;
+
+pub use config::{ModelConfig, NormKind};
