@@ -51,7 +51,9 @@ impl CudaBackend {
         check_driver_present()?;
         let count = CudaContext::device_count().map_err(|e| cuda_err("counting devices", e))?;
         if ordinal >= count.max(0) as usize {
-            return Err(Error::Cuda(format!("no device cuda:{ordinal} ({count} CUDA devices found)")));
+            return Err(Error::Cuda(format!(
+                "no device cuda:{ordinal} ({count} CUDA devices found)"
+            )));
         }
         let context = CudaContext::new(ordinal).map_err(|e| cuda_err("opening the device", e))?;
         let stream = context.default_stream();

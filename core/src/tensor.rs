@@ -45,7 +45,9 @@ impl Tensor {
     pub fn full(dims: &[usize], value: f32, device: Device) -> Result<Tensor> {
         let shape = Shape::new(dims);
         match device {
-            Device::Cpu => Ok(Tensor::from_storage(Storage::Cpu(vec![value; shape.numel()]), shape)),
+            Device::Cpu => {
+                Ok(Tensor::from_storage(Storage::Cpu(vec![value; shape.numel()]), shape))
+            }
             Device::Cuda(ordinal) => {
                 let storage = CudaStorage::full(ordinal, shape.numel(), value)?;
                 Ok(Tensor::from_storage(Storage::Cuda(storage), shape))
@@ -148,7 +150,10 @@ impl Tensor {
     /// The single value of a one-element tensor.
     pub fn to_scalar(&self) -> Result<f32> {
         if self.numel() != 1 {
-            return Err(Error::shape("to_scalar", format!("tensor of shape {} has {} values", self.shape, self.numel())));
+            return Err(Error::shape(
+                "to_scalar",
+                format!("tensor of shape {} has {} values", self.shape, self.numel()),
+            ));
         }
         Ok(self.to_vec()?[0])
     }
@@ -180,7 +185,9 @@ impl fmt::Display for Tensor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let values = match self.to_vec() {
             Ok(v) => v,
-            Err(e) => return write!(f, "Tensor{} on {} (unreadable: {e})", self.shape, self.device()),
+            Err(e) => {
+                return write!(f, "Tensor{} on {} (unreadable: {e})", self.shape, self.device())
+            }
         };
         writeln!(f, "Tensor{} on {}", self.shape, self.device())?;
         fn rec(f: &mut fmt::Formatter<'_>, v: &[f32], dims: &[usize], depth: usize) -> fmt::Result {
@@ -232,7 +239,10 @@ mod tests {
         let r = t.reshape(&[3, 2]).unwrap();
         assert!(r.same_storage(&t));
         let err = t.reshape(&[4, 2]).unwrap_err().to_string();
-        assert!(err.contains("reshape") && err.contains("[2, 3]") && err.contains("[4, 2]"), "{err}");
+        assert!(
+            err.contains("reshape") && err.contains("[2, 3]") && err.contains("[4, 2]"),
+            "{err}"
+        );
         assert!(Tensor::from_vec(vec![1.0; 5], &[2, 3]).is_err());
         assert_eq!(Tensor::arange(4).to_vec().unwrap(), vec![0.0, 1.0, 2.0, 3.0]);
         let a = Tensor::randn(&[3, 4], 1.0, &mut Rng::new(3));

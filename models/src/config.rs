@@ -166,14 +166,17 @@ impl ModelConfig {
     /// 2·d·L·(3·n_qkv + n_proj + n_ffn) + V·d + 2·d (SPEC §2).
     pub fn param_count(&self) -> usize {
         let tokens = 3 * self.qkv_tokens + self.proj_tokens + self.ffn_tokens;
-        2 * self.d_model * self.n_layers * tokens + self.vocab_size * self.d_model + 2 * self.d_model
+        2 * self.d_model * self.n_layers * tokens
+            + self.vocab_size * self.d_model
+            + 2 * self.d_model
     }
 
     /// Training FLOPs per token at sequence length `seq` (SPEC §2; attention counted
     /// non-causally).
     pub fn train_flops_per_token(&self, seq: usize) -> f64 {
         let tokens = 3 * self.qkv_tokens + self.proj_tokens + self.ffn_tokens;
-        let matmul_params = 2 * self.d_model * self.n_layers * tokens + self.vocab_size * self.d_model;
+        let matmul_params =
+            2 * self.d_model * self.n_layers * tokens + self.vocab_size * self.d_model;
         6.0 * matmul_params as f64 + 12.0 * (self.n_layers * self.d_model * seq) as f64
     }
 }
@@ -188,7 +191,15 @@ mod tests {
         for name in ModelConfig::preset_names() {
             ModelConfig::preset(name).unwrap().validate().unwrap();
         }
-        let approx = [("450M", 454.2e6), ("900M", 903.3e6), ("1.5B", 1587.2e6), ("owt-124M", 123.6e6), ("owt-354M", 354.2e6), ("owt-757M", 753.8e6), ("owt-1.4B", 1309.7e6)];
+        let approx = [
+            ("450M", 454.2e6),
+            ("900M", 903.3e6),
+            ("1.5B", 1587.2e6),
+            ("owt-124M", 123.6e6),
+            ("owt-354M", 354.2e6),
+            ("owt-757M", 753.8e6),
+            ("owt-1.4B", 1309.7e6),
+        ];
         for (name, want) in approx {
             let got = ModelConfig::preset(name).unwrap().param_count() as f64;
             assert!((got - want).abs() < 0.06e6, "{name}: {got}");
