@@ -2,27 +2,101 @@
 //! and shared by every tensor on it. The CUDA libraries are loaded at run time (cudarc's
 //! dynamic loading), so this module builds on machines without CUDA; there, opening a device
 //! returns an error naming the missing library instead of a panic.
+//!
+//! Kernels are CUDA C source strings compiled by NVRTC on first use, to machine code for the
+//! device's own architecture, and cached for the life of the process (`CudaBackend::function`). All work is
+//! queued on one stream, so kernels, copies and cuBLAS calls run in the order they were issued.
 
-use crate::{Error, Result};
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
+use crate::{Error, Result, Shape, Storage, Tensor};
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
+};
 use std::collections::HashMap;
+use std::ffi::CString;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+
+/// Threads per block for the elementwise kernels and for the one-block-per-row kernels. The
+/// row kernels reduce with a tree whose shape depends only on this number, never on the row
+/// length, so appending exact zeros to a row leaves its sums bit-identical (exact growth).
+pub const BLOCK: u32 = 256;
+
+/// A scalar kernel argument, passed by value.
+pub enum Arg {
+    U32(u32),
+    I32(i32),
+    F32(f32),
+    /// Axis sizes or strides, a C struct `{ unsigned int v[MAX_RANK]; }` on the device side.
+    Dims([u32; MAX_RANK]),
+}
 
 /// One open GPU.
 pub struct CudaBackend {
     ordinal: usize,
     context: Arc<CudaContext>,
     stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    /// Whether the cuBLAS handle currently allows TF32 (compared with the process-wide switch
+    /// before every GEMM).
+    blas_uses_tf32: Mutex<bool>,
+    /// Compiled modules by name, with the functions already looked up in each.
+    modules: Mutex<HashMap<&'static str, LoadedModule>>,
+    /// Bytes held by live `CudaStorage` buffers of this device, and the most ever held at once.
+    allocated_bytes: AtomicUsize,
+    peak_bytes: AtomicUsize,
+}
+
+struct LoadedModule {
+    module: Arc<CudaModule>,
+    functions: HashMap<String, CudaFunction>,
 }
 
 /// A buffer of f32 on a GPU, with the backend that owns it.
 pub struct CudaStorage {
     pub slice: CudaSlice<f32>,
     pub backend: Arc<CudaBackend>,
+    /// Number of f32 values (the slice holds at least one, since CUDA cannot allocate 0 bytes).
+    len: usize,
 }
 
-fn cuda_err(what: &str, e: impl std::fmt::Debug) -> Error {
+/// Memory use of one device, for `bench`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryStats {
+    /// Bytes held by tensors now.
+    pub allocated_bytes: usize,
+    /// The most bytes held by tensors at once since the device was opened (or `reset_peak`).
+    pub peak_bytes: usize,
+    /// Free and total device memory as the driver reports them (all processes, all
+    /// allocations, including cuBLAS workspaces and the memory pool's reserve).
+    pub free_bytes: usize,
+    pub total_bytes: usize,
+}
+
+/// An error of a CUDA call, naming what was being done.
+pub fn cuda_err(what: &str, e: impl std::fmt::Debug) -> Error {
     Error::Cuda(format!("{what}: {e:?}"))
+}
+
+static TF32: AtomicBool = AtomicBool::new(false);
+
+/// Lets cuBLAS run f32 GEMMs on TF32 tensor cores (10-bit mantissa products, f32 sums): several
+/// times faster on Ampere and newer, at about 1e-3 relative error. Off by default; applies to
+/// every device of the process from the next GEMM on.
+pub fn set_tf32(enabled: bool) {
+    TF32.store(enabled, Ordering::Relaxed);
+}
+
+/// Whether TF32 GEMMs are allowed (see `set_tf32`).
+pub fn tf32_enabled() -> bool {
+    TF32.load(Ordering::Relaxed)
+}
+
+fn missing_library(what: &str, file: &str) -> Error {
+    Error::Cuda(format!(
+        "the {what} library ({file}) was not found: add the folder that holds it to \
+         LD_LIBRARY_PATH"
+    ))
 }
 
 /// Checks that the CUDA driver library can be loaded, before any cudarc call that would panic
@@ -40,6 +114,120 @@ pub fn check_driver_present() -> Result<()> {
     }
 }
 
+/// Checks that NVRTC (the run-time CUDA C compiler) can be loaded.
+pub fn check_nvrtc_present() -> Result<()> {
+    // SAFETY: only tries to dlopen the library by its usual names.
+    if unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        Ok(())
+    } else {
+        Err(missing_library("NVRTC", "libnvrtc.so"))
+    }
+}
+
+/// Checks that cuBLAS can be loaded.
+pub fn check_cublas_present() -> Result<()> {
+    // SAFETY: only tries to dlopen the library by its usual names.
+    if unsafe { cudarc::cublas::sys::is_culib_present() } {
+        Ok(())
+    } else {
+        Err(missing_library("cuBLAS", "libcublas.so"))
+    }
+}
+
+/// A launch of `n` independent threads, `BLOCK` per block.
+pub fn launch_1d(n: u32) -> LaunchConfig {
+    LaunchConfig { grid_dim: (n.div_ceil(BLOCK), 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// A launch of one block of `BLOCK` threads per row.
+pub fn launch_rows(rows: u32) -> LaunchConfig {
+    LaunchConfig { grid_dim: (rows, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// Compiles an NVRTC program and returns its CUBIN, or the error with the compiler's log.
+///
+/// # Safety
+/// `program` must be a live program from `nvrtc::create_program`.
+unsafe fn compile_to_cubin(
+    program: cudarc::nvrtc::sys::nvrtcProgram,
+    options: &[String],
+) -> std::result::Result<Vec<u8>, String> {
+    use cudarc::nvrtc::{result as nvrtc, sys};
+    if let Err(e) = nvrtc::compile_program(program, options) {
+        let log = nvrtc::get_program_log(program).unwrap_or_default();
+        let log: Vec<u8> = log.iter().map(|&c| c as u8).take_while(|&c| c != 0).collect();
+        return Err(format!("{e:?}\n{}", String::from_utf8_lossy(&log)));
+    }
+    let mut size = 0usize;
+    sys::nvrtcGetCUBINSize(program, &mut size).result().map_err(|e| format!("{e:?}"))?;
+    let mut cubin = vec![0u8; size];
+    sys::nvrtcGetCUBIN(program, cubin.as_mut_ptr().cast()).result().map_err(|e| format!("{e:?}"))?;
+    Ok(cubin)
+}
+
+/// A tensor of shape `dims` over `storage`.
+pub fn cuda_tensor(storage: CudaStorage, dims: &[usize]) -> Tensor {
+    Tensor::from_storage(Storage::Cuda(storage), Shape::new(dims))
+}
+
+/// The most axes an index-walking kernel (broadcast, permute) takes.
+pub const MAX_RANK: usize = 8;
+
+/// Axis sizes or strides as a kernel argument: a fixed array of `MAX_RANK` u32 (a C struct
+/// `{ unsigned int v[8]; }` on the device side), unused entries 0.
+pub fn dims_arg(op: &str, values: &[usize]) -> Result<[u32; MAX_RANK]> {
+    if values.len() > MAX_RANK {
+        return Err(Error::Cuda(format!(
+            "{op}: {} axes after merging, more than the {MAX_RANK} the kernels take",
+            values.len()
+        )));
+    }
+    let mut out = [0u32; MAX_RANK];
+    for (o, &v) in out.iter_mut().zip(values) {
+        *o = count_u32(op, v)?;
+    }
+    Ok(out)
+}
+
+/// Merges adjacent axes that every operand walks contiguously, and drops axes of size 1, so
+/// index-walking kernels loop over as few axes as possible. `strides[k]` holds operand k's
+/// stride for each axis of `dims` (0 on a broadcast axis). Returns at least one axis.
+pub fn merge_axes(dims: &[usize], strides: &[Vec<usize>]) -> (Vec<usize>, Vec<Vec<usize>>) {
+    let mut merged_dims: Vec<usize> = Vec::new();
+    let mut merged: Vec<Vec<usize>> = vec![Vec::new(); strides.len()];
+    for (axis, &d) in dims.iter().enumerate() {
+        if d == 1 {
+            continue;
+        }
+        let contiguous = !merged_dims.is_empty()
+            && strides.iter().zip(&merged).all(|(s, m)| m[m.len() - 1] == s[axis] * d);
+        if contiguous {
+            let last = merged_dims.len() - 1;
+            merged_dims[last] *= d;
+            for (s, m) in strides.iter().zip(merged.iter_mut()) {
+                m[last] = s[axis];
+            }
+        } else {
+            merged_dims.push(d);
+            for (s, m) in strides.iter().zip(merged.iter_mut()) {
+                m.push(s[axis]);
+            }
+        }
+    }
+    if merged_dims.is_empty() {
+        merged_dims.push(1);
+        merged.iter_mut().for_each(|m| m.push(0));
+    }
+    (merged_dims, merged)
+}
+
+/// `n` as the 32-bit count the kernels index with, or an error naming `op`.
+pub fn count_u32(op: &str, n: usize) -> Result<u32> {
+    u32::try_from(n).map_err(|_| {
+        Error::Cuda(format!("{op}: {n} elements is more than the 32-bit indexing of the kernels"))
+    })
+}
+
 impl CudaBackend {
     /// The backend for GPU `ordinal`, opened once per process.
     pub fn get(ordinal: usize) -> Result<Arc<CudaBackend>> {
@@ -55,9 +243,25 @@ impl CudaBackend {
                 "no device cuda:{ordinal} ({count} CUDA devices found)"
             )));
         }
+        // Both libraries are checked before first use: cudarc panics when it cannot load one.
+        check_nvrtc_present()?;
+        check_cublas_present()?;
         let context = CudaContext::new(ordinal).map_err(|e| cuda_err("opening the device", e))?;
+        // SAFETY: every buffer is used on the one stream below, where work runs in issue order,
+        // so cudarc's per-buffer events (two created per allocation) would guard nothing.
+        unsafe { context.disable_event_tracking() };
         let stream = context.default_stream();
-        let backend = Arc::new(CudaBackend { ordinal, context, stream });
+        let blas = CudaBlas::new(stream.clone()).map_err(|e| cuda_err("creating cuBLAS", e))?;
+        let backend = Arc::new(CudaBackend {
+            ordinal,
+            context,
+            stream,
+            blas,
+            blas_uses_tf32: Mutex::new(false),
+            modules: Mutex::new(HashMap::new()),
+            allocated_bytes: AtomicUsize::new(0),
+            peak_bytes: AtomicUsize::new(0),
+        });
         open.insert(ordinal, backend.clone());
         Ok(backend)
     }
@@ -75,32 +279,248 @@ impl CudaBackend {
     pub fn synchronize(&self) -> Result<()> {
         self.stream.synchronize().map_err(|e| cuda_err("synchronize", e))
     }
+
+    /// The device's name, e.g. "NVIDIA H100 80GB HBM3".
+    pub fn name(&self) -> Result<String> {
+        self.context.name().map_err(|e| cuda_err("device name", e))
+    }
+    /// The device's memory in bytes.
+    pub fn total_memory(&self) -> Result<usize> {
+        self.context.total_mem().map_err(|e| cuda_err("device memory", e))
+    }
+    /// (major, minor), e.g. (9, 0) for an H100.
+    pub fn compute_capability(&self) -> Result<(i32, i32)> {
+        self.context.compute_capability().map_err(|e| cuda_err("compute capability", e))
+    }
+
+    /// What our tensors hold now and at most, and what the driver reports free.
+    pub fn memory_stats(&self) -> Result<MemoryStats> {
+        let (free_bytes, total_bytes) =
+            self.context.mem_get_info().map_err(|e| cuda_err("memory info", e))?;
+        Ok(MemoryStats {
+            allocated_bytes: self.allocated_bytes.load(Ordering::Relaxed),
+            peak_bytes: self.peak_bytes.load(Ordering::Relaxed),
+            free_bytes,
+            total_bytes,
+        })
+    }
+    /// Starts a new peak measurement from what is allocated now.
+    pub fn reset_peak(&self) {
+        self.peak_bytes.store(self.allocated_bytes.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+
+    /// The cuBLAS handle (on this backend's stream), with its math mode set to the current
+    /// TF32 switch.
+    pub fn blas(&self) -> Result<&CudaBlas> {
+        use cudarc::cublas::sys::{cublasMath_t, cublasSetMathMode};
+        let wanted = tf32_enabled();
+        let mut current = self.blas_uses_tf32.lock().unwrap_or_else(|p| p.into_inner());
+        if *current != wanted {
+            let mode = if wanted {
+                cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH
+            } else {
+                cublasMath_t::CUBLAS_DEFAULT_MATH
+            };
+            // SAFETY: the handle is alive as long as `self`; the mode is a valid enum value.
+            unsafe { cublasSetMathMode(*self.blas.handle(), mode) }
+                .result()
+                .map_err(|e| cuda_err("setting the cuBLAS math mode", e))?;
+            *current = wanted;
+        }
+        Ok(&self.blas)
+    }
+
+    /// The kernel `fn_name` of the CUDA C `source` known as `module_name`. The source is
+    /// compiled by NVRTC for this device's architecture the first time any of its kernels is
+    /// asked for; the module stays loaded for the life of the process.
+    pub fn function(
+        &self,
+        module_name: &'static str,
+        source: &'static str,
+        fn_name: &str,
+    ) -> Result<CudaFunction> {
+        let mut modules = self.modules.lock().unwrap_or_else(|p| p.into_inner());
+        if !modules.contains_key(module_name) {
+            let module = self.compile(module_name, source)?;
+            modules.insert(module_name, LoadedModule { module, functions: HashMap::new() });
+        }
+        let Some(loaded) = modules.get_mut(module_name) else {
+            return Err(Error::Cuda(format!("module {module_name} vanished from the cache")));
+        };
+        if let Some(f) = loaded.functions.get(fn_name) {
+            return Ok(f.clone());
+        }
+        let f = loaded
+            .module
+            .load_function(fn_name)
+            .map_err(|e| cuda_err(&format!("kernel {fn_name} of module {module_name}"), e))?;
+        loaded.functions.insert(fn_name.to_string(), f.clone());
+        Ok(f)
+    }
+
+    fn compile(&self, module_name: &str, source: &str) -> Result<Arc<CudaModule>> {
+        use cudarc::nvrtc::{result as nvrtc, Ptx};
+        let (major, minor) = self.compute_capability()?;
+        let what = format!("compiling {module_name}.cu for sm_{major}{minor}");
+        let src = CString::new(source).map_err(|e| cuda_err(&what, e))?;
+        let file = CString::new(format!("{module_name}.cu")).map_err(|e| cuda_err(&what, e))?;
+        let program = nvrtc::create_program(&src, Some(&file)).map_err(|e| cuda_err(&what, e))?;
+        // Machine code for this exact GPU rather than PTX: nothing is left for the driver to
+        // compile, so a driver older than the NVRTC library still loads it.
+        let options = [format!("--gpu-architecture=sm_{major}{minor}")];
+        // SAFETY: `program` is alive until the destroy_program call below.
+        let cubin = unsafe { compile_to_cubin(program, &options) };
+        // SAFETY: `program` was created above and is destroyed exactly once.
+        unsafe { nvrtc::destroy_program(program) }.map_err(|e| cuda_err(&what, e))?;
+        let cubin = cubin.map_err(|msg| Error::Cuda(format!("{what}: {msg}")))?;
+        self.context
+            .load_module(Ptx::from_binary(cubin))
+            .map_err(|e| cuda_err(&format!("loading {module_name}.cu"), e))
+    }
+
+    /// Launches `kernel` of module `module_name` with the arguments in the order every kernel
+    /// of this project declares them: input buffers, output buffers, then scalars.
+    ///
+    /// # Safety
+    /// The arguments must match the kernel's parameters in number, order and type, and the
+    /// launch configuration and scalars must keep every access inside the buffers.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn launch(
+        &self,
+        module_name: &'static str,
+        source: &'static str,
+        kernel: &str,
+        cfg: LaunchConfig,
+        inputs: &[&CudaSlice<f32>],
+        outputs: &mut [&mut CudaSlice<f32>],
+        scalars: &[Arg],
+    ) -> Result<()> {
+        let f = self.function(module_name, source, kernel)?;
+        let mut launch = self.stream.launch_builder(&f);
+        for &x in inputs {
+            launch.arg(x);
+        }
+        for y in outputs.iter_mut() {
+            launch.arg(&mut **y);
+        }
+        for s in scalars {
+            match s {
+                Arg::U32(v) => launch.arg(v),
+                Arg::I32(v) => launch.arg(v),
+                Arg::F32(v) => launch.arg(v),
+                Arg::Dims(v) => launch.arg(v),
+            };
+        }
+        launch.launch(cfg).map_err(|e| cuda_err(&format!("{module_name}::{kernel}"), e))?;
+        Ok(())
+    }
+
+    /// A buffer of `len` values whose contents are undefined: for outputs a kernel overwrites.
+    pub fn alloc(self: &Arc<Self>, len: usize) -> Result<CudaStorage> {
+        // SAFETY: the memory is uninitialised; callers write every value before reading it.
+        let slice = unsafe { self.stream.alloc::<f32>(len.max(1)) }
+            .map_err(|e| cuda_err(&format!("allocating {len} floats"), e))?;
+        Ok(CudaStorage::new(slice, len, self.clone()))
+    }
+
+    /// A buffer of `len` zeros.
+    pub fn zeros(self: &Arc<Self>, len: usize) -> Result<CudaStorage> {
+        let slice = self
+            .stream
+            .alloc_zeros::<f32>(len.max(1))
+            .map_err(|e| cuda_err(&format!("allocating {len} floats"), e))?;
+        Ok(CudaStorage::new(slice, len, self.clone()))
+    }
+
+    /// A buffer holding a copy of `host`.
+    pub fn upload(self: &Arc<Self>, host: &[f32]) -> Result<CudaStorage> {
+        let mut storage = self.alloc(host.len())?;
+        if !host.is_empty() {
+            self.stream
+                .memcpy_htod(host, &mut storage.slice)
+                .map_err(|e| cuda_err("copy to device", e))?;
+        }
+        Ok(storage)
+    }
 }
 
 impl CudaStorage {
+    /// Wraps `slice` (at least `len` values), counting its bytes in the device's memory stats.
+    fn new(slice: CudaSlice<f32>, len: usize, backend: Arc<CudaBackend>) -> CudaStorage {
+        let bytes = slice.num_bytes();
+        let now = backend.allocated_bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        backend.peak_bytes.fetch_max(now, Ordering::Relaxed);
+        CudaStorage { slice, backend, len }
+    }
+
+    /// The CUDA storage of `t`, or an error naming `op` when `t` lives elsewhere.
+    pub fn of<'t>(t: &'t Tensor, op: &'static str) -> Result<&'t CudaStorage> {
+        t.cuda_storage().ok_or_else(|| {
+            Error::shape(op, format!("expected a CUDA tensor, got one on {}", t.device()))
+        })
+    }
+
     pub fn ordinal(&self) -> usize {
         self.backend.ordinal
     }
     pub fn len(&self) -> usize {
-        self.slice.len()
+        self.len
     }
     pub fn is_empty(&self) -> bool {
-        self.slice.len() == 0
+        self.len == 0
     }
     pub fn from_host(ordinal: usize, host: &[f32]) -> Result<CudaStorage> {
-        let backend = CudaBackend::get(ordinal)?;
-        let slice = backend.stream.clone_htod(host).map_err(|e| cuda_err("copy to device", e))?;
-        Ok(CudaStorage { slice, backend })
+        CudaBackend::get(ordinal)?.upload(host)
     }
     pub fn full(ordinal: usize, len: usize, value: f32) -> Result<CudaStorage> {
-        if value == 0.0 {
-            let backend = CudaBackend::get(ordinal)?;
-            let slice = backend.stream.alloc_zeros::<f32>(len).map_err(|e| cuda_err("alloc", e))?;
-            return Ok(CudaStorage { slice, backend });
+        let backend = CudaBackend::get(ordinal)?;
+        if value == 0.0 && value.is_sign_positive() {
+            return backend.zeros(len);
         }
-        CudaStorage::from_host(ordinal, &vec![value; len])
+        backend.upload(&vec![value; len])
     }
     pub fn to_vec(&self) -> Result<Vec<f32>> {
-        self.backend.stream.clone_dtoh(&self.slice).map_err(|e| cuda_err("copy to host", e))
+        if self.len == 0 {
+            return Ok(Vec::new());
+        }
+        self.backend
+            .stream
+            .clone_dtoh(&self.slice.slice(..self.len))
+            .map_err(|e| cuda_err("copy to host", e))
+    }
+}
+
+impl Drop for CudaStorage {
+    fn drop(&mut self) {
+        self.backend.allocated_bytes.fetch_sub(self.slice.num_bytes(), Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merging_axes_keeps_the_index_map() {
+        // [2, 3, 4] + [3, 1]: the first operand is contiguous throughout, the second is
+        // stretched along axes 0 and 2, so only axes 0 and 1 cannot merge with their neighbours.
+        let (dims, strides) = merge_axes(&[2, 3, 4], &[vec![12, 4, 1], vec![0, 1, 0]]);
+        assert_eq!(dims, vec![2, 3, 4]);
+        assert_eq!(strides, vec![vec![12, 4, 1], vec![0, 1, 0]]);
+        let (dims, strides) = merge_axes(&[2, 3, 4], &[vec![12, 4, 1], vec![12, 4, 1]]);
+        assert_eq!((dims, strides), (vec![24], vec![vec![1], vec![1]]));
+        let (dims, strides) = merge_axes(&[5, 1, 7], &[vec![7, 7, 1], vec![0, 0, 1]]);
+        assert_eq!((dims, strides), (vec![5, 7], vec![vec![7, 1], vec![0, 1]]));
+        let (dims, strides) = merge_axes(&[], &[vec![], vec![]]);
+        assert_eq!((dims, strides), (vec![1], vec![vec![0], vec![0]]));
+    }
+
+    #[test]
+    fn opening_a_device_never_panics() {
+        // On a machine without CUDA this is an error naming the library; with CUDA it opens.
+        match CudaBackend::get(0) {
+            Ok(b) => assert_eq!(b.ordinal(), 0),
+            Err(e) => assert!(e.to_string().contains("cuda"), "{e}"),
+        }
     }
 }

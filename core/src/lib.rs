@@ -5,6 +5,7 @@ pub mod cuda;
 pub mod device;
 pub mod error;
 pub mod rng;
+pub mod safetensors_io;
 pub mod shape;
 pub mod tensor;
 

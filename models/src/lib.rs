@@ -1,6 +1,21 @@
 //! TokenFormer on the autodiff engine: Pattention, the language model, presets, growth, AdamW,
 //! data, training and checkpoints.
 
+pub mod bench;
+pub mod checkpoint;
 pub mod config;
+pub mod data;
+pub mod evaluate;
+pub mod generate;
+pub mod growth;
+pub mod metrics;
+pub mod model;
+pub mod optim;
+pub mod pattention;
+pub mod train;
+pub mod plot;
+pub mod progress;
 
 pub use config::{ModelConfig, NormKind};
+pub use model::TokenFormer;
+pub use pattention::{GrowInit, Pattention};

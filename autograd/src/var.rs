@@ -1,0 +1,224 @@
+use std::cell::Cell;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use tokenformer_core::{Error, Result, Tensor};
+use tokenformer_ops::binary;
+
+/// Turns the gradient of an op's output into one optional gradient per input (`None` for an
+/// input that needs none).
+pub type BackwardFn = Box<dyn Fn(&Tensor) -> Result<Vec<Option<Tensor>>> + Send + Sync>;
+
+struct GradFn {
+    op: &'static str,
+    inputs: Vec<Var>,
+    backward: BackwardFn,
+}
+
+struct Node {
+    id: usize,
+    value: Tensor,
+    requires_grad: bool,
+    grad_fn: Option<GradFn>,
+}
+
+/// A tensor in the graph. Cloning is cheap (a shared handle).
+#[derive(Clone)]
+pub struct Var(Arc<Node>);
+
+static NEXT_ID: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    static GRAD_ENABLED: Cell<bool> = const { Cell::new(true) };
+}
+
+/// Runs `f` without recording any op: inside, every result is a constant. Used for evaluation
+/// and generation, where no backward will follow.
+pub fn no_grad<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            GRAD_ENABLED.with(|g| g.set(self.0));
+        }
+    }
+    let _restore = Restore(GRAD_ENABLED.with(|g| g.replace(false)));
+    f()
+}
+
+pub fn is_grad_enabled() -> bool {
+    GRAD_ENABLED.with(|g| g.get())
+}
+
+impl Var {
+    fn new_node(value: Tensor, requires_grad: bool, grad_fn: Option<GradFn>) -> Var {
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        Var(Arc::new(Node { id, value, requires_grad, grad_fn }))
+    }
+
+    /// A value that needs no gradient (inputs, targets, frozen weights).
+    pub fn constant(value: Tensor) -> Var {
+        Var::new_node(value, false, None)
+    }
+
+    /// A leaf whose gradient `backward` reports: a parameter.
+    pub fn param(value: Tensor) -> Var {
+        Var::new_node(value, true, None)
+    }
+
+    /// Records the result of an op. When gradients are disabled, or no input needs one, the
+    /// result is a constant and `backward` is dropped unused. This is also how a user adds an
+    /// op of their own: give its forward value and its backward rule.
+    pub fn from_op(op: &'static str, value: Tensor, inputs: &[&Var], backward: BackwardFn) -> Var {
+        if is_grad_enabled() && inputs.iter().any(|v| v.requires_grad()) {
+            let inputs = inputs.iter().map(|v| (*v).clone()).collect();
+            Var::new_node(value, true, Some(GradFn { op, inputs, backward }))
+        } else {
+            Var::constant(value)
+        }
+    }
+
+    pub fn value(&self) -> &Tensor {
+        &self.0.value
+    }
+    pub fn dims(&self) -> &[usize] {
+        self.0.value.dims()
+    }
+    pub fn id(&self) -> usize {
+        self.0.id
+    }
+    pub fn requires_grad(&self) -> bool {
+        self.0.requires_grad
+    }
+    /// The op that made this value, or `None` for a leaf.
+    pub fn op_name(&self) -> Option<&'static str> {
+        self.0.grad_fn.as_ref().map(|g| g.op)
+    }
+    /// The same value cut from the graph.
+    pub fn detach(&self) -> Var {
+        Var::constant(self.0.value.clone())
+    }
+
+    /// Back-propagates from this scalar and returns the gradients of every parameter it depends
+    /// on.
+    pub fn backward(&self) -> Result<Gradients> {
+        if self.value().numel() != 1 {
+            return Err(Error::shape(
+                "backward",
+                format!("needs a scalar loss, got shape {}", self.value().shape()),
+            ));
+        }
+        let seed = Tensor::ones(self.dims(), self.value().device())?;
+        self.backward_with(seed)
+    }
+
+    /// Back-propagates a given output gradient (same shape as this value).
+    pub fn backward_with(&self, grad: Tensor) -> Result<Gradients> {
+        if grad.dims() != self.dims() {
+            return Err(Error::shape(
+                "backward",
+                format!("gradient of shape {} for a value of shape {}", grad.shape(), self.value().shape()),
+            ));
+        }
+        let mut leaves = HashMap::new();
+        if !self.requires_grad() {
+            return Ok(Gradients(leaves));
+        }
+        let order = self.topological_order();
+        let mut pending: HashMap<usize, Tensor> = HashMap::new();
+        pending.insert(self.id(), grad);
+        for node in order.iter().rev() {
+            // A node's gradient is complete once every later node has been visited.
+            let Some(grad) = pending.remove(&node.id()) else { continue };
+            let Some(grad_fn) = &node.0.grad_fn else {
+                leaves.insert(node.id(), grad);
+                continue;
+            };
+            let input_grads = (grad_fn.backward)(&grad)?;
+            if input_grads.len() != grad_fn.inputs.len() {
+                return Err(Error::invalid(format!(
+                    "backward of {} returned {} gradients for {} inputs",
+                    grad_fn.op,
+                    input_grads.len(),
+                    grad_fn.inputs.len()
+                )));
+            }
+            for (input, g) in grad_fn.inputs.iter().zip(input_grads) {
+                if !input.requires_grad() {
+                    continue;
+                }
+                let g = g.ok_or_else(|| {
+                    Error::invalid(format!(
+                        "backward of {} gave no gradient for an input that needs one",
+                        grad_fn.op
+                    ))
+                })?;
+                if g.dims() != input.dims() {
+                    return Err(Error::shape(
+                        grad_fn.op,
+                        format!(
+                            "backward returned a gradient of shape {} for an input of shape {}",
+                            g.shape(),
+                            input.value().shape()
+                        ),
+                    ));
+                }
+                let total = match pending.remove(&input.id()) {
+                    Some(previous) => binary::add(&previous, &g)?,
+                    None => g,
+                };
+                pending.insert(input.id(), total);
+            }
+        }
+        Ok(Gradients(leaves))
+    }
+
+    /// Every node that needs a gradient, each after all of its inputs (iterative DFS, so deep
+    /// graphs do not overflow the stack).
+    fn topological_order(&self) -> Vec<Var> {
+        let mut order = Vec::new();
+        let mut visited = HashSet::new();
+        let mut stack: Vec<(Var, bool)> = vec![(self.clone(), false)];
+        while let Some((var, inputs_done)) = stack.pop() {
+            if inputs_done {
+                order.push(var);
+                continue;
+            }
+            if !var.requires_grad() || !visited.insert(var.id()) {
+                continue;
+            }
+            stack.push((var.clone(), true));
+            if let Some(grad_fn) = &var.0.grad_fn {
+                for input in grad_fn.inputs.iter().rev() {
+                    if input.requires_grad() && !visited.contains(&input.id()) {
+                        stack.push((input.clone(), false));
+                    }
+                }
+            }
+        }
+        order
+    }
+}
+
+impl std::fmt::Debug for Var {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Var#{}({:?}, op {:?})", self.id(), self.value(), self.op_name())
+    }
+}
+
+/// The gradients of the parameters (leaves that require grad) reached by one backward pass.
+pub struct Gradients(HashMap<usize, Tensor>);
+
+impl Gradients {
+    pub fn get(&self, var: &Var) -> Option<&Tensor> {
+        self.0.get(&var.id())
+    }
+    pub fn remove(&mut self, var: &Var) -> Option<Tensor> {
+        self.0.remove(&var.id())
+    }
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}

@@ -1,0 +1,194 @@
+//! Benchmarks of the engine: raw matmul throughput and full training steps (forward, backward,
+//! AdamW) of a TokenFormer preset, with model FLOP/s and MFU.
+//!
+//! Model FLOPs follow SPEC §2: 6·(matmul parameters) + 12·L·d·T per token, attention counted
+//! non-causally as llm.c and PaLM do; MFU divides by the card's peak for the arithmetic mode in
+//! use (fp32 CUDA cores, or TF32 tensor cores with `--tf32`).
+
+use crate::config::ModelConfig;
+use crate::model::TokenFormer;
+use crate::optim::{clip_global_norm, Optimizer};
+use serde::Serialize;
+use std::time::Instant;
+use tokenformer_core::{Device, Error, Result, Rng, Tensor};
+use tokenformer_ops::adamw::AdamW;
+use tokenformer_ops::matmul::matmul;
+
+#[derive(Debug, Serialize)]
+pub struct MatmulBench {
+    pub size: usize,
+    pub seconds: f64,
+    pub gflops: f64,
+}
+
+/// GFLOP/s of an n×n by n×n matmul on `device`: the best of `repeats` timed runs after one
+/// warm-up.
+pub fn bench_matmul(n: usize, repeats: usize, device: Device) -> Result<MatmulBench> {
+    let mut rng = Rng::new(0);
+    let a = Tensor::randn(&[n, n], 1.0, &mut rng).to_device(device)?;
+    let b = Tensor::randn(&[n, n], 1.0, &mut rng).to_device(device)?;
+    let run = || -> Result<f64> {
+        let start = Instant::now();
+        let c = matmul(&a, &b, false, false)?;
+        synchronize(&c)?;
+        Ok(start.elapsed().as_secs_f64())
+    };
+    run()?;
+    let mut best = f64::INFINITY;
+    for _ in 0..repeats.max(1) {
+        best = best.min(run()?);
+    }
+    Ok(MatmulBench { size: n, seconds: best, gflops: 2.0 * (n as f64).powi(3) / best / 1e9 })
+}
+
+/// Waits until the work that produced `t` is done (a no-op on the CPU).
+fn synchronize(t: &Tensor) -> Result<()> {
+    synchronize_device(t.device())
+}
+
+/// Waits until all work queued on `device` is done (a no-op on the CPU).
+fn synchronize_device(device: Device) -> Result<()> {
+    if let Device::Cuda(ordinal) = device {
+        tokenformer_core::cuda::CudaBackend::get(ordinal)?.synchronize()?;
+    }
+    Ok(())
+}
+
+#[derive(Debug, Serialize)]
+pub struct TrainBench {
+    pub device: String,
+    pub device_name: String,
+    pub preset: String,
+    pub batch: usize,
+    pub seq: usize,
+    pub steps: usize,
+    pub tf32: bool,
+    pub params: usize,
+    pub step_seconds: f64,
+    pub forward_backward_seconds: f64,
+    pub tokens_per_sec: f64,
+    pub model_tflops: f64,
+    /// Peak of the card for this mode, in TFLOP/s, when the card is known.
+    pub peak_tflops: Option<f64>,
+    pub mfu: Option<f64>,
+    pub peak_memory_bytes: u64,
+}
+
+/// Dense peak TFLOP/s by card name: (fp32, tf32). Vendor figures without sparsity.
+pub fn peak_tflops(device_name: &str, tf32: bool) -> Option<f64> {
+    const TABLE: &[(&str, f64, f64)] = &[
+        ("H200", 67.0, 494.7),
+        ("H100 PCIe", 51.2, 378.0),
+        ("H100", 67.0, 494.7),
+        ("A100", 19.5, 156.0),
+        ("L40S", 91.6, 183.0),
+        ("A10G", 31.2, 62.5),
+        ("RTX 4090", 82.6, 82.6),
+    ];
+    TABLE
+        .iter()
+        .find(|(name, _, _)| device_name.contains(name))
+        .map(|&(_, fp32, t)| if tf32 { t } else { fp32 })
+}
+
+/// Peak resident memory of this process (Linux VmHWM), for CPU runs.
+fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace().nth(1).and_then(|kb| kb.parse::<u64>().ok())
+            })
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+/// Times `steps` full training steps (after two warm-up steps) of `config` on random tokens.
+pub fn bench_train(
+    preset: &str,
+    config: &ModelConfig,
+    batch: usize,
+    seq: usize,
+    steps: usize,
+    device: Device,
+    tf32: bool,
+) -> Result<TrainBench> {
+    if batch == 0 || seq == 0 || steps == 0 {
+        return Err(Error::invalid("bench: --batch, --seq and --steps must be positive"));
+    }
+    if seq > config.max_seq_len {
+        return Err(Error::invalid(format!(
+            "bench: --seq {seq} exceeds the preset's max_seq_len {}",
+            config.max_seq_len
+        )));
+    }
+    if device.is_cuda() {
+        tokenformer_core::cuda::set_tf32(tf32);
+    }
+    let mut model = TokenFormer::init(config, 0, device)?;
+    let hp = AdamW { lr: 1e-4, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
+    let mut optimizer = Optimizer::new(&model, hp)?;
+    let mut rng = Rng::new(1);
+    let tokens: Vec<f32> =
+        (0..batch * (seq + 1)).map(|_| rng.below(config.vocab_size as u64) as f32).collect();
+    let all = Tensor::from_vec(tokens, &[batch, seq + 1])?.to_device(device)?;
+    let inputs = tokenformer_ops::layout::narrow(&all, 1, 0, seq)?;
+    let targets = tokenformer_ops::layout::narrow(&all, 1, 1, seq)?;
+    let mut forward_backward = 0.0;
+    let mut step = |timed: bool, forward_backward: &mut f64| -> Result<()> {
+        let start = Instant::now();
+        let loss = model.loss(&inputs, &targets)?;
+        let grads = loss.backward()?;
+        let mut grads: Vec<Tensor> = model
+            .named_params()
+            .iter()
+            .map(|(name, p)| {
+                grads.get(p).cloned().ok_or_else(|| Error::invalid(format!("bench: no gradient for {name}")))
+            })
+            .collect::<Result<_>>()?;
+        if timed {
+            synchronize(&grads[0])?;
+            *forward_backward += start.elapsed().as_secs_f64();
+        }
+        clip_global_norm(&mut grads, 1.0)?;
+        optimizer.update(&mut model, &grads, 1e-4)?;
+        Ok(())
+    };
+    step(false, &mut forward_backward)?;
+    step(false, &mut forward_backward)?;
+    synchronize_device(device)?;
+    let start = Instant::now();
+    for _ in 0..steps {
+        step(true, &mut forward_backward)?;
+    }
+    synchronize_device(device)?;
+    let step_seconds = start.elapsed().as_secs_f64() / steps as f64;
+    let tokens_per_sec = (batch * seq) as f64 / step_seconds;
+    let model_tflops = tokens_per_sec * config.train_flops_per_token(seq) / 1e12;
+    let (device_name, peak_memory_bytes) = match device {
+        Device::Cpu => ("cpu".to_string(), peak_rss_bytes()),
+        Device::Cuda(ordinal) => {
+            let backend = tokenformer_core::cuda::CudaBackend::get(ordinal)?;
+            (backend.name()?, backend.memory_stats()?.peak_bytes as u64)
+        }
+    };
+    let peak = if device.is_cuda() { peak_tflops(&device_name, tf32) } else { None };
+    Ok(TrainBench {
+        device: device.to_string(),
+        device_name,
+        preset: preset.to_string(),
+        batch,
+        seq,
+        steps,
+        tf32,
+        params: config.param_count(),
+        step_seconds,
+        forward_backward_seconds: forward_backward / steps as f64,
+        tokens_per_sec,
+        model_tflops,
+        peak_tflops: peak,
+        mfu: peak.map(|p| model_tflops / p),
+        peak_memory_bytes,
+    })
+}

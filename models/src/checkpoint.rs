@@ -1,0 +1,1107 @@
+//! Checkpoints: a model (and optionally its training state) as a directory of files (SPEC §6).
+//!
+//! ```text
+//!   run/
+//!     config.json            ModelConfig, pretty JSON
+//!     model.safetensors      f32 parameters under the SPEC §6 names
+//!     optimizer.safetensors  AdamW moments `m.<param name>`, `v.<param name>`   (optional,
+//!     train_state.json       whatever the trainer needs to resume: step, RNG…)  both or neither)
+//!     checkpoint.json        manifest: step, and the size and checksum of every file above
+//!     metrics.jsonl, loss.png, …   other files of the run, never touched here
+//! ```
+//!
+//! # How a save stays safe when the process dies halfway
+//!
+//! The guarantee: a crash at any instant never leaves a directory that loads a *different*
+//! model — a mix of weights from one save with the config, optimizer or step of another. After
+//! a crash, `load_checkpoint` gives either the complete old checkpoint or the complete new one.
+//!
+//! The checkpoint lives inside the run directory, next to files a training run keeps appending
+//! to (metrics, the loss plot), so the directory itself is never swapped: each checkpoint file
+//! is replaced individually, and a small manifest acts as a commit record, the way a database
+//! journal does:
+//!
+//! 1. Write every new file as `<name>.tmp` and fsync it. The old checkpoint is untouched; a
+//!    crash here leaves stray `.tmp` files that loading ignores and the next save overwrites.
+//! 2. Write the new manifest (size and checksum of each new file) to `checkpoint.json.partial`,
+//!    fsync it, and rename it to `checkpoint.json.pending`, then fsync the directory. This
+//!    rename is the commit point: from now on the new checkpoint is the one that counts, and
+//!    everything it needs is durable on disk under a `.tmp` name.
+//! 3. Roll forward: rename each `<name>.tmp` over `<name>`, delete optional files the new
+//!    checkpoint does not have, fsync the directory, rename `checkpoint.json.pending` to
+//!    `checkpoint.json`.
+//!
+//! A crash during step 3 leaves some files old and some new. `load_checkpoint` (and the next
+//! `save_checkpoint`) sees `checkpoint.json.pending` and finishes step 3 first, checking each
+//! remaining `.tmp` file against the manifest before renaming it. Finally, every load checks
+//! every file against `checkpoint.json`, so a mixed set that arose any other way (a file copied
+//! in by hand, a partial `rsync`) is reported, naming the file, instead of loaded.
+//!
+//! The checksum is a 64-bit word-wise multiply-rotate hash: it is there to tell two saves of
+//! the same model apart (their files have identical sizes), not to resist tampering. Each step
+//! of it is a bijection of the running state for a fixed input word, so two files that differ in
+//! a single 8-byte word always hash differently.
+//!
+//! A directory without `checkpoint.json` (for instance one converted from the released
+//! checkpoints by hand) still loads; it only lacks the cross-file check. For the same reason,
+//! editing `config.json` of a saved checkpoint by hand means deleting `checkpoint.json` too.
+//! Tensors are saved from any device and always load onto the CPU. Two processes saving
+//! into the same directory at once are not supported.
+
+use crate::ModelConfig;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::Path;
+use tokenformer_core::safetensors_io::{save_safetensors, sync_dir, SafetensorsFile};
+use tokenformer_core::{Error, Result, Tensor};
+
+pub const CONFIG_FILE: &str = "config.json";
+pub const MODEL_FILE: &str = "model.safetensors";
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+pub const TRAIN_STATE_FILE: &str = "train_state.json";
+pub const MANIFEST_FILE: &str = "checkpoint.json";
+/// The committed-but-not-yet-rolled-forward manifest (step 2 above).
+const PENDING_FILE: &str = "checkpoint.json.pending";
+const PARTIAL_FILE: &str = "checkpoint.json.partial";
+const MANIFEST_FORMAT: &str = "tokenformer-checkpoint";
+const MANIFEST_VERSION: u32 = 1;
+
+/// Tensors with their names, in a meaningful order.
+pub type NamedTensors = Vec<(String, Tensor)>;
+
+/// A model, and optionally the state needed to resume training it bit-identically.
+#[derive(Clone, Debug)]
+pub struct Checkpoint {
+    pub config: ModelConfig,
+    /// Parameters under the SPEC §6 names; `load_checkpoint` returns them in SPEC order.
+    pub params: Vec<(String, Tensor)>,
+    /// AdamW moments (m, v), each keyed by the *parameter* name (not `m.<name>`).
+    pub optimizer: Option<(NamedTensors, NamedTensors)>,
+    /// The trainer's own state (step, RNG, data position, run settings); opaque here.
+    pub train_state: Option<serde_json::Value>,
+}
+
+/// Every parameter a model with this config has, with its dims, in SPEC §6 order: `embed`,
+/// then each layer's query, key, value, proj and mlp Pattentions (keys before values), then
+/// the final LayerNorm's weight and bias.
+pub fn expected_shapes(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    expected(cfg).into_iter().map(|e| (e.name, e.dims)).collect()
+}
+
+/// True when `dir` holds a checkpoint (committed, or committed and awaiting roll-forward), so a
+/// command can refuse to overwrite a run by accident.
+pub fn is_checkpoint_dir(dir: &Path) -> bool {
+    dir.join(MANIFEST_FILE).is_file()
+        || dir.join(PENDING_FILE).is_file()
+        || (dir.join(CONFIG_FILE).is_file() && dir.join(MODEL_FILE).is_file())
+}
+
+/// Saves `ckpt` into `dir` (created if needed), replacing any checkpoint there, atomically in
+/// the sense of the module doc. Files in `dir` that are not checkpoint files are kept.
+pub fn save_checkpoint(dir: &Path, ckpt: &Checkpoint) -> Result<()> {
+    // Refuse to write something load_checkpoint would reject, before touching the disk.
+    ckpt.config.validate()?;
+    let params = ordered_params(&ckpt.config, &ckpt.params)?;
+    let optimizer = match &ckpt.optimizer {
+        Some((m, v)) => Some(optimizer_tensors(&ckpt.config, m, v)?),
+        None => None,
+    };
+    if optimizer.is_some() != ckpt.train_state.is_some() {
+        return Err(Error::invalid(
+            "checkpoint: optimizer state and train state must be saved together (both or neither)",
+        ));
+    }
+
+    fs::create_dir_all(dir).map_err(|e| not_writable(dir, e))?;
+    // A previous save that died after its commit point must be finished first: its new files
+    // sit under the same `.tmp` names this save is about to overwrite.
+    recover(dir)?;
+
+    let mut manifest = Manifest {
+        format: MANIFEST_FORMAT.into(),
+        version: MANIFEST_VERSION,
+        step: ckpt.train_state.as_ref().and_then(|s| s.get("step")).and_then(|s| s.as_u64()),
+        files: BTreeMap::new(),
+    };
+
+    // Step 1: every new file under its `.tmp` name, durable.
+    let config_json = to_pretty_json(&ckpt.config)?;
+    manifest.files.insert(CONFIG_FILE.into(), write_tmp_bytes(dir, CONFIG_FILE, &config_json)?);
+    manifest.files.insert(MODEL_FILE.into(), write_tmp_tensors(dir, MODEL_FILE, &params)?);
+    if let (Some(opt), Some(state)) = (&optimizer, &ckpt.train_state) {
+        manifest.files.insert(OPTIMIZER_FILE.into(), write_tmp_tensors(dir, OPTIMIZER_FILE, opt)?);
+        let state_json = to_pretty_json(state)?;
+        let record = write_tmp_bytes(dir, TRAIN_STATE_FILE, &state_json)?;
+        manifest.files.insert(TRAIN_STATE_FILE.into(), record);
+    }
+    crash_point(Stage::BeforeCommit)?;
+
+    // Step 2: the commit point.
+    let partial = dir.join(PARTIAL_FILE);
+    write_durably(&partial, &to_pretty_json(&manifest)?).map_err(|e| not_writable(dir, e))?;
+    rename(&partial, &dir.join(PENDING_FILE))?;
+    sync_dir(dir)?;
+    crash_point(Stage::AfterCommit)?;
+
+    // Step 3: the same roll-forward a later load would do, minus re-checking files whose
+    // checksums were computed a moment ago.
+    roll_forward(dir, &manifest, false)
+}
+
+/// Loads the checkpoint in `dir`, checking every file against the config and the manifest.
+///
+/// If a save was interrupted after its commit point, this first completes it (renaming files
+/// inside `dir`), so loading a crashed run directory needs write access to it.
+pub fn load_checkpoint(dir: &Path) -> Result<Checkpoint> {
+    if !dir.is_dir() {
+        return Err(Error::io(dir.display(), "no checkpoint here: not a directory"));
+    }
+    recover(dir)?;
+    let manifest = read_manifest(&dir.join(MANIFEST_FILE))?;
+    if let Some(m) = &manifest {
+        // Without this, a deleted optimizer file would silently load as "no training state".
+        if let Some(name) = m.files.keys().find(|name| !dir.join(name).is_file()) {
+            return Err(Error::format(
+                dir.join(name).display(),
+                format!("missing, but {MANIFEST_FILE} lists it as part of this checkpoint"),
+            ));
+        }
+    }
+    // Every file read below is checked against the manifest from the very bytes that are then
+    // parsed, so nothing can change between the check and the use. A file the manifest does
+    // not list (say, a training-state pair copied in from another run) fails the check too.
+    let check = |name: &str, bytes: &[u8]| match &manifest {
+        Some(m) => m.check(dir, name, bytes),
+        None => Ok(()),
+    };
+
+    let config_path = dir.join(CONFIG_FILE);
+    let config_bytes = fs::read(&config_path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            Error::io(
+                config_path.display(),
+                "missing: not a checkpoint directory (expected config.json and model.safetensors)",
+            )
+        } else {
+            Error::io(config_path.display(), e)
+        }
+    })?;
+    check(CONFIG_FILE, &config_bytes)?;
+    let config = parse_config(&config_path, &config_bytes)?;
+
+    let model = SafetensorsFile::open(dir.join(MODEL_FILE))?;
+    check(MODEL_FILE, model.bytes())?;
+    let expected = expected(&config);
+    let params = read_tensors(&model, &config, &expected, "")?;
+
+    let opt_path = dir.join(OPTIMIZER_FILE);
+    let state_path = dir.join(TRAIN_STATE_FILE);
+    let (optimizer, train_state) = match (opt_path.is_file(), state_path.is_file()) {
+        (false, false) => (None, None),
+        (true, true) => {
+            let opt = SafetensorsFile::open(&opt_path)?;
+            check(OPTIMIZER_FILE, opt.bytes())?;
+            // read_tensors returns the moments under the parameter names.
+            let m = read_tensors(&opt, &config, &expected, "m.")?;
+            let v = read_tensors(&opt, &config, &expected, "v.")?;
+
+            let state_bytes =
+                fs::read(&state_path).map_err(|e| Error::io(state_path.display(), e))?;
+            check(TRAIN_STATE_FILE, &state_bytes)?;
+            let state: serde_json::Value = serde_json::from_slice(&state_bytes)
+                .map_err(|e| Error::format(state_path.display(), format!("invalid JSON: {e}")))?;
+            (Some((m, v)), Some(state))
+        }
+        (has_opt, _) => {
+            let (present, absent) =
+                if has_opt { (&opt_path, &state_path) } else { (&state_path, &opt_path) };
+            return Err(Error::format(
+                present.display(),
+                format!(
+                    "training state is incomplete: {} is missing (optimizer.safetensors and \
+                     train_state.json come as a pair)",
+                    absent.display()
+                ),
+            ));
+        }
+    };
+    Ok(Checkpoint { config, params, optimizer, train_state })
+}
+
+// ---------------------------------------------------------------------------------------------
+// What a config implies.
+
+/// One expected tensor, plus the config fields that determine its rows, for error messages
+/// that say *why* a shape was expected.
+struct Expected {
+    name: String,
+    dims: Vec<usize>,
+    because: String,
+}
+
+fn expected(cfg: &ModelConfig) -> Vec<Expected> {
+    let d = cfg.d_model;
+    let mut out = Vec::with_capacity(5 * 2 * cfg.n_layers + 3);
+    let mut push = |name: String, dims: Vec<usize>, because: String| {
+        out.push(Expected { name, dims, because })
+    };
+    push(
+        "embed.weight".into(),
+        vec![cfg.vocab_size, d],
+        format!("vocab_size = {}, d_model = {d}", cfg.vocab_size),
+    );
+    for i in 0..cfg.n_layers {
+        let blocks = [
+            ("attention.query", cfg.qkv_tokens, "qkv_tokens"),
+            ("attention.key", cfg.qkv_tokens, "qkv_tokens"),
+            ("attention.value", cfg.qkv_tokens, "qkv_tokens"),
+            ("attention.proj", cfg.proj_tokens, "proj_tokens"),
+            ("mlp", cfg.ffn_tokens, "ffn_tokens"),
+        ];
+        for (block, n, field) in blocks {
+            for side in ["key", "value"] {
+                push(
+                    format!("layers.{i}.{block}.{side}_param_tokens"),
+                    vec![n, d],
+                    format!("{field} = {n}, d_model = {d}"),
+                );
+            }
+        }
+    }
+    push("final_norm.weight".into(), vec![d], format!("d_model = {d}"));
+    push("final_norm.bias".into(), vec![d], format!("d_model = {d}"));
+    out
+}
+
+/// `params` reordered into SPEC order, after checking names and shapes against the config.
+fn ordered_params(cfg: &ModelConfig, params: &[(String, Tensor)]) -> Result<Vec<(String, Tensor)>> {
+    order_by_name(cfg, params, "checkpoint params", "")
+}
+
+/// The moments as `m.<name>`, `v.<name>` tensors in SPEC order, checked like the params.
+fn optimizer_tensors(
+    cfg: &ModelConfig,
+    m: &[(String, Tensor)],
+    v: &[(String, Tensor)],
+) -> Result<Vec<(String, Tensor)>> {
+    let mut out = order_by_name(cfg, m, "optimizer m", "m.")?;
+    out.extend(order_by_name(cfg, v, "optimizer v", "v.")?);
+    Ok(out)
+}
+
+fn order_by_name(
+    cfg: &ModelConfig,
+    given: &[(String, Tensor)],
+    what: &str,
+    prefix: &str,
+) -> Result<Vec<(String, Tensor)>> {
+    let mut by_name: HashMap<&str, &Tensor> = HashMap::with_capacity(given.len());
+    for (name, t) in given {
+        if by_name.insert(name.as_str(), t).is_some() {
+            return Err(Error::invalid(format!("{what}: tensor '{name}' appears twice")));
+        }
+    }
+    let expected = expected(cfg);
+    let mut out = Vec::with_capacity(expected.len());
+    for e in &expected {
+        let t = by_name.remove(e.name.as_str()).ok_or_else(|| {
+            Error::invalid(format!("{what}: tensor '{}' is missing ({})", e.name, e.because))
+        })?;
+        if t.dims() != e.dims.as_slice() {
+            return Err(Error::invalid(format!(
+                "{what}: tensor '{}' has shape {:?} but the config ({}) gives {:?}",
+                e.name,
+                t.dims(),
+                e.because,
+                e.dims
+            )));
+        }
+        out.push((format!("{prefix}{}", e.name), t.clone()));
+    }
+    if let Some(extra) = by_name.keys().min() {
+        return Err(Error::invalid(format!("{what}: unexpected tensor '{extra}'")));
+    }
+    Ok(out)
+}
+
+/// Reads the tensors `<prefix><expected name>` from `file`, insisting that the file holds
+/// exactly those under `prefix` (and nothing else at all when `prefix` is empty).
+fn read_tensors(
+    file: &SafetensorsFile,
+    cfg: &ModelConfig,
+    expected: &[Expected],
+    prefix: &str,
+) -> Result<Vec<(String, Tensor)>> {
+    let path = file.path().display();
+    let mut out = Vec::with_capacity(expected.len());
+    for e in expected {
+        let name = format!("{prefix}{}", e.name);
+        if !file.contains(&name) {
+            return Err(Error::format(
+                &path,
+                format!("tensor '{name}' is missing (config.json: {})", e.because),
+            ));
+        }
+        let dims = file.dims(&name)?;
+        if dims != e.dims.as_slice() {
+            return Err(Error::format(
+                &path,
+                format!(
+                    "tensor '{name}' has shape {dims:?} but config.json ({}) gives {:?}: the \
+                     config and the tensors disagree",
+                    e.because, e.dims
+                ),
+            ));
+        }
+        out.push((e.name.clone(), file.get(&name)?));
+    }
+    // Unexpected tensors: for the model file, any name not expected; for the optimizer file,
+    // any name that is neither an expected `m.` nor an expected `v.` tensor.
+    let known: std::collections::HashSet<&str> = expected.iter().map(|e| e.name.as_str()).collect();
+    for name in file.names() {
+        let ok = match prefix {
+            "" => known.contains(name.as_str()),
+            _ => ["m.", "v."]
+                .iter()
+                .any(|p| name.strip_prefix(p).is_some_and(|rest| known.contains(rest))),
+        };
+        if !ok {
+            let hint = if name.starts_with("sequential.") {
+                " (this is a released-checkpoint name; convert the names to SPEC §6 first)"
+            } else {
+                ""
+            };
+            return Err(Error::format(
+                &path,
+                format!(
+                    "unexpected tensor '{name}' (config.json has n_layers = {}){hint}",
+                    cfg.n_layers
+                ),
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// Parses config.json strictly: unknown fields are errors (a typo such as `ffn_token` would
+/// otherwise be silently dropped), and the values must pass `ModelConfig::validate`.
+fn parse_config(path: &Path, bytes: &[u8]) -> Result<ModelConfig> {
+    let bad = |msg: String| Error::format(path.display(), msg);
+    let value: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| bad(format!("invalid JSON: {e}")))?;
+    let Some(fields) = value.as_object() else {
+        return Err(bad("expected a JSON object of model hyperparameters".into()));
+    };
+    let config: ModelConfig = serde_json::from_value(value.clone())
+        .map_err(|e| bad(format!("invalid model config: {e}")))?;
+    // The known fields are exactly those ModelConfig serialises to.
+    let known = serde_json::to_value(&config).map_err(|e| bad(e.to_string()))?;
+    if let Some(known) = known.as_object() {
+        if let Some(unknown) = fields.keys().find(|k| !known.contains_key(*k)) {
+            let expected: Vec<&str> = known.keys().map(String::as_str).collect();
+            return Err(bad(format!(
+                "unknown field '{unknown}' (expected: {})",
+                expected.join(", ")
+            )));
+        }
+    }
+    config.validate().map_err(|e| bad(e.to_string()))?;
+    Ok(config)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The manifest and the commit protocol.
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Manifest {
+    format: String,
+    version: u32,
+    /// The training step, when the train state records one (for humans and scripts).
+    step: Option<u64>,
+    /// Every file of this checkpoint, by name within the directory.
+    files: BTreeMap<String, FileRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRecord {
+    bytes: u64,
+    /// `content_hash` of the file, as 16 hex digits.
+    checksum: String,
+}
+
+impl FileRecord {
+    fn of(bytes: &[u8]) -> FileRecord {
+        FileRecord { bytes: bytes.len() as u64, checksum: format!("{:016x}", content_hash(bytes)) }
+    }
+}
+
+impl Manifest {
+    /// Checks that `bytes`, read from `dir/name`, are the file this manifest recorded.
+    fn check(&self, dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
+        let path = dir.join(name);
+        let Some(want) = self.files.get(name) else {
+            return Err(Error::format(
+                path.display(),
+                format!(
+                    "not listed in {MANIFEST_FILE}; refusing to mix files from different saves"
+                ),
+            ));
+        };
+        let got = FileRecord::of(bytes);
+        if &got != want {
+            return Err(Error::format(
+                path.display(),
+                format!(
+                    "does not match {MANIFEST_FILE} (size {} vs {}, checksum {} vs {}): the \
+                     files come from different saves (an interrupted copy, or a file replaced \
+                     by hand); refusing to load a mixed checkpoint (if you edited it on \
+                     purpose, delete {MANIFEST_FILE} to skip this check)",
+                    got.bytes, want.bytes, got.checksum, want.checksum
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn read_manifest(path: &Path) -> Result<Option<Manifest>> {
+    let bytes = match fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io(path.display(), e)),
+    };
+    let m: Manifest = serde_json::from_slice(&bytes)
+        .map_err(|e| Error::format(path.display(), format!("invalid checkpoint manifest: {e}")))?;
+    if m.format != MANIFEST_FORMAT || m.version != MANIFEST_VERSION {
+        return Err(Error::format(
+            path.display(),
+            format!(
+                "unsupported manifest (format '{}' version {}; expected '{MANIFEST_FORMAT}' \
+                 version {MANIFEST_VERSION})",
+                m.format, m.version
+            ),
+        ));
+    }
+    Ok(Some(m))
+}
+
+/// Finishes a save that committed (wrote `checkpoint.json.pending`) but did not complete.
+fn recover(dir: &Path) -> Result<()> {
+    match read_manifest(&dir.join(PENDING_FILE))? {
+        Some(manifest) => roll_forward(dir, &manifest, true),
+        None => Ok(()),
+    }
+}
+
+/// Step 3 of the protocol. Idempotent: each rename either already happened or happens now, so
+/// it can be interrupted and rerun any number of times.
+fn roll_forward(dir: &Path, manifest: &Manifest, verify: bool) -> Result<()> {
+    for (name, record) in &manifest.files {
+        let tmp = dir.join(tmp_name(name));
+        if !tmp.exists() {
+            // Renamed before the interruption; the load that follows checks its contents.
+            continue;
+        }
+        if verify {
+            let bytes = fs::read(&tmp).map_err(|e| Error::io(tmp.display(), e))?;
+            if &FileRecord::of(&bytes) != record {
+                return Err(Error::format(
+                    tmp.display(),
+                    format!(
+                        "does not match the pending manifest {PENDING_FILE}; the interrupted \
+                         save cannot be completed"
+                    ),
+                ));
+            }
+        }
+        rename(&tmp, &dir.join(name))?;
+        crash_point(Stage::MidRollForward)?;
+    }
+    // Optional files the new checkpoint does not have belong to an older save.
+    for name in [OPTIMIZER_FILE, TRAIN_STATE_FILE] {
+        let path = dir.join(name);
+        if !manifest.files.contains_key(name) && path.exists() {
+            fs::remove_file(&path).map_err(|e| Error::io(path.display(), e))?;
+        }
+    }
+    sync_dir(dir)?;
+    rename(&dir.join(PENDING_FILE), &dir.join(MANIFEST_FILE))?;
+    sync_dir(dir)
+}
+
+fn tmp_name(name: &str) -> String {
+    format!("{name}.tmp")
+}
+
+fn write_tmp_bytes(dir: &Path, name: &str, bytes: &[u8]) -> Result<FileRecord> {
+    write_durably(&dir.join(tmp_name(name)), bytes).map_err(|e| not_writable(dir, e))?;
+    Ok(FileRecord::of(bytes))
+}
+
+fn write_tmp_tensors(dir: &Path, name: &str, tensors: &[(String, Tensor)]) -> Result<FileRecord> {
+    let tmp = dir.join(tmp_name(name));
+    save_safetensors(&tmp, tensors)?;
+    // Checksum what is actually in the file, read back through a map.
+    let written = SafetensorsFile::open(&tmp)?;
+    Ok(FileRecord::of(written.bytes()))
+}
+
+fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut f = File::create(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
+fn rename(from: &Path, to: &Path) -> Result<()> {
+    fs::rename(from, to)
+        .map_err(|e| Error::io(to.display(), format!("cannot rename {} here: {e}", from.display())))
+}
+
+fn not_writable(dir: &Path, e: std::io::Error) -> Error {
+    Error::io(dir.display(), format!("cannot write a checkpoint into this directory: {e}"))
+}
+
+fn to_pretty_json<T: Serialize>(value: &T) -> Result<Vec<u8>> {
+    let mut bytes = serde_json::to_vec_pretty(value)
+        .map_err(|e| Error::invalid(format!("checkpoint: cannot serialise JSON: {e}")))?;
+    bytes.push(b'\n');
+    Ok(bytes)
+}
+
+/// A fast 64-bit checksum: for each little-endian 8-byte word w, h ← (rotl(h, 5) ⊕ w)·K with K
+/// odd (the FxHash step), then the length. Multiplying by an odd K and xoring a fixed word are
+/// both bijections of h, so a change in one word can never cancel out later. About one
+/// multiply per 8 bytes: hashing a 6 GB checkpoint costs a fraction of reading it.
+fn content_hash(bytes: &[u8]) -> u64 {
+    const K: u64 = 0x517c_c1b7_2722_0a95;
+    let step = |h: u64, w: u64| (h.rotate_left(5) ^ w).wrapping_mul(K);
+    let mut words = bytes.chunks_exact(8);
+    let mut h = 0u64;
+    for w in &mut words {
+        h = step(h, u64::from_le_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]));
+    }
+    let mut tail = [0u8; 8];
+    tail[..words.remainder().len()].copy_from_slice(words.remainder());
+    h = step(h, u64::from_le_bytes(tail));
+    step(h, bytes.len() as u64)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Crash injection for the tests: a save can be told to stop dead at one of these points, as if
+// the process had been killed there. In normal builds `crash_point` is a no-op.
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(not(test), allow(dead_code))]
+enum Stage {
+    BeforeCommit,
+    AfterCommit,
+    MidRollForward,
+}
+
+#[cfg(test)]
+thread_local! {
+    static CRASH_AT: std::cell::Cell<Option<Stage>> = const { std::cell::Cell::new(None) };
+}
+
+#[cfg(test)]
+fn crash_point(stage: Stage) -> Result<()> {
+    if CRASH_AT.with(|c| c.get()) == Some(stage) {
+        CRASH_AT.with(|c| c.set(None));
+        return Err(Error::invalid(format!("simulated crash at {stage:?}")));
+    }
+    Ok(())
+}
+
+#[cfg(not(test))]
+#[inline(always)]
+fn crash_point(_stage: Stage) -> Result<()> {
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::NormKind;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokenformer_core::Rng;
+
+    /// A fresh directory under the system temp dir, removed on drop.
+    struct TempDir(std::path::PathBuf);
+    impl TempDir {
+        fn new(tag: &str) -> TempDir {
+            static COUNTER: AtomicUsize = AtomicUsize::new(0);
+            let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+            let dir =
+                std::env::temp_dir().join(format!("tf-ckpt-{tag}-{}-{n}", std::process::id()));
+            let _ = fs::remove_dir_all(&dir);
+            fs::create_dir_all(&dir).unwrap();
+            TempDir(dir)
+        }
+        fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// A model small enough to write in microseconds, with every token count different so a
+    /// swapped count shows up as a shape error.
+    fn small_config() -> ModelConfig {
+        ModelConfig {
+            vocab_size: 11,
+            d_model: 8,
+            n_layers: 2,
+            n_heads: 2,
+            max_seq_len: 16,
+            qkv_tokens: 3,
+            proj_tokens: 4,
+            ffn_tokens: 5,
+            qkv_scale_tokens: 3,
+            proj_scale_tokens: 4,
+            ffn_scale_tokens: 5,
+            norm: NormKind::L2NormGelu,
+            rotary_pct: 0.5,
+            rotary_base: 10000.0,
+            tokenizer: "byte".into(),
+        }
+    }
+
+    fn random_tensors(cfg: &ModelConfig, seed: u64) -> Vec<(String, Tensor)> {
+        let mut rng = Rng::new(seed);
+        expected_shapes(cfg)
+            .into_iter()
+            .map(|(name, dims)| (name, Tensor::randn(&dims, 1.0, &mut rng)))
+            .collect()
+    }
+
+    fn full_checkpoint(seed: u64) -> Checkpoint {
+        let config = small_config();
+        let params = random_tensors(&config, seed);
+        let m = random_tensors(&config, seed + 1);
+        let v = random_tensors(&config, seed + 2);
+        let state = serde_json::json!({
+            "step": seed,
+            "rng": [1u64, 2, 3, u64::MAX],
+            "data_position": 12345,
+            "settings": {"lr": 6e-4, "batch": 8}
+        });
+        Checkpoint { config, params, optimizer: Some((m, v)), train_state: Some(state) }
+    }
+
+    fn bits(list: &[(String, Tensor)]) -> Vec<(String, Vec<usize>, Vec<u32>)> {
+        list.iter()
+            .map(|(n, t)| {
+                let b = t.to_vec().unwrap().iter().map(|x| x.to_bits()).collect();
+                (n.clone(), t.dims().to_vec(), b)
+            })
+            .collect()
+    }
+
+    fn assert_same(a: &Checkpoint, b: &Checkpoint) {
+        assert_eq!(a.config, b.config);
+        assert_eq!(bits(&a.params), bits(&b.params));
+        match (&a.optimizer, &b.optimizer) {
+            (Some((am, av)), Some((bm, bv))) => {
+                assert_eq!(bits(am), bits(bm));
+                assert_eq!(bits(av), bits(bv));
+            }
+            (None, None) => {}
+            _ => panic!("optimizer state present in one checkpoint only"),
+        }
+        assert_eq!(a.train_state, b.train_state);
+    }
+
+    fn load_err(dir: &Path) -> String {
+        load_checkpoint(dir).expect_err("load should fail").to_string()
+    }
+
+    /// A checkpoint written without a manifest, as a hand conversion would produce, so each
+    /// corruption below reaches its own check instead of the manifest's.
+    fn write_plain(dir: &Path, config_json: &str, tensors: &[(String, Tensor)]) {
+        fs::write(dir.join(CONFIG_FILE), config_json).unwrap();
+        save_safetensors(dir.join(MODEL_FILE), tensors).unwrap();
+    }
+
+    fn config_json(cfg: &ModelConfig) -> String {
+        serde_json::to_string_pretty(cfg).unwrap()
+    }
+
+    #[test]
+    fn expected_shapes_follow_spec_order_and_count() {
+        let cfg = small_config();
+        let shapes = expected_shapes(&cfg);
+        let names: Vec<&str> = shapes.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names[0], "embed.weight");
+        assert_eq!(
+            &names[1..11],
+            &[
+                "layers.0.attention.query.key_param_tokens",
+                "layers.0.attention.query.value_param_tokens",
+                "layers.0.attention.key.key_param_tokens",
+                "layers.0.attention.key.value_param_tokens",
+                "layers.0.attention.value.key_param_tokens",
+                "layers.0.attention.value.value_param_tokens",
+                "layers.0.attention.proj.key_param_tokens",
+                "layers.0.attention.proj.value_param_tokens",
+                "layers.0.mlp.key_param_tokens",
+                "layers.0.mlp.value_param_tokens",
+            ]
+        );
+        assert_eq!(&names[names.len() - 2..], &["final_norm.weight", "final_norm.bias"]);
+        assert_eq!(shapes[9].1, vec![5, 8]);
+        let total: usize = shapes.iter().map(|(_, d)| d.iter().product::<usize>()).sum();
+        assert_eq!(total, cfg.param_count());
+        let tiny = ModelConfig::preset("tiny").unwrap();
+        let total: usize =
+            expected_shapes(&tiny).iter().map(|(_, d)| d.iter().product::<usize>()).sum();
+        assert_eq!(total, 1_081_600);
+    }
+
+    #[test]
+    fn round_trip_is_bit_identical() {
+        let dir = TempDir::new("rt");
+        let ckpt = full_checkpoint(7);
+        save_checkpoint(dir.path(), &ckpt).unwrap();
+        assert!(is_checkpoint_dir(dir.path()));
+        let back = load_checkpoint(dir.path()).unwrap();
+        assert_same(&ckpt, &back);
+        let manifest = read_manifest(&dir.path().join(MANIFEST_FILE)).unwrap().unwrap();
+        assert_eq!(manifest.step, Some(7));
+        assert_eq!(manifest.files.len(), 4);
+        // No temporaries are left behind.
+        for entry in fs::read_dir(dir.path()).unwrap() {
+            let name = entry.unwrap().file_name().into_string().unwrap();
+            assert!(!name.contains("tmp") && !name.contains("pending"), "{name}");
+        }
+
+        // Params given in another order are stored (and returned) in SPEC order.
+        let mut shuffled = ckpt.clone();
+        shuffled.params.reverse();
+        shuffled.optimizer = None;
+        shuffled.train_state = None;
+        save_checkpoint(dir.path(), &shuffled).unwrap();
+        let back = load_checkpoint(dir.path()).unwrap();
+        assert_eq!(bits(&back.params), bits(&ckpt.params));
+        assert!(back.optimizer.is_none() && back.train_state.is_none());
+        // The older save's training files went with it.
+        assert!(!dir.path().join(OPTIMIZER_FILE).exists());
+        assert!(!dir.path().join(TRAIN_STATE_FILE).exists());
+    }
+
+    #[test]
+    fn saving_over_a_run_keeps_its_other_files() {
+        let dir = TempDir::new("extra");
+        save_checkpoint(dir.path(), &full_checkpoint(1)).unwrap();
+        fs::write(dir.path().join("metrics.jsonl"), "{\"step\":1}\n").unwrap();
+        fs::create_dir(dir.path().join("samples")).unwrap();
+        let newer = full_checkpoint(2);
+        save_checkpoint(dir.path(), &newer).unwrap();
+        assert_eq!(fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap(), "{\"step\":1}\n");
+        assert!(dir.path().join("samples").is_dir());
+        assert_same(&newer, &load_checkpoint(dir.path()).unwrap());
+    }
+
+    #[test]
+    fn a_crash_before_the_commit_point_leaves_the_old_checkpoint() {
+        let dir = TempDir::new("crash-before");
+        let old = full_checkpoint(1);
+        save_checkpoint(dir.path(), &old).unwrap();
+        CRASH_AT.with(|c| c.set(Some(Stage::BeforeCommit)));
+        assert!(save_checkpoint(dir.path(), &full_checkpoint(2)).is_err());
+        // Every new file is on disk under its .tmp name, but nothing was committed.
+        assert!(dir.path().join("model.safetensors.tmp").exists());
+        assert_same(&old, &load_checkpoint(dir.path()).unwrap());
+        // And the next save simply overwrites the strays.
+        let newer = full_checkpoint(3);
+        save_checkpoint(dir.path(), &newer).unwrap();
+        assert_same(&newer, &load_checkpoint(dir.path()).unwrap());
+    }
+
+    #[test]
+    fn a_crash_after_the_commit_point_is_rolled_forward() {
+        for stage in [Stage::AfterCommit, Stage::MidRollForward] {
+            let dir = TempDir::new("crash-after");
+            save_checkpoint(dir.path(), &full_checkpoint(1)).unwrap();
+            let new = full_checkpoint(2);
+            CRASH_AT.with(|c| c.set(Some(stage)));
+            assert!(save_checkpoint(dir.path(), &new).is_err());
+            assert!(dir.path().join(PENDING_FILE).exists(), "{stage:?}");
+            if stage == Stage::MidRollForward {
+                // The directory now really holds a mix: one new file, the rest old.
+                let renamed = manifest_names(dir.path(), PENDING_FILE)
+                    .into_iter()
+                    .filter(|n| !dir.path().join(tmp_name(n)).exists())
+                    .count();
+                assert_eq!(renamed, 1);
+            }
+            assert!(is_checkpoint_dir(dir.path()));
+            assert_same(&new, &load_checkpoint(dir.path()).unwrap());
+            assert!(!dir.path().join(PENDING_FILE).exists());
+        }
+    }
+
+    fn manifest_names(dir: &Path, file: &str) -> Vec<String> {
+        read_manifest(&dir.join(file)).unwrap().unwrap().files.keys().cloned().collect()
+    }
+
+    #[test]
+    fn a_mixed_set_of_files_is_reported_not_loaded() {
+        let a = TempDir::new("mix-a");
+        let b = TempDir::new("mix-b");
+        save_checkpoint(a.path(), &full_checkpoint(1)).unwrap();
+        save_checkpoint(b.path(), &full_checkpoint(2)).unwrap();
+        // Same shapes, same sizes: only the checksum can tell these apart.
+        for name in [MODEL_FILE, OPTIMIZER_FILE, TRAIN_STATE_FILE] {
+            let dir = TempDir::new("mix");
+            for entry in fs::read_dir(a.path()).unwrap() {
+                let entry = entry.unwrap();
+                fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+            }
+            fs::copy(b.path().join(name), dir.path().join(name)).unwrap();
+            let e = load_err(dir.path());
+            assert!(e.contains(name) && e.contains("different saves"), "{e}");
+        }
+        // A training-state pair copied into a model-only checkpoint is not adopted either.
+        let dir = TempDir::new("mix-opt");
+        let mut model_only = full_checkpoint(1);
+        model_only.optimizer = None;
+        model_only.train_state = None;
+        save_checkpoint(dir.path(), &model_only).unwrap();
+        fs::copy(a.path().join(OPTIMIZER_FILE), dir.path().join(OPTIMIZER_FILE)).unwrap();
+        fs::copy(a.path().join(TRAIN_STATE_FILE), dir.path().join(TRAIN_STATE_FILE)).unwrap();
+        let e = load_err(dir.path());
+        assert!(e.contains(OPTIMIZER_FILE) && e.contains("different saves"), "{e}");
+    }
+
+    #[test]
+    fn model_file_corruptions_name_file_and_tensor() {
+        let cfg = small_config();
+        let good = random_tensors(&cfg, 3);
+        let json = config_json(&cfg);
+
+        // Missing tensor.
+        let dir = TempDir::new("missing");
+        let without: Vec<_> =
+            good.iter().filter(|(n, _)| n != "layers.1.mlp.value_param_tokens").cloned().collect();
+        write_plain(dir.path(), &json, &without);
+        let e = load_err(dir.path());
+        assert!(
+            e.contains(MODEL_FILE)
+                && e.contains("'layers.1.mlp.value_param_tokens' is missing")
+                && e.contains("ffn_tokens = 5"),
+            "{e}"
+        );
+
+        // Wrong shape.
+        let dir = TempDir::new("shape");
+        let mut reshaped = good.clone();
+        reshaped[0].1 = reshaped[0].1.reshape(&[8, 11]).unwrap();
+        write_plain(dir.path(), &json, &reshaped);
+        let e = load_err(dir.path());
+        assert!(e.contains("'embed.weight' has shape [8, 11]") && e.contains("[11, 8]"), "{e}");
+
+        // Unexpected tensor.
+        let dir = TempDir::new("extra-tensor");
+        let mut extra = good.clone();
+        extra.push(("layers.2.mlp.key_param_tokens".into(), Tensor::scalar(0.0)));
+        write_plain(dir.path(), &json, &extra);
+        let e = load_err(dir.path());
+        assert!(e.contains("unexpected tensor 'layers.2.mlp.key_param_tokens'"), "{e}");
+
+        // Wrong dtype: final_norm.bias as F16, written with the safetensors crate itself.
+        let dir = TempDir::new("dtype");
+        fs::write(dir.path().join(CONFIG_FILE), &json).unwrap();
+        let host: Vec<(String, Vec<u8>, Vec<usize>, safetensors::Dtype)> = good
+            .iter()
+            .map(|(n, t)| {
+                if n == "final_norm.bias" {
+                    (n.clone(), vec![0u8; 2 * 8], vec![8], safetensors::Dtype::F16)
+                } else {
+                    let b = t.to_vec().unwrap().iter().flat_map(|x| x.to_le_bytes()).collect();
+                    (n.clone(), b, t.dims().to_vec(), safetensors::Dtype::F32)
+                }
+            })
+            .collect();
+        let views: Vec<_> = host
+            .iter()
+            .map(|(n, b, d, dt)| {
+                (n.as_str(), safetensors::tensor::TensorView::new(*dt, d.clone(), b).unwrap())
+            })
+            .collect();
+        fs::write(dir.path().join(MODEL_FILE), safetensors::serialize(views, None).unwrap())
+            .unwrap();
+        let e = load_err(dir.path());
+        assert!(
+            e.contains(MODEL_FILE) && e.contains("'final_norm.bias'") && e.contains("F16"),
+            "{e}"
+        );
+
+        // Truncated.
+        let dir = TempDir::new("truncated");
+        write_plain(dir.path(), &json, &good);
+        let path = dir.path().join(MODEL_FILE);
+        let bytes = fs::read(&path).unwrap();
+        fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+        let e = load_err(dir.path());
+        assert!(e.contains(MODEL_FILE) && e.contains("truncated"), "{e}");
+
+        // Foreign files: random bytes, and a JSON file renamed.
+        for content in [
+            (0..1000u32).map(|i| (i.wrapping_mul(2654435761) >> 7) as u8).collect::<Vec<u8>>(),
+            json.clone().into_bytes(),
+        ] {
+            let dir = TempDir::new("foreign");
+            fs::write(dir.path().join(CONFIG_FILE), &json).unwrap();
+            fs::write(dir.path().join(MODEL_FILE), content).unwrap();
+            let e = load_err(dir.path());
+            assert!(e.contains(MODEL_FILE) && e.contains("not a safetensors file"), "{e}");
+        }
+    }
+
+    #[test]
+    fn config_problems_are_reported_with_the_config_file() {
+        let cfg = small_config();
+        let good = random_tensors(&cfg, 4);
+
+        // Missing config.
+        let dir = TempDir::new("no-config");
+        save_safetensors(dir.path().join(MODEL_FILE), &good).unwrap();
+        let e = load_err(dir.path());
+        assert!(e.contains(CONFIG_FILE) && e.contains("missing"), "{e}");
+        assert!(!is_checkpoint_dir(dir.path()));
+
+        // Config contradicting the tensors: more query/key/value tokens than stored.
+        let dir = TempDir::new("contradict");
+        let mut bigger = cfg.clone();
+        bigger.qkv_tokens = 6;
+        write_plain(dir.path(), &config_json(&bigger), &good);
+        let e = load_err(dir.path());
+        assert!(
+            e.contains("'layers.0.attention.query.key_param_tokens' has shape [3, 8]")
+                && e.contains("qkv_tokens = 6")
+                && e.contains("disagree"),
+            "{e}"
+        );
+        // ... and a vocabulary that does not match the embedding rows.
+        let mut vocab = cfg.clone();
+        vocab.vocab_size = 12;
+        write_plain(dir.path(), &config_json(&vocab), &good);
+        let e = load_err(dir.path());
+        assert!(e.contains("'embed.weight'") && e.contains("vocab_size = 12"), "{e}");
+
+        // Not JSON, an unknown field, an invalid value, a missing field, a rule violation.
+        let mut with_typo: serde_json::Value = serde_json::to_value(&cfg).unwrap();
+        with_typo["ffn_token"] = 5.into();
+        let mut odd_rotary = cfg.clone();
+        odd_rotary.rotary_pct = 0.25; // 0.25 · head dim 4 = 1 rotated dim: odd
+        let mut no_field = serde_json::to_value(&cfg).unwrap();
+        no_field.as_object_mut().unwrap().remove("n_heads");
+        let cases = [
+            ("{ not json".to_string(), "invalid JSON"),
+            (with_typo.to_string(), "unknown field 'ffn_token'"),
+            (json_with(&cfg, "norm", "\"layer_norm\""), "unknown variant"),
+            (no_field.to_string(), "n_heads"),
+            (config_json(&odd_rotary), "even"),
+            ("[1, 2]".to_string(), "JSON object"),
+        ];
+        for (text, want) in cases {
+            let dir = TempDir::new("bad-config");
+            write_plain(dir.path(), &text, &good);
+            let e = load_err(dir.path());
+            assert!(e.contains(CONFIG_FILE) && e.contains(want), "want '{want}' in: {e}");
+        }
+    }
+
+    fn json_with(cfg: &ModelConfig, field: &str, raw: &str) -> String {
+        let mut v = serde_json::to_value(cfg).unwrap();
+        v[field] = serde_json::from_str(raw).unwrap();
+        v.to_string()
+    }
+
+    #[test]
+    fn training_state_comes_in_pairs() {
+        let dir = TempDir::new("pair");
+        save_checkpoint(dir.path(), &full_checkpoint(5)).unwrap();
+        fs::remove_file(dir.path().join(MANIFEST_FILE)).unwrap();
+        fs::remove_file(dir.path().join(TRAIN_STATE_FILE)).unwrap();
+        let e = load_err(dir.path());
+        assert!(e.contains(OPTIMIZER_FILE) && e.contains(TRAIN_STATE_FILE), "{e}");
+
+        let mut half = full_checkpoint(5);
+        half.train_state = None;
+        let e = save_checkpoint(dir.path(), &half).unwrap_err().to_string();
+        assert!(e.contains("both or neither"), "{e}");
+    }
+
+    #[test]
+    fn a_file_listed_in_the_manifest_must_exist() {
+        let dir = TempDir::new("listed");
+        save_checkpoint(dir.path(), &full_checkpoint(8)).unwrap();
+        fs::remove_file(dir.path().join(OPTIMIZER_FILE)).unwrap();
+        fs::remove_file(dir.path().join(TRAIN_STATE_FILE)).unwrap();
+        let e = load_err(dir.path());
+        assert!(e.contains(OPTIMIZER_FILE) && e.contains("lists it"), "{e}");
+    }
+
+    #[test]
+    fn optimizer_file_is_checked_like_the_model() {
+        let dir = TempDir::new("opt");
+        save_checkpoint(dir.path(), &full_checkpoint(6)).unwrap();
+        fs::remove_file(dir.path().join(MANIFEST_FILE)).unwrap();
+        let opt = SafetensorsFile::open(dir.path().join(OPTIMIZER_FILE)).unwrap();
+        let mut tensors = Vec::new();
+        for name in opt.names() {
+            if name != "v.final_norm.weight" {
+                tensors.push((name.clone(), opt.get(&name).unwrap()));
+            }
+        }
+        drop(opt);
+        save_safetensors(dir.path().join(OPTIMIZER_FILE), &tensors).unwrap();
+        let e = load_err(dir.path());
+        assert!(
+            e.contains(OPTIMIZER_FILE) && e.contains("'v.final_norm.weight' is missing"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn invalid_checkpoints_are_refused_before_anything_is_written() {
+        let dir = TempDir::new("refuse");
+        let target = dir.path().join("run");
+        let mut bad = full_checkpoint(1);
+        bad.params[3].1 = Tensor::zeros(&[2, 2], tokenformer_core::Device::Cpu).unwrap();
+        let e = save_checkpoint(&target, &bad).unwrap_err().to_string();
+        assert!(e.contains(&bad.params[3].0) && e.contains("[2, 2]"), "{e}");
+        assert!(!target.exists());
+
+        let mut bad = full_checkpoint(1);
+        if let Some((m, _)) = &mut bad.optimizer {
+            m.pop();
+        }
+        let e = save_checkpoint(&target, &bad).unwrap_err().to_string();
+        assert!(e.contains("optimizer m") && e.contains("final_norm.bias"), "{e}");
+        assert!(!target.exists());
+    }
+
+    #[test]
+    fn an_unwritable_directory_gives_one_clear_line() {
+        let dir = TempDir::new("unwritable");
+        // A path below a regular file can never be created, whoever runs the test.
+        let blocker = dir.path().join("a-file");
+        fs::write(&blocker, "x").unwrap();
+        let target = blocker.join("run");
+        let e = save_checkpoint(&target, &full_checkpoint(1)).unwrap_err().to_string();
+        assert!(e.starts_with(&target.display().to_string()), "{e}");
+        assert!(e.contains("cannot write a checkpoint") && !e.contains('\n'), "{e}");
+
+        let e = load_err(&target);
+        assert!(e.contains("run") && e.contains("not a directory"), "{e}");
+    }
+}

@@ -1,0 +1,235 @@
+//! Turning a token stream into training batches.
+//!
+//! A language model learns to predict token t+1 from tokens ..=t, so one training example is a
+//! window of `seq + 1` consecutive tokens: the first `seq` are the inputs, the last `seq` (the
+//! same window shifted by one) are the targets. Training windows start at random offsets drawn
+//! from our own `Rng`, whose whole state is four u64s: saving it in a checkpoint and restoring it
+//! makes a resumed run draw exactly the batches the uninterrupted run would have drawn.
+//!
+//! Validation instead reads the *same* windows every time (the first K, back to back from the
+//! start of the validation tokens), so validation losses at different steps measure the model,
+//! not the luck of the draw.
+//!
+//! Ids are delivered as f32 (our tensors are f32); every id is below 2^24, where f32 holds
+//! integers exactly.
+
+use tokenformer_core::{Error, Result, Rng};
+
+/// `batch` rows of `seq` ids each, row-major: row b is `inputs[b*seq..(b+1)*seq]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Batch {
+    pub inputs: Vec<f32>,
+    pub targets: Vec<f32>,
+    pub batch: usize,
+    pub seq: usize,
+}
+
+impl Batch {
+    fn from_starts(data: &[u32], starts: &[usize], seq: usize) -> Batch {
+        let mut inputs = Vec::with_capacity(starts.len() * seq);
+        let mut targets = Vec::with_capacity(starts.len() * seq);
+        for &s in starts {
+            let window = &data[s..s + seq + 1];
+            inputs.extend(window[..seq].iter().map(|&t| t as f32));
+            targets.extend(window[1..].iter().map(|&t| t as f32));
+        }
+        Batch { inputs, targets, batch: starts.len(), seq }
+    }
+}
+
+fn check_window(data: &[u32], seq: usize, what: &str) -> Result<()> {
+    if seq == 0 {
+        return Err(Error::invalid("sequence length must be at least 1"));
+    }
+    if data.len() < seq + 1 {
+        return Err(Error::invalid(format!(
+            "{what} data has {} tokens, fewer than one window of seq_len + 1 = {} tokens \
+             (use a shorter sequence length or more data)",
+            data.len(),
+            seq + 1
+        )));
+    }
+    Ok(())
+}
+
+/// Draws random training windows. Holds no data, only its RNG and the batch shape, so it can
+/// live next to the dataset without borrowing it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Batcher {
+    rng: Rng,
+    batch: usize,
+    seq: usize,
+}
+
+impl Batcher {
+    /// `seed` should be the run's data seed (kept apart from the model-init seed, so changing
+    /// the initialisation does not change the batches).
+    pub fn new(seed: u64, batch: usize, seq: usize) -> Result<Batcher> {
+        Batcher::from_state(Rng::new(seed).state(), batch, seq)
+    }
+
+    /// Rebuilds a batcher from a saved `state()`: the next batch is the one the saved batcher
+    /// would have drawn next.
+    pub fn from_state(state: [u64; 4], batch: usize, seq: usize) -> Result<Batcher> {
+        if batch == 0 || seq == 0 {
+            return Err(Error::invalid(format!(
+                "batch size and sequence length must be at least 1 (got {batch} and {seq})"
+            )));
+        }
+        Ok(Batcher { rng: Rng::from_state(state), batch, seq })
+    }
+
+    pub fn state(&self) -> [u64; 4] {
+        self.rng.state()
+    }
+
+    pub fn batch_size(&self) -> usize {
+        self.batch
+    }
+
+    pub fn seq_len(&self) -> usize {
+        self.seq
+    }
+
+    /// The next batch of `batch` windows, each starting uniformly in
+    /// `0..=data.len() - (seq + 1)`. On error the RNG is left untouched.
+    pub fn next_batch(&mut self, data: &[u32]) -> Result<Batch> {
+        check_window(data, self.seq, "training")?;
+        let positions = (data.len() - self.seq) as u64;
+        let starts: Vec<usize> =
+            (0..self.batch).map(|_| self.rng.below(positions) as usize).collect();
+        Ok(Batch::from_starts(data, &starts, self.seq))
+    }
+}
+
+/// The fixed validation windows: window i starts at token i·seq, so windows follow each other
+/// and every token is predicted at most once. Yields batches of up to `batch` windows (the last
+/// one may be smaller).
+#[derive(Clone, Debug)]
+pub struct ValWindows<'a> {
+    data: &'a [u32],
+    batch: usize,
+    seq: usize,
+    next: usize,
+    count: usize,
+}
+
+/// The first `max_windows` validation windows of `seq + 1` tokens (fewer if the data is
+/// shorter), in batches of `batch`.
+pub fn val_windows(
+    data: &[u32],
+    batch: usize,
+    seq: usize,
+    max_windows: usize,
+) -> Result<ValWindows<'_>> {
+    check_window(data, seq, "validation")?;
+    if batch == 0 || max_windows == 0 {
+        return Err(Error::invalid(
+            "validation needs a batch size and a window count of at least 1",
+        ));
+    }
+    let available = (data.len() - 1) / seq;
+    Ok(ValWindows { data, batch, seq, next: 0, count: available.min(max_windows) })
+}
+
+impl ValWindows<'_> {
+    /// Number of windows the full pass covers.
+    pub fn num_windows(&self) -> usize {
+        self.count
+    }
+
+    /// Number of predicted tokens in the full pass (windows × seq).
+    pub fn num_tokens(&self) -> usize {
+        self.count * self.seq
+    }
+}
+
+impl Iterator for ValWindows<'_> {
+    type Item = Batch;
+    fn next(&mut self) -> Option<Batch> {
+        if self.next >= self.count {
+            return None;
+        }
+        let end = (self.next + self.batch).min(self.count);
+        let starts: Vec<usize> = (self.next..end).map(|i| i * self.seq).collect();
+        self.next = end;
+        Some(Batch::from_starts(self.data, &starts, self.seq))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ramp(n: u32) -> Vec<u32> {
+        (0..n).collect()
+    }
+
+    #[test]
+    fn same_seed_same_batches_and_restore_continues_identically() {
+        let data = ramp(1000);
+        let mut a = Batcher::new(42, 4, 16).unwrap();
+        let mut b = Batcher::new(42, 4, 16).unwrap();
+        for _ in 0..5 {
+            assert_eq!(a.next_batch(&data).unwrap(), b.next_batch(&data).unwrap());
+        }
+        let saved = a.state();
+        let ahead: Vec<Batch> = (0..5).map(|_| a.next_batch(&data).unwrap()).collect();
+        let mut resumed = Batcher::from_state(saved, 4, 16).unwrap();
+        let again: Vec<Batch> = (0..5).map(|_| resumed.next_batch(&data).unwrap()).collect();
+        assert_eq!(ahead, again);
+        assert_ne!(Batcher::new(43, 4, 16).unwrap().next_batch(&data).unwrap(), ahead[0]);
+    }
+
+    #[test]
+    fn windows_are_shifted_by_one_and_in_bounds() {
+        // With seq + 1 == len there is exactly one possible window.
+        let data = ramp(9);
+        let mut b = Batcher::new(1, 3, 8).unwrap();
+        let batch = b.next_batch(&data).unwrap();
+        assert_eq!(batch.inputs, (0..8).cycle().take(24).map(|x| x as f32).collect::<Vec<_>>());
+        assert_eq!(batch.targets[..8], (1..9).map(|x| x as f32).collect::<Vec<_>>()[..]);
+
+        let data = ramp(100);
+        let mut b = Batcher::new(7, 8, 10).unwrap();
+        let mut seen_last = false;
+        for _ in 0..500 {
+            let batch = b.next_batch(&data).unwrap();
+            assert_eq!(batch.inputs.len(), 80);
+            for row in 0..8 {
+                let x = &batch.inputs[row * 10..(row + 1) * 10];
+                let y = &batch.targets[row * 10..(row + 1) * 10];
+                assert!(x.iter().zip(y).all(|(a, b)| b - a == 1.0));
+                assert!(y[9] <= 99.0);
+                seen_last |= y[9] == 99.0;
+            }
+        }
+        assert!(seen_last, "the last window was never drawn");
+    }
+
+    #[test]
+    fn too_short_data_is_one_clear_error() {
+        let mut b = Batcher::new(0, 2, 8).unwrap();
+        let state = b.state();
+        let err = b.next_batch(&ramp(8)).unwrap_err().to_string();
+        assert!(err.contains("8 tokens") && err.contains("= 9 tokens"), "{err}");
+        assert_eq!(b.state(), state);
+        assert!(val_windows(&ramp(3), 1, 8, 4).is_err());
+        assert!(Batcher::new(0, 0, 8).is_err());
+    }
+
+    #[test]
+    fn validation_windows_are_fixed_and_consecutive() {
+        let data = ramp(100);
+        // 99 / 10 = 9 windows available; ask for 5 in batches of 2 → 2 + 2 + 1.
+        let v = val_windows(&data, 2, 10, 5).unwrap();
+        assert_eq!((v.num_windows(), v.num_tokens()), (5, 50));
+        let batches: Vec<Batch> = v.collect();
+        assert_eq!(batches.iter().map(|b| b.batch).collect::<Vec<_>>(), [2, 2, 1]);
+        let targets: Vec<f32> = batches.iter().flat_map(|b| b.targets.clone()).collect();
+        assert_eq!(targets, (1..51).map(|x| x as f32).collect::<Vec<_>>());
+        assert_eq!(val_windows(&data, 2, 10, 1000).unwrap().num_windows(), 9);
+        let again: Vec<Batch> = val_windows(&data, 2, 10, 5).unwrap().collect();
+        assert_eq!(again, batches);
+    }
+}

@@ -1,0 +1,78 @@
+//! Loss of a model over a long token stream.
+//!
+//! The stream is cut into windows of at most max_seq_len + 1 ids starting at 0, T, 2T, …
+//! (T = max_seq_len), so consecutive windows share one id: the last id of a window is the first
+//! input of the next, and every id after the first is predicted exactly once. A last window of
+//! fewer than 2 ids predicts nothing and is dropped. The result is the mean cross-entropy over
+//! all predicted positions.
+
+use crate::model::TokenFormer;
+use tokenformer_autograd::no_grad;
+use tokenformer_core::{Error, Result, Tensor};
+
+pub struct EvalResult {
+    /// Mean next-token cross-entropy in nats.
+    pub loss: f64,
+    /// Number of predicted positions.
+    pub tokens: usize,
+}
+
+/// Windows of equal length are stacked into batches of at most this many.
+const EVAL_BATCH: usize = 8;
+
+pub fn evaluate_tokens(model: &TokenFormer, ids: &[u32]) -> Result<EvalResult> {
+    let vocab = model.config.vocab_size;
+    if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+        return Err(Error::invalid(format!(
+            "eval: token id {bad} is outside the vocabulary (size {vocab})"
+        )));
+    }
+    let t = model.config.max_seq_len;
+    let windows: Vec<&[u32]> = (0..ids.len())
+        .step_by(t)
+        .map(|start| &ids[start..(start + t + 1).min(ids.len())])
+        .filter(|w| w.len() >= 2)
+        .collect();
+    if windows.is_empty() {
+        return Err(Error::invalid(format!(
+            "eval: {} token ids give no position to predict (need at least 2)",
+            ids.len()
+        )));
+    }
+    let mut total = 0.0f64;
+    let mut count = 0usize;
+    // Full windows first in batches, then the shorter last one on its own.
+    let mut i = 0;
+    while i < windows.len() {
+        let len = windows[i].len();
+        let mut j = i;
+        while j < windows.len() && j - i < EVAL_BATCH && windows[j].len() == len {
+            j += 1;
+        }
+        let batch = &windows[i..j];
+        let inputs: Vec<f32> = batch.iter().flat_map(|w| w[..len - 1].iter().map(|&x| x as f32)).collect();
+        let targets: Vec<f32> = batch.iter().flat_map(|w| w[1..].iter().map(|&x| x as f32)).collect();
+        let device = model.device();
+        let dims = [batch.len(), len - 1];
+        let inputs = Tensor::from_vec(inputs, &dims)?.to_device(device)?;
+        let targets = Tensor::from_vec(targets, &dims)?.to_device(device)?;
+        let mean = no_grad(|| model.loss(&inputs, &targets))?.value().to_scalar()?;
+        let n = batch.len() * (len - 1);
+        total += mean as f64 * n as f64;
+        count += n;
+        i = j;
+    }
+    Ok(EvalResult { loss: total / count as f64, tokens: count })
+}
+
+/// Parses whitespace-separated token ids, naming the first bad one.
+pub fn parse_token_ids(text: &str, source: &str) -> Result<Vec<u32>> {
+    text.split_whitespace()
+        .enumerate()
+        .map(|(i, s)| {
+            s.parse::<u32>().map_err(|_| {
+                Error::format(source, format!("item {} ('{s}') is not a non-negative integer token id", i + 1))
+            })
+        })
+        .collect()
+}

@@ -1,0 +1,151 @@
+//! Growing a checkpoint (SPEC §4): more parameter tokens, the same model function.
+//!
+//! `grow_checkpoint` loads a checkpoint, appends tokens to its Pattentions (see
+//! [`TokenFormer::grow`]) and writes the result to a new directory; the source is only read.
+//! A training checkpoint stays resumable: exact growth extends each AdamW moment with zero rows
+//! for the new tokens (old rows keep theirs), paper-style random growth restarts the optimizer
+//! (every moment zero). The run's other files (metrics, plot, token cache) are copied so a
+//! resumed run continues its history in the new directory.
+
+use crate::checkpoint::{is_checkpoint_dir, load_checkpoint, save_checkpoint, Checkpoint};
+use crate::config::{ModelConfig, NormKind};
+use crate::model::TokenFormer;
+use crate::pattention::GrowInit;
+use std::path::Path;
+use tokenformer_core::{Device, Error, Result, Tensor};
+use tokenformer_ops::layout::concat;
+
+#[derive(Clone, Debug)]
+pub struct GrowSpec {
+    pub qkv: usize,
+    pub proj: usize,
+    pub ffn: usize,
+    pub init: GrowInit,
+    /// Seeds the draws of the new value tokens (and keys, for `Random`).
+    pub seed: u64,
+}
+
+impl GrowSpec {
+    /// The token counts that turn `from` into preset `to`, which may differ from it only in
+    /// token counts (all at least as large).
+    pub fn to_preset(from: &ModelConfig, to: &str, init: GrowInit, seed: u64) -> Result<GrowSpec> {
+        let target = ModelConfig::preset(to)?;
+        let same = |what: &str, a: usize, b: usize| -> Result<()> {
+            if a != b {
+                return Err(Error::invalid(format!(
+                    "cannot grow to preset {to}: it has {what} {b}, the checkpoint has {a} (growth changes only token counts)"
+                )));
+            }
+            Ok(())
+        };
+        same("n_layers", from.n_layers, target.n_layers)?;
+        same("d_model", from.d_model, target.d_model)?;
+        same("n_heads", from.n_heads, target.n_heads)?;
+        same("max_seq_len", from.max_seq_len, target.max_seq_len)?;
+        let more = |what: &str, a: usize, b: usize| -> Result<usize> {
+            b.checked_sub(a).ok_or_else(|| {
+                Error::invalid(format!("cannot grow to preset {to}: its {what} {b} is fewer than the checkpoint's {a}"))
+            })
+        };
+        Ok(GrowSpec {
+            qkv: more("qkv_tokens", from.qkv_tokens, target.qkv_tokens)?,
+            proj: more("proj_tokens", from.proj_tokens, target.proj_tokens)?,
+            ffn: more("ffn_tokens", from.ffn_tokens, target.ffn_tokens)?,
+            init,
+            seed,
+        })
+    }
+
+    /// Whether the grown model computes exactly what the original did.
+    pub fn preserves_outputs(&self, norm: NormKind) -> bool {
+        self.init == GrowInit::Exact && norm != NormKind::Softmax
+    }
+}
+
+pub struct GrowReport {
+    pub from: ModelConfig,
+    pub to: ModelConfig,
+    pub preserves_outputs: bool,
+    pub had_optimizer: bool,
+}
+
+/// Appends zero rows to `t` [n, d] until it has `rows` rows.
+fn pad_rows(t: &Tensor, rows: usize) -> Result<Tensor> {
+    let (n, d) = (t.dims()[0], t.dims()[1]);
+    if n == rows {
+        return Ok(t.clone());
+    }
+    concat(&[t.clone(), Tensor::zeros(&[rows - n, d], t.device())?], 0)
+}
+
+/// Grows the checkpoint in `src` into a new checkpoint in `dst` (`src` is only read).
+pub fn grow_checkpoint(src: &Path, dst: &Path, spec: &GrowSpec) -> Result<GrowReport> {
+    if !src.is_dir() || !is_checkpoint_dir(src) {
+        return Err(Error::invalid(format!("{} is not a checkpoint directory", src.display())));
+    }
+    if dst.exists() {
+        let same = match (src.canonicalize(), dst.canonicalize()) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => false,
+        };
+        if same {
+            return Err(Error::invalid("grow: --out must differ from --checkpoint (the source is never modified)"));
+        }
+        if is_checkpoint_dir(dst) || dst.join("metrics.jsonl").exists() {
+            return Err(Error::invalid(format!("grow: {} already holds a checkpoint; choose another --out", dst.display())));
+        }
+    }
+    if spec.qkv + spec.proj + spec.ffn == 0 {
+        return Err(Error::invalid("grow: nothing to add (give --qkv, --proj, --ffn or --to-preset)"));
+    }
+    let ckpt = load_checkpoint(src)?;
+    let model = TokenFormer::from_named(ckpt.config.clone(), ckpt.params)?;
+    let grown = model.grow(spec.qkv, spec.proj, spec.ffn, spec.init, spec.seed)?;
+    let shapes: std::collections::HashMap<String, Vec<usize>> =
+        grown.named_params().into_iter().map(|(n, v)| (n, v.dims().to_vec())).collect();
+    let optimizer = match &ckpt.optimizer {
+        None => None,
+        Some((m, v)) => {
+            let extend = |moments: &Vec<(String, Tensor)>| -> Result<Vec<(String, Tensor)>> {
+                moments
+                    .iter()
+                    .map(|(name, t)| {
+                        let dims = shapes.get(name).ok_or_else(|| {
+                            Error::invalid(format!("grow: optimizer moment for unknown parameter {name}"))
+                        })?;
+                        let t = match spec.init {
+                            GrowInit::Exact if t.rank() == 2 => pad_rows(t, dims[0])?,
+                            GrowInit::Exact => t.clone(),
+                            GrowInit::Random => Tensor::zeros(dims, Device::Cpu)?,
+                        };
+                        Ok((name.clone(), t))
+                    })
+                    .collect()
+            };
+            Some((extend(m)?, extend(v)?))
+        }
+    };
+    std::fs::create_dir_all(dst).map_err(|e| Error::io(dst.display(), e))?;
+    // The run's history and data cache travel with it; the checkpoint files are written anew.
+    let checkpoint_files =
+        ["config.json", "model.safetensors", "optimizer.safetensors", "train_state.json", "checkpoint.json"];
+    for entry in std::fs::read_dir(src).map_err(|e| Error::io(src.display(), e))? {
+        let entry = entry.map_err(|e| Error::io(src.display(), e))?;
+        let name = entry.file_name();
+        let name_str = name.to_string_lossy();
+        if entry.path().is_file() && !checkpoint_files.contains(&name_str.as_ref()) && !name_str.contains(".tmp") && !name_str.starts_with("checkpoint.json") {
+            std::fs::copy(entry.path(), dst.join(&name)).map_err(|e| Error::io(dst.join(&name).display(), e))?;
+        }
+    }
+    let report = GrowReport {
+        from: ckpt.config.clone(),
+        to: grown.config.clone(),
+        preserves_outputs: spec.preserves_outputs(ckpt.config.norm),
+        had_optimizer: optimizer.is_some(),
+    };
+    save_checkpoint(
+        dst,
+        &Checkpoint { config: grown.config.clone(), params: grown.named_tensors(), optimizer, train_state: ckpt.train_state },
+    )?;
+    Ok(report)
+}

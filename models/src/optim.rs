@@ -1,0 +1,154 @@
+//! AdamW with decoupled weight decay, the learning-rate schedule and global-norm clipping.
+//!
+//! Per parameter p with gradient g at step t (1-based):
+//!
+//!     m = β₁m + (1−β₁)g          v = β₂v + (1−β₂)g²
+//!     p = p·(1 − lr·wd) − lr · (m/(1−β₁ᵗ)) / (√(v/(1−β₂ᵗ)) + ε)
+//!
+//! The update kernel is the `adamw` family in tokenformer-ops. Weight decay applies to the
+//! token matrices and the embedding, never to LayerNorm parameters (SPEC §3).
+
+use crate::model::TokenFormer;
+use tokenformer_autograd::Var;
+use tokenformer_core::{Error, Result, Tensor};
+use tokenformer_ops::adamw::{adamw_step, sum_squares, AdamW};
+use tokenformer_ops::unary;
+
+/// Linear warmup from 0 over `warmup` steps, then cosine from `lr` down to `min_lr` at
+/// `total` steps. `step` counts from 0.
+pub fn lr_at(step: u64, warmup: u64, total: u64, lr: f32, min_lr: f32) -> f32 {
+    if step < warmup {
+        return lr * (step + 1) as f32 / warmup as f32;
+    }
+    if total <= warmup {
+        return lr;
+    }
+    let progress = ((step - warmup) as f64 / (total - warmup) as f64).min(1.0);
+    let cosine = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
+    (min_lr as f64 + (lr - min_lr) as f64 * cosine) as f32
+}
+
+/// Scales `grads` in place so that their global L2 norm is at most `max_norm`; returns the norm
+/// before clipping. The norm is summed in a fixed order (parameter order) for determinism.
+pub fn clip_global_norm(grads: &mut [Tensor], max_norm: f32) -> Result<f32> {
+    let mut total = 0.0f64;
+    for g in grads.iter() {
+        total += sum_squares(g)?.to_scalar()? as f64;
+    }
+    let norm = total.sqrt() as f32;
+    if max_norm > 0.0 && norm > max_norm {
+        let factor = max_norm / (norm + 1e-6);
+        for g in grads.iter_mut() {
+            *g = unary::affine(g, factor, 0.0)?;
+        }
+    }
+    Ok(norm)
+}
+
+/// The optimizer's state: one pair of moments per parameter, in the model's checkpoint order.
+pub struct Optimizer {
+    pub hp: AdamW,
+    pub m: Vec<Tensor>,
+    pub v: Vec<Tensor>,
+    /// Updates applied so far (the t of the bias corrections is `step + 1` for the next one).
+    pub step: u64,
+}
+
+/// Whether a parameter gets weight decay (everything but the final LayerNorm).
+pub fn decays(name: &str) -> bool {
+    !name.starts_with("final_norm.")
+}
+
+impl Optimizer {
+    pub fn new(model: &TokenFormer, hp: AdamW) -> Result<Optimizer> {
+        let zeros = |v: &Var| Tensor::zeros(v.dims(), v.value().device());
+        let params = model.named_params();
+        Ok(Optimizer {
+            hp,
+            m: params.iter().map(|(_, v)| zeros(v)).collect::<Result<_>>()?,
+            v: params.iter().map(|(_, v)| zeros(v)).collect::<Result<_>>()?,
+            step: 0,
+        })
+    }
+
+    /// Applies one update with learning rate `lr` to every parameter of `model`.
+    pub fn update(&mut self, model: &mut TokenFormer, grads: &[Tensor], lr: f32) -> Result<()> {
+        let names: Vec<String> = model.named_params().into_iter().map(|(n, _)| n).collect();
+        let slots = model.params_mut();
+        if grads.len() != slots.len() || self.m.len() != slots.len() {
+            return Err(Error::invalid(format!(
+                "optimizer: {} gradients and {} moment pairs for {} parameters",
+                grads.len(),
+                self.m.len(),
+                slots.len()
+            )));
+        }
+        self.step += 1;
+        for (i, slot) in slots.into_iter().enumerate() {
+            let hp = AdamW {
+                lr,
+                weight_decay: if decays(&names[i]) { self.hp.weight_decay } else { 0.0 },
+                ..self.hp.clone()
+            };
+            let (p, m, v) = adamw_step(slot.value(), &grads[i], &self.m[i], &self.v[i], &hp, self.step)?;
+            *slot = Var::param(p);
+            self.m[i] = m;
+            self.v[i] = v;
+        }
+        Ok(())
+    }
+
+    /// The moments with their parameter names, for checkpoints.
+    pub fn named_moments(&self, model: &TokenFormer) -> (Vec<(String, Tensor)>, Vec<(String, Tensor)>) {
+        let names: Vec<String> = model.named_params().into_iter().map(|(n, _)| n).collect();
+        (
+            names.iter().cloned().zip(self.m.iter().cloned()).collect(),
+            names.into_iter().zip(self.v.iter().cloned()).collect(),
+        )
+    }
+
+    /// Restores moments saved by `named_moments`, checking names and shapes against `model`.
+    pub fn from_named(
+        model: &TokenFormer,
+        hp: AdamW,
+        step: u64,
+        m: Vec<(String, Tensor)>,
+        v: Vec<(String, Tensor)>,
+    ) -> Result<Optimizer> {
+        let params = model.named_params();
+        let pick = |saved: Vec<(String, Tensor)>, which: &str| -> Result<Vec<Tensor>> {
+            let mut by_name: std::collections::HashMap<String, Tensor> = saved.into_iter().collect();
+            params
+                .iter()
+                .map(|(name, p)| {
+                    let t = by_name.remove(name).ok_or_else(|| {
+                        Error::invalid(format!("optimizer state: no {which} moment for {name}"))
+                    })?;
+                    if t.dims() != p.dims() {
+                        return Err(Error::invalid(format!(
+                            "optimizer state: {which} moment of {name} has shape {}, parameter has {}",
+                            t.shape(),
+                            p.value().shape()
+                        )));
+                    }
+                    t.to_device(p.value().device())
+                })
+                .collect()
+        };
+        Ok(Optimizer { hp, m: pick(m, "first")?, v: pick(v, "second")?, step })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[test]
+    fn schedule_warms_up_then_decays_to_min() {
+        assert!((lr_at(0, 10, 100, 1.0, 0.1) - 0.1).abs() < 1e-6);
+        assert!((lr_at(9, 10, 100, 1.0, 0.1) - 1.0).abs() < 1e-6);
+        assert!((lr_at(10, 10, 100, 1.0, 0.1) - 1.0).abs() < 1e-6);
+        assert!((lr_at(100, 10, 100, 1.0, 0.1) - 0.1).abs() < 1e-6);
+        let mid = lr_at(55, 10, 100, 1.0, 0.1);
+        assert!((mid - 0.55).abs() < 1e-3, "{mid}");
+    }
+}

@@ -1,0 +1,136 @@
+//! The loss plot a run leaves next to its checkpoint: training and validation loss against
+//! step, as a PNG.
+//!
+//! Text in a bitmap needs a font, and no font is guaranteed to be installed (containers, CI),
+//! so DejaVu Sans (Bitstream Vera licence, see `models/assets/DejaVuSans-LICENSE.txt`) is built
+//! into the binary and registered with plotters as its `sans-serif` family.
+
+use std::path::Path;
+use std::sync::OnceLock;
+
+use plotters::prelude::*;
+use plotters::style::{register_font, FontStyle};
+use tokenformer_core::{Error, Result};
+
+const FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
+const SIZE: (u32, u32) = (1000, 600);
+
+fn ensure_font() -> Result<()> {
+    static REGISTERED: OnceLock<bool> = OnceLock::new();
+    let ok =
+        *REGISTERED.get_or_init(|| register_font("sans-serif", FontStyle::Normal, FONT).is_ok());
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::format("models/assets/DejaVuSans.ttf", "not a usable font"))
+    }
+}
+
+/// Draws `train` and `val` (step, loss) points as two lines. Non-finite losses (a diverged step)
+/// are left out. The file is written under a temporary name and renamed, so a reader (or a
+/// crash) never sees half a PNG.
+pub fn plot_losses(
+    path: &Path,
+    train: &[(u64, f64)],
+    val: &[(u64, f64)],
+    title: &str,
+) -> Result<()> {
+    ensure_font()?;
+    let finite = |pts: &[(u64, f64)]| -> Vec<(f64, f64)> {
+        pts.iter().filter(|p| p.1.is_finite()).map(|&(s, l)| (s as f64, l)).collect()
+    };
+    let (train, val) = (finite(train), finite(val));
+    let all = train.iter().chain(&val);
+    let Some(x_max) = all.clone().map(|p| p.0).reduce(f64::max) else {
+        return Err(Error::invalid(format!("{}: no finite losses to plot", path.display())));
+    };
+    let y_min = all.clone().map(|p| p.1).fold(f64::INFINITY, f64::min);
+    let y_max = all.map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
+    // A little headroom, and a non-empty range even when every loss is equal.
+    let pad = ((y_max - y_min) * 0.05).max(1e-3);
+    let x_range = 0.0..x_max.max(1.0);
+    let y_range = (y_min - pad).max(0.0)..y_max + pad;
+
+    // `image` picks the encoder from the extension, so the temporary name must end in `.png`.
+    let tmp = path.with_extension(format!("tmp{}.png", std::process::id()));
+    let err = |e: &dyn std::fmt::Display| Error::io(path.display(), e);
+    let drawn = (|| -> std::result::Result<(), Box<dyn std::error::Error>> {
+        let root = BitMapBackend::new(&tmp, SIZE).into_drawing_area();
+        root.fill(&WHITE)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 26))
+            .margin(16)
+            .margin_right(32)
+            .x_label_area_size(48)
+            .y_label_area_size(64)
+            .build_cartesian_2d(x_range, y_range)?;
+        chart
+            .configure_mesh()
+            .x_desc("step")
+            .y_desc("loss")
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .label_style(("sans-serif", 16))
+            .axis_desc_style(("sans-serif", 18))
+            .light_line_style(WHITE.mix(0.0))
+            .draw()?;
+        let blue = RGBColor(31, 119, 180);
+        let orange = RGBColor(255, 127, 14);
+        if !train.is_empty() {
+            chart.draw_series(LineSeries::new(train, blue.stroke_width(2)))?.label("train").legend(
+                move |(x, y)| PathElement::new([(x, y), (x + 20, y)], blue.stroke_width(2)),
+            );
+        }
+        if !val.is_empty() {
+            // Validation runs every few hundred steps: mark its points, not just the line.
+            chart
+                .draw_series(LineSeries::new(val.clone(), orange.stroke_width(2)))?
+                .label("validation")
+                .legend(move |(x, y)| {
+                    PathElement::new([(x, y), (x + 20, y)], orange.stroke_width(2))
+                });
+            chart.draw_series(val.iter().map(|&p| Circle::new(p, 4, orange.filled())))?;
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .label_font(("sans-serif", 16))
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()?;
+        root.present()?;
+        Ok(())
+    })();
+    let result =
+        drawn.map_err(|e| err(&e)).and_then(|()| std::fs::rename(&tmp, path).map_err(|e| err(&e)));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_a_png() {
+        let dir = std::env::temp_dir().join(format!("tf-plot-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("loss.png");
+        let train: Vec<(u64, f64)> = (0..=500)
+            .map(|s| (s, 1.5 + 3.0 * (-(s as f64) / 80.0).exp() + 0.05 * ((s as f64) * 0.7).sin()))
+            .collect();
+        let mut val: Vec<(u64, f64)> =
+            (0..=5).map(|i| (i * 100, 1.6 + 3.0 * (-(i as f64) * 100.0 / 80.0).exp())).collect();
+        val.push((550, f64::NAN));
+        plot_losses(&path, &train, &val, "tiny on tinyshakespeare").unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        assert!(bytes.len() > 1000);
+        assert_eq!(&bytes[1..4], b"PNG");
+        assert!(plot_losses(&dir.join("none.png"), &[], &[(1, f64::NAN)], "x").is_err());
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1, "temporary file left behind");
+        if std::env::var_os("KEEP_PLOT").is_none() {
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
+    }
+}

@@ -1,0 +1,454 @@
+//! The training loop: data, AdamW, schedule, clipping, accumulation, evaluation, checkpoints,
+//! metrics, plots, interruption and bit-identical resume.
+//!
+//! One optimizer step is `grad_accum` micro-batches: each micro-batch's loss is scaled by
+//! 1/grad_accum before `backward`, and the gradients are summed in a fixed order. Everything a
+//! step depends on — parameters, AdamW moments, the step count (which fixes the learning rate)
+//! and the batch sampler's RNG state — is saved with the checkpoint, so a resumed run draws the
+//! same batches and computes the same numbers as one that never stopped. A stop request
+//! (SIGINT, SIGTERM) that arrives in the middle of a step abandons the partial step and saves
+//! the state as it was when the last step completed; the resumed run recomputes that step from
+//! its start.
+
+use crate::checkpoint::{is_checkpoint_dir, load_checkpoint, save_checkpoint, Checkpoint};
+use crate::config::ModelConfig;
+use crate::data::{val_windows, Batcher, DataSpec, Dataset, Tokenizer};
+use crate::metrics::{loss_series, read_metrics, MetricsWriter, Record};
+use crate::model::TokenFormer;
+use crate::optim::{clip_global_norm, lr_at, Optimizer};
+use crate::plot::plot_losses;
+use crate::progress::Progress;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+use tokenformer_autograd::no_grad;
+use tokenformer_core::{Device, Error, Result, Tensor};
+use tokenformer_ops::adamw::AdamW;
+use tokenformer_ops::binary;
+
+/// Every setting of a run. Saved in the checkpoint, so `--resume` restores all of them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainSettings {
+    pub preset: String,
+    /// Files and directories of text; empty means the built-in tiny shakespeare.
+    pub data: Vec<PathBuf>,
+    /// Validation files; empty means the last `val_fraction` of the data.
+    pub val_data: Vec<PathBuf>,
+    pub val_fraction: f64,
+    pub tokenizer: String,
+    pub steps: u64,
+    pub batch: usize,
+    pub seq: usize,
+    pub grad_accum: usize,
+    pub lr: f32,
+    pub min_lr: f32,
+    pub warmup: u64,
+    pub weight_decay: f32,
+    pub clip: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub seed: u64,
+    pub eval_every: u64,
+    /// Validation windows (of `seq` predicted tokens each) per evaluation.
+    pub eval_windows: usize,
+    pub save_every: u64,
+}
+
+impl Default for TrainSettings {
+    /// The default run: preset `tiny`, bytes of tiny shakespeare, sized to finish in a few
+    /// minutes on two CPU cores.
+    fn default() -> Self {
+        TrainSettings {
+            preset: "tiny".into(),
+            data: Vec::new(),
+            val_data: Vec::new(),
+            val_fraction: crate::data::DEFAULT_VAL_FRACTION,
+            tokenizer: "byte".into(),
+            steps: 600,
+            batch: 16,
+            seq: 128,
+            grad_accum: 1,
+            lr: 3e-3,
+            min_lr: 3e-4,
+            warmup: 30,
+            weight_decay: 0.1,
+            clip: 1.0,
+            beta1: 0.9,
+            beta2: 0.95,
+            seed: 1337,
+            eval_every: 100,
+            eval_windows: 128,
+            save_every: 200,
+        }
+    }
+}
+
+impl TrainSettings {
+    /// Rejects settings no run can use, with one line naming the setting.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::invalid(m));
+        if self.steps == 0 {
+            return bad("--steps must be at least 1".into());
+        }
+        if self.batch == 0 {
+            return bad("--batch must be at least 1".into());
+        }
+        if self.seq == 0 {
+            return bad("--seq must be at least 1".into());
+        }
+        if self.grad_accum == 0 {
+            return bad("--grad-accum must be at least 1".into());
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            return bad(format!("--lr must be positive, got {}", self.lr));
+        }
+        if !(self.min_lr >= 0.0 && self.min_lr <= self.lr) {
+            return bad(format!("--min-lr must be in [0, lr = {}], got {}", self.lr, self.min_lr));
+        }
+        if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
+            return bad(format!("--weight-decay must be >= 0, got {}", self.weight_decay));
+        }
+        if !(self.clip >= 0.0 && self.clip.is_finite()) {
+            return bad(format!("--clip must be >= 0 (0 disables clipping), got {}", self.clip));
+        }
+        if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
+            return bad("AdamW betas must be in [0, 1)".into());
+        }
+        if self.eval_every == 0 || self.save_every == 0 {
+            return bad("--eval-every and --save-every must be at least 1".into());
+        }
+        if self.eval_windows == 0 {
+            return bad("the number of validation windows must be at least 1".into());
+        }
+        Tokenizer::from_name(&self.tokenizer)?;
+        Ok(())
+    }
+
+    /// The model config: the preset, with the vocabulary of the tokenizer.
+    pub fn model_config(&self) -> Result<ModelConfig> {
+        let tokenizer = Tokenizer::from_name(&self.tokenizer)?;
+        let mut config = ModelConfig::preset(&self.preset)?;
+        config.vocab_size = tokenizer.padded_vocab_size();
+        config.tokenizer = tokenizer.name().into();
+        config.validate()?;
+        if self.seq > config.max_seq_len {
+            return Err(Error::invalid(format!(
+                "--seq {} exceeds the model's max_seq_len {}",
+                self.seq, config.max_seq_len
+            )));
+        }
+        Ok(config)
+    }
+
+    fn adamw(&self) -> AdamW {
+        AdamW { lr: self.lr, beta1: self.beta1, beta2: self.beta2, eps: 1e-8, weight_decay: self.weight_decay }
+    }
+
+    fn data_spec(&self) -> DataSpec {
+        DataSpec { data: self.data.clone(), val_data: self.val_data.clone(), val_fraction: self.val_fraction }
+    }
+}
+
+/// What the trainer saves next to the checkpoint, besides parameters and moments.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct TrainState {
+    settings: TrainSettings,
+    /// Optimizer steps completed.
+    step: u64,
+    /// The batch sampler's RNG state at the start of step `step`.
+    batcher_rng: [u64; 4],
+    /// Training tokens consumed so far.
+    tokens_seen: u64,
+}
+
+/// How the caller can stop a run and watch it. `stop` is what the signal handlers set.
+#[derive(Default)]
+pub struct TrainControl {
+    pub stop: Arc<AtomicBool>,
+    /// Called after every micro-batch with (step being computed, micro-batch index); tests use
+    /// it to stop a run at an exact point.
+    pub after_micro_batch: Option<Box<dyn FnMut(u64, usize) + Send>>,
+    /// No progress bar or log lines (tests).
+    pub quiet: bool,
+}
+
+#[derive(Debug)]
+pub struct TrainSummary {
+    /// Optimizer steps completed (including those before a resume).
+    pub step: u64,
+    pub steps: u64,
+    pub interrupted: bool,
+    pub last_loss: Option<f64>,
+    pub last_val_loss: Option<f64>,
+    pub seconds: f64,
+}
+
+/// True when `dir` holds a training run (checkpoint or metrics).
+pub fn is_run_dir(dir: &Path) -> bool {
+    is_checkpoint_dir(dir) || dir.join("metrics.jsonl").exists()
+}
+
+/// Starts a new run in `out`, which must not hold a run already.
+pub fn train_new(out: &Path, settings: TrainSettings, device: Device, control: TrainControl) -> Result<TrainSummary> {
+    settings.validate()?;
+    let config = settings.model_config()?;
+    if is_run_dir(out) {
+        return Err(Error::invalid(format!(
+            "{} already holds a run; use --resume {0} to continue it, or choose another --out",
+            out.display()
+        )));
+    }
+    create_dir(out)?;
+    let model = TokenFormer::init(&config, settings.seed, device)?;
+    let optimizer = Optimizer::new(&model, settings.adamw())?;
+    let batcher = Batcher::new(settings.seed, settings.batch, settings.seq)?;
+    let state = TrainState { settings, step: 0, batcher_rng: batcher.state(), tokens_seen: 0 };
+    run(out, model, optimizer, state, control)
+}
+
+/// The settings a run directory was started with (for `--resume` flag checks).
+pub fn saved_settings(dir: &Path) -> Result<TrainSettings> {
+    Ok(load_run(dir)?.1.settings)
+}
+
+fn load_run(dir: &Path) -> Result<(Checkpoint, TrainState)> {
+    if !dir.is_dir() {
+        return Err(Error::invalid(format!("{}: no such run directory", dir.display())));
+    }
+    if !is_checkpoint_dir(dir) {
+        return Err(Error::invalid(format!("{} is not a run directory (no checkpoint in it)", dir.display())));
+    }
+    let ckpt = load_checkpoint(dir)?;
+    let state = ckpt.train_state.clone().ok_or_else(|| {
+        Error::invalid(format!(
+            "{} holds a model but no training state (made by `init` or `grow` of a model, not by `train`)",
+            dir.display()
+        ))
+    })?;
+    let state: TrainState = serde_json::from_value(state)
+        .map_err(|e| Error::format(dir.join("train_state.json").display(), e.to_string()))?;
+    Ok((ckpt, state))
+}
+
+/// Continues the run in `dir` to its original number of steps, with its own settings.
+pub fn train_resume(dir: &Path, device: Device, control: TrainControl) -> Result<TrainSummary> {
+    let (ckpt, state) = load_run(dir)?;
+    state.settings.validate()?;
+    let params = ckpt.params.into_iter().map(|(n, t)| Ok((n, t.to_device(device)?))).collect::<Result<Vec<_>>>()?;
+    let model = TokenFormer::from_named(ckpt.config, params)?;
+    let (m, v) = ckpt.optimizer.ok_or_else(|| {
+        Error::invalid(format!("{}: the checkpoint has no optimizer state to resume from", dir.display()))
+    })?;
+    let optimizer = Optimizer::from_named(&model, state.settings.adamw(), state.step, m, v)?;
+    run(dir, model, optimizer, state, control)
+}
+
+fn create_dir(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir.display(), format!("cannot create the run directory: {e}")))?;
+    let probe = dir.join(".write-test");
+    std::fs::write(&probe, b"").map_err(|e| Error::io(dir.display(), format!("the run directory is not writable: {e}")))?;
+    let _ = std::fs::remove_file(probe);
+    Ok(())
+}
+
+fn save(dir: &Path, model: &TokenFormer, optimizer: &Optimizer, state: &TrainState) -> Result<()> {
+    let state_json = serde_json::to_value(state).map_err(|e| Error::invalid(format!("train state: {e}")))?;
+    save_checkpoint(
+        dir,
+        &Checkpoint {
+            config: model.config.clone(),
+            params: model.named_tensors(),
+            optimizer: Some(optimizer.named_moments(model)),
+            train_state: Some(state_json),
+        },
+    )
+}
+
+/// Mean loss over the fixed validation windows.
+fn validation_loss(model: &TokenFormer, data: &Dataset, s: &TrainSettings) -> Result<f64> {
+    let mut total = 0.0f64;
+    let mut count = 0usize;
+    for batch in val_windows(data.val(), s.batch, s.seq, s.eval_windows)? {
+        let dims = [batch.batch, batch.seq];
+        let inputs = Tensor::from_vec(batch.inputs, &dims)?.to_device(model.device())?;
+        let targets = Tensor::from_vec(batch.targets, &dims)?.to_device(model.device())?;
+        let loss = no_grad(|| model.loss(&inputs, &targets))?.value().to_scalar()? as f64;
+        total += loss * (batch.batch * batch.seq) as f64;
+        count += batch.batch * batch.seq;
+    }
+    Ok(total / count as f64)
+}
+
+fn redraw_plot(dir: &Path) -> Result<()> {
+    let (train, val) = loss_series(&read_metrics(&dir.join("metrics.jsonl"))?);
+    plot_losses(&dir.join("loss.png"), &train, &val, "TokenFormer training loss")
+}
+
+fn run(
+    dir: &Path,
+    mut model: TokenFormer,
+    mut optimizer: Optimizer,
+    mut state: TrainState,
+    mut control: TrainControl,
+) -> Result<TrainSummary> {
+    let started = Instant::now();
+    let s = state.settings.clone();
+    let tokenizer = Tokenizer::from_name(&s.tokenizer)?;
+    let data = Dataset::load(tokenizer, &s.data_spec(), dir)?;
+    // Both checks up front, so a bad corpus fails before the first step, not at evaluation.
+    Batcher::new(0, s.batch, s.seq)?.next_batch(data.train())?;
+    val_windows(data.val(), s.batch, s.seq, s.eval_windows)?;
+    let mut batcher = Batcher::from_state(state.batcher_rng, s.batch, s.seq)?;
+    // Lines logged after this checkpoint by a run that died without saving would be repeated by
+    // the resumed run: `resume` drops them.
+    let mut metrics = MetricsWriter::resume(&dir.join("metrics.jsonl"), state.step)?;
+    let progress = Progress::new(s.steps, state.step);
+    let quiet = control.quiet;
+    let say = |msg: String| {
+        if !quiet {
+            progress.println(msg)
+        }
+    };
+    say(format!(
+        "training {} ({} parameters) on {}: {}; {} steps of {}×{}×{} tokens",
+        s.preset,
+        model.config.param_count(),
+        model.device(),
+        data.summary(),
+        s.steps,
+        s.grad_accum,
+        s.batch,
+        s.seq
+    ));
+    let device = model.device();
+    let n_params = model.named_params().len();
+    let mut last_loss = None;
+    let mut last_val = None;
+
+    while state.step < s.steps {
+        let step_start = Instant::now();
+        let step = state.step;
+        let mut grads: Vec<Option<Tensor>> = vec![None; n_params];
+        let mut loss_sum = 0.0f64;
+        for micro in 0..s.grad_accum {
+            let batch = batcher.next_batch(data.train())?;
+            let dims = [batch.batch, batch.seq];
+            let inputs = Tensor::from_vec(batch.inputs, &dims)?.to_device(device)?;
+            let targets = Tensor::from_vec(batch.targets, &dims)?.to_device(device)?;
+            let loss = model.loss(&inputs, &targets)?;
+            let value = loss.value().to_scalar()?;
+            if !value.is_finite() {
+                progress.finish();
+                return Err(Error::invalid(format!(
+                    "the loss became {value} at step {}; stopping. The last good checkpoint in {} is kept \
+                     (try a lower --lr or a smaller --clip)",
+                    step + 1,
+                    dir.display()
+                )));
+            }
+            loss_sum += value as f64;
+            let step_grads = loss.scale(1.0 / s.grad_accum as f32)?.backward()?;
+            for (slot, (name, param)) in grads.iter_mut().zip(model.named_params()) {
+                let g = step_grads
+                    .get(&param)
+                    .ok_or_else(|| Error::invalid(format!("no gradient reached {name}")))?;
+                *slot = Some(match slot.take() {
+                    Some(acc) => binary::add(&acc, g)?,
+                    None => g.clone(),
+                });
+            }
+            if let Some(hook) = control.after_micro_batch.as_mut() {
+                hook(step, micro);
+            }
+            if control.stop.load(Ordering::SeqCst) {
+                // The partial step is dropped; the checkpoint holds the state as of its start.
+                save(dir, &model, &optimizer, &state)?;
+                progress.finish();
+                say(format!("stopped: saved the run at step {step} in {}", dir.display()));
+                return Ok(TrainSummary {
+                    step,
+                    steps: s.steps,
+                    interrupted: true,
+                    last_loss,
+                    last_val_loss: last_val,
+                    seconds: started.elapsed().as_secs_f64(),
+                });
+            }
+        }
+        let mut grads: Vec<Tensor> = grads.into_iter().map(|g| g.expect("one micro-batch at least")).collect();
+        let grad_norm = if s.clip > 0.0 { Some(clip_global_norm(&mut grads, s.clip)?) } else { None };
+        let lr = lr_at(step, s.warmup, s.steps, s.lr, s.min_lr);
+        optimizer.update(&mut model, &grads, lr)?;
+        drop(grads);
+
+        let tokens = (s.grad_accum * s.batch * s.seq) as u64;
+        state.step += 1;
+        state.tokens_seen += tokens;
+        state.batcher_rng = batcher.state();
+        let loss = loss_sum / s.grad_accum as f64;
+        last_loss = Some(loss);
+        let seconds = step_start.elapsed().as_secs_f64();
+        let mut record = Record::new(state.step, loss, lr as f64, tokens as f64 / seconds)
+            .with("tokens_seen", state.tokens_seen)
+            .with("elapsed_sec", started.elapsed().as_secs_f64());
+        if let Some(norm) = grad_norm {
+            record = record.with("grad_norm", norm as f64);
+        }
+        let evaluate = state.step % s.eval_every == 0 || state.step == s.steps;
+        if evaluate {
+            let val = validation_loss(&model, &data, &s)?;
+            record.val_loss = Some(val);
+            last_val = Some(val);
+        }
+        metrics.write(&record)?;
+        progress.update(state.step, loss, lr as f64, tokens as f64 / seconds);
+        if evaluate {
+            say(format!(
+                "step {:>6}: train loss {loss:.4}, val loss {:.4}",
+                state.step,
+                record.val_loss.unwrap_or(f64::NAN)
+            ));
+            redraw_plot(dir)?;
+        }
+        let finished = state.step == s.steps;
+        let stop = control.stop.load(Ordering::SeqCst);
+        if state.step % s.save_every == 0 || finished || stop {
+            save(dir, &model, &optimizer, &state)?;
+        }
+        if stop && !finished {
+            redraw_plot(dir)?;
+            progress.finish();
+            say(format!("stopped: saved the run at step {} in {}", state.step, dir.display()));
+            return Ok(TrainSummary {
+                step: state.step,
+                steps: s.steps,
+                interrupted: true,
+                last_loss,
+                last_val_loss: last_val,
+                seconds: started.elapsed().as_secs_f64(),
+            });
+        }
+    }
+    progress.finish();
+    redraw_plot(dir)?;
+    Ok(TrainSummary {
+        step: state.step,
+        steps: s.steps,
+        interrupted: false,
+        last_loss,
+        last_val_loss: last_val,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Loads the model of a checkpoint directory (a run or a bare model) onto `device`.
+pub fn load_model(dir: &Path, device: Device) -> Result<TokenFormer> {
+    if !dir.is_dir() {
+        return Err(Error::invalid(format!("{}: no such checkpoint directory", dir.display())));
+    }
+    let ckpt = load_checkpoint(dir)?;
+    let params = ckpt.params.into_iter().map(|(n, t)| Ok((n, t.to_device(device)?))).collect::<Result<Vec<_>>>()?;
+    TokenFormer::from_named(ckpt.config, params)
+}

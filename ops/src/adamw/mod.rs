@@ -1,0 +1,112 @@
+//! AdamW, one fused elementwise step, and the sum of squares used for global-norm clipping.
+//!
+//! With gradient g at step t (1-based):
+//!   m ← β1·m + (1 − β1)·g,   v ← β2·v + (1 − β2)·g²,
+//!   m̂ = m/(1 − β1ᵗ),   v̂ = v/(1 − β2ᵗ),
+//!   p ← p·(1 − lr·wd) − lr·m̂/(√v̂ + eps)
+//! Weight decay is decoupled and applied first, as in PyTorch's AdamW; the bias corrections
+//! are computed in f64, and the update is applied as PyTorch does:
+//! p − (lr/(1 − β1ᵗ))·m/(√v/√(1 − β2ᵗ) + eps). An optimizer step has no backward.
+
+mod cpu;
+mod cuda;
+
+use crate::same_device;
+use tokenformer_core::{Device, Error, Result, Tensor};
+
+/// AdamW hyperparameters.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamW {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+}
+
+/// (new param, new m, new v) after one AdamW step; `step` counts from 1.
+pub fn adamw_step(
+    param: &Tensor,
+    grad: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    hp: &AdamW,
+    step: u64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let device = same_device("adamw_step", &[param, grad, m, v])?;
+    if grad.dims() != param.dims() || m.dims() != param.dims() || v.dims() != param.dims() {
+        return Err(Error::shape(
+            "adamw_step",
+            format!(
+                "param {}, grad {}, m {} and v {} must have one shape",
+                param.shape(),
+                grad.shape(),
+                m.shape(),
+                v.shape()
+            ),
+        ));
+    }
+    if step == 0 {
+        return Err(Error::shape("adamw_step", "step counts from 1, got 0"));
+    }
+    match device {
+        Device::Cpu => cpu::adamw_step(param, grad, m, v, hp, step),
+        Device::Cuda(_) => cuda::adamw_step(param, grad, m, v, hp, step),
+    }
+}
+
+/// Σ x² over every element, as a scalar tensor (fixed summation order).
+pub fn sum_squares(x: &Tensor) -> Result<Tensor> {
+    match x.device() {
+        Device::Cpu => cpu::sum_squares(x),
+        Device::Cuda(_) => cuda::sum_squares(x),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{assert_close, randn, values};
+
+    #[test]
+    fn steps_match_an_f64_reference() {
+        let hp = AdamW { lr: 1e-2, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
+        let n = 70_001; // large enough for the parallel path, not a power of two
+        let mut p = randn(&[n], 1);
+        let mut m = Tensor::zeros(&[n], Device::Cpu).unwrap();
+        let mut v = Tensor::zeros(&[n], Device::Cpu).unwrap();
+        let mut p_ref: Vec<f64> = values(&p).iter().map(|&x| x as f64).collect();
+        let (mut m_ref, mut v_ref) = (vec![0.0f64; n], vec![0.0f64; n]);
+        for step in 1..=3u64 {
+            let g = randn(&[n], 10 + step);
+            (p, m, v) = adamw_step(&p, &g, &m, &v, &hp, step).unwrap();
+            let (b1, b2) = (hp.beta1 as f64, hp.beta2 as f64);
+            for (i, &gi) in values(&g).iter().enumerate() {
+                let gi = gi as f64;
+                m_ref[i] = b1 * m_ref[i] + (1.0 - b1) * gi;
+                v_ref[i] = b2 * v_ref[i] + (1.0 - b2) * gi * gi;
+                let m_hat = m_ref[i] / (1.0 - b1.powi(step as i32));
+                let v_hat = v_ref[i] / (1.0 - b2.powi(step as i32));
+                p_ref[i] = p_ref[i] * (1.0 - hp.lr as f64 * hp.weight_decay as f64)
+                    - hp.lr as f64 * m_hat / (v_hat.sqrt() + hp.eps as f64);
+            }
+        }
+        assert_close(&values(&m), &m_ref, 1e-6, 1e-5, "m");
+        assert_close(&values(&v), &v_ref, 1e-7, 1e-5, "v");
+        assert_close(&values(&p), &p_ref, 1e-6, 1e-5, "param");
+    }
+
+    #[test]
+    fn sum_squares_and_errors() {
+        let x = randn(&[3, 7], 2);
+        let expected: f64 = values(&x).iter().map(|&a| a as f64 * a as f64).sum();
+        let s = sum_squares(&x).unwrap();
+        assert_eq!(s.dims(), &[] as &[usize]);
+        assert_close(&values(&s), &[expected], 1e-6, 1e-6, "sum_squares");
+
+        let hp = AdamW { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
+        let err = adamw_step(&x, &randn(&[7, 3], 3), &x, &x, &hp, 1).unwrap_err().to_string();
+        assert!(err.contains("adamw_step") && err.contains("[7, 3]"), "{err}");
+        assert!(adamw_step(&x, &x, &x, &x, &hp, 0).is_err());
+    }
+}

@@ -1,0 +1,118 @@
+//! CPU reference kernels for the broadcasting binary ops.
+
+use crate::reduce::sum_to_shape;
+use crate::unary::neg;
+use crate::{cpu_tensor, for_each_row_mut, map1, map2, strided_row_offset};
+use tokenformer_core::{Result, Shape, Tensor};
+
+pub(crate) fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    zip_broadcast("add", a, b, |x, y| x + y)
+}
+
+pub(crate) fn sub(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    zip_broadcast("sub", a, b, |x, y| x - y)
+}
+
+pub(crate) fn mul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    zip_broadcast("mul", a, b, |x, y| x * y)
+}
+
+pub(crate) fn div(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    zip_broadcast("div", a, b, |x, y| x / y)
+}
+
+pub(crate) fn add_backward(
+    a_dims: &[usize],
+    b_dims: &[usize],
+    g: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    Ok((sum_to_shape(g, a_dims)?, sum_to_shape(g, b_dims)?))
+}
+
+pub(crate) fn sub_backward(
+    a_dims: &[usize],
+    b_dims: &[usize],
+    g: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    // Negating after the reduction touches b's elements, not the (larger) broadcast shape.
+    Ok((sum_to_shape(g, a_dims)?, neg(&sum_to_shape(g, b_dims)?)?))
+}
+
+pub(crate) fn mul_backward(a: &Tensor, b: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor)> {
+    let ga = sum_to_shape(&mul(g, b)?, a.dims())?;
+    let gb = sum_to_shape(&mul(g, a)?, b.dims())?;
+    Ok((ga, gb))
+}
+
+pub(crate) fn div_backward(a: &Tensor, b: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor)> {
+    // −g·a/b² is computed as −(g/b)·(a/b), reusing g/b and never squaring a small b.
+    let g_over_b = div(g, b)?;
+    let a_over_b = div(a, b)?;
+    let gb_full =
+        map2(g_over_b.cpu_slice("div_backward")?, a_over_b.cpu_slice("div_backward")?, |q, r| {
+            -q * r
+        });
+    let gb = sum_to_shape(&cpu_tensor(gb_full, g.dims()), b.dims())?;
+    let ga = sum_to_shape(&g_over_b, a.dims())?;
+    Ok((ga, gb))
+}
+
+/// out = f(a, b) over the broadcast shape. Equal shapes and a one-element operand take plain
+/// slice loops; the general case walks output rows, locating each operand's row through its
+/// broadcast strides once per row.
+fn zip_broadcast<F>(op: &'static str, a: &Tensor, b: &Tensor, f: F) -> Result<Tensor>
+where
+    F: Fn(f32, f32) -> f32 + Sync + Send + Copy,
+{
+    let (x, y) = (a.cpu_slice(op)?, b.cpu_slice(op)?);
+    if a.dims() == b.dims() {
+        return Ok(cpu_tensor(map2(x, y, f), a.dims()));
+    }
+    let out = Shape::broadcast(op, a.shape(), b.shape())?;
+    if b.numel() == 1 && out.dims() == a.dims() {
+        let s = y[0];
+        return Ok(cpu_tensor(map1(x, move |v| f(v, s)), a.dims()));
+    }
+    if a.numel() == 1 && out.dims() == b.dims() {
+        let s = x[0];
+        return Ok(cpu_tensor(map1(y, move |v| f(s, v)), b.dims()));
+    }
+
+    let dims = out.dims();
+    let outer_rank = dims.len().saturating_sub(1);
+    let (outer_dims, row_len) = (&dims[..outer_rank], dims.last().copied().unwrap_or(1));
+    let a_strides = a.shape().broadcast_strides(&out);
+    let b_strides = b.shape().broadcast_strides(&out);
+    let (a_outer, a_step) =
+        (&a_strides[..outer_rank], a_strides.get(outer_rank).copied().unwrap_or(0));
+    let (b_outer, b_step) =
+        (&b_strides[..outer_rank], b_strides.get(outer_rank).copied().unwrap_or(0));
+
+    let mut data = vec![0.0; out.numel()];
+    for_each_row_mut(&mut data, row_len, |row, dst| {
+        let a_start = strided_row_offset(row, outer_dims, a_outer);
+        let b_start = strided_row_offset(row, outer_dims, b_outer);
+        match (a_step, b_step) {
+            (1, 1) => {
+                let (ar, br) = (&x[a_start..a_start + row_len], &y[b_start..b_start + row_len]);
+                for ((d, &u), &v) in dst.iter_mut().zip(ar).zip(br) {
+                    *d = f(u, v);
+                }
+            }
+            (1, _) => {
+                let v = y[b_start];
+                for (d, &u) in dst.iter_mut().zip(&x[a_start..a_start + row_len]) {
+                    *d = f(u, v);
+                }
+            }
+            (_, 1) => {
+                let u = x[a_start];
+                for (d, &v) in dst.iter_mut().zip(&y[b_start..b_start + row_len]) {
+                    *d = f(u, v);
+                }
+            }
+            _ => dst.fill(f(x[a_start], y[b_start])),
+        }
+    });
+    Ok(cpu_tensor(data, dims))
+}

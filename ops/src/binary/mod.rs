@@ -1,0 +1,234 @@
+//! Elementwise binary ops with NumPy broadcasting.
+//!
+//! Forward: out = a ∘ b for ∘ ∈ {+, −, ×, ÷}, each operand read as if stretched to the
+//! broadcast shape of the two.
+//!
+//! Backward, with g = ∂L/∂out, the local derivatives give
+//!   add: (g, g)    sub: (g, −g)    mul: (g·b, g·a)    div: (g/b, −g·a/b²),
+//! and an operand that was stretched along an axis receives the sum of its gradient along that
+//! axis (`reduce::sum_to_shape`): each of its elements fed every position it was copied to.
+
+mod cpu;
+mod cuda;
+
+use crate::same_device;
+use tokenformer_core::{Device, Error, Result, Shape, Tensor};
+
+/// Checks that `a` and `b` share a device and broadcast together.
+fn check_operands(op: &'static str, a: &Tensor, b: &Tensor) -> Result<Device> {
+    let device = same_device(op, &[a, b])?;
+    Shape::broadcast(op, a.shape(), b.shape())?;
+    Ok(device)
+}
+
+/// Checks that `g` has the broadcast shape of operands shaped `a_dims` and `b_dims`.
+fn check_grad(op: &'static str, a_dims: &[usize], b_dims: &[usize], g: &Tensor) -> Result<()> {
+    let out = Shape::broadcast(op, &Shape::new(a_dims), &Shape::new(b_dims))?;
+    if out.dims() != g.dims() {
+        return Err(Error::shape(
+            op,
+            format!(
+                "gradient of shape {} does not match the broadcast shape {out} of {} and {}",
+                g.shape(),
+                Shape::new(a_dims),
+                Shape::new(b_dims)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    match check_operands("add", a, b)? {
+        Device::Cpu => cpu::add(a, b),
+        Device::Cuda(_) => cuda::add(a, b),
+    }
+}
+
+pub fn sub(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    match check_operands("sub", a, b)? {
+        Device::Cpu => cpu::sub(a, b),
+        Device::Cuda(_) => cuda::sub(a, b),
+    }
+}
+
+pub fn mul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    match check_operands("mul", a, b)? {
+        Device::Cpu => cpu::mul(a, b),
+        Device::Cuda(_) => cuda::mul(a, b),
+    }
+}
+
+pub fn div(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    match check_operands("div", a, b)? {
+        Device::Cpu => cpu::div(a, b),
+        Device::Cuda(_) => cuda::div(a, b),
+    }
+}
+
+/// (∂L/∂a, ∂L/∂b) of a + b, for operands shaped `a_dims` and `b_dims`.
+pub fn add_backward(a_dims: &[usize], b_dims: &[usize], g: &Tensor) -> Result<(Tensor, Tensor)> {
+    check_grad("add_backward", a_dims, b_dims, g)?;
+    match g.device() {
+        Device::Cpu => cpu::add_backward(a_dims, b_dims, g),
+        Device::Cuda(_) => cuda::add_backward(a_dims, b_dims, g),
+    }
+}
+
+/// (∂L/∂a, ∂L/∂b) of a − b, for operands shaped `a_dims` and `b_dims`.
+pub fn sub_backward(a_dims: &[usize], b_dims: &[usize], g: &Tensor) -> Result<(Tensor, Tensor)> {
+    check_grad("sub_backward", a_dims, b_dims, g)?;
+    match g.device() {
+        Device::Cpu => cpu::sub_backward(a_dims, b_dims, g),
+        Device::Cuda(_) => cuda::sub_backward(a_dims, b_dims, g),
+    }
+}
+
+/// (∂L/∂a, ∂L/∂b) of a ⊙ b.
+pub fn mul_backward(a: &Tensor, b: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor)> {
+    same_device("mul_backward", &[a, b, g])?;
+    check_grad("mul_backward", a.dims(), b.dims(), g)?;
+    match g.device() {
+        Device::Cpu => cpu::mul_backward(a, b, g),
+        Device::Cuda(_) => cuda::mul_backward(a, b, g),
+    }
+}
+
+/// (∂L/∂a, ∂L/∂b) of a / b.
+pub fn div_backward(a: &Tensor, b: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor)> {
+    same_device("div_backward", &[a, b, g])?;
+    check_grad("div_backward", a.dims(), b.dims(), g)?;
+    match g.device() {
+        Device::Cpu => cpu::div_backward(a, b, g),
+        Device::Cuda(_) => cuda::div_backward(a, b, g),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{assert_close, check_grad as check, randn, values};
+
+    /// out[i] = f(a[ia], b[ib]) with the broadcast indices computed the slow, obvious way.
+    fn naive(a: &Tensor, b: &Tensor, f: impl Fn(f64, f64) -> f64) -> Vec<f64> {
+        let out = Shape::broadcast("naive", a.shape(), b.shape()).unwrap();
+        let (av, bv) = (values(a), values(b));
+        let index_into = |x: &Tensor, multi: &[usize]| -> usize {
+            let offset = multi.len() - x.rank();
+            let mut flat = 0;
+            for (axis, &d) in x.dims().iter().enumerate() {
+                flat = flat * d + if d == 1 { 0 } else { multi[axis + offset] };
+            }
+            flat
+        };
+        (0..out.numel())
+            .map(|mut flat| {
+                let mut multi = vec![0; out.rank()];
+                for axis in (0..out.rank()).rev() {
+                    multi[axis] = flat % out.dims()[axis];
+                    flat /= out.dims()[axis];
+                }
+                f(av[index_into(a, &multi)] as f64, bv[index_into(b, &multi)] as f64)
+            })
+            .collect()
+    }
+
+    const SHAPE_PAIRS: &[(&[usize], &[usize])] = &[
+        (&[3, 5], &[3, 5]),
+        (&[3, 5], &[5]),
+        (&[3, 1], &[1, 5]),
+        (&[2, 3, 5], &[3, 1]),
+        (&[7], &[]),
+        (&[], &[2, 3]),
+        (&[1, 1, 3], &[3]),
+        (&[5, 7, 3], &[5, 1, 3]),
+    ];
+
+    #[test]
+    fn forward_matches_naive_broadcast() {
+        for (i, &(ad, bd)) in SHAPE_PAIRS.iter().enumerate() {
+            let a = randn(ad, 10 + i as u64);
+            let b = crate::unary::affine(&randn(bd, 20 + i as u64), 0.3, 2.0).unwrap();
+            let what = format!("{ad:?} with {bd:?}");
+            assert_close(
+                &values(&add(&a, &b).unwrap()),
+                &naive(&a, &b, |x, y| x + y),
+                1e-6,
+                1e-6,
+                &what,
+            );
+            assert_close(
+                &values(&sub(&a, &b).unwrap()),
+                &naive(&a, &b, |x, y| x - y),
+                1e-6,
+                1e-6,
+                &what,
+            );
+            assert_close(
+                &values(&mul(&a, &b).unwrap()),
+                &naive(&a, &b, |x, y| x * y),
+                1e-6,
+                1e-6,
+                &what,
+            );
+            assert_close(
+                &values(&div(&a, &b).unwrap()),
+                &naive(&a, &b, |x, y| x / y),
+                1e-6,
+                1e-5,
+                &what,
+            );
+        }
+    }
+
+    #[test]
+    fn large_same_shape_and_row_broadcast_take_the_parallel_path() {
+        let a = randn(&[301, 257], 1);
+        let b = randn(&[257], 2);
+        assert_close(
+            &values(&mul(&a, &b).unwrap()),
+            &naive(&a, &b, |x, y| x * y),
+            0.0,
+            1e-7,
+            "row",
+        );
+        let c = randn(&[301, 257], 3);
+        assert_close(
+            &values(&add(&a, &c).unwrap()),
+            &naive(&a, &c, |x, y| x + y),
+            0.0,
+            1e-7,
+            "same",
+        );
+    }
+
+    #[test]
+    fn backward_matches_finite_differences() {
+        for (i, &(ad, bd)) in SHAPE_PAIRS.iter().enumerate() {
+            let a = randn(ad, 30 + i as u64);
+            let b = crate::unary::affine(&randn(bd, 40 + i as u64), 0.2, 1.5).unwrap();
+            let out_dims = Shape::broadcast("t", a.shape(), b.shape()).unwrap();
+            let g = randn(out_dims.dims(), 50 + i as u64);
+            let what = format!("{ad:?} with {bd:?}");
+            type Forward = fn(&Tensor, &Tensor) -> Result<Tensor>;
+            let cases: [(&str, Forward, (Tensor, Tensor)); 4] = [
+                ("add", add, add_backward(ad, bd, &g).unwrap()),
+                ("sub", sub, sub_backward(ad, bd, &g).unwrap()),
+                ("mul", mul, mul_backward(&a, &b, &g).unwrap()),
+                ("div", div, div_backward(&a, &b, &g).unwrap()),
+            ];
+            for (name, forward, (ga, gb)) in cases {
+                check(&format!("{name} ga {what}"), &a, &g, &ga, |x| forward(x, &b).unwrap());
+                check(&format!("{name} gb {what}"), &b, &g, &gb, |y| forward(&a, y).unwrap());
+            }
+        }
+    }
+
+    #[test]
+    fn errors_name_op_and_shapes() {
+        let err = add(&randn(&[3, 4], 1), &randn(&[5], 2)).unwrap_err().to_string();
+        assert!(err.contains("add") && err.contains("[3, 4]") && err.contains("[5]"), "{err}");
+        let err = mul_backward(&randn(&[3], 1), &randn(&[3], 2), &randn(&[4], 3)).unwrap_err();
+        assert!(err.to_string().contains("mul_backward"), "{err}");
+    }
+}

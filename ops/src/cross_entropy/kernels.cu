@@ -1,0 +1,67 @@
+// Cross-entropy of logits [N, V] against integer targets [N], fused with the log-softmax.
+//
+// Forward   lse_i = m_i + ln Σ_j e^(x_ij − m_i)   (m_i the row max, so no e^x overflows)
+//           loss_i = lse_i − x_{i, t_i}; the mean over rows is taken on the host side by a
+//           fixed-order sum of the loss_i (see cuda.rs).
+// Backward  ∂L/∂x_ij = g·(e^(x_ij − lse_i) − [j = t_i]) / N.
+
+#define NEG_INF (-__int_as_float(0x7f800000))
+
+// Sum over the block, returned to every thread (a fixed tree: see reduce/kernels.cu).
+__device__ float block_sum(float v) {
+    __shared__ float partial[32];
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+    __syncthreads();  // an earlier call's reads of `partial` are finished
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    v = lane < warps ? partial[lane] : 0.0f;
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    return v;
+}
+
+__device__ float block_max(float v) {
+    __shared__ float partial[32];
+    for (int offset = 16; offset > 0; offset >>= 1)
+        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+    __syncthreads();
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    v = lane < warps ? partial[lane] : NEG_INF;
+    for (int offset = 16; offset > 0; offset >>= 1)
+        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+    return v;
+}
+
+// One block per row: lse[row] and loss[row]. Targets were validated on the host; one out of
+// range would give a NaN loss rather than a read past the row.
+extern "C" __global__ void cross_entropy_rows(const float* logits, const float* targets,
+                                              float* lse, float* loss, unsigned int V) {
+    const float* x = logits + blockIdx.x * V;
+    float m = NEG_INF;
+    for (unsigned int j = threadIdx.x; j < V; j += blockDim.x) m = fmaxf(m, x[j]);
+    m = block_max(m);
+    float sum = 0.0f;
+    for (unsigned int j = threadIdx.x; j < V; j += blockDim.x) sum += expf(x[j] - m);
+    float row_lse = m + logf(block_sum(sum));
+    if (threadIdx.x == 0) {
+        unsigned int t = (unsigned int)targets[blockIdx.x];
+        lse[blockIdx.x] = row_lse;
+        loss[blockIdx.x] = t < V ? row_lse - x[t] : __int_as_float(0x7fc00000);
+    }
+}
+
+// One thread per logit. `g` holds the one incoming gradient value (read on the device, so the
+// host never waits for it).
+extern "C" __global__ void cross_entropy_backward(const float* logits, const float* targets,
+                                                  const float* lse, const float* g, float* grad,
+                                                  unsigned int n, unsigned int V,
+                                                  unsigned int rows) {
+    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    unsigned int row = i / V, j = i % V;
+    float scale = g[0] / (float)rows;
+    float p = expf(logits[i] - lse[row]) * scale;
+    grad[i] = j == (unsigned int)targets[row] ? p - scale : p;
+}

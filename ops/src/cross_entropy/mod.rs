@@ -1,0 +1,118 @@
+//! Mean cross-entropy of logits against integer targets, fused with the log-softmax.
+//!
+//! Forward, for row i with target t_i: lse_i = m_i + ln Σ_j e^(x_ij − m_i) (m_i the row max,
+//! for stability), loss = (1/N)·Σ_i (lse_i − x_{i,t_i}). The per-row lse is returned for the
+//! backward pass.
+//!
+//! Backward: ∂lse_i/∂x_ij = softmax(x_i)_j = e^(x_ij − lse_i), and ∂x_{i,t_i}/∂x_ij = [j = t_i],
+//! so with g = ∂L/∂loss: ∂L/∂x_ij = g·(softmax(x_i)_j − [j = t_i])/N.
+
+mod cpu;
+mod cuda;
+
+use crate::{check_ids, same_device};
+use tokenformer_core::{Device, Error, Result, Tensor};
+
+/// Checks logits [N, V] (N, V ≥ 1) against targets [N] holding integers in [0, V).
+fn check_logits_targets(op: &'static str, logits: &Tensor, targets: &Tensor) -> Result<()> {
+    let valid = logits.rank() == 2
+        && targets.dims() == [logits.dims()[0]]
+        && logits.dims().iter().all(|&d| d > 0);
+    if !valid {
+        return Err(Error::shape(
+            op,
+            format!(
+                "expected logits [N, V] with N, V >= 1 and targets [N], got {} and {}",
+                logits.shape(),
+                targets.shape()
+            ),
+        ));
+    }
+    check_ids(op, targets, logits.dims()[1])
+}
+
+/// (mean loss as a scalar tensor, logsumexp of every row [N]).
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<(Tensor, Tensor)> {
+    let device = same_device("cross_entropy", &[logits, targets])?;
+    check_logits_targets("cross_entropy", logits, targets)?;
+    match device {
+        Device::Cpu => cpu::cross_entropy(logits, targets),
+        Device::Cuda(_) => cuda::cross_entropy(logits, targets),
+    }
+}
+
+/// ∂L/∂logits, given the forward's `lse` and g = ∂L/∂loss (one value).
+pub fn cross_entropy_backward(
+    logits: &Tensor,
+    targets: &Tensor,
+    lse: &Tensor,
+    g: &Tensor,
+) -> Result<Tensor> {
+    let op = "cross_entropy_backward";
+    let device = same_device(op, &[logits, targets, lse, g])?;
+    check_logits_targets(op, logits, targets)?;
+    if lse.dims() != targets.dims() || g.numel() != 1 {
+        return Err(Error::shape(
+            op,
+            format!(
+                "expected lse [N] and a one-value gradient, got {} and {} for logits {}",
+                lse.shape(),
+                g.shape(),
+                logits.shape()
+            ),
+        ));
+    }
+    match device {
+        Device::Cpu => cpu::cross_entropy_backward(logits, targets, lse, g),
+        Device::Cuda(_) => cuda::cross_entropy_backward(logits, targets, lse, g),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{assert_close, check_grad, randn, tensor, values};
+
+    #[test]
+    fn forward_matches_f64_formula() {
+        let (n, v) = (6, 13);
+        let logits = crate::unary::affine(&randn(&[n, v], 1), 4.0, 50.0).unwrap();
+        let targets = tensor(vec![0.0, 12.0, 5.0, 5.0, 7.0, 1.0], &[n]);
+        let (loss, lse) = cross_entropy(&logits, &targets).unwrap();
+        assert_eq!(loss.dims(), &[] as &[usize]);
+        let (x, t) = (values(&logits), values(&targets));
+        let mut expected_lse = Vec::new();
+        let mut total = 0.0;
+        for (i, row) in x.chunks(v).enumerate() {
+            let max = row.iter().fold(f64::NEG_INFINITY, |m, &a| m.max(a as f64));
+            let l = max + row.iter().map(|&a| (a as f64 - max).exp()).sum::<f64>().ln();
+            expected_lse.push(l);
+            total += l - row[t[i] as usize] as f64;
+        }
+        assert_close(&values(&lse), &expected_lse, 1e-5, 1e-6, "lse");
+        assert_close(&values(&loss), &[total / n as f64], 1e-5, 1e-5, "loss");
+    }
+
+    #[test]
+    fn backward_matches_finite_differences() {
+        let (n, v) = (5, 7);
+        let logits = randn(&[n, v], 2);
+        let targets = tensor(vec![6.0, 0.0, 3.0, 3.0, 1.0], &[n]);
+        let (_, lse) = cross_entropy(&logits, &targets).unwrap();
+        let g = tensor(vec![1.7], &[]);
+        let gx = cross_entropy_backward(&logits, &targets, &lse, &g).unwrap();
+        check_grad("cross_entropy", &logits, &g, &gx, |x| cross_entropy(x, &targets).unwrap().0);
+    }
+
+    #[test]
+    fn invalid_inputs_are_errors() {
+        let logits = randn(&[2, 3], 1);
+        let err = cross_entropy(&logits, &tensor(vec![0.0, 3.0], &[2])).unwrap_err().to_string();
+        assert!(err.contains("cross_entropy") && err.contains('3'), "{err}");
+        assert!(cross_entropy(&logits, &tensor(vec![0.0], &[1])).is_err());
+        assert!(cross_entropy(&randn(&[0, 3], 1), &tensor(vec![], &[0])).is_err());
+        let targets = tensor(vec![0.0, 1.0], &[2]);
+        let (_, lse) = cross_entropy(&logits, &targets).unwrap();
+        assert!(cross_entropy_backward(&logits, &targets, &lse, &randn(&[2], 1)).is_err());
+    }
+}

@@ -1,0 +1,169 @@
+//! CUDA glue for the layout ops: a strided gather for permute and one slab-copy kernel for
+//! narrow, concat and their backward passes.
+
+use tokenformer_core::cuda::{
+    count_u32, cuda_tensor, dims_arg, launch_1d, merge_axes, Arg, CudaStorage,
+};
+use tokenformer_core::{Result, Tensor};
+
+const KERNELS: &str = include_str!("kernels.cu");
+
+pub(crate) fn permute(x: &Tensor, perm: &[usize]) -> Result<Tensor> {
+    if perm.iter().enumerate().all(|(k, &p)| k == p) {
+        return Ok(x.clone());
+    }
+    let name = "permute";
+    let xs = CudaStorage::of(x, name)?;
+    let out_dims: Vec<usize> = perm.iter().map(|&p| x.dims()[p]).collect();
+    let mut out = xs.backend.alloc(x.numel())?;
+    let n = count_u32(name, x.numel())?;
+    if n > 0 {
+        let x_strides = x.shape().strides();
+        let read_strides: Vec<usize> = perm.iter().map(|&p| x_strides[p]).collect();
+        let (dims, strides) = merge_axes(&out_dims, &[read_strides]);
+        let scalars = [
+            Arg::U32(n),
+            Arg::I32(dims.len() as i32),
+            Arg::Dims(dims_arg(name, &dims)?),
+            Arg::Dims(dims_arg(name, &strides[0])?),
+        ];
+        // SAFETY: matches permute(x, out, n, rank, out_dims, x_strides); x's own strides over
+        // its own axis sizes (permuted together) address only elements of x.
+        unsafe {
+            xs.backend.launch(
+                "layout",
+                KERNELS,
+                "permute",
+                launch_1d(n),
+                &[&xs.slice],
+                &mut [&mut out.slice],
+                &scalars,
+            )
+        }?;
+    }
+    Ok(cuda_tensor(out, &out_dims))
+}
+
+pub(crate) fn transpose(x: &Tensor, a: usize, b: usize) -> Result<Tensor> {
+    let mut perm: Vec<usize> = (0..x.rank()).collect();
+    perm.swap(a, b);
+    permute(x, &perm)
+}
+
+/// Copies rows [src_start, src_start + len) of `src`'s axis (length src_dim) into rows
+/// [dst_start, dst_start + len) of `dst`'s axis (length dst_dim); both are (outer, ·, inner).
+struct Slab {
+    outer: usize,
+    len: usize,
+    inner: usize,
+    src_dim: usize,
+    src_start: usize,
+    dst_dim: usize,
+    dst_start: usize,
+}
+
+fn copy_slab(name: &'static str, src: &CudaStorage, dst: &mut CudaStorage, s: Slab) -> Result<()> {
+    let n = count_u32(name, s.outer * s.len * s.inner)?;
+    if n == 0 {
+        return Ok(());
+    }
+    let u32_of = |v: usize| count_u32(name, v).map(Arg::U32);
+    let scalars = [
+        Arg::U32(n),
+        u32_of(s.len)?,
+        u32_of(s.inner)?,
+        u32_of(s.src_dim)?,
+        u32_of(s.src_start)?,
+        u32_of(s.dst_dim)?,
+        u32_of(s.dst_start)?,
+    ];
+    // SAFETY: matches copy_slab(src, dst, n, len, inner, src_dim, src_start, dst_dim,
+    // dst_start); the caller's slab lies inside both tensors.
+    unsafe {
+        src.backend.launch(
+            "layout",
+            KERNELS,
+            "copy_slab",
+            launch_1d(n),
+            &[&src.slice],
+            &mut [&mut dst.slice],
+            &scalars,
+        )
+    }
+}
+
+pub(crate) fn narrow(x: &Tensor, axis: usize, start: usize, len: usize) -> Result<Tensor> {
+    let xs = CudaStorage::of(x, "narrow")?;
+    let (outer, dim, inner) = x.shape().split_at_axis(axis);
+    let mut out = xs.backend.alloc(outer * len * inner)?;
+    let slab =
+        Slab { outer, len, inner, src_dim: dim, src_start: start, dst_dim: len, dst_start: 0 };
+    copy_slab("narrow", xs, &mut out, slab)?;
+    let mut dims = x.dims().to_vec();
+    dims[axis] = len;
+    Ok(cuda_tensor(out, &dims))
+}
+
+pub(crate) fn concat(xs: &[Tensor], axis: usize) -> Result<Tensor> {
+    let first = CudaStorage::of(&xs[0], "concat")?;
+    let mut dims = xs[0].dims().to_vec();
+    dims[axis] = xs.iter().map(|x| x.dims()[axis]).sum();
+    let (outer, total, inner) = tokenformer_core::Shape::new(&dims).split_at_axis(axis);
+    let mut out = first.backend.alloc(outer * total * inner)?;
+    let mut offset = 0;
+    for x in xs {
+        let len = x.dims()[axis];
+        let slab = Slab {
+            outer,
+            len,
+            inner,
+            src_dim: len,
+            src_start: 0,
+            dst_dim: total,
+            dst_start: offset,
+        };
+        copy_slab("concat", CudaStorage::of(x, "concat")?, &mut out, slab)?;
+        offset += len;
+    }
+    Ok(cuda_tensor(out, &dims))
+}
+
+pub(crate) fn permute_backward(g: &Tensor, perm: &[usize]) -> Result<Tensor> {
+    let mut inverse = vec![0; perm.len()];
+    for (k, &p) in perm.iter().enumerate() {
+        inverse[p] = k;
+    }
+    permute(g, &inverse)
+}
+
+pub(crate) fn narrow_backward(
+    g: &Tensor,
+    input_dims: &[usize],
+    axis: usize,
+    start: usize,
+) -> Result<Tensor> {
+    let gs = CudaStorage::of(g, "narrow_backward")?;
+    let (outer, len, inner) = g.shape().split_at_axis(axis);
+    let mut out = gs.backend.zeros(input_dims.iter().product())?;
+    let slab = Slab {
+        outer,
+        len,
+        inner,
+        src_dim: len,
+        src_start: 0,
+        dst_dim: input_dims[axis],
+        dst_start: start,
+    };
+    copy_slab("narrow_backward", gs, &mut out, slab)?;
+    Ok(cuda_tensor(out, input_dims))
+}
+
+pub(crate) fn concat_backward(g: &Tensor, sizes: &[usize], axis: usize) -> Result<Vec<Tensor>> {
+    let mut start = 0;
+    let mut pieces = Vec::with_capacity(sizes.len());
+    for &len in sizes {
+        pieces.push(narrow(g, axis, start, len)?);
+        start += len;
+    }
+    Ok(pieces)
+}

@@ -1,0 +1,133 @@
+//! CPU matmul: matrixmultiply's GEMM (through ndarray's `general_mat_mul`) on views of the
+//! row-major slices, transposes taken as strided views. Work is split across rayon threads by
+//! batch entry, or, for a single product, by blocks of output rows; the split depends only on
+//! the shapes, and every output element is one GEMM dot product either way.
+
+use super::plan;
+use crate::cpu_tensor;
+use crate::reduce::sum;
+use ndarray::linalg::general_mat_mul;
+use ndarray::{s, ArrayView2, ArrayViewMut2};
+use rayon::prelude::*;
+use tokenformer_core::{Error, Result, Tensor};
+
+/// Below this many multiply-adds a product runs on the calling thread.
+const PARALLEL_MIN_MACS: usize = 1 << 18;
+
+pub(crate) fn matmul(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Result<Tensor> {
+    let p = plan("matmul", a, b, trans_a, trans_b)?;
+    let (a_data, b_data) = (a.cpu_slice("matmul")?, b.cpu_slice("matmul")?);
+    let (m, k, n) = (p.m, p.k, p.n);
+    let mut out = vec![0.0f32; p.batch * m * n];
+    if out.is_empty() || k == 0 {
+        return Ok(cpu_tensor(out, &p.out_dims));
+    }
+    if p.batch == 1 || (p.b_shared && !trans_a) {
+        // One product; a shared B lets A's batch fold into its rows.
+        let rows = p.batch * m;
+        let a_view = matrix_view(a_data, rows, k, trans_a)?;
+        let b_view = matrix_view(b_data, k, n, trans_b)?;
+        gemm_row_blocks(&a_view, &b_view, &mut out, n)?;
+    } else {
+        let a_stride = if p.a_shared { 0 } else { m * k };
+        let b_stride = if p.b_shared { 0 } else { k * n };
+        let product = |(i, c): (usize, &mut [f32])| -> Result<()> {
+            let a_view = matrix_view(&a_data[i * a_stride..][..m * k], m, k, trans_a)?;
+            let b_view = matrix_view(&b_data[i * b_stride..][..k * n], k, n, trans_b)?;
+            gemm(&a_view, &b_view, c, n)
+        };
+        if p.batch * m * k * n >= PARALLEL_MIN_MACS {
+            out.par_chunks_mut(m * n).enumerate().try_for_each(product)?;
+        } else {
+            out.chunks_mut(m * n).enumerate().try_for_each(product)?;
+        }
+    }
+    Ok(cpu_tensor(out, &p.out_dims))
+}
+
+pub(crate) fn matmul_backward(
+    a: &Tensor,
+    b: &Tensor,
+    g: &Tensor,
+    trans_a: bool,
+    trans_b: bool,
+) -> Result<(Tensor, Tensor)> {
+    use super::matmul;
+    let p = plan("matmul_backward", a, b, trans_a, trans_b)?;
+    let batch_axes: Vec<usize> = (0..p.out_dims.len() - 2).collect();
+
+    let grad_a = |g: &Tensor| {
+        if trans_a {
+            matmul(b, g, trans_b, true)
+        } else {
+            matmul(g, b, false, !trans_b)
+        }
+    };
+    let grad_b = |a: &Tensor, g: &Tensor| {
+        if trans_b {
+            matmul(g, a, true, trans_a)
+        } else {
+            matmul(a, g, !trans_a, false)
+        }
+    };
+
+    let ga = if p.a_shared { sum(&grad_a(g)?, &batch_axes, false)? } else { grad_a(g)? };
+    let gb = if p.b_shared && !trans_a {
+        // Σ over the batch of op(A_i)ᵀ·G_i is one product over the folded rows.
+        let rows = p.batch * p.m;
+        grad_b(&a.reshape(&[rows, p.k])?, &g.reshape(&[rows, p.n])?)?
+    } else if p.b_shared {
+        sum(&grad_b(a, g)?, &batch_axes, false)?
+    } else {
+        grad_b(a, g)?
+    };
+    Ok((ga, gb))
+}
+
+/// The logical (rows × cols) matrix held in `data`, stored transposed when `transposed`.
+fn matrix_view(
+    data: &[f32],
+    rows: usize,
+    cols: usize,
+    transposed: bool,
+) -> Result<ArrayView2<'_, f32>> {
+    let view = if transposed {
+        ArrayView2::from_shape((cols, rows), data).map(|v| v.reversed_axes())
+    } else {
+        ArrayView2::from_shape((rows, cols), data)
+    };
+    view.map_err(|e| {
+        Error::shape("matmul", format!("cannot view {} values as {rows}x{cols}: {e}", data.len()))
+    })
+}
+
+/// c = a·b for one product, into the row-major slice `c` with `n` columns.
+fn gemm(a: &ArrayView2<'_, f32>, b: &ArrayView2<'_, f32>, c: &mut [f32], n: usize) -> Result<()> {
+    let rows = c.len() / n;
+    let mut c_view = ArrayViewMut2::from_shape((rows, n), c).map_err(|e| {
+        Error::shape("matmul", format!("cannot view the output as {rows}x{n}: {e}"))
+    })?;
+    general_mat_mul(1.0, a, b, 0.0, &mut c_view);
+    Ok(())
+}
+
+/// c = a·b with the rows of c split into blocks computed in parallel. The number of blocks
+/// depends only on the row count, never on the thread count.
+fn gemm_row_blocks(
+    a: &ArrayView2<'_, f32>,
+    b: &ArrayView2<'_, f32>,
+    c: &mut [f32],
+    n: usize,
+) -> Result<()> {
+    let (rows, k) = a.dim();
+    if rows * k * n < PARALLEL_MIN_MACS {
+        return gemm(a, b, c, n);
+    }
+    let blocks = (rows / 64).clamp(1, 16);
+    let rows_per_block = rows.div_ceil(blocks);
+    c.par_chunks_mut(rows_per_block * n).enumerate().try_for_each(|(i, c_block)| {
+        let first = i * rows_per_block;
+        let a_block = a.slice(s![first..first + c_block.len() / n, ..]);
+        gemm(&a_block, b, c_block, n)
+    })
+}

@@ -1,0 +1,179 @@
+//! Θ, the normalisation of Pattention scores (SPEC §1), row-wise over the last axis (the n
+//! parameter tokens), with τ a constant of the layer.
+//!
+//! Forward, for one row a:
+//!   L2NormGelu:  r = ‖a‖,  z = τ·a/r,  S = GELU(z)
+//!   GeluL2Norm:  h = GELU(a),  ρ = ‖h‖,  S = τ·h/ρ
+//!   Softmax:     S = τ²·softmax(a)
+//! A row whose norm is 0 gives S = 0 (and gradient 0), never NaN.
+//!
+//! Backward, g = ∂L/∂S. The map u ↦ τ·u/‖u‖ has Jacobian (τ/‖u‖)(I − ûûᵀ) with û = u/‖u‖,
+//! and ûûᵀ = yyᵀ/τ² for its output y = τû. Hence
+//!   L2NormGelu:  g_z = g ⊙ GELU′(z),  g_a = (τ/r)·(g_z − z·(z·g_z)/τ²)
+//!   GeluL2Norm:  g_h = (τ/ρ)·(g − S·(S·g)/τ²),  g_a = g_h ⊙ GELU′(a)
+//!   Softmax:     g_a = τ²·p ⊙ (g − p·g),  p = softmax(a)
+//! with GELU′(u) = Φ(u) + u·φ(u). Every row sum runs left to right, so appending tokens whose
+//! scores are exact zeros (growth) changes neither S nor the gradients of the old scores.
+
+mod cpu;
+mod cuda;
+
+use crate::{check_same_dims, rows_and_len, same_device};
+use tokenformer_core::{Device, Error, Result, Tensor};
+
+/// Which normalisation a Pattention layer applies to its scores.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Theta {
+    /// S = GELU(τ·a/‖a‖): the default, and the released models' choice.
+    L2NormGelu,
+    /// S = τ·GELU(a)/‖GELU(a)‖.
+    GeluL2Norm,
+    /// S = τ²·softmax(a).
+    Softmax,
+}
+
+fn check_tau(op: &'static str, tau: f32) -> Result<()> {
+    if !(tau.is_finite() && tau > 0.0) {
+        return Err(Error::shape(op, format!("tau must be finite and positive, got {tau}")));
+    }
+    Ok(())
+}
+
+/// S = Θ(a) row-wise over the last axis of `a`.
+pub fn pattention_norm(a: &Tensor, theta: Theta, tau: f32) -> Result<Tensor> {
+    rows_and_len("pattention_norm", a)?;
+    check_tau("pattention_norm", tau)?;
+    match a.device() {
+        Device::Cpu => cpu::pattention_norm(a, theta, tau),
+        Device::Cuda(_) => cuda::pattention_norm(a, theta, tau),
+    }
+}
+
+/// ∂L/∂a of S = Θ(a), given g = ∂L/∂S; recomputes what it needs from `a`.
+pub fn pattention_norm_backward(a: &Tensor, theta: Theta, tau: f32, g: &Tensor) -> Result<Tensor> {
+    let device = same_device("pattention_norm_backward", &[a, g])?;
+    rows_and_len("pattention_norm_backward", a)?;
+    check_same_dims("pattention_norm_backward", a, g)?;
+    check_tau("pattention_norm_backward", tau)?;
+    match device {
+        Device::Cpu => cpu::pattention_norm_backward(a, theta, tau, g),
+        Device::Cuda(_) => cuda::pattention_norm_backward(a, theta, tau, g),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{assert_close, check_grad, randn, tensor, values};
+
+    const THETAS: [Theta; 3] = [Theta::L2NormGelu, Theta::GeluL2Norm, Theta::Softmax];
+
+    fn gelu(x: f64) -> f64 {
+        0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2))
+    }
+
+    fn reference_row(a: &[f32], theta: Theta, tau: f64) -> Vec<f64> {
+        let a: Vec<f64> = a.iter().map(|&v| v as f64).collect();
+        let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+        match theta {
+            Theta::L2NormGelu => {
+                let r = norm(&a);
+                a.iter().map(|&x| if r == 0.0 { 0.0 } else { gelu(tau * x / r) }).collect()
+            }
+            Theta::GeluL2Norm => {
+                let h: Vec<f64> = a.iter().map(|&x| gelu(x)).collect();
+                let rho = norm(&h);
+                h.iter().map(|&x| if rho == 0.0 { 0.0 } else { tau * x / rho }).collect()
+            }
+            Theta::Softmax => {
+                let max = a.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let total: f64 = a.iter().map(|x| (x - max).exp()).sum();
+                a.iter().map(|x| tau * tau * (x - max).exp() / total).collect()
+            }
+        }
+    }
+
+    #[test]
+    fn forward_matches_f64_formulas() {
+        let n = 37;
+        let tau = (n as f32).sqrt();
+        for shape in [&[3, 4, n][..], &[400, n]] {
+            let a = randn(shape, 1);
+            for theta in THETAS {
+                let expected: Vec<f64> = values(&a)
+                    .chunks(n)
+                    .flat_map(|row| reference_row(row, theta, tau as f64))
+                    .collect();
+                let s = pattention_norm(&a, theta, tau).unwrap();
+                assert_close(&values(&s), &expected, 1e-5, 1e-5, &format!("{theta:?} {shape:?}"));
+            }
+        }
+    }
+
+    #[test]
+    fn backward_matches_finite_differences() {
+        let a = randn(&[4, 9], 2);
+        let g = randn(&[4, 9], 3);
+        for theta in THETAS {
+            let ga = pattention_norm_backward(&a, theta, 3.0, &g).unwrap();
+            check_grad(&format!("{theta:?}"), &a, &g, &ga, |t| {
+                pattention_norm(t, theta, 3.0).unwrap()
+            });
+        }
+    }
+
+    #[test]
+    fn zero_rows_give_zero_output_and_gradient() {
+        let mut data = vec![0.0; 5];
+        data.extend(values(&randn(&[5], 4)));
+        let a = tensor(data, &[2, 5]);
+        let g = randn(&[2, 5], 5);
+        for theta in [Theta::L2NormGelu, Theta::GeluL2Norm] {
+            let s = values(&pattention_norm(&a, theta, 2.0).unwrap());
+            let ga = values(&pattention_norm_backward(&a, theta, 2.0, &g).unwrap());
+            assert_eq!(s[..5], [0.0; 5], "{theta:?}");
+            assert_eq!(ga[..5], [0.0; 5], "{theta:?}");
+            assert!(s.iter().chain(&ga).all(|v| v.is_finite()), "{theta:?}");
+        }
+    }
+
+    #[test]
+    fn appended_zero_scores_change_no_bit() {
+        let (rows, n, extra) = (3, 21, 10);
+        let a = randn(&[rows, n], 6);
+        let g = randn(&[rows, n + extra], 7);
+        let pad = |x: &[f32], fill: &[f32]| -> Vec<f32> {
+            x.chunks(n)
+                .zip(fill.chunks(n + extra))
+                .flat_map(|(row, f)| row.iter().chain(&f[n..]).copied().collect::<Vec<_>>())
+                .collect()
+        };
+        let zeros = vec![0.0; rows * (n + extra)];
+        let grown = tensor(pad(&values(&a), &zeros), &[rows, n + extra]);
+        let g_old: Vec<f32> =
+            values(&g).chunks(n + extra).flat_map(|row| row[..n].to_vec()).collect();
+        let g_old = tensor(g_old, &[rows, n]);
+        for theta in [Theta::L2NormGelu, Theta::GeluL2Norm] {
+            let s = values(&pattention_norm(&a, theta, 4.0).unwrap());
+            let s_grown = values(&pattention_norm(&grown, theta, 4.0).unwrap());
+            assert_eq!(pad(&s, &zeros), s_grown, "{theta:?} forward");
+            // The new scores' gradient entries are whatever they are; the old ones must not move
+            // when the new outputs' gradient is zero (as it is right after exact growth).
+            let g_grown = tensor(pad(&values(&g_old), &zeros), &[rows, n + extra]);
+            let ga = values(&pattention_norm_backward(&a, theta, 4.0, &g_old).unwrap());
+            let ga_grown = values(&pattention_norm_backward(&grown, theta, 4.0, &g_grown).unwrap());
+            let ga_grown_old: Vec<f32> =
+                ga_grown.chunks(n + extra).flat_map(|row| row[..n].to_vec()).collect();
+            assert_eq!(ga, ga_grown_old, "{theta:?} backward");
+        }
+    }
+
+    #[test]
+    fn invalid_arguments_are_errors() {
+        let a = randn(&[2, 3], 1);
+        assert!(pattention_norm(&a, Theta::Softmax, f32::NAN).is_err());
+        let err =
+            pattention_norm_backward(&a, Theta::L2NormGelu, 1.0, &randn(&[3, 2], 2)).unwrap_err();
+        assert!(err.to_string().contains("pattention_norm_backward"), "{err}");
+    }
+}

@@ -1,0 +1,250 @@
+//! CUDA glue for reductions and broadcasting. A sum over several axes reduces each run of
+//! adjacent reduced axes in turn, innermost first, as the CPU reference does; each run is an
+//! (outer, dim, inner) reduction done by one of two kernels (see kernels.cu).
+
+use super::reduced_dims;
+use crate::unary::affine;
+use cudarc::driver::LaunchConfig;
+use tokenformer_core::cuda::{
+    count_u32, cuda_tensor, dims_arg, launch_1d, merge_axes, Arg, CudaStorage, BLOCK,
+};
+use tokenformer_core::{Result, Shape, Tensor};
+
+const KERNELS: &str = include_str!("kernels.cu");
+
+/// Rows up to this long are summed by one thread each; longer ones by a block of threads.
+const SHORT_ROW: usize = 64;
+/// The fewest values a block sums in `sum_row_chunks`.
+const MIN_CHUNK: usize = 8 * 1024;
+/// The most chunks per row (the grid's y limit).
+const MAX_CHUNKS: usize = 65_535;
+
+/// out[o, i] = Σ_d x[o, d, i] for x of `outer·dim·inner` values, as a flat tensor.
+fn sum_axis(
+    name: &'static str,
+    x: &Tensor,
+    outer: usize,
+    dim: usize,
+    inner: usize,
+) -> Result<Tensor> {
+    let xs = CudaStorage::of(x, name)?;
+    let backend = &xs.backend;
+    let n_out = outer * inner;
+    if n_out == 0 || dim == 0 {
+        return Ok(cuda_tensor(backend.zeros(n_out)?, &[n_out]));
+    }
+    if inner > 1 || dim <= SHORT_ROW {
+        let mut out = backend.alloc(n_out)?;
+        let n = count_u32(name, n_out)?;
+        let scalars = [
+            Arg::U32(count_u32(name, outer)?),
+            Arg::U32(count_u32(name, dim)?),
+            Arg::U32(count_u32(name, inner)?),
+        ];
+        // SAFETY: matches sum_strided(x, out, outer, dim, inner); x holds outer·dim·inner
+        // values and out one per (outer, inner) position.
+        unsafe {
+            backend.launch(
+                "reduce",
+                KERNELS,
+                "sum_strided",
+                launch_1d(n),
+                &[&xs.slice],
+                &mut [&mut out.slice],
+                &scalars,
+            )
+        }?;
+        return Ok(cuda_tensor(out, &[n_out]));
+    }
+    // Long contiguous rows: a block per chunk of each row, then the chunks' sums the same way.
+    // The chunk size depends only on the row length, so the grouping (and the bits) is fixed.
+    let chunk = MIN_CHUNK.max(dim.div_ceil(MAX_CHUNKS));
+    let chunks = dim.div_ceil(chunk);
+    let mut out = backend.alloc(outer * chunks)?;
+    let cfg = LaunchConfig {
+        grid_dim: (count_u32(name, outer)?, count_u32(name, chunks)?, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let scalars = [Arg::U32(count_u32(name, dim)?), Arg::U32(count_u32(name, chunk)?)];
+    // SAFETY: matches sum_row_chunks(x, out, len, chunk); block (r, c) reads row r of x inside
+    // [0, dim) and writes out[r·chunks + c], inside the outer·chunks values allocated.
+    unsafe {
+        backend.launch(
+            "reduce",
+            KERNELS,
+            "sum_row_chunks",
+            cfg,
+            &[&xs.slice],
+            &mut [&mut out.slice],
+            &scalars,
+        )
+    }?;
+    let partial = cuda_tensor(out, &[outer * chunks]);
+    if chunks == 1 {
+        Ok(partial)
+    } else {
+        sum_axis(name, &partial, outer, chunks, 1)
+    }
+}
+
+/// Sums x over the axes flagged in `reduced`, as a flat tensor (the caller reshapes it).
+/// Adjacent axes with the same flag are merged and axes of length 1 skipped, as on the CPU.
+fn sum_over(name: &'static str, x: &Tensor, reduced: &[bool]) -> Result<Tensor> {
+    let mut groups: Vec<(usize, bool)> = Vec::new();
+    for (&d, &r) in x.dims().iter().zip(reduced) {
+        if d == 1 {
+            continue;
+        }
+        match groups.last_mut() {
+            Some((size, flag)) if *flag == r => *size *= d,
+            _ => groups.push((d, r)),
+        }
+    }
+    let mut sizes: Vec<usize> = groups.iter().map(|&(size, _)| size).collect();
+    let mut current = x.clone();
+    for (i, &(_, is_reduced)) in groups.iter().enumerate().rev() {
+        if is_reduced {
+            let outer = sizes[..i].iter().product();
+            let inner = sizes[i + 1..].iter().product();
+            current = sum_axis(name, &current, outer, sizes[i], inner)?;
+            sizes[i] = 1;
+        }
+    }
+    Ok(current)
+}
+
+pub(crate) fn sum(x: &Tensor, axes: &[usize], keepdim: bool) -> Result<Tensor> {
+    let reduced: Vec<bool> = (0..x.rank()).map(|axis| axes.contains(&axis)).collect();
+    sum_over("sum", x, &reduced)?.reshape(&reduced_dims(x.dims(), axes, keepdim))
+}
+
+pub(crate) fn mean(x: &Tensor, axes: &[usize], keepdim: bool) -> Result<Tensor> {
+    let count: usize = axes.iter().map(|&axis| x.dims()[axis]).product();
+    affine(&sum(x, axes, keepdim)?, 1.0 / count as f32, 0.0)
+}
+
+/// Runs `kernel` with one thread per (outer, inner) position of the reduction along `axis`,
+/// reading x (and g, when given) and writing `out_len` values.
+fn launch_axis_kernel(
+    name: &'static str,
+    kernel: &str,
+    x: &Tensor,
+    axis: usize,
+    g: Option<&Tensor>,
+    out_len: usize,
+) -> Result<CudaStorage> {
+    let xs = CudaStorage::of(x, name)?;
+    let (outer, dim, inner) = x.shape().split_at_axis(axis);
+    let mut out = xs.backend.alloc(out_len)?;
+    let threads = count_u32(name, outer * inner)?;
+    if threads == 0 {
+        return Ok(out);
+    }
+    let mut inputs = vec![&xs.slice];
+    if let Some(g) = g {
+        inputs.push(&CudaStorage::of(g, name)?.slice);
+    }
+    let scalars = [
+        Arg::U32(count_u32(name, outer)?),
+        Arg::U32(count_u32(name, dim)?),
+        Arg::U32(count_u32(name, inner)?),
+    ];
+    // SAFETY: matches max_axis(x, out, outer, dim, inner) and
+    // max_axis_backward(x, g, gx, outer, dim, inner); x holds outer·dim·inner values, g (when
+    // given) one per (outer, inner) position, and out_len is what the kernel writes.
+    unsafe {
+        xs.backend.launch(
+            "reduce",
+            KERNELS,
+            kernel,
+            launch_1d(threads),
+            &inputs,
+            &mut [&mut out.slice],
+            &scalars,
+        )
+    }?;
+    Ok(out)
+}
+
+pub(crate) fn max(x: &Tensor, axis: usize, keepdim: bool) -> Result<Tensor> {
+    let (outer, _, inner) = x.shape().split_at_axis(axis);
+    let out = launch_axis_kernel("max", "max_axis", x, axis, None, outer * inner)?;
+    Ok(cuda_tensor(out, &reduced_dims(x.dims(), &[axis], keepdim)))
+}
+
+pub(crate) fn sum_all(x: &Tensor) -> Result<Tensor> {
+    sum_axis("sum_all", x, 1, x.numel(), 1)?.reshape(&[])
+}
+
+pub(crate) fn broadcast_to(x: &Tensor, dims: &[usize]) -> Result<Tensor> {
+    if x.dims() == dims {
+        return Ok(x.clone());
+    }
+    let name = "broadcast_to";
+    let xs = CudaStorage::of(x, name)?;
+    let target = Shape::new(dims);
+    let mut out = xs.backend.alloc(target.numel())?;
+    let n = count_u32(name, target.numel())?;
+    if n > 0 {
+        let (merged, strides) = merge_axes(dims, &[x.shape().broadcast_strides(&target)]);
+        let scalars = [
+            Arg::U32(n),
+            Arg::I32(merged.len() as i32),
+            Arg::Dims(dims_arg(name, &merged)?),
+            Arg::Dims(dims_arg(name, &strides[0])?),
+        ];
+        // SAFETY: matches broadcast(x, out, n, rank, dims, strides); every coordinate is below
+        // its axis size, so the strided offsets stay inside x.
+        unsafe {
+            xs.backend.launch(
+                "reduce",
+                KERNELS,
+                "broadcast",
+                launch_1d(n),
+                &[&xs.slice],
+                &mut [&mut out.slice],
+                &scalars,
+            )
+        }?;
+    }
+    Ok(cuda_tensor(out, dims))
+}
+
+pub(crate) fn sum_to_shape(x: &Tensor, dims: &[usize]) -> Result<Tensor> {
+    if x.dims() == dims {
+        return Ok(x.clone());
+    }
+    let leading = x.rank() - dims.len();
+    let reduced: Vec<bool> = x
+        .dims()
+        .iter()
+        .enumerate()
+        .map(|(axis, &d)| axis < leading || (dims[axis - leading] == 1 && d != 1))
+        .collect();
+    sum_over("sum_to_shape", x, &reduced)?.reshape(dims)
+}
+
+pub(crate) fn sum_backward(
+    g: &Tensor,
+    input_dims: &[usize],
+    axes: &[usize],
+    _keepdim: bool, // g's layout is the same with or without the kept 1s
+) -> Result<Tensor> {
+    broadcast_to(&g.reshape(&reduced_dims(input_dims, axes, true))?, input_dims)
+}
+
+pub(crate) fn mean_backward(
+    g: &Tensor,
+    input_dims: &[usize],
+    axes: &[usize],
+    keepdim: bool,
+) -> Result<Tensor> {
+    let count: usize = axes.iter().map(|&axis| input_dims[axis]).product();
+    sum_backward(&affine(g, 1.0 / count as f32, 0.0)?, input_dims, axes, keepdim)
+}
+
+pub(crate) fn max_backward(x: &Tensor, axis: usize, _keepdim: bool, g: &Tensor) -> Result<Tensor> {
+    let out = launch_axis_kernel("max_backward", "max_axis_backward", x, axis, Some(g), x.numel())?;
+    Ok(cuda_tensor(out, x.dims()))
+}

@@ -1,0 +1,106 @@
+// Reductions and broadcasting, in the (outer, dim, inner) view of the reduced axis:
+//   sum: out[o, i] = Σ_d x[o, d, i]      max: out[o, i] = max_d x[o, d, i]
+//   broadcast: out[idx] = x[Σ coord·stride] with stride 0 on every stretched axis.
+// Backward: a sum's gradient is g broadcast back; a max's gradient is g at the first index
+// holding the maximum and 0 elsewhere.
+//
+// Every sum here has a fixed order that depends only on the sizes, never on timing: there are
+// no atomics, so the same input gives the same bits on every run.
+
+#define MAX_RANK 8
+struct Dims { unsigned int v[MAX_RANK]; };
+
+// Sum over a block of threads, returned to every thread. Each warp adds its 32 values by a
+// butterfly of shuffles (every lane ends with the same bits: a + b == b + a exactly), then
+// every warp adds the per-warp sums the same way. The tree's shape depends on blockDim only.
+__device__ float block_sum(float v) {
+    __shared__ float warp_sums[32];
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+    __syncthreads();  // an earlier call's reads of warp_sums are finished
+    if (lane == 0) warp_sums[warp] = v;
+    __syncthreads();
+    v = lane < warps ? warp_sums[lane] : 0.0f;
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    return v;
+}
+
+// One thread per output (o, i), adding the `dim` terms in order: reads are coalesced across
+// threads when inner > 1 (neighbouring threads read neighbouring columns), and the sum is the
+// same left-to-right sum as the CPU reference.
+extern "C" __global__ void sum_strided(const float* x, float* out, unsigned int outer,
+                                       unsigned int dim, unsigned int inner) {
+    unsigned int idx = blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= outer * inner) return;
+    unsigned int o = idx / inner, i = idx % inner;
+    const float* src = x + o * dim * inner + i;
+    float acc = 0.0f;
+    for (unsigned int d = 0; d < dim; ++d) acc += src[d * inner];
+    out[idx] = acc;
+}
+
+// Sums of contiguous rows, split into chunks of `chunk` values: block (row, c) writes the sum
+// of x[row, c·chunk .. (c+1)·chunk) to out[row, c]. With more than one chunk per row the host
+// runs this again on the partial sums, until one value per row is left.
+extern "C" __global__ void sum_row_chunks(const float* x, float* out, unsigned int len,
+                                          unsigned int chunk) {
+    unsigned int row = blockIdx.x, c = blockIdx.y, chunks = gridDim.y;
+    const float* src = x + row * len;
+    unsigned int start = c * chunk;
+    unsigned int end = start + chunk < len ? start + chunk : len;
+    float acc = 0.0f;
+    for (unsigned int j = start + threadIdx.x; j < end; j += blockDim.x) acc += src[j];
+    acc = block_sum(acc);
+    if (threadIdx.x == 0) out[row * chunks + c] = acc;
+}
+
+// Index along `dim` of the first maximum of x[o, :, i] (dim >= 1).
+__device__ unsigned int first_argmax(const float* x, unsigned int o, unsigned int dim,
+                                     unsigned int inner, unsigned int i) {
+    const float* src = x + o * dim * inner + i;
+    unsigned int best = 0;
+    float best_value = src[0];
+    for (unsigned int d = 1; d < dim; ++d) {
+        float v = src[d * inner];
+        if (v > best_value) {
+            best_value = v;
+            best = d;
+        }
+    }
+    return best;
+}
+
+extern "C" __global__ void max_axis(const float* x, float* out, unsigned int outer,
+                                    unsigned int dim, unsigned int inner) {
+    unsigned int idx = blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= outer * inner) return;
+    unsigned int o = idx / inner, i = idx % inner;
+    unsigned int best = first_argmax(x, o, dim, inner, i);
+    out[idx] = x[(o * dim + best) * inner + i];
+}
+
+// One thread per (o, i) writes its whole column of the gradient: g at the winner, 0 elsewhere.
+extern "C" __global__ void max_axis_backward(const float* x, const float* g, float* gx,
+                                             unsigned int outer, unsigned int dim,
+                                             unsigned int inner) {
+    unsigned int idx = blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= outer * inner) return;
+    unsigned int o = idx / inner, i = idx % inner;
+    unsigned int best = first_argmax(x, o, dim, inner, i);
+    float gv = g[idx];
+    float* dst = gx + o * dim * inner + i;
+    for (unsigned int d = 0; d < dim; ++d) dst[d * inner] = d == best ? gv : 0.0f;
+}
+
+// out[idx] = x[Σ coord·stride]: split idx into coordinates of `dims` (last axis fastest).
+extern "C" __global__ void broadcast(const float* x, float* out, unsigned int n, int rank,
+                                     Dims dims, Dims strides) {
+    unsigned int idx = blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= n) return;
+    unsigned int rest = idx, src = 0;
+    for (int axis = rank - 1; axis >= 0; --axis) {
+        src += (rest % dims.v[axis]) * strides.v[axis];
+        rest /= dims.v[axis];
+    }
+    out[idx] = x[src];
+}

@@ -1,0 +1,105 @@
+// Softmax over the last axis, one block of threads per row.
+//
+// Forward   softmax:     y_j = e^(x_j − m) / Σ_k e^(x_k − m),  m = max_k x_k (so no e^x overflows)
+//           log_softmax: y_j = x_j − m − ln Σ_k e^(x_k − m)
+//           causal:      row i of a [T, T] score matrix keeps columns j ≤ i of scale·s and
+//                        takes the softmax over them; columns j > i are 0.
+// Backward  softmax:     g_x = y ⊙ (g − Σ_k g_k·y_k)          (the Jacobian is diag(y) − y·yᵀ)
+//           log_softmax: g_x = g − e^y · Σ_k g_k               (e^y is the softmax)
+//           causal:      g_s = scale · p ⊙ (g − Σ_{k≤i} g_k·p_k) on j ≤ i, 0 beyond.
+//
+// The row sums use a fixed tree (block_sum), so results do not depend on timing.
+
+#define NEG_INF (-__int_as_float(0x7f800000))
+
+// Sum over the block, returned to every thread: shuffles within each warp, then across the
+// per-warp sums. Every lane ends with the same bits (a + b == b + a exactly).
+__device__ float block_sum(float v) {
+    __shared__ float partial[32];
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+    __syncthreads();  // an earlier call's reads of `partial` are finished
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    v = lane < warps ? partial[lane] : 0.0f;
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    return v;
+}
+
+__device__ float block_max(float v) {
+    __shared__ float partial[32];
+    for (int offset = 16; offset > 0; offset >>= 1)
+        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+    __syncthreads();
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    v = lane < warps ? partial[lane] : NEG_INF;
+    for (int offset = 16; offset > 0; offset >>= 1)
+        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+    return v;
+}
+
+// Softmax (log_output = 0) or log-softmax (log_output = 1) of each row of length `len`.
+extern "C" __global__ void softmax_rows(const float* x, float* y, unsigned int len,
+                                        int log_output) {
+    const float* xr = x + blockIdx.x * len;
+    float* yr = y + blockIdx.x * len;
+    float m = NEG_INF;
+    for (unsigned int j = threadIdx.x; j < len; j += blockDim.x) m = fmaxf(m, xr[j]);
+    m = block_max(m);
+    float sum = 0.0f;
+    for (unsigned int j = threadIdx.x; j < len; j += blockDim.x) sum += expf(xr[j] - m);
+    sum = block_sum(sum);
+    if (log_output) {
+        float log_sum = logf(sum);
+        for (unsigned int j = threadIdx.x; j < len; j += blockDim.x) yr[j] = xr[j] - m - log_sum;
+    } else {
+        float inv_sum = 1.0f / sum;
+        for (unsigned int j = threadIdx.x; j < len; j += blockDim.x) yr[j] = expf(xr[j] - m) * inv_sum;
+    }
+}
+
+extern "C" __global__ void softmax_backward_rows(const float* y, const float* g, float* gx,
+                                                 unsigned int len) {
+    unsigned int base = blockIdx.x * len;
+    float dot = 0.0f;
+    for (unsigned int j = threadIdx.x; j < len; j += blockDim.x) dot += g[base + j] * y[base + j];
+    dot = block_sum(dot);
+    for (unsigned int j = threadIdx.x; j < len; j += blockDim.x)
+        gx[base + j] = y[base + j] * (g[base + j] - dot);
+}
+
+extern "C" __global__ void log_softmax_backward_rows(const float* y, const float* g, float* gx,
+                                                     unsigned int len) {
+    unsigned int base = blockIdx.x * len;
+    float total = 0.0f;
+    for (unsigned int j = threadIdx.x; j < len; j += blockDim.x) total += g[base + j];
+    total = block_sum(total);
+    for (unsigned int j = threadIdx.x; j < len; j += blockDim.x)
+        gx[base + j] = g[base + j] - expf(y[base + j]) * total;
+}
+
+// Row r of the flattened [..., T, T] scores is query i = r mod T.
+extern "C" __global__ void causal_softmax_rows(const float* s, float* p, unsigned int T,
+                                               float scale) {
+    unsigned int base = blockIdx.x * T, i = blockIdx.x % T;
+    float m = NEG_INF;
+    for (unsigned int j = threadIdx.x; j <= i; j += blockDim.x) m = fmaxf(m, scale * s[base + j]);
+    m = block_max(m);
+    float sum = 0.0f;
+    for (unsigned int j = threadIdx.x; j <= i; j += blockDim.x) sum += expf(scale * s[base + j] - m);
+    float inv_sum = 1.0f / block_sum(sum);
+    for (unsigned int j = threadIdx.x; j < T; j += blockDim.x)
+        p[base + j] = j <= i ? expf(scale * s[base + j] - m) * inv_sum : 0.0f;
+}
+
+extern "C" __global__ void causal_softmax_backward_rows(const float* p, const float* g,
+                                                        float* gs, unsigned int T, float scale) {
+    unsigned int base = blockIdx.x * T, i = blockIdx.x % T;
+    float dot = 0.0f;
+    for (unsigned int j = threadIdx.x; j <= i; j += blockDim.x) dot += g[base + j] * p[base + j];
+    dot = block_sum(dot);
+    for (unsigned int j = threadIdx.x; j < T; j += blockDim.x)
+        gs[base + j] = j <= i ? p[base + j] * (g[base + j] - dot) * scale : 0.0f;
+}

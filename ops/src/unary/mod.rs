@@ -1,0 +1,208 @@
+//! Elementwise unary ops.
+//!
+//! Forward, elementwise: −x, eˣ, ln x, √x, x², x^p, x·mul + add, and the exact GELU
+//! GELU(x) = x·Φ(x) = ½x(1 + erf(x/√2)).
+//!
+//! Backward, g = ∂L/∂y times the local derivative (written in terms of whichever of x or
+//! y = f(x) is cheaper): exp: g·y; log: g/x; sqrt: g/(2y); square: g·2x; powf: g·p·x^(p−1);
+//! gelu: g·(Φ(x) + x·φ(x)) with φ the standard normal density. Negation and affine maps are
+//! linear, so their backward is the op itself applied to g: neg(g) and affine(g, mul, 0).
+
+pub(crate) mod cpu;
+mod cuda;
+
+use crate::{check_same_dims, same_device};
+use tokenformer_core::{Device, Result, Tensor};
+
+pub fn neg(x: &Tensor) -> Result<Tensor> {
+    match x.device() {
+        Device::Cpu => cpu::neg(x),
+        Device::Cuda(_) => cuda::neg(x),
+    }
+}
+
+pub fn exp(x: &Tensor) -> Result<Tensor> {
+    match x.device() {
+        Device::Cpu => cpu::exp(x),
+        Device::Cuda(_) => cuda::exp(x),
+    }
+}
+
+pub fn log(x: &Tensor) -> Result<Tensor> {
+    match x.device() {
+        Device::Cpu => cpu::log(x),
+        Device::Cuda(_) => cuda::log(x),
+    }
+}
+
+pub fn sqrt(x: &Tensor) -> Result<Tensor> {
+    match x.device() {
+        Device::Cpu => cpu::sqrt(x),
+        Device::Cuda(_) => cuda::sqrt(x),
+    }
+}
+
+pub fn square(x: &Tensor) -> Result<Tensor> {
+    match x.device() {
+        Device::Cpu => cpu::square(x),
+        Device::Cuda(_) => cuda::square(x),
+    }
+}
+
+/// The exact (erf) GELU.
+pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    match x.device() {
+        Device::Cpu => cpu::gelu(x),
+        Device::Cuda(_) => cuda::gelu(x),
+    }
+}
+
+pub fn powf(x: &Tensor, p: f32) -> Result<Tensor> {
+    match x.device() {
+        Device::Cpu => cpu::powf(x, p),
+        Device::Cuda(_) => cuda::powf(x, p),
+    }
+}
+
+/// x·mul + add: scalar multiplication and scalar addition in one op.
+pub fn affine(x: &Tensor, mul: f32, add: f32) -> Result<Tensor> {
+    match x.device() {
+        Device::Cpu => cpu::affine(x, mul, add),
+        Device::Cuda(_) => cuda::affine(x, mul, add),
+    }
+}
+
+/// Checks that an operand and its incoming gradient match in shape and device.
+fn check_pair(op: &'static str, x: &Tensor, g: &Tensor) -> Result<Device> {
+    let device = same_device(op, &[x, g])?;
+    check_same_dims(op, x, g)?;
+    Ok(device)
+}
+
+/// ∂L/∂x of y = eˣ, from the output y.
+pub fn exp_backward(y: &Tensor, g: &Tensor) -> Result<Tensor> {
+    match check_pair("exp_backward", y, g)? {
+        Device::Cpu => cpu::exp_backward(y, g),
+        Device::Cuda(_) => cuda::exp_backward(y, g),
+    }
+}
+
+pub fn log_backward(x: &Tensor, g: &Tensor) -> Result<Tensor> {
+    match check_pair("log_backward", x, g)? {
+        Device::Cpu => cpu::log_backward(x, g),
+        Device::Cuda(_) => cuda::log_backward(x, g),
+    }
+}
+
+/// ∂L/∂x of y = √x, from the output y.
+pub fn sqrt_backward(y: &Tensor, g: &Tensor) -> Result<Tensor> {
+    match check_pair("sqrt_backward", y, g)? {
+        Device::Cpu => cpu::sqrt_backward(y, g),
+        Device::Cuda(_) => cuda::sqrt_backward(y, g),
+    }
+}
+
+pub fn square_backward(x: &Tensor, g: &Tensor) -> Result<Tensor> {
+    match check_pair("square_backward", x, g)? {
+        Device::Cpu => cpu::square_backward(x, g),
+        Device::Cuda(_) => cuda::square_backward(x, g),
+    }
+}
+
+pub fn powf_backward(x: &Tensor, p: f32, g: &Tensor) -> Result<Tensor> {
+    match check_pair("powf_backward", x, g)? {
+        Device::Cpu => cpu::powf_backward(x, p, g),
+        Device::Cuda(_) => cuda::powf_backward(x, p, g),
+    }
+}
+
+pub fn gelu_backward(x: &Tensor, g: &Tensor) -> Result<Tensor> {
+    match check_pair("gelu_backward", x, g)? {
+        Device::Cpu => cpu::gelu_backward(x, g),
+        Device::Cuda(_) => cuda::gelu_backward(x, g),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{assert_close, check_grad, randn, tensor, values};
+
+    fn gelu_f64(x: f64) -> f64 {
+        0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2))
+    }
+
+    #[test]
+    fn forward_matches_f64_formulas() {
+        let x = randn(&[3, 7], 1);
+        let positive = affine(&square(&x).unwrap(), 1.0, 0.5).unwrap();
+        let (xv, pv) = (values(&x), values(&positive));
+        let map = |v: &[f32], f: fn(f64) -> f64| v.iter().map(|&a| f(a as f64)).collect::<Vec<_>>();
+        assert_close(&values(&neg(&x).unwrap()), &map(&xv, |a| -a), 0.0, 0.0, "neg");
+        assert_close(&values(&exp(&x).unwrap()), &map(&xv, f64::exp), 0.0, 1e-6, "exp");
+        assert_close(&values(&log(&positive).unwrap()), &map(&pv, f64::ln), 1e-7, 1e-6, "log");
+        assert_close(&values(&sqrt(&positive).unwrap()), &map(&pv, f64::sqrt), 0.0, 1e-6, "sqrt");
+        assert_close(&values(&square(&x).unwrap()), &map(&xv, |a| a * a), 0.0, 1e-6, "square");
+        assert_close(&values(&gelu(&x).unwrap()), &map(&xv, gelu_f64), 1e-6, 1e-5, "gelu");
+        assert_close(
+            &values(&powf(&positive, 1.7).unwrap()),
+            &map(&pv, |a| a.powf(1.7)),
+            0.0,
+            1e-5,
+            "powf",
+        );
+        assert_close(
+            &values(&affine(&x, -2.5, 0.75).unwrap()),
+            &map(&xv, |a| a * -2.5 + 0.75),
+            1e-6,
+            1e-6,
+            "affine",
+        );
+        let at_zero = values(&gelu(&tensor(vec![0.0], &[1])).unwrap());
+        assert_eq!(at_zero, vec![0.0]);
+    }
+
+    #[test]
+    fn the_parallel_path_gives_the_same_bits_as_the_serial_one() {
+        let x = randn(&[129, 301], 2);
+        let whole = values(&gelu(&x).unwrap());
+        let row = tensor(values(&x)[..301].to_vec(), &[301]);
+        assert_eq!(values(&gelu(&row).unwrap()), whole[..301].to_vec());
+    }
+
+    #[test]
+    fn backward_matches_finite_differences() {
+        let x = randn(&[4, 5], 3);
+        let positive = affine(&square(&x).unwrap(), 1.0, 0.5).unwrap();
+        let g = randn(&[4, 5], 4);
+        let y = exp(&x).unwrap();
+        check_grad("exp", &x, &g, &exp_backward(&y, &g).unwrap(), |t| exp(t).unwrap());
+        check_grad("log", &positive, &g, &log_backward(&positive, &g).unwrap(), |t| {
+            log(t).unwrap()
+        });
+        let root = sqrt(&positive).unwrap();
+        check_grad("sqrt", &positive, &g, &sqrt_backward(&root, &g).unwrap(), |t| sqrt(t).unwrap());
+        check_grad("square", &x, &g, &square_backward(&x, &g).unwrap(), |t| square(t).unwrap());
+        check_grad("powf", &positive, &g, &powf_backward(&positive, 2.5, &g).unwrap(), |t| {
+            powf(t, 2.5).unwrap()
+        });
+        check_grad("gelu", &x, &g, &gelu_backward(&x, &g).unwrap(), |t| gelu(t).unwrap());
+        check_grad("neg", &x, &g, &neg(&g).unwrap(), |t| neg(t).unwrap());
+        check_grad("affine", &x, &g, &affine(&g, 1.3, 0.0).unwrap(), |t| {
+            affine(t, 1.3, -0.4).unwrap()
+        });
+    }
+
+    #[test]
+    fn gelu_derivative_at_zero_is_one_half() {
+        let zero = tensor(vec![0.0], &[1]);
+        let one = tensor(vec![1.0], &[1]);
+        assert_eq!(values(&gelu_backward(&zero, &one).unwrap()), vec![0.5]);
+    }
+
+    #[test]
+    fn backward_rejects_mismatched_shapes() {
+        let err = exp_backward(&randn(&[2, 3], 1), &randn(&[3, 2], 2)).unwrap_err().to_string();
+        assert!(err.contains("exp_backward") && err.contains("[2, 3]"), "{err}");
+    }
+}

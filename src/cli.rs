@@ -1,0 +1,493 @@
+//! Command-line parsing and the subcommands. Each subcommand is a thin layer over the library:
+//! it turns flags into library calls and results into text.
+
+use clap::{Args, Parser, Subcommand};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use tokenformer_core::{Device, Error, Result};
+use tokenformer_models::bench::{bench_matmul, bench_train};
+use tokenformer_models::checkpoint::{is_checkpoint_dir, save_checkpoint, Checkpoint};
+use tokenformer_models::data::{StreamDecoder, Tokenizer};
+use tokenformer_models::evaluate::{evaluate_tokens, parse_token_ids};
+use tokenformer_models::generate::{generate, SampleOptions};
+use tokenformer_models::growth::{grow_checkpoint, GrowSpec};
+use tokenformer_models::train::{
+    load_model, saved_settings, train_new, train_resume, TrainControl, TrainSettings,
+};
+use tokenformer_models::{GrowInit, ModelConfig, NormKind, TokenFormer};
+
+#[derive(Parser)]
+#[command(name = "tokenformer", version, about = "TokenFormer: transformers whose linear layers are attention over parameter tokens")]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a model (with no flags: preset tiny on the built-in tiny shakespeare)
+    Train(TrainArgs),
+    /// Add parameter tokens to a checkpoint, preserving its outputs (SPEC §4)
+    Grow(GrowArgs),
+    /// Write a freshly initialised checkpoint
+    Init(InitArgs),
+    /// Print a model's config and parameter counts
+    Info(InfoArgs),
+    /// Mean next-token loss of a checkpoint on a file of token ids
+    Eval(EvalArgs),
+    /// Sample text from a checkpoint
+    Generate(GenerateArgs),
+    /// Time full training steps (forward, backward, AdamW) and a large matmul
+    Bench(BenchArgs),
+}
+
+#[derive(Args, Default)]
+struct TrainArgs {
+    /// Model preset (tiny, 150M, 450M, ...)
+    #[arg(long)]
+    preset: Option<String>,
+    /// Text files or directories (default: built-in tiny shakespeare)
+    #[arg(long, num_args = 1..)]
+    data: Vec<PathBuf>,
+    /// Validation text files or directories (default: the last 10% of --data)
+    #[arg(long, num_args = 1..)]
+    val_data: Vec<PathBuf>,
+    /// byte, gpt2 or neox
+    #[arg(long)]
+    tokenizer: Option<String>,
+    #[arg(long)]
+    steps: Option<u64>,
+    #[arg(long)]
+    batch: Option<usize>,
+    #[arg(long)]
+    seq: Option<usize>,
+    #[arg(long)]
+    grad_accum: Option<usize>,
+    #[arg(long)]
+    lr: Option<f32>,
+    #[arg(long)]
+    min_lr: Option<f32>,
+    #[arg(long)]
+    warmup: Option<u64>,
+    #[arg(long)]
+    weight_decay: Option<f32>,
+    /// Global gradient-norm clip (0 disables)
+    #[arg(long)]
+    clip: Option<f32>,
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long)]
+    eval_every: Option<u64>,
+    #[arg(long)]
+    save_every: Option<u64>,
+    /// Run directory (default: runs/<preset>-N, the first free N)
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Continue the run in this directory with its own settings
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// cpu or cuda
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Characters (bytes or tokens) of text sampled at the end of the run
+    #[arg(long, default_value_t = 400)]
+    sample_tokens: usize,
+}
+
+#[derive(Args)]
+struct GrowArgs {
+    #[arg(long)]
+    checkpoint: PathBuf,
+    #[arg(long)]
+    out: PathBuf,
+    /// Tokens added to every query, key and value Pattention
+    #[arg(long, default_value_t = 0)]
+    qkv: usize,
+    /// Tokens added to every attention output Pattention
+    #[arg(long, default_value_t = 0)]
+    proj: usize,
+    /// Tokens added to every mlp Pattention
+    #[arg(long, default_value_t = 0)]
+    ffn: usize,
+    /// Grow to this preset (it may differ only in token counts)
+    #[arg(long, conflicts_with_all = ["qkv", "proj", "ffn"])]
+    to_preset: Option<String>,
+    /// exact (zero keys: outputs unchanged) or random (the paper's: outputs change)
+    #[arg(long, default_value = "exact")]
+    init: String,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+#[derive(Args)]
+struct InitArgs {
+    #[arg(long)]
+    preset: String,
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long)]
+    vocab_size: Option<usize>,
+    /// l2_norm_gelu, gelu_l2_norm or softmax
+    #[arg(long)]
+    norm: Option<String>,
+}
+
+#[derive(Args)]
+#[group(required = true, multiple = false)]
+struct InfoArgs {
+    #[arg(long)]
+    preset: Option<String>,
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// File of whitespace-separated token ids
+    #[arg(long)]
+    tokens: PathBuf,
+    /// Print one JSON object: {"loss": ..., "tokens": ...}
+    #[arg(long)]
+    json: bool,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[arg(long)]
+    checkpoint: PathBuf,
+    #[arg(long, default_value = "\n")]
+    prompt: String,
+    #[arg(long, default_value_t = 500)]
+    max_tokens: usize,
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f32,
+    #[arg(long)]
+    top_k: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    #[arg(long, default_value = "tiny")]
+    preset: String,
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    #[arg(long, default_value_t = 64)]
+    seq: usize,
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    /// Allow TF32 tensor cores for fp32 matmuls (CUDA)
+    #[arg(long)]
+    tf32: bool,
+    /// Size of the square matmul timed first (0 skips it)
+    #[arg(long, default_value_t = 1024)]
+    matmul: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        None => train(TrainArgs { device: "cpu".into(), sample_tokens: 400, ..Default::default() }),
+        Some(Command::Train(a)) => train(a),
+        Some(Command::Grow(a)) => grow(a),
+        Some(Command::Init(a)) => init(a),
+        Some(Command::Info(a)) => info(a),
+        Some(Command::Eval(a)) => eval(a),
+        Some(Command::Generate(a)) => generate_text(a),
+        Some(Command::Bench(a)) => bench(a),
+    }
+}
+
+fn parse_device(s: &str) -> Result<Device> {
+    s.parse()
+}
+
+/// The first `runs/<preset>-N` that does not exist yet.
+fn default_run_dir(preset: &str) -> PathBuf {
+    (1..).map(|n| PathBuf::from(format!("runs/{preset}-{n}"))).find(|p| !p.exists()).expect("unbounded")
+}
+
+/// Overlays the flags on `base`; with `check`, a flag that differs from `base` is an error
+/// instead (a resumed run keeps every setting it started with).
+fn apply_train_flags(a: &TrainArgs, base: &mut TrainSettings, check: Option<&Path>) -> Result<()> {
+    fn set<T: PartialEq + std::fmt::Debug + Clone>(
+        flag: &str,
+        given: Option<T>,
+        slot: &mut T,
+        check: Option<&Path>,
+    ) -> Result<()> {
+        let Some(v) = given else { return Ok(()) };
+        match check {
+            Some(dir) if *slot != v => Err(Error::invalid(format!(
+                "--{flag} {v:?} contradicts the run in {} ({flag} {:?}); a resumed run keeps its settings",
+                dir.display(),
+                slot
+            ))),
+            _ => {
+                *slot = v;
+                Ok(())
+            }
+        }
+    }
+    set("preset", a.preset.clone(), &mut base.preset, check)?;
+    let data = (!a.data.is_empty()).then(|| a.data.clone());
+    set("data", data, &mut base.data, check)?;
+    let val_data = (!a.val_data.is_empty()).then(|| a.val_data.clone());
+    set("val-data", val_data, &mut base.val_data, check)?;
+    set("tokenizer", a.tokenizer.clone(), &mut base.tokenizer, check)?;
+    set("steps", a.steps, &mut base.steps, check)?;
+    set("batch", a.batch, &mut base.batch, check)?;
+    set("seq", a.seq, &mut base.seq, check)?;
+    set("grad-accum", a.grad_accum, &mut base.grad_accum, check)?;
+    set("lr", a.lr, &mut base.lr, check)?;
+    set("min-lr", a.min_lr, &mut base.min_lr, check)?;
+    set("warmup", a.warmup, &mut base.warmup, check)?;
+    set("weight-decay", a.weight_decay, &mut base.weight_decay, check)?;
+    set("clip", a.clip, &mut base.clip, check)?;
+    set("seed", a.seed, &mut base.seed, check)?;
+    set("eval-every", a.eval_every, &mut base.eval_every, check)?;
+    set("save-every", a.save_every, &mut base.save_every, check)?;
+    Ok(())
+}
+
+fn train(a: TrainArgs) -> Result<()> {
+    let device = parse_device(&a.device)?;
+    let control = TrainControl::default();
+    // First SIGINT/SIGTERM: finish cleanly (save and exit). A second one exits at once.
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register_conditional_shutdown(signal, 130, control.stop.clone())
+            .and_then(|_| signal_hook::flag::register(signal, control.stop.clone()))
+            .map_err(|e| Error::invalid(format!("cannot install the signal handler: {e}")))?;
+    }
+    let (dir, summary) = match &a.resume {
+        Some(dir) => {
+            if let Some(out) = &a.out {
+                if out != dir {
+                    return Err(Error::invalid("--out contradicts --resume: a resumed run stays in its directory"));
+                }
+            }
+            let mut saved = saved_settings(dir)?;
+            apply_train_flags(&a, &mut saved, Some(dir))?;
+            (dir.clone(), train_resume(dir, device, control)?)
+        }
+        None => {
+            let mut settings = TrainSettings::default();
+            apply_train_flags(&a, &mut settings, None)?;
+            let dir = a.out.clone().unwrap_or_else(|| default_run_dir(&settings.preset));
+            eprintln!("run directory: {}", dir.display());
+            (dir.clone(), train_new(&dir, settings, device, control)?)
+        }
+    };
+    if summary.interrupted {
+        eprintln!("resume with: tokenformer train --resume {}", dir.display());
+        return Ok(());
+    }
+    eprintln!(
+        "finished {} steps in {:.1} s: train loss {:.4}, validation loss {:.4}",
+        summary.steps,
+        summary.seconds,
+        summary.last_loss.unwrap_or(f64::NAN),
+        summary.last_val_loss.unwrap_or(f64::NAN)
+    );
+    eprintln!("checkpoint, metrics.jsonl and loss.png are in {}", dir.display());
+    if a.sample_tokens > 0 {
+        let model = load_model(&dir, device)?;
+        eprintln!("--- sample ---");
+        sample(&model, "\n", a.sample_tokens, 0.8, None, 0)?;
+        println!();
+    }
+    Ok(())
+}
+
+fn tokenizer_of(model: &TokenFormer) -> Result<Tokenizer> {
+    Tokenizer::from_name(&model.config.tokenizer)
+}
+
+/// Streams a sample to stdout.
+fn sample(model: &TokenFormer, prompt: &str, max_tokens: usize, temperature: f32, top_k: Option<usize>, seed: u64) -> Result<()> {
+    let tokenizer = tokenizer_of(model)?;
+    let prompt_ids = tokenizer.encode(prompt)?;
+    let mut decoder = StreamDecoder::new(tokenizer);
+    let mut stdout = std::io::stdout().lock();
+    let write_err = |e: std::io::Error| Error::io("stdout", e);
+    write!(stdout, "{prompt}").map_err(write_err)?;
+    let opts = SampleOptions { max_tokens, temperature, top_k, seed };
+    generate(model, &prompt_ids, &opts, |id| {
+        write!(stdout, "{}", decoder.push(id)).map_err(write_err)?;
+        stdout.flush().map_err(write_err)
+    })?;
+    write!(stdout, "{}", decoder.finish()).map_err(write_err)?;
+    stdout.flush().map_err(write_err)
+}
+
+fn generate_text(a: GenerateArgs) -> Result<()> {
+    let model = load_model(&a.checkpoint, parse_device(&a.device)?)?;
+    if a.prompt.is_empty() {
+        return Err(Error::invalid("--prompt must not be empty"));
+    }
+    sample(&model, &a.prompt, a.max_tokens, a.temperature, a.top_k, a.seed)?;
+    println!();
+    Ok(())
+}
+
+fn grow(a: GrowArgs) -> Result<()> {
+    let init = match a.init.as_str() {
+        "exact" => GrowInit::Exact,
+        "random" => GrowInit::Random,
+        other => return Err(Error::invalid(format!("--init must be exact or random, got '{other}'"))),
+    };
+    let spec = match &a.to_preset {
+        Some(name) => {
+            let from = load_model(&a.checkpoint, Device::Cpu)?.config;
+            GrowSpec::to_preset(&from, name, init, a.seed)?
+        }
+        None => GrowSpec { qkv: a.qkv, proj: a.proj, ffn: a.ffn, init, seed: a.seed },
+    };
+    let report = grow_checkpoint(&a.checkpoint, &a.out, &spec)?;
+    println!(
+        "grew {} -> {}: qkv {} -> {}, proj {} -> {}, ffn {} -> {}; parameters {} -> {}",
+        a.checkpoint.display(),
+        a.out.display(),
+        report.from.qkv_tokens,
+        report.to.qkv_tokens,
+        report.from.proj_tokens,
+        report.to.proj_tokens,
+        report.from.ffn_tokens,
+        report.to.ffn_tokens,
+        report.from.param_count(),
+        report.to.param_count()
+    );
+    if report.preserves_outputs {
+        println!("exact growth: the grown model computes the same outputs as the original");
+    } else if init == GrowInit::Random {
+        println!("random init: the new tokens change the model's outputs (not output-preserving)");
+    } else {
+        println!("the softmax normalisation cannot grow exactly: the model's outputs change (not output-preserving)");
+    }
+    if report.had_optimizer {
+        match init {
+            GrowInit::Exact => println!("optimizer moments extended with zeros for the new tokens"),
+            GrowInit::Random => println!("optimizer moments reset to zero"),
+        }
+    }
+    Ok(())
+}
+
+fn init(a: InitArgs) -> Result<()> {
+    let mut config = ModelConfig::preset(&a.preset)?;
+    if let Some(v) = a.vocab_size {
+        config.vocab_size = v;
+    }
+    if let Some(norm) = &a.norm {
+        config.norm = norm.parse::<NormKind>()?;
+    }
+    config.validate()?;
+    if is_checkpoint_dir(&a.out) {
+        return Err(Error::invalid(format!("{} already holds a checkpoint; choose another --out", a.out.display())));
+    }
+    let model = TokenFormer::init(&config, a.seed, Device::Cpu)?;
+    save_checkpoint(
+        &a.out,
+        &Checkpoint { config: config.clone(), params: model.named_tensors(), optimizer: None, train_state: None },
+    )?;
+    println!("wrote {} ({} parameters, seed {}) to {}", a.preset, config.param_count(), a.seed, a.out.display());
+    Ok(())
+}
+
+fn group_digits(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn info(a: InfoArgs) -> Result<()> {
+    let config = match (&a.preset, &a.checkpoint) {
+        (Some(p), _) => ModelConfig::preset(p)?,
+        (None, Some(dir)) => load_model(dir, Device::Cpu)?.config,
+        (None, None) => return Err(Error::invalid("give --preset NAME or --checkpoint DIR")),
+    };
+    let json = serde_json::to_string_pretty(&config).map_err(|e| Error::invalid(e.to_string()))?;
+    println!("{json}");
+    let (d, l) = (config.d_model, config.n_layers);
+    let kinds = [
+        ("embedding (tied)", config.vocab_size * d),
+        ("query/key/value tokens", 2 * d * l * 3 * config.qkv_tokens),
+        ("proj tokens", 2 * d * l * config.proj_tokens),
+        ("ffn tokens", 2 * d * l * config.ffn_tokens),
+        ("final norm", 2 * d),
+    ];
+    for (name, n) in kinds {
+        println!("{name:>24}: {:>15}", group_digits(n));
+    }
+    println!("{:>24}: {:>15}", "total parameters", group_digits(config.param_count()));
+    Ok(())
+}
+
+fn eval(a: EvalArgs) -> Result<()> {
+    let model = load_model(&a.checkpoint, parse_device(&a.device)?)?;
+    let text = std::fs::read_to_string(&a.tokens).map_err(|e| Error::io(a.tokens.display(), e))?;
+    let ids = parse_token_ids(&text, &a.tokens.display().to_string())?;
+    let result = evaluate_tokens(&model, &ids)?;
+    let loss = result.loss as f32;
+    if a.json {
+        println!("{}", serde_json::json!({ "loss": loss, "tokens": result.tokens }));
+    } else {
+        println!("loss {loss} over {} predicted tokens (perplexity {:.3})", result.tokens, result.loss.exp());
+    }
+    Ok(())
+}
+
+fn bench(a: BenchArgs) -> Result<()> {
+    let device = parse_device(&a.device)?;
+    let config = ModelConfig::preset(&a.preset)?;
+    let matmul = if a.matmul > 0 { Some(bench_matmul(a.matmul, 5, device)?) } else { None };
+    let r = bench_train(&a.preset, &config, a.batch, a.seq, a.steps, device, a.tf32)?;
+    if a.json {
+        let mut v = serde_json::to_value(&r).map_err(|e| Error::invalid(e.to_string()))?;
+        if let Some(m) = &matmul {
+            v["matmul_gflops"] = serde_json::json!(m.gflops);
+            v["matmul_size"] = serde_json::json!(m.size);
+        }
+        println!("{v}");
+        return Ok(());
+    }
+    println!("device: {} ({})", r.device, r.device_name);
+    if let Some(m) = matmul {
+        println!("matmul {0}x{0}x{0}: {1:.2} ms, {2:.1} GFLOP/s", m.size, m.seconds * 1e3, m.gflops);
+    }
+    println!(
+        "train step, preset {} ({} params), batch {} x seq {}{}:",
+        r.preset,
+        group_digits(r.params),
+        r.batch,
+        r.seq,
+        if r.tf32 { ", tf32" } else { "" }
+    );
+    println!("  step time            {:.2} ms (forward+backward {:.2} ms)", r.step_seconds * 1e3, r.forward_backward_seconds * 1e3);
+    println!("  tokens/s             {:.0}", r.tokens_per_sec);
+    println!("  model TFLOP/s        {:.3} (SPEC §2 FLOPs, attention counted non-causally)", r.model_tflops);
+    match (r.peak_tflops, r.mfu) {
+        (Some(peak), Some(mfu)) => println!("  MFU                  {:.1}% of {peak} TFLOP/s ({})", mfu * 100.0, r.device_name),
+        _ => println!("  MFU                  n/a (no peak known for {})", r.device_name),
+    }
+    println!("  peak memory          {:.1} MiB", r.peak_memory_bytes as f64 / (1024.0 * 1024.0));
+    Ok(())
+}
