@@ -12,7 +12,7 @@ use tokenformer_models::evaluate::{evaluate_tokens, parse_token_ids};
 use tokenformer_models::generate::{generate, SampleOptions};
 use tokenformer_models::growth::{grow_checkpoint, GrowSpec};
 use tokenformer_models::train::{
-    load_model, saved_settings, train_new, train_resume, TrainControl, TrainSettings,
+    check_new_run, load_model, saved_settings, train_new, train_resume, TrainControl, TrainSettings,
 };
 use tokenformer_models::{GrowInit, ModelConfig, NormKind, TokenFormer};
 
@@ -26,7 +26,7 @@ pub struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Train a model (with no flags: preset tiny on the built-in tiny shakespeare)
-    Train(TrainArgs),
+    Train(Box<TrainArgs>),
     /// Add parameter tokens to a checkpoint, preserving its outputs (SPEC §4)
     Grow(GrowArgs),
     /// Write a freshly initialised checkpoint
@@ -63,16 +63,16 @@ struct TrainArgs {
     seq: Option<usize>,
     #[arg(long)]
     grad_accum: Option<usize>,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     lr: Option<f32>,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     min_lr: Option<f32>,
     #[arg(long)]
     warmup: Option<u64>,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     weight_decay: Option<f32>,
     /// Global gradient-norm clip (0 disables)
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     clip: Option<f32>,
     #[arg(long)]
     seed: Option<u64>,
@@ -200,7 +200,7 @@ struct BenchArgs {
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         None => train(TrainArgs { device: "cpu".into(), sample_tokens: 400, ..Default::default() }),
-        Some(Command::Train(a)) => train(a),
+        Some(Command::Train(a)) => train(*a),
         Some(Command::Grow(a)) => grow(a),
         Some(Command::Init(a)) => init(a),
         Some(Command::Info(a)) => info(a),
@@ -286,6 +286,7 @@ fn train(a: TrainArgs) -> Result<()> {
             let mut settings = TrainSettings::default();
             apply_train_flags(&a, &mut settings, None)?;
             let dir = a.out.clone().unwrap_or_else(|| default_run_dir(&settings.preset));
+            check_new_run(&dir, &settings)?;
             eprintln!("run directory: {}", dir.display());
             (dir.clone(), train_new(&dir, settings, device, control)?)
         }
@@ -294,13 +295,15 @@ fn train(a: TrainArgs) -> Result<()> {
         eprintln!("resume with: tokenformer train --resume {}", dir.display());
         return Ok(());
     }
-    eprintln!(
-        "finished {} steps in {:.1} s: train loss {:.4}, validation loss {:.4}",
-        summary.steps,
-        summary.seconds,
-        summary.last_loss.unwrap_or(f64::NAN),
-        summary.last_val_loss.unwrap_or(f64::NAN)
-    );
+    match (summary.last_loss, summary.last_val_loss) {
+        (Some(loss), Some(val)) => eprintln!(
+            "finished {} steps in {:.1} s: train loss {loss:.4}, validation loss {val:.4}",
+            summary.steps, summary.seconds
+        ),
+        _ => {
+            eprintln!("the run had already finished its {} steps; nothing to train", summary.steps)
+        }
+    }
     eprintln!("checkpoint, metrics.jsonl and loss.png are in {}", dir.display());
     if a.sample_tokens > 0 {
         let model = load_model(&dir, device)?;
@@ -410,7 +413,7 @@ fn group_digits(n: usize) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);

@@ -40,10 +40,15 @@ fn close(got: &[f32], want: &[f32], tol: f32) {
 /// The identity, recorded as an op whose backward closure owns `token`: the token lives exactly
 /// as long as the graph node does, so a `Weak` to it tells whether the graph was freed.
 fn tracked(x: &Var, token: Arc<()>) -> Var {
-    Var::from_op("tracked", x.value().clone(), &[x], Box::new(move |g| {
-        let _keep = &token;
-        Ok(vec![Some(g.clone())])
-    }))
+    Var::from_op(
+        "tracked",
+        x.value().clone(),
+        &[x],
+        Box::new(move |g| {
+            let _keep = &token;
+            Ok(vec![Some(g.clone())])
+        }),
+    )
 }
 
 #[test]
@@ -78,7 +83,8 @@ fn a_parameter_reached_through_a_broadcast_gets_the_summed_gradient() {
 fn no_grad_results_have_no_graph() {
     let x = Var::param(Tensor::randn(&[2, 3], 1.0, &mut Rng::new(3)));
     assert!(is_grad_enabled());
-    let (y, enabled_inside) = no_grad(|| (x.square().unwrap().sum_all().unwrap(), is_grad_enabled()));
+    let (y, enabled_inside) =
+        no_grad(|| (x.square().unwrap().sum_all().unwrap(), is_grad_enabled()));
     assert!(!enabled_inside);
     assert!(is_grad_enabled(), "no_grad must restore the previous state");
     assert_eq!(y.op_name(), None);
@@ -147,15 +153,21 @@ fn malformed_user_backward_is_reported() {
     let x = Var::param(Tensor::randn(&[3], 1.0, &mut Rng::new(7)));
     let value = |x: &Var| unary::square(x.value()).unwrap();
 
-    let too_many = Var::from_op("too_many", value(&x), &[&x], Box::new(|g| {
-        Ok(vec![Some(g.clone()), Some(g.clone())])
-    }));
+    let too_many = Var::from_op(
+        "too_many",
+        value(&x),
+        &[&x],
+        Box::new(|g| Ok(vec![Some(g.clone()), Some(g.clone())])),
+    );
     let err = backward_error(too_many.sum_all().unwrap().backward());
     assert!(err.contains("too_many") && err.contains("2 gradients"), "{err}");
 
-    let wrong_shape = Var::from_op("wrong_shape", value(&x), &[&x], Box::new(|_g| {
-        Ok(vec![Some(Tensor::zeros(&[4], Device::Cpu)?)])
-    }));
+    let wrong_shape = Var::from_op(
+        "wrong_shape",
+        value(&x),
+        &[&x],
+        Box::new(|_g| Ok(vec![Some(Tensor::zeros(&[4], Device::Cpu)?)])),
+    );
     let err = backward_error(wrong_shape.sum_all().unwrap().backward());
     assert!(err.contains("wrong_shape") && err.contains("[4]") && err.contains("[3]"), "{err}");
 
@@ -164,17 +176,25 @@ fn malformed_user_backward_is_reported() {
     assert!(err.contains("missing"), "{err}");
 
     // An error raised inside a backward comes back from `backward` unchanged.
-    let failing = Var::from_op("failing", value(&x), &[&x], Box::new(|_g| -> Result<_> {
-        Err(tokenformer::core::Error::invalid("failing: on purpose"))
-    }));
+    let failing = Var::from_op(
+        "failing",
+        value(&x),
+        &[&x],
+        Box::new(|_g| -> Result<_> {
+            Err(tokenformer::core::Error::invalid("failing: on purpose"))
+        }),
+    );
     let err = backward_error(failing.sum_all().unwrap().backward());
     assert!(err.contains("on purpose"), "{err}");
 
     // Constant inputs need no gradient, so None for them is fine.
     let c = Var::constant(Tensor::ones(&[3], Device::Cpu).unwrap());
-    let partial = Var::from_op("partial", value(&x), &[&x, &c], Box::new(|g| {
-        Ok(vec![Some(g.clone()), None])
-    }));
+    let partial = Var::from_op(
+        "partial",
+        value(&x),
+        &[&x, &c],
+        Box::new(|g| Ok(vec![Some(g.clone()), None])),
+    );
     assert_eq!(partial.sum_all().unwrap().backward().unwrap().len(), 1);
 }
 
@@ -212,10 +232,15 @@ impl Drop for Counted {
 
 fn counted(x: &Var) -> Var {
     let c = Counted::new();
-    Var::from_op("counted", x.value().clone(), &[x], Box::new(move |g| {
-        let _keep = &c;
-        Ok(vec![Some(g.clone())])
-    }))
+    Var::from_op(
+        "counted",
+        x.value().clone(),
+        &[x],
+        Box::new(move |g| {
+            let _keep = &c;
+            Ok(vec![Some(g.clone())])
+        }),
+    )
 }
 
 #[test]
@@ -249,7 +274,10 @@ fn training_steps_release_graphs_and_keep_gradients_independent() {
         assert_eq!(gw_bits, again_w, "step {i}: gradient of w changed on recomputation");
         assert_eq!(gb_bits, again_b, "step {i}: gradient of b changed on recomputation");
         if let Some((pw, pb)) = &previous {
-            assert!(pw != &gw_bits || pb != &gb_bits, "step {i}: gradient did not follow the update");
+            assert!(
+                pw != &gw_bits || pb != &gb_bits,
+                "step {i}: gradient did not follow the update"
+            );
         }
         previous = Some((gw_bits, gb_bits));
 
@@ -269,8 +297,9 @@ fn training_steps_release_graphs_and_keep_gradients_independent() {
 
 #[test]
 fn long_chains_backpropagate_without_recursion() {
-    // The topological sort is iterative; a chain deeper than any model's graph must not
-    // overflow the stack during backward.
+    // The topological sort is iterative, so backward itself has no depth limit. Dropping the
+    // chain afterwards releases one node inside another (recursively), so the depth stays
+    // well within a test thread's 2 MiB stack.
     let x = Var::param(tensor(vec![0.25, -0.5], &[2]));
     let mut y = x.clone();
     for _ in 0..2_000 {

@@ -290,7 +290,12 @@ fn assert_err<T: std::fmt::Debug>(r: Result<T>, op: &str, needles: &[&str]) {
 // ---------------------------------------------------------------------------------------------
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(24))]
+    // grad_composite_pattention_layer sets aside ill-conditioned draws (about one in five);
+    // the raised limit keeps long runs (PROPTEST_CASES) from stopping on them.
+    #![proptest_config(ProptestConfig {
+        max_global_rejects: 1 << 20,
+        ..ProptestConfig::with_cases(24)
+    })]
 
     #[test]
     fn grad_add_sub_broadcast((da, db) in broadcast_pair(), seed in any::<u64>()) {
@@ -637,7 +642,13 @@ proptest! {
         });
         prop_assume!(well_conditioned);
         let op = |p: &[Var]| p[0].matmul_t(&p[1], false, true)?.pattention_norm(th, tau)?.matmul(&p[2]);
-        check(op, &[x, k, v], seed)
+        // Scores move by up to ~1.5·eps per step of an X or K entry, and a row norm can be as
+        // small as 0.5: with the default eps = 1e-2 the truncation error of the central
+        // difference reaches the tolerance on rare draws (the gradient then still agrees to
+        // 1e-3 at eps = 1e-3). A smaller step keeps it well below; f32 rounding stays negligible
+        // at these sizes.
+        let opts = GradcheckOptions { eps: 3e-3, ..opts(seed) };
+        check_with(op, &[x, k, v], &opts)
             .map_err(|e| TestCaseError::fail(format!("{}: {e}", theta_name(which))))?;
     }
 }
@@ -749,6 +760,7 @@ proptest! {
         // Large spreads check the max subtraction: exp of unshifted scores would overflow.
         let x = Tensor::randn(&dims, std, &mut Rng::new(seed));
         let row = *dims.last().unwrap();
+        let xv = values(&x);
         let y = values(&softmax::softmax(&x).unwrap());
         let ly = values(&softmax::log_softmax(&x).unwrap());
         for (r, (p, lp)) in y.chunks(row).zip(ly.chunks(row)).enumerate() {
@@ -757,7 +769,12 @@ proptest! {
             prop_assert!((s - 1.0).abs() <= 1e-5, "row {} sums to {}", r, s);
             let ls: f64 = lp.iter().map(|&v| (v as f64).exp()).sum();
             prop_assert!(lp.iter().all(|v| v.is_finite() && *v <= 0.0), "log row {} {:?}", r, lp);
-            prop_assert!((ls - 1.0).abs() <= 1e-5, "exp(log_softmax) row {} sums to {}", r, ls);
+            // log_softmax subtracts max + ln Σ as one f32, which carries the rounding of the
+            // max (reported; log_softmax_is_accurate_for_large_logits below): the tolerance
+            // grows with the largest logit.
+            let top = xv[r * row..][..row].iter().fold(0.0f32, |m, v| m.max(v.abs())) as f64;
+            let tol = 1e-5 + 2.0 * f32::EPSILON as f64 * top;
+            prop_assert!((ls - 1.0).abs() <= tol, "exp(log_softmax) row {} sums to {}", r, ls);
         }
     }
 
@@ -850,6 +867,56 @@ fn pattention_norm_of_a_zero_row_is_zero_with_zero_gradient() {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    #[test]
+    fn l2_norm_gelu_is_scale_invariant(
+        dims in prop::collection::vec(1usize..6, 2..=3),
+        log10_scale in -3.0f64..3.0,
+        tau in 0.5f32..4.0,
+        seed in any::<u64>(),
+    ) {
+        // GELU(τ·a/‖a‖) depends only on the direction of a row.
+        let a = randn(&dims, &mut Rng::new(seed));
+        let c = 10f64.powf(log10_scale) as f32;
+        let scaled = tokenformer::ops::unary::affine(&a, c, 0.0).unwrap();
+        let s = values(&pattention_norm::pattention_norm(&a, Theta::L2NormGelu, tau).unwrap());
+        let s_scaled = values(&pattention_norm::pattention_norm(&scaled, Theta::L2NormGelu, tau).unwrap());
+        for (x, y) in s.iter().zip(&s_scaled) {
+            prop_assert!((x - y).abs() <= 1e-5 * (1.0 + x.abs()), "{} vs {} at scale {}", x, y, c);
+        }
+    }
+}
+
+#[test]
+fn l2_norm_gelu_is_scale_invariant_at_extreme_scales() {
+    let a = tensor(vec![1.0, -0.5, 2.0], &[1, 3]);
+    let s = values(&pattention_norm::pattention_norm(&a, Theta::L2NormGelu, 2.0).unwrap());
+    for c in [1e20f32, 1e-23] {
+        let scaled = tokenformer::ops::unary::affine(&a, c, 0.0).unwrap();
+        let got =
+            values(&pattention_norm::pattention_norm(&scaled, Theta::L2NormGelu, 2.0).unwrap());
+        for (x, y) in s.iter().zip(&got) {
+            assert!((x - y).abs() <= 1e-5 * (1.0 + x.abs()), "scale {c}: {got:?} vs {s:?}");
+        }
+    }
+}
+
+#[test]
+fn log_softmax_is_accurate_for_large_logits() {
+    let x = tensor(vec![1000.0, 999.3, 998.1, 1000.2, 990.0, 999.9], &[2, 3]);
+    let got = values(&softmax::log_softmax(&x).unwrap());
+    for (row, out) in values(&x).chunks(3).zip(got.chunks(3)) {
+        let m = row.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+        let lse = row.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln();
+        for (&v, &y) in row.iter().zip(out) {
+            let want = (v as f64 - m) - lse;
+            assert!((y as f64 - want).abs() <= 1e-6, "{y} vs {want} (row {row:?})");
+        }
+    }
+}
+
 #[test]
 fn max_gradient_goes_to_the_first_of_tied_maxima() {
     let x = tensor(vec![1.0, 3.0, 3.0, 2.0, 5.0, 5.0], &[2, 3]);
@@ -896,7 +963,11 @@ fn binary_rejects_shapes_that_do_not_broadcast() {
     assert_err(binary::mul(&b, &a), "mul", &["[2, 3]", "[4]"]);
     assert_err(binary::div(&a, &b), "div", &["[2, 3]", "[4]"]);
     let c = Tensor::zeros(&[3, 2, 3], Device::Cpu).unwrap();
-    assert_err(binary::add(&c, &Tensor::zeros(&[2, 2, 3], Device::Cpu).unwrap()), "add", &["[3, 2, 3]", "[2, 2, 3]"]);
+    assert_err(
+        binary::add(&c, &Tensor::zeros(&[2, 2, 3], Device::Cpu).unwrap()),
+        "add",
+        &["[3, 2, 3]", "[2, 2, 3]"],
+    );
     assert_err(reduce::broadcast_to(&a, &[3, 3]), "broadcast_to", &["[2, 3]", "[3, 3]"]);
     // A Var op passes the kernel's error through.
     let err = Var::param(a).add(&Var::param(b)).unwrap_err().to_string();
@@ -907,15 +978,31 @@ fn binary_rejects_shapes_that_do_not_broadcast() {
 fn matmul_rejects_bad_shapes() {
     let z = |d: &[usize]| Tensor::zeros(d, Device::Cpu).unwrap();
     // Inner dimensions differ.
-    assert_err(matmul::matmul(&z(&[2, 3]), &z(&[4, 5]), false, false), "matmul", &["[2, 3]", "[4, 5]"]);
+    assert_err(
+        matmul::matmul(&z(&[2, 3]), &z(&[4, 5]), false, false),
+        "matmul",
+        &["[2, 3]", "[4, 5]"],
+    );
     // ... also after the transpose flags are applied.
     assert_err(matmul::matmul(&z(&[2, 3]), &z(&[2, 3]), false, false), "matmul", &["[2, 3]"]);
-    assert_err(matmul::matmul(&z(&[3, 2]), &z(&[4, 3]), false, true), "matmul", &["[3, 2]", "[4, 3]"]);
+    assert_err(
+        matmul::matmul(&z(&[3, 2]), &z(&[4, 3]), false, true),
+        "matmul",
+        &["[3, 2]", "[4, 3]"],
+    );
     // Rank 1 operand.
     assert_err(matmul::matmul(&z(&[3]), &z(&[3, 2]), false, false), "matmul", &["[3]", "[3, 2]"]);
     // Batch dims that neither match nor are shared.
-    assert_err(matmul::matmul(&z(&[2, 3, 4]), &z(&[3, 4, 5]), false, false), "matmul", &["[2, 3, 4]", "[3, 4, 5]"]);
-    assert_err(matmul::matmul(&z(&[2, 2, 3, 4]), &z(&[2, 4, 5]), false, false), "matmul", &["[2, 2, 3, 4]", "[2, 4, 5]"]);
+    assert_err(
+        matmul::matmul(&z(&[2, 3, 4]), &z(&[3, 4, 5]), false, false),
+        "matmul",
+        &["[2, 3, 4]", "[3, 4, 5]"],
+    );
+    assert_err(
+        matmul::matmul(&z(&[2, 2, 3, 4]), &z(&[2, 4, 5]), false, false),
+        "matmul",
+        &["[2, 2, 3, 4]", "[2, 4, 5]"],
+    );
 }
 
 #[test]
@@ -953,8 +1040,16 @@ fn reductions_reject_bad_axes() {
 fn layer_norm_rejects_bad_weight_bias_and_scalars() {
     let z = |d: &[usize]| Tensor::zeros(d, Device::Cpu).unwrap();
     let x = z(&[2, 3]);
-    assert_err(layer_norm::layer_norm(&x, Some(&z(&[4])), None, 1e-5), "layer_norm", &["[2, 3]", "[4]"]);
-    assert_err(layer_norm::layer_norm(&x, None, Some(&z(&[2, 3])), 1e-5), "layer_norm", &["[2, 3]"]);
+    assert_err(
+        layer_norm::layer_norm(&x, Some(&z(&[4])), None, 1e-5),
+        "layer_norm",
+        &["[2, 3]", "[4]"],
+    );
+    assert_err(
+        layer_norm::layer_norm(&x, None, Some(&z(&[2, 3])), 1e-5),
+        "layer_norm",
+        &["[2, 3]"],
+    );
     assert_err(layer_norm::layer_norm(&Tensor::scalar(1.0), None, None, 1e-5), "layer_norm", &[]);
 }
 
@@ -964,12 +1059,32 @@ fn cross_entropy_rejects_bad_targets_and_shapes() {
     let t = |v: Vec<f32>| tensor(v.clone(), &[v.len()]);
     // Out of range: V itself, negative, not an integer, not a number.
     assert_err(cross_entropy::cross_entropy(&logits, &t(vec![1.0, 4.0])), "cross_entropy", &["4"]);
-    assert_err(cross_entropy::cross_entropy(&logits, &t(vec![-1.0, 0.0])), "cross_entropy", &["-1"]);
-    assert_err(cross_entropy::cross_entropy(&logits, &t(vec![0.5, 0.0])), "cross_entropy", &["0.5"]);
-    assert_err(cross_entropy::cross_entropy(&logits, &t(vec![f32::NAN, 0.0])), "cross_entropy", &[]);
+    assert_err(
+        cross_entropy::cross_entropy(&logits, &t(vec![-1.0, 0.0])),
+        "cross_entropy",
+        &["-1"],
+    );
+    assert_err(
+        cross_entropy::cross_entropy(&logits, &t(vec![0.5, 0.0])),
+        "cross_entropy",
+        &["0.5"],
+    );
+    assert_err(
+        cross_entropy::cross_entropy(&logits, &t(vec![f32::NAN, 0.0])),
+        "cross_entropy",
+        &[],
+    );
     // Targets that do not match the rows, logits of the wrong rank.
-    assert_err(cross_entropy::cross_entropy(&logits, &t(vec![0.0, 1.0, 2.0])), "cross_entropy", &["[2, 4]", "[3]"]);
-    assert_err(cross_entropy::cross_entropy(&t(vec![0.0; 4]), &t(vec![0.0])), "cross_entropy", &["[4]"]);
+    assert_err(
+        cross_entropy::cross_entropy(&logits, &t(vec![0.0, 1.0, 2.0])),
+        "cross_entropy",
+        &["[2, 4]", "[3]"],
+    );
+    assert_err(
+        cross_entropy::cross_entropy(&t(vec![0.0; 4]), &t(vec![0.0])),
+        "cross_entropy",
+        &["[4]"],
+    );
     assert!(Var::param(logits).cross_entropy(&t(vec![7.0, 0.0])).is_err());
 }
 
@@ -983,7 +1098,11 @@ fn embedding_rejects_bad_ids() {
     assert_err(embedding::embedding(&weight, &ids(vec![2.5])), "embedding", &["2.5"]);
     assert_err(embedding::embedding(&weight, &ids(vec![f32::INFINITY])), "embedding", &[]);
     // Weight not a matrix.
-    assert_err(embedding::embedding(&Tensor::zeros(&[5], Device::Cpu).unwrap(), &ids(vec![0.0])), "embedding", &["[5]"]);
+    assert_err(
+        embedding::embedding(&Tensor::zeros(&[5], Device::Cpu).unwrap(), &ids(vec![0.0])),
+        "embedding",
+        &["[5]"],
+    );
     assert!(autograd::embedding(&Var::param(weight), &ids(vec![11.0])).is_err());
 }
 
@@ -991,8 +1110,16 @@ fn embedding_rejects_bad_ids() {
 fn attention_rope_softmax_and_pattention_reject_bad_shapes() {
     let z = |d: &[usize]| Tensor::zeros(d, Device::Cpu).unwrap();
     let q = z(&[1, 2, 3, 4]);
-    assert_err(attention::causal_attention(&q, &z(&[1, 2, 3, 5]), &q), "attention", &["[1, 2, 3, 4]", "[1, 2, 3, 5]"]);
-    assert_err(attention::causal_attention(&z(&[2, 3, 4]), &z(&[2, 3, 4]), &z(&[2, 3, 4])), "attention", &["[2, 3, 4]"]);
+    assert_err(
+        attention::causal_attention(&q, &z(&[1, 2, 3, 5]), &q),
+        "attention",
+        &["[1, 2, 3, 4]", "[1, 2, 3, 5]"],
+    );
+    assert_err(
+        attention::causal_attention(&z(&[2, 3, 4]), &z(&[2, 3, 4]), &z(&[2, 3, 4])),
+        "attention",
+        &["[2, 3, 4]"],
+    );
     assert_err(softmax::causal_softmax(&z(&[2, 3]), 1.0), "causal_softmax", &["[2, 3]"]);
     assert_err(softmax::softmax(&Tensor::scalar(0.0)), "softmax", &[]);
 
@@ -1002,5 +1129,261 @@ fn attention_rope_softmax_and_pattention_reject_bad_shapes() {
     assert_err(rope::rope(&z(&[5, 4]), &cos, &sin), "rope", &["[5, 4]"]);
     assert!(rope::rope_tables(4, 3, 10000.0).is_err(), "odd rotary dims must be rejected");
 
-    assert_err(pattention_norm::pattention_norm(&Tensor::scalar(1.0), Theta::L2NormGelu, 1.0), "pattention_norm", &[]);
+    assert_err(
+        pattention_norm::pattention_norm(&Tensor::scalar(1.0), Theta::L2NormGelu, 1.0),
+        "pattention_norm",
+        &[],
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Exact zeros appended to a row (what makes growth exact, SPEC §4)
+// ---------------------------------------------------------------------------------------------
+
+/// `x` [rows, n] with `m` zero columns appended.
+fn append_zero_columns(x: &Tensor, m: usize) -> Tensor {
+    let (rows, n) = (x.dims()[0], x.dims()[1]);
+    let zeros = Tensor::zeros(&[rows, m], Device::Cpu).unwrap();
+    let joined = layout::concat(&[x.clone(), zeros], 1).unwrap();
+    assert_eq!(joined.dims(), &[rows, n + m]);
+    joined
+}
+
+fn columns(x: &Tensor, start: usize, len: usize) -> Vec<u32> {
+    bits(&layout::narrow(x, 1, start, len).unwrap())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    #[test]
+    fn appended_zero_scores_change_nothing(
+        (rows, n, m, d) in (1usize..5, 1usize..40, 1usize..40, 1usize..6),
+        which in 0u8..2,
+        tau in 0.5f32..6.0,
+        seed in any::<u64>(),
+    ) {
+        let mut rng = Rng::new(seed);
+        let th = theta(which);
+        let a = randn(&[rows, n], &mut rng);
+        let grown = append_zero_columns(&a, m);
+
+        // Θ: the old columns are bit-identical and the new ones exactly 0 (GELU(0) = 0).
+        let s = pattention_norm::pattention_norm(&a, th, tau).unwrap();
+        let s_grown = pattention_norm::pattention_norm(&grown, th, tau).unwrap();
+        prop_assert_eq!(columns(&s_grown, 0, n), bits(&s), "{}", theta_name(which));
+        prop_assert!(values(&layout::narrow(&s_grown, 1, n, m).unwrap()).iter().all(|&v| v == 0.0));
+
+        // Θ's backward: the gradient of the old scores is unchanged whatever flows into the new.
+        let g = randn(&[rows, n], &mut rng);
+        let g_grown = layout::concat(&[g.clone(), randn(&[rows, m], &mut rng)], 1).unwrap();
+        let ga = pattention_norm::pattention_norm_backward(&a, th, tau, &g).unwrap();
+        let ga_grown = pattention_norm::pattention_norm_backward(&grown, th, tau, &g_grown).unwrap();
+        prop_assert_eq!(columns(&ga_grown, 0, n), bits(&ga), "{} backward", theta_name(which));
+
+        // S·V with new value rows behind zero scores: the product is bit-identical.
+        let v = randn(&[n, d], &mut rng);
+        let v_grown = layout::concat(&[v.clone(), randn(&[m, d], &mut rng)], 0).unwrap();
+        let o = matmul::matmul(&s, &v, false, false).unwrap();
+        let o_grown = matmul::matmul(&s_grown, &v_grown, false, false).unwrap();
+        prop_assert_eq!(bits(&o_grown), bits(&o), "S·V");
+
+        // Row sums ignore appended zeros too.
+        let sum = reduce::sum(&a, &[1], false).unwrap();
+        prop_assert_eq!(bits(&reduce::sum(&grown, &[1], false).unwrap()), bits(&sum));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Large tensors: the parallel CPU path gives what the sequential one does
+// ---------------------------------------------------------------------------------------------
+
+/// Applies `f` to each row [1, n] of `x` [rows, n] separately (each call small enough to run
+/// sequentially) and joins the results.
+fn row_by_row(x: &Tensor, f: impl Fn(&Tensor) -> Tensor) -> Vec<u32> {
+    let n = x.dims()[1];
+    (0..x.dims()[0])
+        .flat_map(|r| bits(&f(&layout::narrow(x, 0, r, 1).unwrap().reshape(&[1, n]).unwrap())))
+        .collect()
+}
+
+fn assert_close(got: &[f32], want: &[f64], tol: f64, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        assert!((g as f64 - w).abs() <= tol * (1.0 + w.abs()), "{what}: element {i}: {g} vs {w}");
+    }
+}
+
+#[test]
+fn large_row_ops_match_row_by_row_bit_for_bit() {
+    // 48 × 1024 = 49152 elements: above the size where the CPU kernels split work over threads.
+    let mut rng = Rng::new(21);
+    let (rows, n) = (48, 1024);
+    let x = Tensor::randn(&[rows, n], 2.0, &mut rng);
+    let g = randn(&[rows, n], &mut rng);
+    let w = randn(&[n], &mut rng);
+    let b = randn(&[n], &mut rng);
+    let whole = |t: Tensor| bits(&t);
+    let g_row = |r: &Tensor| {
+        if r.dims()[0] == rows {
+            return g.clone();
+        }
+        // The matching row of g, found by the row's first value (rows of randn are distinct).
+        let first = values(r)[0];
+        let xv = values(&x);
+        let i = (0..rows).find(|&i| xv[i * n] == first).unwrap();
+        layout::narrow(&g, 0, i, 1).unwrap()
+    };
+
+    let cases: Vec<(&str, Box<dyn Fn(&Tensor) -> Tensor>)> = vec![
+        ("softmax", Box::new(|t| softmax::softmax(t).unwrap())),
+        ("log_softmax", Box::new(|t| softmax::log_softmax(t).unwrap())),
+        ("gelu", Box::new(|t| tokenformer::ops::unary::gelu(t).unwrap())),
+        ("exp", Box::new(|t| tokenformer::ops::unary::exp(t).unwrap())),
+        ("add broadcast row", Box::new(|t| binary::add(t, &w).unwrap())),
+        ("sum last axis", Box::new(|t| reduce::sum(t, &[1], true).unwrap())),
+        ("max last axis", Box::new(|t| reduce::max(t, 1, true).unwrap())),
+        (
+            "layer_norm",
+            Box::new(|t| layer_norm::layer_norm(t, Some(&w), Some(&b), 1e-5).unwrap().0),
+        ),
+        (
+            "layer_norm backward",
+            Box::new(|t| {
+                let (_, stats) = layer_norm::layer_norm(t, Some(&w), Some(&b), 1e-5).unwrap();
+                layer_norm::layer_norm_backward(t, Some(&w), &stats, &g_row(t)).unwrap().0
+            }),
+        ),
+        (
+            "softmax backward",
+            Box::new(|t| {
+                softmax::softmax_backward(&softmax::softmax(t).unwrap(), &g_row(t)).unwrap()
+            }),
+        ),
+        (
+            "log_softmax backward",
+            Box::new(|t| {
+                softmax::log_softmax_backward(&softmax::log_softmax(t).unwrap(), &g_row(t)).unwrap()
+            }),
+        ),
+        (
+            "cross_entropy lse",
+            Box::new(|t| {
+                let r = t.dims()[0];
+                cross_entropy::cross_entropy(t, &Tensor::zeros(&[r], Device::Cpu).unwrap())
+                    .unwrap()
+                    .1
+            }),
+        ),
+    ];
+    for (name, f) in &cases {
+        assert_eq!(whole(f(&x)), row_by_row(&x, f), "{name}");
+    }
+    for th in [Theta::L2NormGelu, Theta::GeluL2Norm, Theta::Softmax] {
+        let fwd = |t: &Tensor| pattention_norm::pattention_norm(t, th, 3.0).unwrap();
+        assert_eq!(whole(fwd(&x)), row_by_row(&x, fwd), "pattention_norm {th:?}");
+        let bwd =
+            |t: &Tensor| pattention_norm::pattention_norm_backward(t, th, 3.0, &g_row(t)).unwrap();
+        assert_eq!(whole(bwd(&x)), row_by_row(&x, bwd), "pattention_norm backward {th:?}");
+    }
+}
+
+#[test]
+fn large_slices_match_slice_by_slice() {
+    let mut rng = Rng::new(22);
+    // causal_softmax and rope over [2, 3, T, ·], each [T, ·] slice alone below the parallel size.
+    let scores = randn(&[2, 3, 128, 128], &mut rng);
+    let p = softmax::causal_softmax(&scores, 0.125).unwrap();
+    let x = randn(&[2, 4, 130, 32], &mut rng);
+    let (cos, sin) = rope::rope_tables(130, 16, 10000.0).unwrap();
+    let r = rope::rope(&x, &cos, &sin).unwrap();
+    let rb = rope::rope_backward(&x, &cos, &sin).unwrap();
+    for (whole, input, f) in [
+        (
+            &p,
+            &scores,
+            &(|t: &Tensor| softmax::causal_softmax(t, 0.125).unwrap())
+                as &dyn Fn(&Tensor) -> Tensor,
+        ),
+        (&r, &x, &|t: &Tensor| rope::rope(t, &cos, &sin).unwrap()),
+        (&rb, &x, &|t: &Tensor| rope::rope_backward(t, &cos, &sin).unwrap()),
+    ] {
+        let d = input.dims();
+        let slices = d[0] * d[1];
+        let flat = input.reshape(&[slices, d[2], d[3]]).unwrap();
+        let parts: Vec<u32> = (0..slices)
+            .flat_map(|s| {
+                let slice = layout::narrow(&flat, 0, s, 1).unwrap().reshape(&[d[2], d[3]]).unwrap();
+                bits(&f(&slice))
+            })
+            .collect();
+        assert_eq!(bits(whole), parts);
+    }
+    // Attention per head, to a tolerance (the batched products may group sums differently).
+    let dims = [1, 2, 96, 64];
+    let (q, k, v) = (randn(&dims, &mut rng), randn(&dims, &mut rng), randn(&dims, &mut rng));
+    let (out, _) = attention::causal_attention(&q, &k, &v).unwrap();
+    for h in 0..2 {
+        let head = |t: &Tensor| layout::narrow(t, 1, h, 1).unwrap();
+        let (oh, _) = attention::causal_attention(&head(&q), &head(&k), &head(&v)).unwrap();
+        let want: Vec<f64> = values(&oh).iter().map(|&x| x as f64).collect();
+        assert_close(&values(&head(&out)), &want, 1e-5, "attention head");
+    }
+}
+
+#[test]
+fn large_matmuls_sums_and_scatters_match_naive_loops() {
+    let mut rng = Rng::new(23);
+    let cases = [
+        // (a dims, b dims, m, k, n, trans_a, trans_b, batch, a_batched, b_batched)
+        (vec![300, 64], vec![64, 200], 300, 64, 200, false, false, vec![], true, true),
+        (vec![64, 300], vec![200, 64], 300, 64, 200, true, true, vec![], true, true),
+        (vec![4, 64, 70], vec![4, 70, 64], 64, 70, 64, false, false, vec![4], true, true),
+        (vec![4, 100, 64], vec![50, 64], 100, 64, 50, false, true, vec![4], true, false),
+        (vec![64, 100], vec![3, 64, 90], 100, 64, 90, true, false, vec![3], false, true),
+    ];
+    for (a_dims, b_dims, m, k, n, trans_a, trans_b, batch, a_batched, b_batched) in cases {
+        let case = MatmulCase {
+            a: a_dims,
+            b: b_dims,
+            m,
+            k,
+            n,
+            trans_a,
+            trans_b,
+            batch,
+            a_batched,
+            b_batched,
+        };
+        let (a, b) = (randn(&case.a, &mut rng), randn(&case.b, &mut rng));
+        let got = matmul::matmul(&a, &b, trans_a, trans_b).unwrap();
+        let (want, _) = naive_matmul(&case, &values(&a), &values(&b));
+        assert_close(&values(&got), &want, 1e-4, &format!("matmul {case:?}"));
+    }
+
+    // Sums over a leading axis, where each task owns a block of columns.
+    let x = randn(&[3, 40, 700], &mut rng);
+    let xv = values(&x);
+    let s = values(&reduce::sum(&x, &[1], false).unwrap());
+    let want: Vec<f64> = (0..3)
+        .flat_map(|o| {
+            let xv = &xv;
+            (0..700).map(move |i| (0..40).map(|d| xv[(o * 40 + d) * 700 + i] as f64).sum())
+        })
+        .collect();
+    assert_close(&s, &want, 1e-5, "sum over axis 1");
+
+    // Scatter-add of many repeated ids.
+    let (vocab, d, count) = (50, 64, 1000);
+    let ids = ints(&[count], vocab, &mut rng);
+    let g = randn(&[count, d], &mut rng);
+    let gw = values(&embedding::embedding_backward(&ids, &g, vocab).unwrap());
+    let (idv, gv) = (values(&ids), values(&g));
+    let mut want = vec![0.0f64; vocab * d];
+    for (p, &id) in idv.iter().enumerate() {
+        for j in 0..d {
+            want[id as usize * d + j] += gv[p * d + j] as f64;
+        }
+    }
+    assert_close(&gw, &want, 1e-5, "embedding_backward");
 }

@@ -4,7 +4,9 @@
 //! (a plain sum would hide mistakes that cancel, such as a softmax gradient off by a constant
 //! per row). Then for every input element x_j:
 //!
-//!     numeric_j = (L(x + ε·e_j) − L(x − ε·e_j)) / 2ε
+//! ```text
+//! numeric_j = (L(x + ε·e_j) − L(x − ε·e_j)) / 2ε
+//! ```
 //!
 //! is compared with the analytic ∂L/∂x_j from `backward`: they must agree within
 //! atol + rtol·|numeric|. The engine is f32, so ε is large-ish (1e-2 by default) and L is

@@ -22,6 +22,23 @@ struct Node {
     grad_fn: Option<GradFn>,
 }
 
+impl Drop for Node {
+    /// Frees the graph below this node iteratively: the default recursive drop of a long chain
+    /// of ops would overflow the stack.
+    fn drop(&mut self) {
+        let Some(grad_fn) = self.grad_fn.take() else { return };
+        let mut orphans = grad_fn.inputs;
+        while let Some(var) = orphans.pop() {
+            // Only nodes no one else holds are freed here; their inputs join the worklist.
+            if let Ok(mut node) = Arc::try_unwrap(var.0) {
+                if let Some(inner) = node.grad_fn.take() {
+                    orphans.extend(inner.inputs);
+                }
+            }
+        }
+    }
+}
+
 /// A tensor in the graph. Cloning is cheap (a shared handle).
 #[derive(Clone)]
 pub struct Var(Arc<Node>);

@@ -4,8 +4,9 @@
 //! returns an error naming the missing library instead of a panic.
 //!
 //! Kernels are CUDA C source strings compiled by NVRTC on first use, to machine code for the
-//! device's own architecture, and cached for the life of the process (`CudaBackend::function`). All work is
-//! queued on one stream, so kernels, copies and cuBLAS calls run in the order they were issued.
+//! device's own architecture, and cached for the life of the process (`CudaBackend::function`).
+//! All work is queued on one stream, so kernels, copies and cuBLAS calls run in the order they
+//! were issued.
 
 use crate::{Error, Result, Shape, Storage, Tensor};
 use cudarc::cublas::CudaBlas;
@@ -136,7 +137,11 @@ pub fn check_cublas_present() -> Result<()> {
 
 /// A launch of `n` independent threads, `BLOCK` per block.
 pub fn launch_1d(n: u32) -> LaunchConfig {
-    LaunchConfig { grid_dim: (n.div_ceil(BLOCK), 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }
+    LaunchConfig {
+        grid_dim: (n.div_ceil(BLOCK), 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
 /// A launch of one block of `BLOCK` threads per row.
@@ -161,7 +166,9 @@ unsafe fn compile_to_cubin(
     let mut size = 0usize;
     sys::nvrtcGetCUBINSize(program, &mut size).result().map_err(|e| format!("{e:?}"))?;
     let mut cubin = vec![0u8; size];
-    sys::nvrtcGetCUBIN(program, cubin.as_mut_ptr().cast()).result().map_err(|e| format!("{e:?}"))?;
+    sys::nvrtcGetCUBIN(program, cubin.as_mut_ptr().cast())
+        .result()
+        .map_err(|e| format!("{e:?}"))?;
     Ok(cubin)
 }
 
@@ -310,9 +317,11 @@ impl CudaBackend {
     }
 
     /// The cuBLAS handle (on this backend's stream), with its math mode set to the current
-    /// TF32 switch.
+    /// TF32 switch and this device's context current on the calling thread (cuBLAS runs on
+    /// whichever context is current).
     pub fn blas(&self) -> Result<&CudaBlas> {
         use cudarc::cublas::sys::{cublasMath_t, cublasSetMathMode};
+        self.context.bind_to_thread().map_err(|e| cuda_err("binding the device", e))?;
         let wanted = tf32_enabled();
         let mut current = self.blas_uses_tf32.lock().unwrap_or_else(|p| p.into_inner());
         if *current != wanted {

@@ -1,14 +1,16 @@
 //! The TokenFormer language model (SPEC §2): a pre-norm decoder in which every projection is a
 //! Pattention.
 //!
-//!     x = E[tokens]
-//!     for each layer:
-//!         y = LN₀(x)                               (no weight, no bias)
-//!         q, k, v = Pq(y), Pk(y), Pv(y)
-//!         q, k = RoPE(q), RoPE(k)                  first r dims of each head
-//!         x = x + Po(causal_attention(q, k, v))
-//!         x = x + Pffn(LN₀(x))
-//!     logits = LN_final(x)·Eᵀ                      tied embedding
+//! ```text
+//! x = E[tokens]
+//! for each layer:
+//!     y = LN₀(x)                               (no weight, no bias)
+//!     q, k, v = Pq(y), Pk(y), Pv(y)
+//!     q, k = RoPE(q), RoPE(k)                  first r dims of each head
+//!     x = x + Po(causal_attention(q, k, v))
+//!     x = x + Pffn(LN₀(x))
+//! logits = LN_final(x)·Eᵀ                      tied embedding
+//! ```
 //!
 //! Growth (SPEC §4) returns a new model with more parameter tokens; see [`TokenFormer::grow`].
 

@@ -2,8 +2,10 @@
 //!
 //! Per parameter p with gradient g at step t (1-based):
 //!
-//!     m = β₁m + (1−β₁)g          v = β₂v + (1−β₂)g²
-//!     p = p·(1 − lr·wd) − lr · (m/(1−β₁ᵗ)) / (√(v/(1−β₂ᵗ)) + ε)
+//! ```text
+//! m = β₁m + (1−β₁)g          v = β₂v + (1−β₂)g²
+//! p = p·(1 − lr·wd) − lr · (m/(1−β₁ᵗ)) / (√(v/(1−β₂ᵗ)) + ε)
+//! ```
 //!
 //! The update kernel is the `adamw` family in tokenformer-ops. Weight decay applies to the
 //! token matrices and the embedding, never to LayerNorm parameters (SPEC §3).

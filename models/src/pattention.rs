@@ -1,8 +1,10 @@
 //! Pattention: attention from input tokens to learnable parameter tokens (SPEC §1).
 //!
-//!     A = X·Kᵀ    (T×n)      K: n key tokens of width d_in
-//!     S = Θ(A)    row-wise   one of three normalisations, scaled by τ = √n₀
-//!     O = S·V     (T×d_out)  V: n value tokens of width d_out
+//! ```text
+//! A = X·Kᵀ    (T×n)      K: n key tokens of width d_in
+//! S = Θ(A)    row-wise   one of three normalisations, scaled by τ = √n₀
+//! O = S·V     (T×d_out)  V: n value tokens of width d_out
+//! ```
 //!
 //! It stands in for every linear layer of a transformer. Because the parameters are a *set of
 //! tokens*, a layer can grow by appending tokens: with new keys exactly zero, their scores are

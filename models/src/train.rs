@@ -190,8 +190,9 @@ pub fn is_run_dir(dir: &Path) -> bool {
     is_checkpoint_dir(dir) || dir.join("metrics.jsonl").exists()
 }
 
-/// Starts a new run in `out`, which must not hold a run already.
-pub fn train_new(out: &Path, settings: TrainSettings, device: Device, control: TrainControl) -> Result<TrainSummary> {
+/// The checks `train_new` makes before it touches anything: valid settings, and an `out` that
+/// does not hold a run already. Returns the model config of the run.
+pub fn check_new_run(out: &Path, settings: &TrainSettings) -> Result<ModelConfig> {
     settings.validate()?;
     let config = settings.model_config()?;
     if is_run_dir(out) {
@@ -200,6 +201,12 @@ pub fn train_new(out: &Path, settings: TrainSettings, device: Device, control: T
             out.display()
         )));
     }
+    Ok(config)
+}
+
+/// Starts a new run in `out`, which must not hold a run already.
+pub fn train_new(out: &Path, settings: TrainSettings, device: Device, control: TrainControl) -> Result<TrainSummary> {
+    let config = check_new_run(out, &settings)?;
     create_dir(out)?;
     let model = TokenFormer::init(&config, settings.seed, device)?;
     let optimizer = Optimizer::new(&model, settings.adamw())?;
@@ -341,11 +348,15 @@ fn run(
             let value = loss.value().to_scalar()?;
             if !value.is_finite() {
                 progress.finish();
+                let advice = if s.clip > 0.0 { "a smaller --clip" } else { "a gradient clip, e.g. --clip 1" };
+                let kept = if is_checkpoint_dir(dir) {
+                    format!("the last good checkpoint in {} is kept", dir.display())
+                } else {
+                    format!("no checkpoint had been saved in {} yet", dir.display())
+                };
                 return Err(Error::invalid(format!(
-                    "the loss became {value} at step {}; stopping. The last good checkpoint in {} is kept \
-                     (try a lower --lr or a smaller --clip)",
-                    step + 1,
-                    dir.display()
+                    "the loss became non-finite ({value}) at step {}; stopping: {kept} (try a lower --lr or {advice})",
+                    step + 1
                 )));
             }
             loss_sum += value as f64;
@@ -396,7 +407,7 @@ fn run(
         if let Some(norm) = grad_norm {
             record = record.with("grad_norm", norm as f64);
         }
-        let evaluate = state.step % s.eval_every == 0 || state.step == s.steps;
+        let evaluate = state.step.is_multiple_of(s.eval_every) || state.step == s.steps;
         if evaluate {
             let val = validation_loss(&model, &data, &s)?;
             record.val_loss = Some(val);
@@ -414,7 +425,7 @@ fn run(
         }
         let finished = state.step == s.steps;
         let stop = control.stop.load(Ordering::SeqCst);
-        if state.step % s.save_every == 0 || finished || stop {
+        if state.step.is_multiple_of(s.save_every) || finished || stop {
             save(dir, &model, &optimizer, &state)?;
         }
         if stop && !finished {

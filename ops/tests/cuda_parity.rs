@@ -7,7 +7,9 @@
 //! |--------------------------------------------------|-------|-------|-------------------------|
 //! | copies: layout, broadcast_to, embedding, max     | 0     | 0     | they move values only   |
 //! | elementwise arithmetic (binary, neg, affine, …)  | 1e-6  | 1e-5  | FMA contraction         |
-//! | elementwise transcendental (exp, log, gelu, …)   | 1e-6  | 1e-5  | expf/erff ulps          |
+//! | elementwise transcendental (exp, log, powf, …)   | 1e-6  | 1e-5  | expf/logf ulps          |
+//! | gelu and its gradient                            | 5e-6  | 1e-5  | CPU erf is a fit ±6e-7  |
+//! | rope (x₁·cos − x₂·sin cancels near 0)            | 1e-5  | 1e-5  | FMA contraction         |
 //! | reductions, norms, softmax, Θ, cross-entropy     | 1e-5  | 1e-4  | summation order         |
 //! | sum_all, sum_squares (thousands of terms)        | 1e-3  | 1e-4  | f32 tree vs f64 CPU sum |
 //! | matmul and attention (cuBLAS, TF32 off)          | 1e-4  | 1e-3  | GEMM blocking order     |
@@ -29,8 +31,7 @@ use tokenformer_ops::layout::{
 use tokenformer_ops::matmul::{matmul, matmul_backward};
 use tokenformer_ops::pattention_norm::{pattention_norm, pattention_norm_backward, Theta};
 use tokenformer_ops::reduce::{
-    broadcast_to, max, max_backward, mean, mean_backward, sum, sum_all, sum_backward,
-    sum_to_shape,
+    broadcast_to, max, max_backward, mean, mean_backward, sum, sum_all, sum_backward, sum_to_shape,
 };
 use tokenformer_ops::rope::{rope, rope_backward, rope_tables};
 use tokenformer_ops::softmax::{
@@ -48,6 +49,8 @@ struct Tol {
 const EXACT: Tol = Tol { atol: 0.0, rtol: 0.0 };
 const ELEMENTWISE: Tol = Tol { atol: 1e-6, rtol: 1e-5 };
 const TRANSCENDENTAL: Tol = Tol { atol: 1e-6, rtol: 1e-5 };
+const GELU: Tol = Tol { atol: 5e-6, rtol: 1e-5 };
+const ROTATION: Tol = Tol { atol: 1e-5, rtol: 1e-5 };
 const REDUCTION: Tol = Tol { atol: 1e-5, rtol: 1e-4 };
 const LONG_SUM: Tol = Tol { atol: 1e-3, rtol: 1e-4 };
 const GEMM: Tol = Tol { atol: 1e-4, rtol: 1e-3 };
@@ -56,6 +59,8 @@ const GPU: Device = Device::Cuda(0);
 
 type UnaryOp = fn(&Tensor) -> tokenformer_core::Result<Tensor>;
 type BinaryOp = fn(&Tensor, &Tensor) -> tokenformer_core::Result<Tensor>;
+/// (a's batch dims, b's batch dims, m, k, n) of a product op(a)·op(b).
+type MatmulCase = (&'static [usize], &'static [usize], usize, usize, usize);
 
 /// The device to test on, or None after printing why the test is skipped.
 fn cuda_or_skip() -> Option<Device> {
@@ -144,8 +149,12 @@ fn binary_ops_broadcast_like_the_cpu() {
         // Divisors kept away from 0, so the quotients are well conditioned.
         let b = uniform(bd, 0.5, 2.0, 20 + case as u64);
         let (ga, gb) = (gpu(&a), gpu(&b));
-        let ops: [(&str, BinaryOp); 4] =
-            [("add", binary::add), ("sub", binary::sub), ("mul", binary::mul), ("div", binary::div)];
+        let ops: [(&str, BinaryOp); 4] = [
+            ("add", binary::add),
+            ("sub", binary::sub),
+            ("mul", binary::mul),
+            ("div", binary::div),
+        ];
         for (name, f) in ops {
             let what = format!("{name} {ad:?} {bd:?}");
             assert_matches(&what, &f(&ga, &gb).unwrap(), &f(&a, &b).unwrap(), ELEMENTWISE);
@@ -156,8 +165,16 @@ fn binary_ops_broadcast_like_the_cpu() {
         let pairs = [
             ("add_backward", add_backward(ad, bd, &gg).unwrap(), add_backward(ad, bd, &g).unwrap()),
             ("sub_backward", sub_backward(ad, bd, &gg).unwrap(), sub_backward(ad, bd, &g).unwrap()),
-            ("mul_backward", mul_backward(&ga, &gb, &gg).unwrap(), mul_backward(&a, &b, &g).unwrap()),
-            ("div_backward", div_backward(&ga, &gb, &gg).unwrap(), div_backward(&a, &b, &g).unwrap()),
+            (
+                "mul_backward",
+                mul_backward(&ga, &gb, &gg).unwrap(),
+                mul_backward(&a, &b, &g).unwrap(),
+            ),
+            (
+                "div_backward",
+                div_backward(&ga, &gb, &gg).unwrap(),
+                div_backward(&a, &b, &g).unwrap(),
+            ),
         ];
         for (name, (c0, c1), (r0, r1)) in pairs {
             assert_matches(&format!("{name} ga {ad:?} {bd:?}"), &c0, &r0, REDUCTION);
@@ -180,7 +197,7 @@ fn unary_ops_and_their_gradients_match() {
         ("log", unary::log, &positive, &gpos, TRANSCENDENTAL),
         ("sqrt", unary::sqrt, &positive, &gpos, TRANSCENDENTAL),
         ("square", unary::square, &x, &gx, ELEMENTWISE),
-        ("gelu", unary::gelu, &x, &gx, TRANSCENDENTAL),
+        ("gelu", unary::gelu, &x, &gx, GELU),
     ];
     for (name, f, cpu_in, gpu_in, tol) in maps {
         assert_matches(name, &f(gpu_in).unwrap(), &f(cpu_in).unwrap(), tol);
@@ -198,22 +215,35 @@ fn unary_ops_and_their_gradients_match() {
             unary::exp_backward(&gpu(&exp_y), &gg).unwrap(),
             unary::exp_backward(&exp_y, &g).unwrap(),
         ),
-        ("log_backward", unary::log_backward(&gpos, &gg).unwrap(), unary::log_backward(&positive, &g).unwrap()),
+        (
+            "log_backward",
+            unary::log_backward(&gpos, &gg).unwrap(),
+            unary::log_backward(&positive, &g).unwrap(),
+        ),
         (
             "sqrt_backward",
             unary::sqrt_backward(&gpu(&sqrt_y), &gg).unwrap(),
             unary::sqrt_backward(&sqrt_y, &g).unwrap(),
         ),
-        ("square_backward", unary::square_backward(&gx, &gg).unwrap(), unary::square_backward(&x, &g).unwrap()),
+        (
+            "square_backward",
+            unary::square_backward(&gx, &gg).unwrap(),
+            unary::square_backward(&x, &g).unwrap(),
+        ),
         (
             "powf_backward",
             unary::powf_backward(&gpos, 1.7, &gg).unwrap(),
             unary::powf_backward(&positive, 1.7, &g).unwrap(),
         ),
-        ("gelu_backward", unary::gelu_backward(&gx, &gg).unwrap(), unary::gelu_backward(&x, &g).unwrap()),
+        (
+            "gelu_backward",
+            unary::gelu_backward(&gx, &gg).unwrap(),
+            unary::gelu_backward(&x, &g).unwrap(),
+        ),
     ];
     for (name, cuda, cpu) in backward {
-        assert_matches(name, &cuda, &cpu, TRANSCENDENTAL);
+        let tol = if name == "gelu_backward" { GELU } else { TRANSCENDENTAL };
+        assert_matches(name, &cuda, &cpu, tol);
     }
 }
 
@@ -238,7 +268,12 @@ fn reductions_and_broadcasts_match() {
             assert_matches(&what, &c, &sum_backward(&g, &dims, axes, keepdim).unwrap(), EXACT);
             let what = format!("mean_backward {axes:?} keepdim {keepdim}");
             let c = mean_backward(&gpu(&g), &dims, axes, keepdim).unwrap();
-            assert_matches(&what, &c, &mean_backward(&g, &dims, axes, keepdim).unwrap(), ELEMENTWISE);
+            assert_matches(
+                &what,
+                &c,
+                &mean_backward(&g, &dims, axes, keepdim).unwrap(),
+                ELEMENTWISE,
+            );
         }
     }
     for axis in 0..3 {
@@ -267,7 +302,12 @@ fn reductions_and_broadcasts_match() {
     assert_matches("broadcast_to", &c, &broadcast_to(&small, &dims).unwrap(), EXACT);
     for target in [&[37, 1][..], &[129], &[3, 1, 129], &[1, 37, 129], &[]] {
         let c = sum_to_shape(&gx, target).unwrap();
-        assert_matches(&format!("sum_to_shape {target:?}"), &c, &sum_to_shape(&x, target).unwrap(), LONG_SUM);
+        assert_matches(
+            &format!("sum_to_shape {target:?}"),
+            &c,
+            &sum_to_shape(&x, target).unwrap(),
+            LONG_SUM,
+        );
     }
 }
 
@@ -286,10 +326,16 @@ fn layout_copies_are_exact() {
     let perm6 = [5, 2, 0, 4, 1, 3];
     let c = permute(&gpu(&x6), &perm6).unwrap();
     assert_matches("permute rank 6", &c, &permute(&x6, &perm6).unwrap(), EXACT);
-    assert_matches("transpose", &transpose(&gx, 0, 2).unwrap(), &transpose(&x, 0, 2).unwrap(), EXACT);
+    assert_matches(
+        "transpose",
+        &transpose(&gx, 0, 2).unwrap(),
+        &transpose(&x, 0, 2).unwrap(),
+        EXACT,
+    );
 
     for (axis, start, len) in [(0, 1, 2), (1, 5, 30), (2, 0, 129), (2, 100, 29)] {
-        let (c, r) = (narrow(&gx, axis, start, len).unwrap(), narrow(&x, axis, start, len).unwrap());
+        let (c, r) =
+            (narrow(&gx, axis, start, len).unwrap(), narrow(&x, axis, start, len).unwrap());
         assert_matches(&format!("narrow {axis} {start} {len}"), &c, &r, EXACT);
         let c = narrow_backward(&gpu(&r), x.dims(), axis, start).unwrap();
         let r = narrow_backward(&r, x.dims(), axis, start).unwrap();
@@ -308,8 +354,7 @@ fn layout_copies_are_exact() {
 #[test]
 fn matmul_matches_for_every_flag_and_batch_layout() {
     require_cuda!();
-    // (a batch, b batch, m, k, n)
-    let cases: &[(&[usize], &[usize], usize, usize, usize)] = &[
+    let cases: &[MatmulCase] = &[
         (&[], &[], 37, 129, 65),
         (&[3], &[3], 37, 65, 129),
         (&[2, 3], &[2, 3], 17, 33, 9),
@@ -348,9 +393,19 @@ fn softmax_family_matches() {
         let (gx, gg) = (gpu(&x), gpu(&g));
         let (y, log_y) = (softmax(&x).unwrap(), log_softmax(&x).unwrap());
         assert_matches(&format!("softmax {dims:?}"), &softmax(&gx).unwrap(), &y, REDUCTION);
-        assert_matches(&format!("log_softmax {dims:?}"), &log_softmax(&gx).unwrap(), &log_y, REDUCTION);
+        assert_matches(
+            &format!("log_softmax {dims:?}"),
+            &log_softmax(&gx).unwrap(),
+            &log_y,
+            REDUCTION,
+        );
         let c = softmax_backward(&gpu(&y), &gg).unwrap();
-        assert_matches(&format!("softmax_backward {dims:?}"), &c, &softmax_backward(&y, &g).unwrap(), REDUCTION);
+        assert_matches(
+            &format!("softmax_backward {dims:?}"),
+            &c,
+            &softmax_backward(&y, &g).unwrap(),
+            REDUCTION,
+        );
         let c = log_softmax_backward(&gpu(&log_y), &gg).unwrap();
         let r = log_softmax_backward(&log_y, &g).unwrap();
         assert_matches(&format!("log_softmax_backward {dims:?}"), &c, &r, REDUCTION);
@@ -415,11 +470,19 @@ fn pattention_norms_match_and_zero_rows_stay_zero() {
     let tau = (100.0f32).sqrt();
     for theta in [Theta::L2NormGelu, Theta::GeluL2Norm, Theta::Softmax] {
         let c = pattention_norm(&ga, theta, tau).unwrap();
-        assert_matches(&format!("pattention_norm {theta:?}"), &c, &pattention_norm(&a, theta, tau).unwrap(), REDUCTION);
+        assert_matches(
+            &format!("pattention_norm {theta:?}"),
+            &c,
+            &pattention_norm(&a, theta, tau).unwrap(),
+            REDUCTION,
+        );
         let c = pattention_norm_backward(&ga, theta, tau, &gg).unwrap();
         let r = pattention_norm_backward(&a, theta, tau, &g).unwrap();
         assert_matches(&format!("pattention_norm_backward {theta:?}"), &c, &r, REDUCTION);
-        assert!(c.to_vec().unwrap().iter().all(|v| v.is_finite()), "{theta:?}: non-finite gradient");
+        assert!(
+            c.to_vec().unwrap().iter().all(|v| v.is_finite()),
+            "{theta:?}: non-finite gradient"
+        );
     }
 }
 
@@ -439,7 +502,8 @@ fn pattention_norm_keeps_every_bit_when_zero_scores_are_appended() {
         let grown = pattention_norm(&a_grown, theta, tau).unwrap();
         let grown_old = narrow(&grown, 1, 0, n).unwrap().to_vec().unwrap();
         assert_eq!(old, grown_old, "{theta:?}: forward changed");
-        let old = pattention_norm_backward(&gpu(&a), theta, tau, &gpu(&g)).unwrap().to_vec().unwrap();
+        let old =
+            pattention_norm_backward(&gpu(&a), theta, tau, &gpu(&g)).unwrap().to_vec().unwrap();
         let grown = pattention_norm_backward(&a_grown, theta, tau, &g_grown).unwrap();
         let grown_old = narrow(&grown, 1, 0, n).unwrap().to_vec().unwrap();
         assert_eq!(old, grown_old, "{theta:?}: backward changed");
@@ -458,7 +522,12 @@ fn embedding_matches_and_its_scatter_add_is_bit_identical() {
     let g = randn(&[3, 37, d], 53);
     let c = embedding_backward(&gpu(&token_ids), &gpu(&g), vocab).unwrap();
     // Same additions in the same order as the CPU loop: the same bits.
-    assert_matches("embedding_backward", &c, &embedding_backward(&token_ids, &g, vocab).unwrap(), EXACT);
+    assert_matches(
+        "embedding_backward",
+        &c,
+        &embedding_backward(&token_ids, &g, vocab).unwrap(),
+        EXACT,
+    );
     let bad = Tensor::from_vec(vec![3.0, 101.0], &[2]).unwrap();
     let err = embedding(&gpu(&weight), &gpu(&bad)).unwrap_err().to_string();
     assert!(err.contains("embedding") && err.contains("101"), "{err}");
@@ -492,9 +561,14 @@ fn rope_matches_forward_and_backward() {
         let x = randn(&[2, 3, 37, head_dim], 71);
         let c = rope(&gpu(&x), &gcos, &gsin).unwrap();
         let what = format!("rope r={rotary_dims} d_h={head_dim}");
-        assert_matches(&what, &c, &rope(&x, &cos, &sin).unwrap(), ELEMENTWISE);
+        assert_matches(&what, &c, &rope(&x, &cos, &sin).unwrap(), ROTATION);
         let c = rope_backward(&gpu(&x), &gcos, &gsin).unwrap();
-        assert_matches(&format!("{what} backward"), &c, &rope_backward(&x, &cos, &sin).unwrap(), ELEMENTWISE);
+        assert_matches(
+            &format!("{what} backward"),
+            &c,
+            &rope_backward(&x, &cos, &sin).unwrap(),
+            ROTATION,
+        );
     }
 }
 

@@ -31,7 +31,10 @@ extern "C" __global__ void layer_norm_forward(const float* x, const float* w, co
     for (unsigned int j = threadIdx.x; j < d; j += blockDim.x) sum += xr[j];
     float mean = block_sum(sum) / d;
     float sq = 0.0f;
-    for (unsigned int j = threadIdx.x; j < d; j += blockDim.x) sq += (xr[j] - mean) * (xr[j] - mean);
+    for (unsigned int j = threadIdx.x; j < d; j += blockDim.x) {
+        float centred = xr[j] - mean;
+        sq += centred * centred;
+    }
     float rstd = 1.0f / sqrtf(block_sum(sq) / d + eps);
     for (unsigned int j = threadIdx.x; j < d; j += blockDim.x) {
         float scale = has_w ? w[j] : 1.0f;

@@ -63,6 +63,8 @@ struct Slab {
 }
 
 fn copy_slab(name: &'static str, src: &CudaStorage, dst: &mut CudaStorage, s: Slab) -> Result<()> {
+    // Every offset the kernel forms is below the larger of the two tensors.
+    count_u32(name, s.outer * s.src_dim.max(s.dst_dim) * s.inner)?;
     let n = count_u32(name, s.outer * s.len * s.inner)?;
     if n == 0 {
         return Ok(());

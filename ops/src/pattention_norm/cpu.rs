@@ -6,9 +6,10 @@ use crate::unary::cpu::{gelu_grad_scalar, gelu_scalar};
 use crate::{cpu_tensor, for_each_row_mut};
 use tokenformer_core::{Result, Tensor};
 
-/// Σ v², left to right.
-fn sum_of_squares(v: &[f32]) -> f32 {
-    v.iter().fold(0.0f32, |acc, &x| acc + x * x)
+/// ‖v‖₂ with Σ v² taken left to right in f64, so that rows of very large or very small scores
+/// neither overflow nor underflow to a zero norm.
+fn l2_norm(v: impl Iterator<Item = f32>) -> f32 {
+    v.fold(0.0f64, |acc, x| acc + x as f64 * x as f64).sqrt() as f32
 }
 
 /// Σ x·y, left to right.
@@ -21,7 +22,7 @@ pub(crate) fn pattention_norm(a: &Tensor, theta: Theta, tau: f32) -> Result<Tens
     let n = a.dims()[a.rank() - 1];
     for_each_row_mut(&mut out, n, |_, row| match theta {
         Theta::L2NormGelu => {
-            let r = sum_of_squares(row).sqrt();
+            let r = l2_norm(row.iter().copied());
             if r == 0.0 {
                 return row.fill(0.0);
             }
@@ -30,7 +31,7 @@ pub(crate) fn pattention_norm(a: &Tensor, theta: Theta, tau: f32) -> Result<Tens
         }
         Theta::GeluL2Norm => {
             row.iter_mut().for_each(|v| *v = gelu_scalar(*v));
-            let rho = sum_of_squares(row).sqrt();
+            let rho = l2_norm(row.iter().copied());
             if rho == 0.0 {
                 return row.fill(0.0);
             }
@@ -60,29 +61,24 @@ pub(crate) fn pattention_norm_backward(
         let row = &scores[r * n..][..n];
         match theta {
             Theta::L2NormGelu => {
-                let radius = sum_of_squares(row).sqrt();
+                let radius = l2_norm(row.iter().copied());
                 if radius == 0.0 {
                     return dst.fill(0.0);
                 }
                 let scale = tau / radius;
-                // dst becomes g_z = g ⊙ GELU′(z), with z = a·τ/r.
-                let mut z_dot_gz = 0.0f32;
+                // dst becomes g_z = g ⊙ GELU′(z), with z = a·τ/r: a pass without a running
+                // sum, so it vectorises; the dot product follows in its own left-to-right pass.
                 for (d, &x) in dst.iter_mut().zip(row) {
-                    let z = x * scale;
-                    *d *= gelu_grad_scalar(z);
-                    z_dot_gz += z * *d;
+                    *d *= gelu_grad_scalar(x * scale);
                 }
+                let z_dot_gz = dot(row, dst) * scale;
                 let projection = z_dot_gz * inv_tau2;
                 for (d, &x) in dst.iter_mut().zip(row) {
                     *d = scale * (*d - x * scale * projection);
                 }
             }
             Theta::GeluL2Norm => {
-                let rho = row.iter().fold(0.0f32, |acc, &x| {
-                    let h = gelu_scalar(x);
-                    acc + h * h
-                });
-                let rho = rho.sqrt();
+                let rho = l2_norm(row.iter().map(|&x| gelu_scalar(x)));
                 if rho == 0.0 {
                     return dst.fill(0.0);
                 }

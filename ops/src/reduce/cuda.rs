@@ -29,6 +29,7 @@ fn sum_axis(
 ) -> Result<Tensor> {
     let xs = CudaStorage::of(x, name)?;
     let backend = &xs.backend;
+    count_u32(name, x.numel())?;
     let n_out = outer * inner;
     if n_out == 0 || dim == 0 {
         return Ok(cuda_tensor(backend.zeros(n_out)?, &[n_out]));
@@ -136,6 +137,7 @@ fn launch_axis_kernel(
 ) -> Result<CudaStorage> {
     let xs = CudaStorage::of(x, name)?;
     let (outer, dim, inner) = x.shape().split_at_axis(axis);
+    count_u32(name, x.numel())?;
     let mut out = xs.backend.alloc(out_len)?;
     let threads = count_u32(name, outer * inner)?;
     if threads == 0 {

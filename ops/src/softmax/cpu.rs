@@ -37,8 +37,10 @@ pub(crate) fn log_softmax(x: &Tensor) -> Result<Tensor> {
     for_each_row_mut(&mut out, row_len, |_, row| {
         let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
         let total = row.iter().fold(0.0f32, |acc, &v| acc + (v - max).exp());
-        let shift = max + total.ln();
-        row.iter_mut().for_each(|v| *v -= shift);
+        // (v − max) − ln Σ, not v − (max + ln Σ): the latter rounds ln Σ to the precision of a
+        // large max and loses digits of every log-probability.
+        let log_total = total.ln();
+        row.iter_mut().for_each(|v| *v = (*v - max) - log_total);
     });
     Ok(cpu_tensor(out, x.dims()))
 }

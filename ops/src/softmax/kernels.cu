@@ -56,7 +56,8 @@ extern "C" __global__ void softmax_rows(const float* x, float* y, unsigned int l
         for (unsigned int j = threadIdx.x; j < len; j += blockDim.x) yr[j] = xr[j] - m - log_sum;
     } else {
         float inv_sum = 1.0f / sum;
-        for (unsigned int j = threadIdx.x; j < len; j += blockDim.x) yr[j] = expf(xr[j] - m) * inv_sum;
+        for (unsigned int j = threadIdx.x; j < len; j += blockDim.x)
+            yr[j] = expf(xr[j] - m) * inv_sum;
     }
 }
 
@@ -85,10 +86,12 @@ extern "C" __global__ void causal_softmax_rows(const float* s, float* p, unsigne
                                                float scale) {
     unsigned int base = blockIdx.x * T, i = blockIdx.x % T;
     float m = NEG_INF;
-    for (unsigned int j = threadIdx.x; j <= i; j += blockDim.x) m = fmaxf(m, scale * s[base + j]);
+    for (unsigned int j = threadIdx.x; j <= i; j += blockDim.x)
+        m = fmaxf(m, scale * s[base + j]);
     m = block_max(m);
     float sum = 0.0f;
-    for (unsigned int j = threadIdx.x; j <= i; j += blockDim.x) sum += expf(scale * s[base + j] - m);
+    for (unsigned int j = threadIdx.x; j <= i; j += blockDim.x)
+        sum += expf(scale * s[base + j] - m);
     float inv_sum = 1.0f / block_sum(sum);
     for (unsigned int j = threadIdx.x; j < T; j += blockDim.x)
         p[base + j] = j <= i ? expf(scale * s[base + j] - m) * inv_sum : 0.0f;
