@@ -17,7 +17,11 @@ use tokenformer_models::train::{
 use tokenformer_models::{GrowInit, ModelConfig, NormKind, TokenFormer};
 
 #[derive(Parser)]
-#[command(name = "tokenformer", version, about = "TokenFormer: transformers whose linear layers are attention over parameter tokens")]
+#[command(
+    name = "tokenformer",
+    version,
+    about = "TokenFormer: transformers whose linear layers are attention over parameter tokens"
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -117,6 +121,9 @@ struct GrowArgs {
     init: String,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// cpu or cuda: where the tokens are appended (the result is the same on either)
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 #[derive(Args)]
@@ -216,7 +223,10 @@ fn parse_device(s: &str) -> Result<Device> {
 
 /// The first `runs/<preset>-N` that does not exist yet.
 fn default_run_dir(preset: &str) -> PathBuf {
-    (1..).map(|n| PathBuf::from(format!("runs/{preset}-{n}"))).find(|p| !p.exists()).expect("unbounded")
+    (1..)
+        .map(|n| PathBuf::from(format!("runs/{preset}-{n}")))
+        .find(|p| !p.exists())
+        .expect("unbounded")
 }
 
 /// Overlays the flags on `base`; with `check`, a flag that differs from `base` is an error
@@ -275,7 +285,9 @@ fn train(a: TrainArgs) -> Result<()> {
         Some(dir) => {
             if let Some(out) = &a.out {
                 if out != dir {
-                    return Err(Error::invalid("--out contradicts --resume: a resumed run stays in its directory"));
+                    return Err(Error::invalid(
+                        "--out contradicts --resume: a resumed run stays in its directory",
+                    ));
                 }
             }
             let mut saved = saved_settings(dir)?;
@@ -319,7 +331,14 @@ fn tokenizer_of(model: &TokenFormer) -> Result<Tokenizer> {
 }
 
 /// Streams a sample to stdout.
-fn sample(model: &TokenFormer, prompt: &str, max_tokens: usize, temperature: f32, top_k: Option<usize>, seed: u64) -> Result<()> {
+fn sample(
+    model: &TokenFormer,
+    prompt: &str,
+    max_tokens: usize,
+    temperature: f32,
+    top_k: Option<usize>,
+    seed: u64,
+) -> Result<()> {
     let tokenizer = tokenizer_of(model)?;
     let prompt_ids = tokenizer.encode(prompt)?;
     let mut decoder = StreamDecoder::new(tokenizer);
@@ -346,10 +365,13 @@ fn generate_text(a: GenerateArgs) -> Result<()> {
 }
 
 fn grow(a: GrowArgs) -> Result<()> {
+    let device = parse_device(&a.device)?;
     let init = match a.init.as_str() {
         "exact" => GrowInit::Exact,
         "random" => GrowInit::Random,
-        other => return Err(Error::invalid(format!("--init must be exact or random, got '{other}'"))),
+        other => {
+            return Err(Error::invalid(format!("--init must be exact or random, got '{other}'")))
+        }
     };
     let spec = match &a.to_preset {
         Some(name) => {
@@ -358,7 +380,7 @@ fn grow(a: GrowArgs) -> Result<()> {
         }
         None => GrowSpec { qkv: a.qkv, proj: a.proj, ffn: a.ffn, init, seed: a.seed },
     };
-    let report = grow_checkpoint(&a.checkpoint, &a.out, &spec)?;
+    let report = grow_checkpoint(&a.checkpoint, &a.out, &spec, device)?;
     println!(
         "grew {} -> {}: qkv {} -> {}, proj {} -> {}, ffn {} -> {}; parameters {} -> {}",
         a.checkpoint.display(),
@@ -398,14 +420,28 @@ fn init(a: InitArgs) -> Result<()> {
     }
     config.validate()?;
     if is_checkpoint_dir(&a.out) {
-        return Err(Error::invalid(format!("{} already holds a checkpoint; choose another --out", a.out.display())));
+        return Err(Error::invalid(format!(
+            "{} already holds a checkpoint; choose another --out",
+            a.out.display()
+        )));
     }
     let model = TokenFormer::init(&config, a.seed, Device::Cpu)?;
     save_checkpoint(
         &a.out,
-        &Checkpoint { config: config.clone(), params: model.named_tensors(), optimizer: None, train_state: None },
+        &Checkpoint {
+            config: config.clone(),
+            params: model.named_tensors(),
+            optimizer: None,
+            train_state: None,
+        },
     )?;
-    println!("wrote {} ({} parameters, seed {}) to {}", a.preset, config.param_count(), a.seed, a.out.display());
+    println!(
+        "wrote {} ({} parameters, seed {}) to {}",
+        a.preset,
+        config.param_count(),
+        a.seed,
+        a.out.display()
+    );
     Ok(())
 }
 
@@ -453,7 +489,11 @@ fn eval(a: EvalArgs) -> Result<()> {
     if a.json {
         println!("{}", serde_json::json!({ "loss": loss, "tokens": result.tokens }));
     } else {
-        println!("loss {loss} over {} predicted tokens (perplexity {:.3})", result.tokens, result.loss.exp());
+        println!(
+            "loss {loss} over {} predicted tokens (perplexity {:.3})",
+            result.tokens,
+            result.loss.exp()
+        );
     }
     Ok(())
 }
@@ -474,7 +514,12 @@ fn bench(a: BenchArgs) -> Result<()> {
     }
     println!("device: {} ({})", r.device, r.device_name);
     if let Some(m) = matmul {
-        println!("matmul {0}x{0}x{0}: {1:.2} ms, {2:.1} GFLOP/s", m.size, m.seconds * 1e3, m.gflops);
+        println!(
+            "matmul {0}x{0}x{0}: {1:.2} ms, {2:.1} GFLOP/s",
+            m.size,
+            m.seconds * 1e3,
+            m.gflops
+        );
     }
     println!(
         "train step, preset {} ({} params), batch {} x seq {}{}:",
@@ -484,11 +529,22 @@ fn bench(a: BenchArgs) -> Result<()> {
         r.seq,
         if r.tf32 { ", tf32" } else { "" }
     );
-    println!("  step time            {:.2} ms (forward+backward {:.2} ms)", r.step_seconds * 1e3, r.forward_backward_seconds * 1e3);
+    println!(
+        "  step time            {:.2} ms (forward+backward {:.2} ms)",
+        r.step_seconds * 1e3,
+        r.forward_backward_seconds * 1e3
+    );
     println!("  tokens/s             {:.0}", r.tokens_per_sec);
-    println!("  model TFLOP/s        {:.3} (SPEC §2 FLOPs, attention counted non-causally)", r.model_tflops);
+    println!(
+        "  model TFLOP/s        {:.3} (SPEC §2 FLOPs, attention counted non-causally)",
+        r.model_tflops
+    );
     match (r.peak_tflops, r.mfu) {
-        (Some(peak), Some(mfu)) => println!("  MFU                  {:.1}% of {peak} TFLOP/s ({})", mfu * 100.0, r.device_name),
+        (Some(peak), Some(mfu)) => println!(
+            "  MFU                  {:.1}% of {peak} TFLOP/s ({})",
+            mfu * 100.0,
+            r.device_name
+        ),
         _ => println!("  MFU                  n/a (no peak known for {})", r.device_name),
     }
     println!("  peak memory          {:.1} MiB", r.peak_memory_bytes as f64 / (1024.0 * 1024.0));

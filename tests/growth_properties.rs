@@ -20,31 +20,33 @@ struct Case {
 
 fn case() -> impl Strategy<Value = Case> {
     (
-        1usize..=3,                                   // layers
+        1usize..=3,                                                     // layers
         prop::sample::select(vec![(16, 2), (24, 3), (16, 1), (32, 2)]), // (d_model, heads): d_h 8, 8, 16, 16
         prop::sample::select(vec![NormKind::L2NormGelu, NormKind::GeluL2Norm]),
-        (3usize..20, 3usize..20, 5usize..40),          // qkv, proj, ffn tokens
+        (3usize..20, 3usize..20, 5usize..40), // qkv, proj, ffn tokens
         // vocab, seq, batch, seed. Two tokens at least: with one, attention ignores q and k, and
         // the loss does not depend on the query and key layers at all.
         (5usize..40, 2usize..9, 1usize..3, any::<u64>()),
         ((0usize..7, 0usize..7, 0usize..7), (0usize..7, 0usize..7, 1usize..7)),
     )
-        .prop_map(|(layers, (d, h), norm, (qkv, proj, ffn), (vocab, seq, batch, seed), (a, b))| {
-            let mut config = ModelConfig::preset("tiny").unwrap();
-            config.n_layers = layers;
-            config.d_model = d;
-            config.n_heads = h;
-            config.norm = norm;
-            config.qkv_tokens = qkv;
-            config.proj_tokens = proj;
-            config.ffn_tokens = ffn;
-            config.qkv_scale_tokens = qkv;
-            config.proj_scale_tokens = proj;
-            config.ffn_scale_tokens = ffn;
-            config.vocab_size = vocab;
-            config.max_seq_len = 16;
-            Case { config, seed, batch, seq, grow_a: a, grow_b: b }
-        })
+        .prop_map(
+            |(layers, (d, h), norm, (qkv, proj, ffn), (vocab, seq, batch, seed), (a, b))| {
+                let mut config = ModelConfig::preset("tiny").unwrap();
+                config.n_layers = layers;
+                config.d_model = d;
+                config.n_heads = h;
+                config.norm = norm;
+                config.qkv_tokens = qkv;
+                config.proj_tokens = proj;
+                config.ffn_tokens = ffn;
+                config.qkv_scale_tokens = qkv;
+                config.proj_scale_tokens = proj;
+                config.ffn_scale_tokens = ffn;
+                config.vocab_size = vocab;
+                config.max_seq_len = 16;
+                Case { config, seed, batch, seq, grow_a: a, grow_b: b }
+            },
+        )
 }
 
 fn tokens(case: &Case, salt: u64) -> Tensor {
@@ -60,7 +62,11 @@ fn bits(t: &Tensor) -> Vec<u32> {
 }
 
 /// Loss and every parameter's gradient, by checkpoint name.
-fn loss_and_grads(model: &TokenFormer, ids: &Tensor, targets: &Tensor) -> (f32, Vec<(String, Tensor)>) {
+fn loss_and_grads(
+    model: &TokenFormer,
+    ids: &Tensor,
+    targets: &Tensor,
+) -> (f32, Vec<(String, Tensor)>) {
     let loss = model.loss(ids, targets).unwrap();
     let grads = loss.backward().unwrap();
     let named = model
@@ -166,7 +172,10 @@ fn softmax_growth_is_reported_as_changing_outputs() {
     assert!(!model.exact_growth_preserves_outputs());
     let grown = model.grow(3, 0, 0, GrowInit::Exact, 0).unwrap();
     let ids = Tensor::from_vec(vec![1.0, 2.0, 3.0], &[1, 3]).unwrap();
-    assert_ne!(bits(model.forward(&ids).unwrap().value()), bits(grown.forward(&ids).unwrap().value()));
+    assert_ne!(
+        bits(model.forward(&ids).unwrap().value()),
+        bits(grown.forward(&ids).unwrap().value())
+    );
 }
 
 #[test]

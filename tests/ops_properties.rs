@@ -319,7 +319,7 @@ proptest! {
         // x·x and x/x: both operands are the same Var, so the two gradients must add up.
         let mut rng = Rng::new(seed);
         let x = away_from_zero(&dims, 0.5, 2.0, &mut rng);
-        check(|v| v[0].mul(&v[0]), &[x.clone()], seed)?;
+        check(|v| v[0].mul(&v[0]), std::slice::from_ref(&x), seed)?;
         check(|v| v[0].div(&v[0])?.add(&v[0]), &[x], seed)?;
     }
 
@@ -331,17 +331,17 @@ proptest! {
         add in -3.0f32..3.0,
     ) {
         let x = randn(&dims, &mut Rng::new(seed));
-        check(|v| v[0].neg(), &[x.clone()], seed)?;
-        check(|v| v[0].affine(mul, add), &[x.clone()], seed)?;
-        check(|v| v[0].scale(mul), &[x.clone()], seed)?;
+        check(|v| v[0].neg(), std::slice::from_ref(&x), seed)?;
+        check(|v| v[0].affine(mul, add), std::slice::from_ref(&x), seed)?;
+        check(|v| v[0].scale(mul), std::slice::from_ref(&x), seed)?;
         check(|v| v[0].add_scalar(add), &[x], seed)?;
     }
 
     #[test]
     fn grad_exp_square_gelu(dims in shape(), seed in any::<u64>()) {
         let x = randn(&dims, &mut Rng::new(seed));
-        check(|v| v[0].exp(), &[x.clone()], seed)?;
-        check(|v| v[0].square(), &[x.clone()], seed)?;
+        check(|v| v[0].exp(), std::slice::from_ref(&x), seed)?;
+        check(|v| v[0].square(), std::slice::from_ref(&x), seed)?;
         check(|v| v[0].gelu(), &[x], seed)?;
     }
 
@@ -356,8 +356,8 @@ proptest! {
     ) {
         // Positive inputs well away from 0, where log, sqrt and x^p are smooth.
         let x = Tensor::rand_uniform(&dims, 0.5, 2.0, &mut Rng::new(seed));
-        check(|v| v[0].log(), &[x.clone()], seed)?;
-        check(|v| v[0].sqrt(), &[x.clone()], seed)?;
+        check(|v| v[0].log(), std::slice::from_ref(&x), seed)?;
+        check(|v| v[0].sqrt(), std::slice::from_ref(&x), seed)?;
         check(|v| v[0].powf(p), &[x], seed)?;
     }
 
@@ -376,8 +376,8 @@ proptest! {
         // Axes in any order name the same reduction.
         shuffle(&mut axes, &mut rng);
         let x = randn(&dims, &mut rng);
-        check(|v| v[0].sum(&axes, keepdim), &[x.clone()], seed)?;
-        check(|v| v[0].mean(&axes, keepdim), &[x.clone()], seed)?;
+        check(|v| v[0].sum(&axes, keepdim), std::slice::from_ref(&x), seed)?;
+        check(|v| v[0].mean(&axes, keepdim), std::slice::from_ref(&x), seed)?;
         check(|v| v[0].sum_all(), &[x], seed)?;
     }
 
@@ -405,7 +405,7 @@ proptest! {
     #[test]
     fn grad_softmax_log_softmax(dims in shape(), seed in any::<u64>()) {
         let x = Tensor::randn(&dims, 2.0, &mut Rng::new(seed));
-        check(|v| v[0].softmax(), &[x.clone()], seed)?;
+        check(|v| v[0].softmax(), std::slice::from_ref(&x), seed)?;
         check(|v| v[0].log_softmax(), &[x], seed)?;
     }
 
@@ -572,9 +572,9 @@ proptest! {
         let flat = [numel(&dims)];
         // Each layout op is followed by an elementwise map so the weights of gradcheck land on
         // moved positions rather than all on a pass-through.
-        check(|v| v[0].reshape(&reversed)?.square(), &[x.clone()], seed)?;
-        check(|v| v[0].reshape(&flat), &[x.clone()], seed)?;
-        check(|v| v[0].permute(&perm)?.square(), &[x.clone()], seed)?;
+        check(|v| v[0].reshape(&reversed)?.square(), std::slice::from_ref(&x), seed)?;
+        check(|v| v[0].reshape(&flat), std::slice::from_ref(&x), seed)?;
+        check(|v| v[0].permute(&perm)?.square(), std::slice::from_ref(&x), seed)?;
         check(|v| v[0].transpose(a, b)?.square(), &[x], seed)?;
     }
 
@@ -683,13 +683,13 @@ fn random_weights_catch_a_backward_that_a_plain_sum_hides() {
     // With a plain sum as the loss, the wrong backward agrees with the truth: d(Σ softmax)/dx
     // is 0 everywhere, and y⊙(1 − mean 1) is 0 too.
     let p = Var::param(x.clone());
-    let out = softmax_with_wrong_backward(&[p.clone()]).unwrap();
+    let out = softmax_with_wrong_backward(std::slice::from_ref(&p)).unwrap();
     let grads = out.backward_with(Tensor::ones(out.dims(), Device::Cpu).unwrap()).unwrap();
     let g = values(grads.get(&p).unwrap());
     assert!(g.iter().all(|v| v.abs() < 1e-6), "plain-sum gradient should vanish: {g:?}");
 
     // The right backward passes gradcheck, the wrong one does not.
-    gradcheck(|v| v[0].softmax(), &[x.clone()], &GradcheckOptions::default()).unwrap();
+    gradcheck(|v| v[0].softmax(), std::slice::from_ref(&x), &GradcheckOptions::default()).unwrap();
     let err = gradcheck(softmax_with_wrong_backward, &[x], &GradcheckOptions::default())
         .expect_err("gradcheck must reject y⊙(g − mean g)");
     assert!(err.to_string().contains("gradcheck: input 0"), "{err}");
@@ -714,7 +714,8 @@ proptest! {
         let b_full = reduce::broadcast_to(&b, &out).unwrap();
         prop_assert_eq!(a_full.dims(), out.as_slice());
         type Kernel = fn(&Tensor, &Tensor) -> Result<Tensor>;
-        let cases: [(&str, Kernel, fn(f32, f32) -> f32); 4] = [
+        type Naive = fn(f32, f32) -> f32;
+        let cases: [(&str, Kernel, Naive); 4] = [
             ("add", binary::add, |x, y| x + y),
             ("mul", binary::mul, |x, y| x * y),
             ("sub", binary::sub, |x, y| x - y),
@@ -1235,7 +1236,8 @@ fn large_row_ops_match_row_by_row_bit_for_bit() {
         layout::narrow(&g, 0, i, 1).unwrap()
     };
 
-    let cases: Vec<(&str, Box<dyn Fn(&Tensor) -> Tensor>)> = vec![
+    type Op<'a> = Box<dyn Fn(&Tensor) -> Tensor + 'a>;
+    let cases: Vec<(&str, Op<'_>)> = vec![
         ("softmax", Box::new(|t| softmax::softmax(t).unwrap())),
         ("log_softmax", Box::new(|t| softmax::log_softmax(t).unwrap())),
         ("gelu", Box::new(|t| tokenformer::ops::unary::gelu(t).unwrap())),

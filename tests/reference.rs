@@ -1,7 +1,8 @@
 //! `tokenformer eval` against the independent float64 NumPy reference (scripts/reference.py):
 //! random small configs of all three Θ variants, relative loss difference under 1e-5, and
 //! exact growth leaving the eval output bit-identical. Skipped when python3 with numpy is not
-//! available. Set TOKENFORMER_REFCHECK_SEED to replay a run (its seed is printed).
+//! available. The seed is fixed so that the run is reproducible; set TOKENFORMER_REFCHECK_SEED
+//! to another one to explore (or run the script directly, whose default seed is random).
 
 use std::path::Path;
 use std::process::Command;
@@ -27,9 +28,8 @@ fn eval_matches_float64_reference() {
         .arg("--binary")
         .arg(env!("CARGO_BIN_EXE_tokenformer"))
         .args(["--cases", "12"]);
-    if let Ok(seed) = std::env::var("TOKENFORMER_REFCHECK_SEED") {
-        cmd.args(["--seed", seed.trim()]);
-    }
+    let seed = std::env::var("TOKENFORMER_REFCHECK_SEED").unwrap_or_else(|_| "1".into());
+    cmd.args(["--seed", seed.trim()]);
     let out = cmd.output().expect("failed to start python3 scripts/reference_check.py");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -67,7 +67,8 @@ fn check_resume_matches(name: &str, grad_accum: usize, stop_step: u64, stop_micr
 
     let stopped = temp_dir(&format!("{name}-stopped"));
     let summary =
-        train_new(&stopped, settings(7, grad_accum), Device::Cpu, stop_at(stop_step, stop_micro)).unwrap();
+        train_new(&stopped, settings(7, grad_accum), Device::Cpu, stop_at(stop_step, stop_micro))
+            .unwrap();
     assert!(summary.interrupted);
     assert_eq!(summary.step, stop_step, "a stop inside a step saves the last completed step");
     assert_eq!(losses(&stopped).len() as u64, stop_step);
@@ -122,7 +123,7 @@ fn grown_run_resumes_from_the_loss_the_smaller_model_had() {
     let grown = temp_dir("grow-grown");
     let spec = GrowSpec { qkv: 5, proj: 3, ffn: 17, init: GrowInit::Exact, seed: 9 };
     let before = model_bytes(&stopped);
-    let report = grow_checkpoint(&stopped, &grown, &spec).unwrap();
+    let report = grow_checkpoint(&stopped, &grown, &spec, Device::Cpu).unwrap();
     assert!(report.preserves_outputs && report.had_optimizer);
     assert_eq!(model_bytes(&stopped), before, "grow never modifies its source");
 

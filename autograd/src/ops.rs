@@ -6,8 +6,8 @@
 use crate::var::Var;
 use tokenformer_core::{Error, Result, Tensor};
 use tokenformer_ops::{
-    attention, binary, cross_entropy, embedding as emb, layer_norm, layout, matmul, pattention_norm,
-    reduce, rope, softmax, unary,
+    attention, binary, cross_entropy, embedding as emb, layer_norm, layout, matmul,
+    pattention_norm, reduce, rope, softmax, unary,
 };
 
 pub use tokenformer_ops::pattention_norm::Theta;
@@ -22,37 +22,57 @@ impl Var {
     pub fn add(&self, other: &Var) -> Result<Var> {
         let value = binary::add(self.value(), other.value())?;
         let (a, b) = (self.dims().to_vec(), other.dims().to_vec());
-        Ok(Var::from_op("add", value, &[self, other], Box::new(move |g| {
-            let (ga, gb) = binary::add_backward(&a, &b, g)?;
-            Ok(vec![Some(ga), Some(gb)])
-        })))
+        Ok(Var::from_op(
+            "add",
+            value,
+            &[self, other],
+            Box::new(move |g| {
+                let (ga, gb) = binary::add_backward(&a, &b, g)?;
+                Ok(vec![Some(ga), Some(gb)])
+            }),
+        ))
     }
 
     pub fn sub(&self, other: &Var) -> Result<Var> {
         let value = binary::sub(self.value(), other.value())?;
         let (a, b) = (self.dims().to_vec(), other.dims().to_vec());
-        Ok(Var::from_op("sub", value, &[self, other], Box::new(move |g| {
-            let (ga, gb) = binary::sub_backward(&a, &b, g)?;
-            Ok(vec![Some(ga), Some(gb)])
-        })))
+        Ok(Var::from_op(
+            "sub",
+            value,
+            &[self, other],
+            Box::new(move |g| {
+                let (ga, gb) = binary::sub_backward(&a, &b, g)?;
+                Ok(vec![Some(ga), Some(gb)])
+            }),
+        ))
     }
 
     pub fn mul(&self, other: &Var) -> Result<Var> {
         let value = binary::mul(self.value(), other.value())?;
         let (a, b) = (self.value().clone(), other.value().clone());
-        Ok(Var::from_op("mul", value, &[self, other], Box::new(move |g| {
-            let (ga, gb) = binary::mul_backward(&a, &b, g)?;
-            Ok(vec![Some(ga), Some(gb)])
-        })))
+        Ok(Var::from_op(
+            "mul",
+            value,
+            &[self, other],
+            Box::new(move |g| {
+                let (ga, gb) = binary::mul_backward(&a, &b, g)?;
+                Ok(vec![Some(ga), Some(gb)])
+            }),
+        ))
     }
 
     pub fn div(&self, other: &Var) -> Result<Var> {
         let value = binary::div(self.value(), other.value())?;
         let (a, b) = (self.value().clone(), other.value().clone());
-        Ok(Var::from_op("div", value, &[self, other], Box::new(move |g| {
-            let (ga, gb) = binary::div_backward(&a, &b, g)?;
-            Ok(vec![Some(ga), Some(gb)])
-        })))
+        Ok(Var::from_op(
+            "div",
+            value,
+            &[self, other],
+            Box::new(move |g| {
+                let (ga, gb) = binary::div_backward(&a, &b, g)?;
+                Ok(vec![Some(ga), Some(gb)])
+            }),
+        ))
     }
 
     // ---- elementwise, one operand ----
@@ -65,7 +85,12 @@ impl Var {
     /// x·mul + add, the scalar affine map (scalar add and scalar multiply are special cases).
     pub fn affine(&self, mul: f32, add: f32) -> Result<Var> {
         let value = unary::affine(self.value(), mul, add)?;
-        Ok(Var::from_op("affine", value, &[self], Box::new(move |g| one(unary::affine(g, mul, 0.0)?))))
+        Ok(Var::from_op(
+            "affine",
+            value,
+            &[self],
+            Box::new(move |g| one(unary::affine(g, mul, 0.0)?)),
+        ))
     }
 
     pub fn scale(&self, factor: f32) -> Result<Var> {
@@ -91,26 +116,46 @@ impl Var {
     pub fn sqrt(&self) -> Result<Var> {
         let value = unary::sqrt(self.value())?;
         let y = value.clone();
-        Ok(Var::from_op("sqrt", value, &[self], Box::new(move |g| one(unary::sqrt_backward(&y, g)?))))
+        Ok(Var::from_op(
+            "sqrt",
+            value,
+            &[self],
+            Box::new(move |g| one(unary::sqrt_backward(&y, g)?)),
+        ))
     }
 
     pub fn square(&self) -> Result<Var> {
         let value = unary::square(self.value())?;
         let x = self.value().clone();
-        Ok(Var::from_op("square", value, &[self], Box::new(move |g| one(unary::square_backward(&x, g)?))))
+        Ok(Var::from_op(
+            "square",
+            value,
+            &[self],
+            Box::new(move |g| one(unary::square_backward(&x, g)?)),
+        ))
     }
 
     pub fn powf(&self, p: f32) -> Result<Var> {
         let value = unary::powf(self.value(), p)?;
         let x = self.value().clone();
-        Ok(Var::from_op("powf", value, &[self], Box::new(move |g| one(unary::powf_backward(&x, p, g)?))))
+        Ok(Var::from_op(
+            "powf",
+            value,
+            &[self],
+            Box::new(move |g| one(unary::powf_backward(&x, p, g)?)),
+        ))
     }
 
     /// GELU, exact form x·Φ(x).
     pub fn gelu(&self) -> Result<Var> {
         let value = unary::gelu(self.value())?;
         let x = self.value().clone();
-        Ok(Var::from_op("gelu", value, &[self], Box::new(move |g| one(unary::gelu_backward(&x, g)?))))
+        Ok(Var::from_op(
+            "gelu",
+            value,
+            &[self],
+            Box::new(move |g| one(unary::gelu_backward(&x, g)?)),
+        ))
     }
 
     // ---- reductions ----
@@ -118,17 +163,23 @@ impl Var {
     pub fn sum(&self, axes: &[usize], keepdim: bool) -> Result<Var> {
         let value = reduce::sum(self.value(), axes, keepdim)?;
         let (dims, axes) = (self.dims().to_vec(), axes.to_vec());
-        Ok(Var::from_op("sum", value, &[self], Box::new(move |g| {
-            one(reduce::sum_backward(g, &dims, &axes, keepdim)?)
-        })))
+        Ok(Var::from_op(
+            "sum",
+            value,
+            &[self],
+            Box::new(move |g| one(reduce::sum_backward(g, &dims, &axes, keepdim)?)),
+        ))
     }
 
     pub fn mean(&self, axes: &[usize], keepdim: bool) -> Result<Var> {
         let value = reduce::mean(self.value(), axes, keepdim)?;
         let (dims, axes) = (self.dims().to_vec(), axes.to_vec());
-        Ok(Var::from_op("mean", value, &[self], Box::new(move |g| {
-            one(reduce::mean_backward(g, &dims, &axes, keepdim)?)
-        })))
+        Ok(Var::from_op(
+            "mean",
+            value,
+            &[self],
+            Box::new(move |g| one(reduce::mean_backward(g, &dims, &axes, keepdim)?)),
+        ))
     }
 
     /// Sum of every element, as a scalar (dims []).
@@ -140,9 +191,12 @@ impl Var {
     pub fn max(&self, axis: usize, keepdim: bool) -> Result<Var> {
         let value = reduce::max(self.value(), axis, keepdim)?;
         let x = self.value().clone();
-        Ok(Var::from_op("max", value, &[self], Box::new(move |g| {
-            one(reduce::max_backward(&x, axis, keepdim, g)?)
-        })))
+        Ok(Var::from_op(
+            "max",
+            value,
+            &[self],
+            Box::new(move |g| one(reduce::max_backward(&x, axis, keepdim, g)?)),
+        ))
     }
 
     // ---- layout ----
@@ -156,9 +210,12 @@ impl Var {
     pub fn permute(&self, perm: &[usize]) -> Result<Var> {
         let value = layout::permute(self.value(), perm)?;
         let perm = perm.to_vec();
-        Ok(Var::from_op("permute", value, &[self], Box::new(move |g| {
-            one(layout::permute_backward(g, &perm)?)
-        })))
+        Ok(Var::from_op(
+            "permute",
+            value,
+            &[self],
+            Box::new(move |g| one(layout::permute_backward(g, &perm)?)),
+        ))
     }
 
     pub fn transpose(&self, a: usize, b: usize) -> Result<Var> {
@@ -177,9 +234,12 @@ impl Var {
     pub fn narrow(&self, axis: usize, start: usize, len: usize) -> Result<Var> {
         let value = layout::narrow(self.value(), axis, start, len)?;
         let dims = self.dims().to_vec();
-        Ok(Var::from_op("narrow", value, &[self], Box::new(move |g| {
-            one(layout::narrow_backward(g, &dims, axis, start)?)
-        })))
+        Ok(Var::from_op(
+            "narrow",
+            value,
+            &[self],
+            Box::new(move |g| one(layout::narrow_backward(g, &dims, axis, start)?)),
+        ))
     }
 
     // ---- matmul ----
@@ -188,10 +248,15 @@ impl Var {
     pub fn matmul_t(&self, other: &Var, trans_a: bool, trans_b: bool) -> Result<Var> {
         let value = matmul::matmul(self.value(), other.value(), trans_a, trans_b)?;
         let (a, b) = (self.value().clone(), other.value().clone());
-        Ok(Var::from_op("matmul", value, &[self, other], Box::new(move |g| {
-            let (ga, gb) = matmul::matmul_backward(&a, &b, g, trans_a, trans_b)?;
-            Ok(vec![Some(ga), Some(gb)])
-        })))
+        Ok(Var::from_op(
+            "matmul",
+            value,
+            &[self, other],
+            Box::new(move |g| {
+                let (ga, gb) = matmul::matmul_backward(&a, &b, g, trans_a, trans_b)?;
+                Ok(vec![Some(ga), Some(gb)])
+            }),
+        ))
     }
 
     pub fn matmul(&self, other: &Var) -> Result<Var> {
@@ -203,49 +268,67 @@ impl Var {
     pub fn softmax(&self) -> Result<Var> {
         let value = softmax::softmax(self.value())?;
         let y = value.clone();
-        Ok(Var::from_op("softmax", value, &[self], Box::new(move |g| {
-            one(softmax::softmax_backward(&y, g)?)
-        })))
+        Ok(Var::from_op(
+            "softmax",
+            value,
+            &[self],
+            Box::new(move |g| one(softmax::softmax_backward(&y, g)?)),
+        ))
     }
 
     pub fn log_softmax(&self) -> Result<Var> {
         let value = softmax::log_softmax(self.value())?;
         let y = value.clone();
-        Ok(Var::from_op("log_softmax", value, &[self], Box::new(move |g| {
-            one(softmax::log_softmax_backward(&y, g)?)
-        })))
+        Ok(Var::from_op(
+            "log_softmax",
+            value,
+            &[self],
+            Box::new(move |g| one(softmax::log_softmax_backward(&y, g)?)),
+        ))
     }
 
     /// LayerNorm over the last axis, with optional elementwise weight and bias.
     pub fn layer_norm(&self, weight: Option<&Var>, bias: Option<&Var>, eps: f32) -> Result<Var> {
-        let (value, stats) =
-            layer_norm::layer_norm(self.value(), weight.map(Var::value), bias.map(Var::value), eps)?;
+        let (value, stats) = layer_norm::layer_norm(
+            self.value(),
+            weight.map(Var::value),
+            bias.map(Var::value),
+            eps,
+        )?;
         let x = self.value().clone();
         let w = weight.map(|w| w.value().clone());
         let mut inputs = vec![self];
         inputs.extend(weight);
         inputs.extend(bias);
         let (has_w, has_b) = (weight.is_some(), bias.is_some());
-        Ok(Var::from_op("layer_norm", value, &inputs, Box::new(move |g| {
-            let (gx, gw, gb) = layer_norm::layer_norm_backward(&x, w.as_ref(), &stats, g)?;
-            let mut grads = vec![Some(gx)];
-            if has_w {
-                grads.push(gw);
-            }
-            if has_b {
-                grads.push(gb);
-            }
-            Ok(grads)
-        })))
+        Ok(Var::from_op(
+            "layer_norm",
+            value,
+            &inputs,
+            Box::new(move |g| {
+                let (gx, gw, gb) = layer_norm::layer_norm_backward(&x, w.as_ref(), &stats, g)?;
+                let mut grads = vec![Some(gx)];
+                if has_w {
+                    grads.push(gw);
+                }
+                if has_b {
+                    grads.push(gb);
+                }
+                Ok(grads)
+            }),
+        ))
     }
 
     /// Θ of a Pattention layer, row-wise over the parameter tokens (SPEC §1).
     pub fn pattention_norm(&self, theta: Theta, tau: f32) -> Result<Var> {
         let value = pattention_norm::pattention_norm(self.value(), theta, tau)?;
         let a = self.value().clone();
-        Ok(Var::from_op("pattention_norm", value, &[self], Box::new(move |g| {
-            one(pattention_norm::pattention_norm_backward(&a, theta, tau, g)?)
-        })))
+        Ok(Var::from_op(
+            "pattention_norm",
+            value,
+            &[self],
+            Box::new(move |g| one(pattention_norm::pattention_norm_backward(&a, theta, tau, g)?)),
+        ))
     }
 
     // ---- language-model pieces ----
@@ -254,9 +337,14 @@ impl Var {
     pub fn cross_entropy(&self, targets: &Tensor) -> Result<Var> {
         let (loss, lse) = cross_entropy::cross_entropy(self.value(), targets)?;
         let (logits, targets) = (self.value().clone(), targets.clone());
-        Ok(Var::from_op("cross_entropy", loss, &[self], Box::new(move |g| {
-            one(cross_entropy::cross_entropy_backward(&logits, &targets, &lse, g)?)
-        })))
+        Ok(Var::from_op(
+            "cross_entropy",
+            loss,
+            &[self],
+            Box::new(move |g| {
+                one(cross_entropy::cross_entropy_backward(&logits, &targets, &lse, g)?)
+            }),
+        ))
     }
 
     /// Rotary position embedding on the leading dims of the last axis (tables from
@@ -264,9 +352,12 @@ impl Var {
     pub fn rope(&self, cos: &Tensor, sin: &Tensor) -> Result<Var> {
         let value = rope::rope(self.value(), cos, sin)?;
         let (cos, sin) = (cos.clone(), sin.clone());
-        Ok(Var::from_op("rope", value, &[self], Box::new(move |g| {
-            one(rope::rope_backward(g, &cos, &sin)?)
-        })))
+        Ok(Var::from_op(
+            "rope",
+            value,
+            &[self],
+            Box::new(move |g| one(rope::rope_backward(g, &cos, &sin)?)),
+        ))
     }
 }
 
@@ -275,26 +366,39 @@ pub fn concat(vars: &[&Var], axis: usize) -> Result<Var> {
     let values: Vec<Tensor> = vars.iter().map(|v| v.value().clone()).collect();
     let value = layout::concat(&values, axis)?;
     let sizes: Vec<usize> = vars.iter().map(|v| v.dims().get(axis).copied().unwrap_or(0)).collect();
-    Ok(Var::from_op("concat", value, vars, Box::new(move |g| {
-        Ok(layout::concat_backward(g, &sizes, axis)?.into_iter().map(Some).collect())
-    })))
+    Ok(Var::from_op(
+        "concat",
+        value,
+        vars,
+        Box::new(move |g| {
+            Ok(layout::concat_backward(g, &sizes, axis)?.into_iter().map(Some).collect())
+        }),
+    ))
 }
 
 /// Rows of `weight` [V, d] picked by integer `ids`; the gradient scatter-adds back into weight.
 pub fn embedding(weight: &Var, ids: &Tensor) -> Result<Var> {
     let value = emb::embedding(weight.value(), ids)?;
     let (ids, vocab) = (ids.clone(), weight.dims()[0]);
-    Ok(Var::from_op("embedding", value, &[weight], Box::new(move |g| {
-        one(emb::embedding_backward(&ids, g, vocab)?)
-    })))
+    Ok(Var::from_op(
+        "embedding",
+        value,
+        &[weight],
+        Box::new(move |g| one(emb::embedding_backward(&ids, g, vocab)?)),
+    ))
 }
 
 /// Causal scaled dot-product attention over q, k, v [B, H, T, d_h].
 pub fn causal_attention(q: &Var, k: &Var, v: &Var) -> Result<Var> {
     let (out, probs) = attention::causal_attention(q.value(), k.value(), v.value())?;
     let (qt, kt, vt) = (q.value().clone(), k.value().clone(), v.value().clone());
-    Ok(Var::from_op("causal_attention", out, &[q, k, v], Box::new(move |g| {
-        let (gq, gk, gv) = attention::causal_attention_backward(&qt, &kt, &vt, &probs, g)?;
-        Ok(vec![Some(gq), Some(gk), Some(gv)])
-    })))
+    Ok(Var::from_op(
+        "causal_attention",
+        out,
+        &[q, k, v],
+        Box::new(move |g| {
+            let (gq, gk, gv) = attention::causal_attention_backward(&qt, &kt, &vt, &probs, g)?;
+            Ok(vec![Some(gq), Some(gk), Some(gv)])
+        }),
+    ))
 }

@@ -133,7 +133,11 @@ impl Var {
         if grad.dims() != self.dims() {
             return Err(Error::shape(
                 "backward",
-                format!("gradient of shape {} for a value of shape {}", grad.shape(), self.value().shape()),
+                format!(
+                    "gradient of shape {} for a value of shape {}",
+                    grad.shape(),
+                    self.value().shape()
+                ),
             ));
         }
         let mut leaves = HashMap::new();

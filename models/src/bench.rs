@@ -96,9 +96,9 @@ fn peak_rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
-                l.split_whitespace().nth(1).and_then(|kb| kb.parse::<u64>().ok())
-            })
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<u64>().ok()))
         })
         .map(|kb| kb * 1024)
         .unwrap_or(0)
@@ -144,7 +144,10 @@ pub fn bench_train(
             .named_params()
             .iter()
             .map(|(name, p)| {
-                grads.get(p).cloned().ok_or_else(|| Error::invalid(format!("bench: no gradient for {name}")))
+                grads
+                    .get(p)
+                    .cloned()
+                    .ok_or_else(|| Error::invalid(format!("bench: no gradient for {name}")))
             })
             .collect::<Result<_>>()?;
         if timed {

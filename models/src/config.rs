@@ -63,7 +63,8 @@ pub struct ModelConfig {
 }
 
 /// (name, L, d, H, n_qkv, n_proj, n_ffn, T_max, V): SPEC §3.
-const PRESETS: &[(&str, usize, usize, usize, usize, usize, usize, usize, usize)] = &[
+type Preset = (&'static str, usize, usize, usize, usize, usize, usize, usize, usize);
+const PRESETS: &[Preset] = &[
     ("tiny", 4, 128, 4, 128, 128, 512, 256, 256),
     ("150M", 12, 768, 12, 768, 768, 3072, 2048, 50304),
     ("450M", 24, 1024, 16, 1024, 1024, 4096, 2048, 50304),
@@ -140,7 +141,7 @@ impl ModelConfig {
         if self.vocab_size > 1 << 24 {
             return fail(format!("vocab_size {} exceeds 2^24", self.vocab_size));
         }
-        if self.d_model % self.n_heads != 0 {
+        if !self.d_model.is_multiple_of(self.n_heads) {
             return fail(format!(
                 "n_heads {} does not divide d_model {}",
                 self.n_heads, self.d_model
@@ -149,7 +150,7 @@ impl ModelConfig {
         if !(0.0..=1.0).contains(&self.rotary_pct) {
             return fail(format!("rotary_pct {} is not in [0, 1]", self.rotary_pct));
         }
-        if self.rotary_dims() % 2 != 0 {
+        if !self.rotary_dims().is_multiple_of(2) {
             return fail(format!(
                 "rotary dims {} (rotary_pct {} of head dim {}) must be even",
                 self.rotary_dims(),

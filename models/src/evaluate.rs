@@ -50,8 +50,10 @@ pub fn evaluate_tokens(model: &TokenFormer, ids: &[u32]) -> Result<EvalResult> {
             j += 1;
         }
         let batch = &windows[i..j];
-        let inputs: Vec<f32> = batch.iter().flat_map(|w| w[..len - 1].iter().map(|&x| x as f32)).collect();
-        let targets: Vec<f32> = batch.iter().flat_map(|w| w[1..].iter().map(|&x| x as f32)).collect();
+        let inputs: Vec<f32> =
+            batch.iter().flat_map(|w| w[..len - 1].iter().map(|&x| x as f32)).collect();
+        let targets: Vec<f32> =
+            batch.iter().flat_map(|w| w[1..].iter().map(|&x| x as f32)).collect();
         let device = model.device();
         let dims = [batch.len(), len - 1];
         let inputs = Tensor::from_vec(inputs, &dims)?.to_device(device)?;
@@ -71,7 +73,10 @@ pub fn parse_token_ids(text: &str, source: &str) -> Result<Vec<u32>> {
         .enumerate()
         .map(|(i, s)| {
             s.parse::<u32>().map_err(|_| {
-                Error::format(source, format!("item {} ('{s}') is not a non-negative integer token id", i + 1))
+                Error::format(
+                    source,
+                    format!("item {} ('{s}') is not a non-negative integer token id", i + 1),
+                )
             })
         })
         .collect()

@@ -17,7 +17,12 @@ pub struct SampleOptions {
 }
 
 /// Draws one id from `logits` (one row) with temperature and top-k.
-pub fn sample_from_logits(logits: &[f32], temperature: f32, top_k: Option<usize>, rng: &mut Rng) -> u32 {
+pub fn sample_from_logits(
+    logits: &[f32],
+    temperature: f32,
+    top_k: Option<usize>,
+    rng: &mut Rng,
+) -> u32 {
     let argmax = || {
         logits.iter().enumerate().fold(0, |best, (i, &x)| if x > logits[best] { i } else { best })
     };
@@ -55,10 +60,15 @@ pub fn generate(
     }
     let vocab = model.config.vocab_size;
     if let Some(bad) = prompt.iter().find(|&&id| id as usize >= vocab) {
-        return Err(Error::invalid(format!("generate: prompt token {bad} is outside the vocabulary ({vocab})")));
+        return Err(Error::invalid(format!(
+            "generate: prompt token {bad} is outside the vocabulary ({vocab})"
+        )));
     }
     if !(opts.temperature >= 0.0 && opts.temperature.is_finite()) {
-        return Err(Error::invalid(format!("generate: temperature {} must be >= 0", opts.temperature)));
+        return Err(Error::invalid(format!(
+            "generate: temperature {} must be >= 0",
+            opts.temperature
+        )));
     }
     let mut rng = Rng::new(opts.seed);
     let mut context: Vec<u32> = prompt.to_vec();
@@ -68,7 +78,8 @@ pub fn generate(
         let ids: Vec<f32> = window.iter().map(|&x| x as f32).collect();
         let ids = Tensor::from_vec(ids, &[1, window.len()])?.to_device(model.device())?;
         let logits = no_grad(|| model.forward(&ids))?;
-        let last = tokenformer_ops::layout::narrow(logits.value(), 1, window.len() - 1, 1)?.to_vec()?;
+        let last =
+            tokenformer_ops::layout::narrow(logits.value(), 1, window.len() - 1, 1)?.to_vec()?;
         let next = sample_from_logits(&last, opts.temperature, opts.top_k, &mut rng);
         on_token(next)?;
         context.push(next);

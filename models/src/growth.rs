@@ -6,6 +6,11 @@
 //! for the new tokens (old rows keep theirs), paper-style random growth restarts the optimizer
 //! (every moment zero). The run's other files (metrics, plot, token cache) are copied so a
 //! resumed run continues its history in the new directory.
+//!
+//! The growth itself runs on the device the caller names: the parameters and moments are moved
+//! there, the new rows are appended there (a concat on the device), and the result is copied
+//! back when it is saved. The new tokens are drawn on the host from the same seeded RNG on every
+//! device, so growing on a GPU writes the same checkpoint as growing on the CPU.
 
 use crate::checkpoint::{is_checkpoint_dir, load_checkpoint, save_checkpoint, Checkpoint};
 use crate::config::{ModelConfig, NormKind};
@@ -44,7 +49,9 @@ impl GrowSpec {
         same("max_seq_len", from.max_seq_len, target.max_seq_len)?;
         let more = |what: &str, a: usize, b: usize| -> Result<usize> {
             b.checked_sub(a).ok_or_else(|| {
-                Error::invalid(format!("cannot grow to preset {to}: its {what} {b} is fewer than the checkpoint's {a}"))
+                Error::invalid(format!(
+                    "cannot grow to preset {to}: its {what} {b} is fewer than the checkpoint's {a}"
+                ))
             })
         };
         Ok(GrowSpec {
@@ -78,8 +85,14 @@ fn pad_rows(t: &Tensor, rows: usize) -> Result<Tensor> {
     concat(&[t.clone(), Tensor::zeros(&[rows - n, d], t.device())?], 0)
 }
 
-/// Grows the checkpoint in `src` into a new checkpoint in `dst` (`src` is only read).
-pub fn grow_checkpoint(src: &Path, dst: &Path, spec: &GrowSpec) -> Result<GrowReport> {
+/// Grows the checkpoint in `src` into a new checkpoint in `dst` (`src` is only read), working on
+/// `device`.
+pub fn grow_checkpoint(
+    src: &Path,
+    dst: &Path,
+    spec: &GrowSpec,
+    device: Device,
+) -> Result<GrowReport> {
     if !src.is_dir() || !is_checkpoint_dir(src) {
         return Err(Error::invalid(format!("{} is not a checkpoint directory", src.display())));
     }
@@ -89,34 +102,46 @@ pub fn grow_checkpoint(src: &Path, dst: &Path, spec: &GrowSpec) -> Result<GrowRe
             _ => false,
         };
         if same {
-            return Err(Error::invalid("grow: --out must differ from --checkpoint (the source is never modified)"));
+            return Err(Error::invalid(
+                "grow: --out must differ from --checkpoint (the source is never modified)",
+            ));
         }
         if is_checkpoint_dir(dst) || dst.join("metrics.jsonl").exists() {
-            return Err(Error::invalid(format!("grow: {} already holds a checkpoint; choose another --out", dst.display())));
+            return Err(Error::invalid(format!(
+                "grow: {} already holds a checkpoint; choose another --out",
+                dst.display()
+            )));
         }
     }
     if spec.qkv + spec.proj + spec.ffn == 0 {
-        return Err(Error::invalid("grow: nothing to add (give --qkv, --proj, --ffn or --to-preset)"));
+        return Err(Error::invalid(
+            "grow: nothing to add (give --qkv, --proj, --ffn or --to-preset)",
+        ));
     }
     let ckpt = load_checkpoint(src)?;
-    let model = TokenFormer::from_named(ckpt.config.clone(), ckpt.params)?;
+    let to_device = |named: Vec<(String, Tensor)>| -> Result<Vec<(String, Tensor)>> {
+        named.into_iter().map(|(n, t)| Ok((n, t.to_device(device)?))).collect()
+    };
+    let model = TokenFormer::from_named(ckpt.config.clone(), to_device(ckpt.params)?)?;
     let grown = model.grow(spec.qkv, spec.proj, spec.ffn, spec.init, spec.seed)?;
     let shapes: std::collections::HashMap<String, Vec<usize>> =
         grown.named_params().into_iter().map(|(n, v)| (n, v.dims().to_vec())).collect();
-    let optimizer = match &ckpt.optimizer {
+    let optimizer = match ckpt.optimizer {
         None => None,
         Some((m, v)) => {
-            let extend = |moments: &Vec<(String, Tensor)>| -> Result<Vec<(String, Tensor)>> {
-                moments
+            let extend = |moments: Vec<(String, Tensor)>| -> Result<Vec<(String, Tensor)>> {
+                to_device(moments)?
                     .iter()
                     .map(|(name, t)| {
                         let dims = shapes.get(name).ok_or_else(|| {
-                            Error::invalid(format!("grow: optimizer moment for unknown parameter {name}"))
+                            Error::invalid(format!(
+                                "grow: optimizer moment for unknown parameter {name}"
+                            ))
                         })?;
                         let t = match spec.init {
                             GrowInit::Exact if t.rank() == 2 => pad_rows(t, dims[0])?,
                             GrowInit::Exact => t.clone(),
-                            GrowInit::Random => Tensor::zeros(dims, Device::Cpu)?,
+                            GrowInit::Random => Tensor::zeros(dims, device)?,
                         };
                         Ok((name.clone(), t))
                     })
@@ -127,14 +152,24 @@ pub fn grow_checkpoint(src: &Path, dst: &Path, spec: &GrowSpec) -> Result<GrowRe
     };
     std::fs::create_dir_all(dst).map_err(|e| Error::io(dst.display(), e))?;
     // The run's history and data cache travel with it; the checkpoint files are written anew.
-    let checkpoint_files =
-        ["config.json", "model.safetensors", "optimizer.safetensors", "train_state.json", "checkpoint.json"];
+    let checkpoint_files = [
+        "config.json",
+        "model.safetensors",
+        "optimizer.safetensors",
+        "train_state.json",
+        "checkpoint.json",
+    ];
     for entry in std::fs::read_dir(src).map_err(|e| Error::io(src.display(), e))? {
         let entry = entry.map_err(|e| Error::io(src.display(), e))?;
         let name = entry.file_name();
         let name_str = name.to_string_lossy();
-        if entry.path().is_file() && !checkpoint_files.contains(&name_str.as_ref()) && !name_str.contains(".tmp") && !name_str.starts_with("checkpoint.json") {
-            std::fs::copy(entry.path(), dst.join(&name)).map_err(|e| Error::io(dst.join(&name).display(), e))?;
+        if entry.path().is_file()
+            && !checkpoint_files.contains(&name_str.as_ref())
+            && !name_str.contains(".tmp")
+            && !name_str.starts_with("checkpoint.json")
+        {
+            std::fs::copy(entry.path(), dst.join(&name))
+                .map_err(|e| Error::io(dst.join(&name).display(), e))?;
         }
     }
     let report = GrowReport {
@@ -145,7 +180,12 @@ pub fn grow_checkpoint(src: &Path, dst: &Path, spec: &GrowSpec) -> Result<GrowRe
     };
     save_checkpoint(
         dst,
-        &Checkpoint { config: grown.config.clone(), params: grown.named_tensors(), optimizer, train_state: ckpt.train_state },
+        &Checkpoint {
+            config: grown.config.clone(),
+            params: grown.named_tensors(),
+            optimizer,
+            train_state: ckpt.train_state,
+        },
     )?;
     Ok(report)
 }

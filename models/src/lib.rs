@@ -12,9 +12,9 @@ pub mod metrics;
 pub mod model;
 pub mod optim;
 pub mod pattention;
-pub mod train;
 pub mod plot;
 pub mod progress;
+pub mod train;
 
 pub use config::{ModelConfig, NormKind};
 pub use model::TokenFormer;

@@ -179,7 +179,13 @@ impl TokenFormer {
     pub fn params_mut(&mut self) -> Vec<&mut Var> {
         let mut out = vec![&mut self.embed];
         for layer in &mut self.layers {
-            for p in [&mut layer.query, &mut layer.key, &mut layer.value, &mut layer.proj, &mut layer.mlp] {
+            for p in [
+                &mut layer.query,
+                &mut layer.key,
+                &mut layer.value,
+                &mut layer.proj,
+                &mut layer.mlp,
+            ] {
                 out.push(&mut p.key_tokens);
                 out.push(&mut p.value_tokens);
             }
@@ -209,7 +215,10 @@ impl TokenFormer {
     /// Logits [B, T, V] for token ids [B, T] (f32 holding integers).
     pub fn forward(&self, ids: &Tensor) -> Result<Var> {
         if ids.rank() != 2 {
-            return Err(Error::shape("forward", format!("token ids must be [B, T], got {}", ids.shape())));
+            return Err(Error::shape(
+                "forward",
+                format!("token ids must be [B, T], got {}", ids.shape()),
+            ));
         }
         let (b, t) = (ids.dims()[0], ids.dims()[1]);
         if t == 0 || t > self.config.max_seq_len {
@@ -230,7 +239,8 @@ impl TokenFormer {
                 q = q.rope(&self.rope_cos, &self.rope_sin)?;
                 k = k.rope(&self.rope_cos, &self.rope_sin)?;
             }
-            let attended = causal_attention(&q, &k, &v)?.permute(&[0, 2, 1, 3])?.reshape(&[b, t, d])?;
+            let attended =
+                causal_attention(&q, &k, &v)?.permute(&[0, 2, 1, 3])?.reshape(&[b, t, d])?;
             x = x.add(&layer.proj.forward(&attended)?)?;
             x = x.add(&layer.mlp.forward(&x.layer_norm(None, None, LN_EPS)?)?)?;
         }
@@ -255,7 +265,14 @@ impl TokenFormer {
     /// every output Pattention and `ffn` to every mlp Pattention (SPEC §4). τ keeps its n₀.
     /// New tokens are drawn from one RNG seeded with `seed`, layer by layer in checkpoint order.
     /// With `GrowInit::Exact` and an L2 norm the new model computes the same outputs, bit for bit.
-    pub fn grow(&self, qkv: usize, proj: usize, ffn: usize, init: GrowInit, seed: u64) -> Result<TokenFormer> {
+    pub fn grow(
+        &self,
+        qkv: usize,
+        proj: usize,
+        ffn: usize,
+        init: GrowInit,
+        seed: u64,
+    ) -> Result<TokenFormer> {
         let mut rng = Rng::new(seed);
         let sigma = value_std(&self.config);
         let mut config = self.config.clone();

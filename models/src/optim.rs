@@ -10,11 +10,12 @@
 //! The update kernel is the `adamw` family in tokenformer-ops. Weight decay applies to the
 //! token matrices and the embedding, never to LayerNorm parameters (SPEC §3).
 
+use crate::checkpoint::NamedTensors;
 use crate::model::TokenFormer;
 use tokenformer_autograd::Var;
 use tokenformer_core::{Error, Result, Tensor};
 use tokenformer_ops::adamw::{adamw_step, sum_squares, AdamW};
-use tokenformer_ops::unary;
+use tokenformer_ops::{binary, layout, reduce, unary};
 
 /// Linear warmup from 0 over `warmup` steps, then cosine from `lr` down to `min_lr` at
 /// `total` steps. `step` counts from 0.
@@ -30,19 +31,34 @@ pub fn lr_at(step: u64, warmup: u64, total: u64, lr: f32, min_lr: f32) -> f32 {
     (min_lr as f64 + (lr - min_lr) as f64 * cosine) as f32
 }
 
-/// Scales `grads` in place so that their global L2 norm is at most `max_norm`; returns the norm
-/// before clipping. The norm is summed in a fixed order (parameter order) for determinism.
-pub fn clip_global_norm(grads: &mut [Tensor], max_norm: f32) -> Result<f32> {
-    let mut total = 0.0f64;
-    for g in grads.iter() {
-        total += sum_squares(g)?.to_scalar()? as f64;
+/// Scales `grads` in place so that their global L2 norm is at most `max_norm`, and returns the
+/// norm before clipping as a one-element tensor. Everything stays on the gradients' device (no
+/// host round trip inside a training step):
+///
+/// ```text
+/// norm   = √(Σ_params Σ g²)           summed in parameter order, for determinism
+/// factor = max_norm / max(norm + 1e-6, max_norm)     exactly 1 when no clipping is needed
+/// g      = g · factor
+/// ```
+pub fn clip_global_norm(grads: &mut [Tensor], max_norm: f32) -> Result<Tensor> {
+    let Some(first) = grads.first() else {
+        return Err(Error::invalid("clip_global_norm: no gradients"));
+    };
+    let device = first.device();
+    let mut total = sum_squares(first)?;
+    for g in &grads[1..] {
+        total = binary::add(&total, &sum_squares(g)?)?;
     }
-    let norm = total.sqrt() as f32;
-    if max_norm > 0.0 && norm > max_norm {
-        let factor = max_norm / (norm + 1e-6);
-        for g in grads.iter_mut() {
-            *g = unary::affine(g, factor, 0.0)?;
-        }
+    let norm = unary::sqrt(&total)?.reshape(&[1])?;
+    let limit = Tensor::full(&[1], max_norm, device)?;
+    let denominator = reduce::max(
+        &layout::concat(&[unary::affine(&norm, 1.0, 1e-6)?, limit.clone()], 0)?,
+        0,
+        false,
+    )?;
+    let factor = binary::div(&limit, &denominator)?;
+    for g in grads.iter_mut() {
+        *g = binary::mul(g, &factor)?;
     }
     Ok(norm)
 }
@@ -90,9 +106,10 @@ impl Optimizer {
             let hp = AdamW {
                 lr,
                 weight_decay: if decays(&names[i]) { self.hp.weight_decay } else { 0.0 },
-                ..self.hp.clone()
+                ..self.hp
             };
-            let (p, m, v) = adamw_step(slot.value(), &grads[i], &self.m[i], &self.v[i], &hp, self.step)?;
+            let (p, m, v) =
+                adamw_step(slot.value(), &grads[i], &self.m[i], &self.v[i], &hp, self.step)?;
             *slot = Var::param(p);
             self.m[i] = m;
             self.v[i] = v;
@@ -101,7 +118,7 @@ impl Optimizer {
     }
 
     /// The moments with their parameter names, for checkpoints.
-    pub fn named_moments(&self, model: &TokenFormer) -> (Vec<(String, Tensor)>, Vec<(String, Tensor)>) {
+    pub fn named_moments(&self, model: &TokenFormer) -> (NamedTensors, NamedTensors) {
         let names: Vec<String> = model.named_params().into_iter().map(|(n, _)| n).collect();
         (
             names.iter().cloned().zip(self.m.iter().cloned()).collect(),
@@ -119,7 +136,8 @@ impl Optimizer {
     ) -> Result<Optimizer> {
         let params = model.named_params();
         let pick = |saved: Vec<(String, Tensor)>, which: &str| -> Result<Vec<Tensor>> {
-            let mut by_name: std::collections::HashMap<String, Tensor> = saved.into_iter().collect();
+            let mut by_name: std::collections::HashMap<String, Tensor> =
+                saved.into_iter().collect();
             params
                 .iter()
                 .map(|(name, p)| {

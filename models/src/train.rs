@@ -66,21 +66,21 @@ impl Default for TrainSettings {
             val_data: Vec::new(),
             val_fraction: crate::data::DEFAULT_VAL_FRACTION,
             tokenizer: "byte".into(),
-            steps: 600,
+            steps: 1500,
             batch: 16,
-            seq: 128,
+            seq: 64,
             grad_accum: 1,
-            lr: 3e-3,
-            min_lr: 3e-4,
+            lr: 5e-3,
+            min_lr: 5e-4,
             warmup: 30,
             weight_decay: 0.1,
             clip: 1.0,
             beta1: 0.9,
             beta2: 0.95,
             seed: 1337,
-            eval_every: 100,
+            eval_every: 250,
             eval_windows: 128,
-            save_every: 200,
+            save_every: 500,
         }
     }
 }
@@ -143,11 +143,21 @@ impl TrainSettings {
     }
 
     fn adamw(&self) -> AdamW {
-        AdamW { lr: self.lr, beta1: self.beta1, beta2: self.beta2, eps: 1e-8, weight_decay: self.weight_decay }
+        AdamW {
+            lr: self.lr,
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: 1e-8,
+            weight_decay: self.weight_decay,
+        }
     }
 
     fn data_spec(&self) -> DataSpec {
-        DataSpec { data: self.data.clone(), val_data: self.val_data.clone(), val_fraction: self.val_fraction }
+        DataSpec {
+            data: self.data.clone(),
+            val_data: self.val_data.clone(),
+            val_fraction: self.val_fraction,
+        }
     }
 }
 
@@ -205,7 +215,12 @@ pub fn check_new_run(out: &Path, settings: &TrainSettings) -> Result<ModelConfig
 }
 
 /// Starts a new run in `out`, which must not hold a run already.
-pub fn train_new(out: &Path, settings: TrainSettings, device: Device, control: TrainControl) -> Result<TrainSummary> {
+pub fn train_new(
+    out: &Path,
+    settings: TrainSettings,
+    device: Device,
+    control: TrainControl,
+) -> Result<TrainSummary> {
     let config = check_new_run(out, &settings)?;
     create_dir(out)?;
     let model = TokenFormer::init(&config, settings.seed, device)?;
@@ -225,7 +240,10 @@ fn load_run(dir: &Path) -> Result<(Checkpoint, TrainState)> {
         return Err(Error::invalid(format!("{}: no such run directory", dir.display())));
     }
     if !is_checkpoint_dir(dir) {
-        return Err(Error::invalid(format!("{} is not a run directory (no checkpoint in it)", dir.display())));
+        return Err(Error::invalid(format!(
+            "{} is not a run directory (no checkpoint in it)",
+            dir.display()
+        )));
     }
     let ckpt = load_checkpoint(dir)?;
     let state = ckpt.train_state.clone().ok_or_else(|| {
@@ -243,25 +261,35 @@ fn load_run(dir: &Path) -> Result<(Checkpoint, TrainState)> {
 pub fn train_resume(dir: &Path, device: Device, control: TrainControl) -> Result<TrainSummary> {
     let (ckpt, state) = load_run(dir)?;
     state.settings.validate()?;
-    let params = ckpt.params.into_iter().map(|(n, t)| Ok((n, t.to_device(device)?))).collect::<Result<Vec<_>>>()?;
+    let params = ckpt
+        .params
+        .into_iter()
+        .map(|(n, t)| Ok((n, t.to_device(device)?)))
+        .collect::<Result<Vec<_>>>()?;
     let model = TokenFormer::from_named(ckpt.config, params)?;
     let (m, v) = ckpt.optimizer.ok_or_else(|| {
-        Error::invalid(format!("{}: the checkpoint has no optimizer state to resume from", dir.display()))
+        Error::invalid(format!(
+            "{}: the checkpoint has no optimizer state to resume from",
+            dir.display()
+        ))
     })?;
     let optimizer = Optimizer::from_named(&model, state.settings.adamw(), state.step, m, v)?;
     run(dir, model, optimizer, state, control)
 }
 
 fn create_dir(dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir.display(), format!("cannot create the run directory: {e}")))?;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Error::io(dir.display(), format!("cannot create the run directory: {e}")))?;
     let probe = dir.join(".write-test");
-    std::fs::write(&probe, b"").map_err(|e| Error::io(dir.display(), format!("the run directory is not writable: {e}")))?;
+    std::fs::write(&probe, b"")
+        .map_err(|e| Error::io(dir.display(), format!("the run directory is not writable: {e}")))?;
     let _ = std::fs::remove_file(probe);
     Ok(())
 }
 
 fn save(dir: &Path, model: &TokenFormer, optimizer: &Optimizer, state: &TrainState) -> Result<()> {
-    let state_json = serde_json::to_value(state).map_err(|e| Error::invalid(format!("train state: {e}")))?;
+    let state_json =
+        serde_json::to_value(state).map_err(|e| Error::invalid(format!("train state: {e}")))?;
     save_checkpoint(
         dir,
         &Checkpoint {
@@ -279,6 +307,7 @@ fn validation_loss(model: &TokenFormer, data: &Dataset, s: &TrainSettings) -> Re
     let mut count = 0usize;
     for batch in val_windows(data.val(), s.batch, s.seq, s.eval_windows)? {
         let dims = [batch.batch, batch.seq];
+        batch.check_ids(model.config.vocab_size)?;
         let inputs = Tensor::from_vec(batch.inputs, &dims)?.to_device(model.device())?;
         let targets = Tensor::from_vec(batch.targets, &dims)?.to_device(model.device())?;
         let loss = no_grad(|| model.loss(&inputs, &targets))?.value().to_scalar()? as f64;
@@ -338,28 +367,18 @@ fn run(
         let step_start = Instant::now();
         let step = state.step;
         let mut grads: Vec<Option<Tensor>> = vec![None; n_params];
-        let mut loss_sum = 0.0f64;
+        // Loss values stay on the device until the step's work is queued: reading one earlier
+        // would make the host wait for the forward pass before it could launch the backward.
+        let mut micro_losses: Vec<Tensor> = Vec::with_capacity(s.grad_accum);
         for micro in 0..s.grad_accum {
             let batch = batcher.next_batch(data.train())?;
             let dims = [batch.batch, batch.seq];
+            // Checked here, on the host: the GPU kernels do not copy ids back to check them.
+            batch.check_ids(model.config.vocab_size)?;
             let inputs = Tensor::from_vec(batch.inputs, &dims)?.to_device(device)?;
             let targets = Tensor::from_vec(batch.targets, &dims)?.to_device(device)?;
             let loss = model.loss(&inputs, &targets)?;
-            let value = loss.value().to_scalar()?;
-            if !value.is_finite() {
-                progress.finish();
-                let advice = if s.clip > 0.0 { "a smaller --clip" } else { "a gradient clip, e.g. --clip 1" };
-                let kept = if is_checkpoint_dir(dir) {
-                    format!("the last good checkpoint in {} is kept", dir.display())
-                } else {
-                    format!("no checkpoint had been saved in {} yet", dir.display())
-                };
-                return Err(Error::invalid(format!(
-                    "the loss became non-finite ({value}) at step {}; stopping: {kept} (try a lower --lr or {advice})",
-                    step + 1
-                )));
-            }
-            loss_sum += value as f64;
+            micro_losses.push(loss.value().clone());
             let step_grads = loss.scale(1.0 / s.grad_accum as f32)?.backward()?;
             for (slot, (name, param)) in grads.iter_mut().zip(model.named_params()) {
                 let g = step_grads
@@ -388,11 +407,40 @@ fn run(
                 });
             }
         }
-        let mut grads: Vec<Tensor> = grads.into_iter().map(|g| g.expect("one micro-batch at least")).collect();
-        let grad_norm = if s.clip > 0.0 { Some(clip_global_norm(&mut grads, s.clip)?) } else { None };
+        let mut grads = grads
+            .into_iter()
+            .collect::<Option<Vec<Tensor>>>()
+            .ok_or_else(|| Error::invalid("a step ran no micro-batch"))?;
+        let grad_norm =
+            if s.clip > 0.0 { Some(clip_global_norm(&mut grads, s.clip)?) } else { None };
         let lr = lr_at(step, s.warmup, s.steps, s.lr, s.min_lr);
         optimizer.update(&mut model, &grads, lr)?;
         drop(grads);
+        let mut loss_sum = 0.0f64;
+        for loss in &micro_losses {
+            let value = loss.to_scalar()?;
+            if !value.is_finite() {
+                // The update above already used the bad gradients: nothing from this step is
+                // saved, and the checkpoint on disk (if any) is the last good state.
+                progress.finish();
+                let advice = if s.clip > 0.0 {
+                    "a smaller --clip"
+                } else {
+                    "a gradient clip, e.g. --clip 1"
+                };
+                let kept = if is_checkpoint_dir(dir) {
+                    format!("the last good checkpoint in {} is kept", dir.display())
+                } else {
+                    format!("no checkpoint had been saved in {} yet", dir.display())
+                };
+                return Err(Error::invalid(format!(
+                    "the loss became non-finite ({value}) at step {}; stopping: {kept} (try a lower --lr or {advice})",
+                    step + 1
+                )));
+            }
+            loss_sum += value as f64;
+        }
+        let grad_norm = grad_norm.map(|n| n.to_scalar()).transpose()?;
 
         let tokens = (s.grad_accum * s.batch * s.seq) as u64;
         state.step += 1;
@@ -460,6 +508,10 @@ pub fn load_model(dir: &Path, device: Device) -> Result<TokenFormer> {
         return Err(Error::invalid(format!("{}: no such checkpoint directory", dir.display())));
     }
     let ckpt = load_checkpoint(dir)?;
-    let params = ckpt.params.into_iter().map(|(n, t)| Ok((n, t.to_device(device)?))).collect::<Result<Vec<_>>>()?;
+    let params = ckpt
+        .params
+        .into_iter()
+        .map(|(n, t)| Ok((n, t.to_device(device)?)))
+        .collect::<Result<Vec<_>>>()?;
     TokenFormer::from_named(ckpt.config, params)
 }

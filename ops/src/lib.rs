@@ -67,15 +67,18 @@ pub(crate) fn rows_and_len(op: &'static str, x: &Tensor) -> Result<(usize, usize
 }
 
 /// Checks that every value of `ids` (an f32 tensor of token ids or targets) is an integer in
-/// [0, bound). Ids on a GPU are copied to the host for the check.
+/// [0, bound), naming the first one that is not.
+///
+/// Only CPU tensors are checked here. Checking ids that live on a GPU would copy them to the
+/// host and make the host wait for the device on every lookup and every loss, inside each
+/// training step. So on a GPU, ids are checked where they are made: the trainer, `eval` and
+/// `generate` check them on the host before the upload. An invalid id that still reaches a
+/// kernel is memory-safe: the embedding writes NaN into that row, the cross-entropy gives a NaN
+/// loss and a NaN gradient row, and the embedding's backward pass skips it, so the mistake
+/// shows up as a non-finite loss instead of a read out of bounds.
 pub(crate) fn check_ids(op: &'static str, ids: &Tensor, bound: usize) -> Result<()> {
-    let host;
-    let values = match ids.cpu_data() {
-        Some(v) => v,
-        None => {
-            host = ids.to_vec()?;
-            &host
-        }
+    let Some(values) = ids.cpu_data() else {
+        return Ok(());
     };
     for (position, &id) in values.iter().enumerate() {
         // Written so that NaN fails the test; `fract` of ±inf is NaN, so it fails too.

@@ -513,23 +513,64 @@ fn pattention_norm_keeps_every_bit_when_zero_scores_are_appended() {
 #[test]
 fn embedding_matches_and_its_scatter_add_is_bit_identical() {
     require_cuda!();
-    let (vocab, d) = (101, 67);
-    let weight = randn(&[vocab, d], 51);
-    // Few distinct ids over many positions, so rows are hit many times.
-    let token_ids = ids(&[3, 37], 13, 52);
-    let c = embedding(&gpu(&weight), &gpu(&token_ids)).unwrap();
-    assert_matches("embedding", &c, &embedding(&weight, &token_ids).unwrap(), EXACT);
-    let g = randn(&[3, 37, d], 53);
-    let c = embedding_backward(&gpu(&token_ids), &gpu(&g), vocab).unwrap();
-    // Same additions in the same order as the CPU loop: the same bits.
-    assert_matches(
-        "embedding_backward",
-        &c,
-        &embedding_backward(&token_ids, &g, vocab).unwrap(),
-        EXACT,
-    );
-    let bad = Tensor::from_vec(vec![3.0, 101.0], &[2]).unwrap();
-    let err = embedding(&gpu(&weight), &gpu(&bad)).unwrap_err().to_string();
+    // (vocab, d, ids shape, distinct ids): few distinct ids over many positions, so rows are hit
+    // many times; then a table of several row blocks (256 rows each) and column strips (256
+    // columns each) with more positions than one tile of staged ids (256).
+    let cases: &[(usize, usize, &[usize], u64)] =
+        &[(101, 67, &[3, 37], 13), (601, 300, &[3, 200], 601), (5, 1, &[1, 1], 5)];
+    for (case, &(vocab, d, id_dims, distinct)) in cases.iter().enumerate() {
+        let seed = 50 + 10 * case as u64;
+        let weight = randn(&[vocab, d], seed);
+        let token_ids = ids(id_dims, distinct, seed + 1);
+        let what = format!("embedding {vocab}x{d} ids {id_dims:?}");
+        let c = embedding(&gpu(&weight), &gpu(&token_ids)).unwrap();
+        assert_matches(&what, &c, &embedding(&weight, &token_ids).unwrap(), EXACT);
+        let mut g_dims = id_dims.to_vec();
+        g_dims.push(d);
+        let g = randn(&g_dims, seed + 2);
+        let c = embedding_backward(&gpu(&token_ids), &gpu(&g), vocab).unwrap();
+        // Same additions in the same order as the CPU loop: the same bits.
+        let r = embedding_backward(&token_ids, &g, vocab).unwrap();
+        assert_matches(&format!("{what} backward"), &c, &r, EXACT);
+    }
+}
+
+#[test]
+fn embedding_of_invalid_ids_gives_nan_rows_on_the_gpu() {
+    require_cuda!();
+    // On a GPU the ids are not copied back to be checked: a bad id must neither read outside
+    // the table nor go unnoticed. Its row is NaN; the backward pass skips it.
+    let (vocab, d) = (7, 5);
+    let weight = randn(&[vocab, d], 111);
+    let bad = [7.0, -1.0, 2.5, f32::NAN, f32::INFINITY, 1e10];
+    for &b in &bad {
+        let with_bad = Tensor::from_vec(vec![3.0, b, 6.0], &[3]).unwrap();
+        let out = embedding(&gpu(&weight), &gpu(&with_bad)).unwrap().to_vec().unwrap();
+        let w = weight.to_vec().unwrap();
+        assert_eq!(out[..d], w[3 * d..4 * d], "id {b}: row 0");
+        assert!(out[d..2 * d].iter().all(|v| v.is_nan()), "id {b}: row 1 is not NaN");
+        assert_eq!(out[2 * d..], w[6 * d..7 * d], "id {b}: row 2");
+        // The scatter-add of the bad position is dropped: the same as the two good positions.
+        let g = randn(&[3, d], 112);
+        let c = embedding_backward(&gpu(&with_bad), &gpu(&g), vocab).unwrap();
+        let good_ids = Tensor::from_vec(vec![3.0, 6.0], &[2]).unwrap();
+        let g_good = Tensor::from_vec(
+            g.to_vec()
+                .unwrap()
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| i / d != 1)
+                .map(|(_, &v)| v)
+                .collect(),
+            &[2, d],
+        )
+        .unwrap();
+        let r = embedding_backward(&good_ids, &g_good, vocab).unwrap();
+        assert_matches(&format!("embedding_backward skipping id {b}"), &c, &r, EXACT);
+    }
+    // The CPU keeps its error naming the id.
+    let with_bad = Tensor::from_vec(vec![3.0, 101.0], &[2]).unwrap();
+    let err = embedding(&weight, &with_bad).unwrap_err().to_string();
     assert!(err.contains("embedding") && err.contains("101"), "{err}");
 }
 
@@ -550,6 +591,40 @@ fn cross_entropy_matches() {
         let r = cross_entropy_backward(&logits, &targets, &r_lse, &g).unwrap();
         assert_matches(&format!("cross_entropy_backward {n}x{v}"), &c, &r, REDUCTION);
     }
+}
+
+#[test]
+fn cross_entropy_of_an_invalid_target_is_nan_on_the_gpu() {
+    require_cuda!();
+    let (n, v) = (4, 9);
+    let logits = randn(&[n, v], 121);
+    let good = Tensor::from_vec(vec![1.0, 8.0, 0.0, 4.0], &[n]).unwrap();
+    let (_, r_lse) = cross_entropy(&logits, &good).unwrap();
+    let g = Tensor::scalar(1.0);
+    let r_grad = cross_entropy_backward(&logits, &good, &r_lse, &g).unwrap().to_vec().unwrap();
+    for bad in [9.0, -1.0, 0.5, f32::NAN, f32::NEG_INFINITY] {
+        // Row 1's target is replaced: its loss and gradient row become NaN, the rest is unchanged.
+        let targets = gpu(&Tensor::from_vec(vec![1.0, bad, 0.0, 4.0], &[n]).unwrap());
+        let (loss, lse) = cross_entropy(&gpu(&logits), &targets).unwrap();
+        assert!(loss.to_scalar().unwrap().is_nan(), "target {bad}: the loss is not NaN");
+        assert_matches(&format!("lse with target {bad}"), &lse, &r_lse, REDUCTION);
+        let grad = cross_entropy_backward(&gpu(&logits), &targets, &lse, &gpu(&g))
+            .unwrap()
+            .to_vec()
+            .unwrap();
+        for (i, (&c, &r)) in grad.iter().zip(&r_grad).enumerate() {
+            if i / v == 1 {
+                assert!(c.is_nan(), "target {bad}: gradient {i} is {c}, not NaN");
+            } else {
+                let err = (c as f64 - r as f64).abs();
+                assert!(err <= 1e-5 + 1e-4 * (r as f64).abs(), "target {bad}: gradient {i}");
+            }
+        }
+    }
+    let err = cross_entropy(&logits, &Tensor::from_vec(vec![0.0, 9.0, 0.0, 0.0], &[n]).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("cross_entropy") && err.contains('9'), "{err}");
 }
 
 #[test]

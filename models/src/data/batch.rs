@@ -25,6 +25,22 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// Checks that every input and target is below `vocab`, naming the first that is not.
+    /// The trainer calls this on the host before the upload: on a GPU the kernels do not
+    /// check ids (a bad one would only show up as a NaN loss; see `tokenformer_ops::embedding`).
+    pub fn check_ids(&self, vocab: usize) -> Result<()> {
+        let all = self.inputs.iter().chain(&self.targets);
+        match all.enumerate().find(|(_, &id)| !(id >= 0.0 && (id as usize) < vocab)) {
+            None => Ok(()),
+            Some((i, id)) => Err(Error::invalid(format!(
+                "batch: token id {id} at {} {} is outside the vocabulary (size {vocab}); \
+                 the token file does not match the model's tokenizer",
+                if i < self.inputs.len() { "input" } else { "target" },
+                i % self.inputs.len().max(1)
+            ))),
+        }
+    }
+
     fn from_starts(data: &[u32], starts: &[usize], seq: usize) -> Batch {
         let mut inputs = Vec::with_capacity(starts.len() * seq);
         let mut targets = Vec::with_capacity(starts.len() * seq);

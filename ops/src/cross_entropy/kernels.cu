@@ -4,8 +4,19 @@
 //           loss_i = lse_i − x_{i, t_i}; the mean over rows is taken on the host side by a
 //           fixed-order sum of the loss_i (see cuda.rs).
 // Backward  ∂L/∂x_ij = g·(e^(x_ij − lse_i) − [j = t_i]) / N.
+//
+// Targets on the GPU are not checked by the host (see `check_ids` in lib.rs). A target that is
+// not an integer in [0, V) gives a NaN loss for its row and a NaN gradient row, never a read
+// outside the logits.
 
 #define NEG_INF (-__int_as_float(0x7f800000))
+#define NAN_F __int_as_float(0x7fc00000)
+
+// Whether the f32 `x` holds an integer in [0, bound). NaN fails every comparison; the 2^32
+// bound keeps the conversion to unsigned defined.
+__device__ bool is_valid_id(float x, unsigned int bound) {
+    return x >= 0.0f && x < 4294967296.0f && truncf(x) == x && (unsigned int)x < bound;
+}
 
 // Sum over the block, returned to every thread (a fixed tree: see reduce/kernels.cu).
 __device__ float block_sum(float v) {
@@ -34,8 +45,7 @@ __device__ float block_max(float v) {
     return v;
 }
 
-// One block per row: lse[row] and loss[row]. Targets were validated on the host; one out of
-// range would give a NaN loss rather than a read past the row.
+// One block per row: lse[row] and loss[row] (NaN for an invalid target).
 extern "C" __global__ void cross_entropy_rows(const float* logits, const float* targets,
                                               float* lse, float* loss, unsigned int V) {
     const float* x = logits + blockIdx.x * V;
@@ -46,14 +56,14 @@ extern "C" __global__ void cross_entropy_rows(const float* logits, const float* 
     for (unsigned int j = threadIdx.x; j < V; j += blockDim.x) sum += expf(x[j] - m);
     float row_lse = m + logf(block_sum(sum));
     if (threadIdx.x == 0) {
-        unsigned int t = (unsigned int)targets[blockIdx.x];
+        float t = targets[blockIdx.x];
         lse[blockIdx.x] = row_lse;
-        loss[blockIdx.x] = t < V ? row_lse - x[t] : __int_as_float(0x7fc00000);
+        loss[blockIdx.x] = is_valid_id(t, V) ? row_lse - x[(unsigned int)t] : NAN_F;
     }
 }
 
-// One thread per logit. `g` holds the one incoming gradient value (read on the device, so the
-// host never waits for it).
+// One thread per logit (a NaN row for an invalid target). `g` holds the one incoming gradient
+// value (read on the device, so the host never waits for it).
 extern "C" __global__ void cross_entropy_backward(const float* logits, const float* targets,
                                                   const float* lse, const float* g, float* grad,
                                                   unsigned int n, unsigned int V,
@@ -62,6 +72,11 @@ extern "C" __global__ void cross_entropy_backward(const float* logits, const flo
     if (i >= n) return;
     unsigned int row = i / V, j = i % V;
     float scale = g[0] / (float)rows;
+    float t = targets[row];
+    if (!is_valid_id(t, V)) {
+        grad[i] = NAN_F;
+        return;
+    }
     float p = expf(logits[i] - lse[row]) * scale;
-    grad[i] = j == (unsigned int)targets[row] ? p - scale : p;
+    grad[i] = j == (unsigned int)t ? p - scale : p;
 }

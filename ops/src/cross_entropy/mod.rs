@@ -6,6 +6,13 @@
 //!
 //! Backward: ∂lse_i/∂x_ij = softmax(x_i)_j = e^(x_ij − lse_i), and ∂x_{i,t_i}/∂x_ij = [j = t_i],
 //! so with g = ∂L/∂loss: ∂L/∂x_ij = g·(softmax(x_i)_j − [j = t_i])/N.
+//!
+//! Targets: on the CPU a target that is not an integer in [0, V) is an error naming it. On a
+//! GPU the targets are not copied back to be checked (that would stall every training step);
+//! they are checked where they are made — the trainer, `eval` and `generate` check ids on the
+//! host before the upload. An invalid target that reaches the GPU kernels anyway makes that
+//! row's loss NaN (so the mean loss is NaN) and its gradient row NaN; no kernel reads out of
+//! bounds.
 
 mod cpu;
 mod cuda;
@@ -13,7 +20,8 @@ mod cuda;
 use crate::{check_ids, same_device};
 use tokenformer_core::{Device, Error, Result, Tensor};
 
-/// Checks logits [N, V] (N, V ≥ 1) against targets [N] holding integers in [0, V).
+/// Checks logits [N, V] (N, V ≥ 1) against targets [N], and on the CPU that the targets hold
+/// integers in [0, V) (see the module comment for GPUs).
 fn check_logits_targets(op: &'static str, logits: &Tensor, targets: &Tensor) -> Result<()> {
     let valid = logits.rank() == 2
         && targets.dims() == [logits.dims()[0]]

@@ -4,6 +4,13 @@
 //! Backward: each table row receives the sum of the gradients of the positions that read it,
 //! gW[v, :] = Σ_{p : ids[p] = v} g[p, :] (a scatter-add, done in position order so that the
 //! result is deterministic).
+//!
+//! Ids: on the CPU an id that is not an integer in [0, V) is an error naming it. On a GPU the
+//! ids are not copied back to be checked (that would stall every training step); they are
+//! checked where they are made — the trainer, `eval` and `generate` check them on the host
+//! before the upload. An invalid id that reaches the GPU kernels anyway gives a NaN row in the
+//! forward output and contributes nothing to the backward scatter-add; no kernel reads or writes
+//! out of bounds.
 
 mod cpu;
 mod cuda;
@@ -11,7 +18,8 @@ mod cuda;
 use crate::{check_ids, same_device};
 use tokenformer_core::{Device, Error, Result, Tensor};
 
-/// weight [V, d], ids [...] (f32 holding integers in [0, V)) → [..., d].
+/// weight [V, d], ids [...] (f32 holding integers in [0, V)) → [..., d]. Bad ids are an error
+/// on the CPU and a NaN row on a GPU (see the module comment).
 pub fn embedding(weight: &Tensor, ids: &Tensor) -> Result<Tensor> {
     let device = same_device("embedding", &[weight, ids])?;
     if weight.rank() != 2 {
@@ -27,7 +35,8 @@ pub fn embedding(weight: &Tensor, ids: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// ∂L/∂weight [vocab, d] from g = ∂L/∂out [..., d].
+/// ∂L/∂weight [vocab, d] from g = ∂L/∂out [..., d]. Bad ids are an error on the CPU and are
+/// skipped on a GPU (see the module comment).
 pub fn embedding_backward(ids: &Tensor, g: &Tensor, vocab: usize) -> Result<Tensor> {
     let device = same_device("embedding_backward", &[ids, g])?;
     if g.rank() != ids.rank() + 1 || &g.dims()[..ids.rank()] != ids.dims() {

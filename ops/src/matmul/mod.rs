@@ -261,26 +261,4 @@ mod tests {
         );
         assert!(err.unwrap_err().to_string().contains("matmul_backward"));
     }
-
-    /// Prints the GFLOP/s of a 1024³ product (run with --ignored, in release mode).
-    #[test]
-    #[ignore]
-    fn matmul_speed_1024() {
-        let a = randn(&[1024, 1024], 1);
-        let b = randn(&[1024, 1024], 2);
-        matmul(&a, &b, false, false).unwrap();
-        for (trans_a, trans_b) in [(false, false), (true, false), (false, true)] {
-            let start = std::time::Instant::now();
-            let reps = 10;
-            for _ in 0..reps {
-                matmul(&a, &b, trans_a, trans_b).unwrap();
-            }
-            let secs = start.elapsed().as_secs_f64() / reps as f64;
-            let gflops = 2.0 * 1024f64.powi(3) / secs / 1e9;
-            println!(
-                "matmul 1024³ trans ({trans_a}, {trans_b}): {:.2} ms, {gflops:.1} GFLOP/s",
-                secs * 1e3
-            );
-        }
-    }
 }

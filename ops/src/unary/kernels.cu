@@ -18,10 +18,12 @@
 #define FRAC_1_SQRT_2 0.70710678118654752f
 #define FRAC_1_SQRT_2PI 0.39894228040143268f
 
-__device__ float gelu(float x) { return 0.5f * x * (1.0f + erff(x * FRAC_1_SQRT_2)); }
+// ½x·erfc(−x/√2) rather than ½x(1 + erf(x/√2)): the same value, without the cancellation that
+// rounds GELU of a large negative x to zero (a Pattention row can lie wholly in that tail).
+__device__ float gelu(float x) { return 0.5f * x * erfcf(-x * FRAC_1_SQRT_2); }
 
 __device__ float gelu_grad(float x) {
-    float cdf = 0.5f * (1.0f + erff(x * FRAC_1_SQRT_2));
+    float cdf = 0.5f * erfcf(-x * FRAC_1_SQRT_2);
     float pdf = FRAC_1_SQRT_2PI * expf(-0.5f * x * x);
     return cdf + x * pdf;
 }
