@@ -5,10 +5,10 @@
 #
 #   ../shared/gpu/prepare.sh --workspace --test cuda_parity --test cuda_model
 #
-# (`--workspace` is needed: without it cargo builds only the root package's tests and the
-# ops crate's cuda_parity is missing. The two GPU test executables plus the release binary come
-# to about 30 MiB; every test of the workspace would pass the 60 MiB limit of prepare.sh, and the
-# CPU tests are run on the CPU machine anyway.) Then one device call:
+# (The filter keeps the two GPU test executables: with the release binary they come to 26 MiB.
+# Without it every crate's tests are gathered, 65 MiB, over the 60 MiB prepare.sh accepts; the
+# CPU tests run on the CPU machine anyway. `--workspace` makes the filter find cuda_parity in
+# the ops crate whatever the default members are.) Then one device call:
 #
 #   run(carry: [".gpu"], command: "bash scripts/gpu-check.sh", timeout_s: 600)
 #
@@ -16,12 +16,16 @@
 # travels only because it is carried. The stages, each under its own `timeout` so that the
 # whole run stays well inside the 10-minute limit of one call:
 #
+#   0. the search for the CUDA libraries, as .gpu/on-device.sh does it   (60 s)
 #   1. nvidia-smi                                                  (15 s)
 #   2. every test executable in .gpu/tests, with a pass/fail/skip summary    (150 s in all)
 #   3. tokenformer bench, preset 150M, batch 8 × seq 1024, 10 steps, fp32 then --tf32
 #                                                                  (110 s each)
 #   4. PyTorch's reference, the same model and shapes, fp32 and tf32    (120 s)
 #   5. the ratios ours / PyTorch of tokens/s and of peak memory
+#
+# The caps add up to 565 s; expected is two to three minutes (the 150M bench runs 12 steps of
+# about a second or less each, 8.4 TFLOP per step; PyTorch 13 steps per mode).
 #
 # Everything is logged under $OUT (the folder the device tool brings back); summary.txt holds
 # the results, the other files the full output of each stage. Exits non-zero when a stage fails.

@@ -11,6 +11,7 @@ use tokenformer_models::data::{StreamDecoder, Tokenizer};
 use tokenformer_models::evaluate::{evaluate_tokens, parse_token_ids};
 use tokenformer_models::generate::{generate, SampleOptions};
 use tokenformer_models::growth::{grow_checkpoint, GrowSpec};
+use tokenformer_models::progress::thousands;
 use tokenformer_models::train::{
     check_new_run, load_model, saved_settings, train_new, train_resume, TrainControl, TrainSettings,
 };
@@ -445,18 +446,6 @@ fn init(a: InitArgs) -> Result<()> {
     Ok(())
 }
 
-fn group_digits(n: usize) -> String {
-    let s = n.to_string();
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
-
 fn info(a: InfoArgs) -> Result<()> {
     let config = match (&a.preset, &a.checkpoint) {
         (Some(p), _) => ModelConfig::preset(p)?,
@@ -474,9 +463,9 @@ fn info(a: InfoArgs) -> Result<()> {
         ("final norm", 2 * d),
     ];
     for (name, n) in kinds {
-        println!("{name:>24}: {:>15}", group_digits(n));
+        println!("{name:>24}: {:>15}", thousands(n));
     }
-    println!("{:>24}: {:>15}", "total parameters", group_digits(config.param_count()));
+    println!("{:>24}: {:>15}", "total parameters", thousands(config.param_count()));
     Ok(())
 }
 
@@ -524,7 +513,7 @@ fn bench(a: BenchArgs) -> Result<()> {
     println!(
         "train step, preset {} ({} params), batch {} x seq {}{}:",
         r.preset,
-        group_digits(r.params),
+        thousands(r.params),
         r.batch,
         r.seq,
         if r.tf32 { ", tf32" } else { "" }

@@ -379,6 +379,9 @@ fn grow_preserves_outputs_and_never_touches_the_source() {
     let err =
         t.fails(&["grow", "--checkpoint", s(&ck), "--out", s(&t.path("x")), "--init", "zeros"]);
     assert!(err.contains("--init"), "{err}");
+    let err =
+        t.fails(&["grow", "--checkpoint", s(&ck), "--out", s(&t.path("x")), "--device", "tpu"]);
+    assert!(err.contains("tpu") && !t.path("x").exists(), "{err}");
     t.usage_error(&[
         "grow",
         "--checkpoint",

@@ -350,7 +350,7 @@ fn run(
     say(format!(
         "training {} ({} parameters) on {}: {}; {} steps of {}×{}×{} tokens",
         s.preset,
-        model.config.param_count(),
+        crate::progress::thousands(model.config.param_count()),
         model.device(),
         data.summary(),
         s.steps,

@@ -17,6 +17,7 @@ mod tokenizer;
 
 use std::path::{Path, PathBuf};
 
+use crate::progress::thousands;
 use tokenformer_core::{Error, Result};
 
 pub use batch::{val_windows, Batch, Batcher, ValWindows};
@@ -179,18 +180,6 @@ impl Dataset {
             status.join("; ")
         )
     }
-}
-
-fn thousands(n: usize) -> String {
-    let s = n.to_string();
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
 }
 
 #[cfg(test)]
