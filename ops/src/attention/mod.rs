@@ -6,20 +6,23 @@
 //! Backward, with G = ∂L/∂out:
 //!   gv = Pᵀ·G,   gP = G·vᵀ,   gS = causal_softmax_backward(P, gP, s)   (gradient of q·kᵀ)
 //!   gq = gS·k,   gk = gSᵀ·q.
+//!
+//! Every step is an op that dispatches on the device itself (GEMMs through cuBLAS on a GPU, the
+//! fused causal softmax kernel), so attention needs no kernel of its own. The [T, T]
+//! probabilities are materialised and kept for the backward pass.
 
-mod cpu;
-mod cuda;
-
+use crate::matmul::matmul;
 use crate::same_device;
-use tokenformer_core::{Device, Error, Result, Tensor};
+use crate::softmax::{causal_softmax, causal_softmax_backward};
+use tokenformer_core::{Error, Result, Tensor};
 
 /// 1/√d_h, the score scale.
 pub(crate) fn score_scale(head_dim: usize) -> f32 {
     (1.0 / (head_dim as f64).sqrt()) as f32
 }
 
-fn check_qkv(op: &'static str, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Device> {
-    let device = same_device(op, &[q, k, v])?;
+fn check_qkv(op: &'static str, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<()> {
+    same_device(op, &[q, k, v])?;
     if q.rank() != 4 || k.dims() != q.dims() || v.dims() != q.dims() {
         return Err(Error::shape(
             op,
@@ -31,15 +34,16 @@ fn check_qkv(op: &'static str, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Dev
             ),
         ));
     }
-    Ok(device)
+    Ok(())
 }
 
 /// (out [B, H, T, d_h], probs [B, H, T, T]).
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
-    match check_qkv("causal_attention", q, k, v)? {
-        Device::Cpu => cpu::causal_attention(q, k, v),
-        Device::Cuda(_) => cuda::causal_attention(q, k, v),
-    }
+    check_qkv("causal_attention", q, k, v)?;
+    let scale = score_scale(q.dims()[3]);
+    let probs = causal_softmax(&matmul(q, k, false, true)?, scale)?;
+    let out = matmul(&probs, v, false, false)?;
+    Ok((out, probs))
 }
 
 /// (gq, gk, gv) from the forward's probs and g_out = ∂L/∂out.
@@ -51,7 +55,7 @@ pub fn causal_attention_backward(
     g_out: &Tensor,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let op = "causal_attention_backward";
-    let device = check_qkv(op, q, k, v)?;
+    check_qkv(op, q, k, v)?;
     same_device(op, &[q, probs, g_out])?;
     let d = q.dims();
     if probs.dims() != [d[0], d[1], d[2], d[2]] || g_out.dims() != d {
@@ -65,10 +69,13 @@ pub fn causal_attention_backward(
             ),
         ));
     }
-    match device {
-        Device::Cpu => cpu::causal_attention_backward(q, k, v, probs, g_out),
-        Device::Cuda(_) => cuda::causal_attention_backward(q, k, v, probs, g_out),
-    }
+    let scale = score_scale(q.dims()[3]);
+    let gv = matmul(probs, g_out, true, false)?;
+    let g_probs = matmul(g_out, v, false, true)?;
+    let g_scores = causal_softmax_backward(probs, &g_probs, scale)?;
+    let gq = matmul(&g_scores, k, false, false)?;
+    let gk = matmul(&g_scores, q, true, false)?;
+    Ok((gq, gk, gv))
 }
 
 #[cfg(test)]

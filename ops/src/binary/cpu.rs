@@ -1,7 +1,5 @@
 //! CPU reference kernels for the broadcasting binary ops.
 
-use crate::reduce::sum_to_shape;
-use crate::unary::neg;
 use crate::{cpu_tensor, for_each_row_mut, map1, map2, strided_row_offset};
 use tokenformer_core::{Result, Shape, Tensor};
 
@@ -19,42 +17,6 @@ pub(crate) fn mul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 pub(crate) fn div(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     zip_broadcast("div", a, b, |x, y| x / y)
-}
-
-pub(crate) fn add_backward(
-    a_dims: &[usize],
-    b_dims: &[usize],
-    g: &Tensor,
-) -> Result<(Tensor, Tensor)> {
-    Ok((sum_to_shape(g, a_dims)?, sum_to_shape(g, b_dims)?))
-}
-
-pub(crate) fn sub_backward(
-    a_dims: &[usize],
-    b_dims: &[usize],
-    g: &Tensor,
-) -> Result<(Tensor, Tensor)> {
-    // Negating after the reduction touches b's elements, not the (larger) broadcast shape.
-    Ok((sum_to_shape(g, a_dims)?, neg(&sum_to_shape(g, b_dims)?)?))
-}
-
-pub(crate) fn mul_backward(a: &Tensor, b: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor)> {
-    let ga = sum_to_shape(&mul(g, b)?, a.dims())?;
-    let gb = sum_to_shape(&mul(g, a)?, b.dims())?;
-    Ok((ga, gb))
-}
-
-pub(crate) fn div_backward(a: &Tensor, b: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor)> {
-    // −g·a/b² is computed as −(g/b)·(a/b), reusing g/b and never squaring a small b.
-    let g_over_b = div(g, b)?;
-    let a_over_b = div(a, b)?;
-    let gb_full =
-        map2(g_over_b.cpu_slice("div_backward")?, a_over_b.cpu_slice("div_backward")?, |q, r| {
-            -q * r
-        });
-    let gb = sum_to_shape(&cpu_tensor(gb_full, g.dims()), b.dims())?;
-    let ga = sum_to_shape(&g_over_b, a.dims())?;
-    Ok((ga, gb))
 }
 
 /// out = f(a, b) over the broadcast shape. Equal shapes and a one-element operand take plain

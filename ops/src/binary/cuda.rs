@@ -3,8 +3,6 @@
 //! merging the axes both walk contiguously. The backward passes are products and sums built
 //! from the public ops, exactly as on the CPU.
 
-use crate::reduce::sum_to_shape;
-use crate::unary::neg;
 use tokenformer_core::cuda::{
     count_u32, cuda_tensor, dims_arg, launch_1d, merge_axes, Arg, CudaStorage,
 };
@@ -72,35 +70,4 @@ pub(crate) fn mul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 pub(crate) fn div(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     zip_broadcast("div", OP_DIV, a, b)
-}
-
-pub(crate) fn add_backward(
-    a_dims: &[usize],
-    b_dims: &[usize],
-    g: &Tensor,
-) -> Result<(Tensor, Tensor)> {
-    Ok((sum_to_shape(g, a_dims)?, sum_to_shape(g, b_dims)?))
-}
-
-pub(crate) fn sub_backward(
-    a_dims: &[usize],
-    b_dims: &[usize],
-    g: &Tensor,
-) -> Result<(Tensor, Tensor)> {
-    Ok((sum_to_shape(g, a_dims)?, neg(&sum_to_shape(g, b_dims)?)?))
-}
-
-pub(crate) fn mul_backward(a: &Tensor, b: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor)> {
-    let ga = sum_to_shape(&mul(g, b)?, a.dims())?;
-    let gb = sum_to_shape(&mul(g, a)?, b.dims())?;
-    Ok((ga, gb))
-}
-
-pub(crate) fn div_backward(a: &Tensor, b: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor)> {
-    // −g·a/b² as −(g/b)·(a/b), the same grouping as the CPU reference.
-    let g_over_b = div(g, b)?;
-    let a_over_b = div(a, b)?;
-    let gb = sum_to_shape(&neg(&mul(&g_over_b, &a_over_b)?)?, b.dims())?;
-    let ga = sum_to_shape(&g_over_b, a.dims())?;
-    Ok((ga, gb))
 }

@@ -7,11 +7,14 @@
 //!   add: (g, g)    sub: (g, −g)    mul: (g·b, g·a)    div: (g/b, −g·a/b²),
 //! and an operand that was stretched along an axis receives the sum of its gradient along that
 //! axis (`reduce::sum_to_shape`): each of its elements fed every position it was copied to.
+//! The backward rules are written with these ops themselves, so one version serves every device.
 
 mod cpu;
 mod cuda;
 
+use crate::reduce::sum_to_shape;
 use crate::same_device;
+use crate::unary::neg;
 use tokenformer_core::{Device, Error, Result, Shape, Tensor};
 
 /// Checks that `a` and `b` share a device and broadcast together.
@@ -69,39 +72,35 @@ pub fn div(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// (∂L/∂a, ∂L/∂b) of a + b, for operands shaped `a_dims` and `b_dims`.
 pub fn add_backward(a_dims: &[usize], b_dims: &[usize], g: &Tensor) -> Result<(Tensor, Tensor)> {
     check_grad("add_backward", a_dims, b_dims, g)?;
-    match g.device() {
-        Device::Cpu => cpu::add_backward(a_dims, b_dims, g),
-        Device::Cuda(_) => cuda::add_backward(a_dims, b_dims, g),
-    }
+    Ok((sum_to_shape(g, a_dims)?, sum_to_shape(g, b_dims)?))
 }
 
 /// (∂L/∂a, ∂L/∂b) of a − b, for operands shaped `a_dims` and `b_dims`.
 pub fn sub_backward(a_dims: &[usize], b_dims: &[usize], g: &Tensor) -> Result<(Tensor, Tensor)> {
     check_grad("sub_backward", a_dims, b_dims, g)?;
-    match g.device() {
-        Device::Cpu => cpu::sub_backward(a_dims, b_dims, g),
-        Device::Cuda(_) => cuda::sub_backward(a_dims, b_dims, g),
-    }
+    // Negating after the reduction touches b's elements, not the (larger) broadcast shape.
+    Ok((sum_to_shape(g, a_dims)?, neg(&sum_to_shape(g, b_dims)?)?))
 }
 
 /// (∂L/∂a, ∂L/∂b) of a ⊙ b.
 pub fn mul_backward(a: &Tensor, b: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor)> {
     same_device("mul_backward", &[a, b, g])?;
     check_grad("mul_backward", a.dims(), b.dims(), g)?;
-    match g.device() {
-        Device::Cpu => cpu::mul_backward(a, b, g),
-        Device::Cuda(_) => cuda::mul_backward(a, b, g),
-    }
+    let ga = sum_to_shape(&mul(g, b)?, a.dims())?;
+    let gb = sum_to_shape(&mul(g, a)?, b.dims())?;
+    Ok((ga, gb))
 }
 
 /// (∂L/∂a, ∂L/∂b) of a / b.
 pub fn div_backward(a: &Tensor, b: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor)> {
     same_device("div_backward", &[a, b, g])?;
     check_grad("div_backward", a.dims(), b.dims(), g)?;
-    match g.device() {
-        Device::Cpu => cpu::div_backward(a, b, g),
-        Device::Cuda(_) => cuda::div_backward(a, b, g),
-    }
+    // −g·a/b² as −(g/b)·(a/b): reuses g/b and never squares a small b.
+    let g_over_b = div(g, b)?;
+    let a_over_b = div(a, b)?;
+    let gb = sum_to_shape(&neg(&mul(&g_over_b, &a_over_b)?)?, b.dims())?;
+    let ga = sum_to_shape(&g_over_b, a.dims())?;
+    Ok((ga, gb))
 }
 
 #[cfg(test)]

@@ -5,7 +5,6 @@
 
 use super::plan;
 use crate::cpu_tensor;
-use crate::reduce::sum;
 use ndarray::linalg::general_mat_mul;
 use ndarray::{s, ArrayView2, ArrayViewMut2};
 use rayon::prelude::*;
@@ -43,45 +42,6 @@ pub(crate) fn matmul(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Re
         }
     }
     Ok(cpu_tensor(out, &p.out_dims))
-}
-
-pub(crate) fn matmul_backward(
-    a: &Tensor,
-    b: &Tensor,
-    g: &Tensor,
-    trans_a: bool,
-    trans_b: bool,
-) -> Result<(Tensor, Tensor)> {
-    use super::matmul;
-    let p = plan("matmul_backward", a, b, trans_a, trans_b)?;
-    let batch_axes: Vec<usize> = (0..p.out_dims.len() - 2).collect();
-
-    let grad_a = |g: &Tensor| {
-        if trans_a {
-            matmul(b, g, trans_b, true)
-        } else {
-            matmul(g, b, false, !trans_b)
-        }
-    };
-    let grad_b = |a: &Tensor, g: &Tensor| {
-        if trans_b {
-            matmul(g, a, true, trans_a)
-        } else {
-            matmul(a, g, !trans_a, false)
-        }
-    };
-
-    let ga = if p.a_shared { sum(&grad_a(g)?, &batch_axes, false)? } else { grad_a(g)? };
-    let gb = if p.b_shared && !trans_a {
-        // Σ over the batch of op(A_i)ᵀ·G_i is one product over the folded rows.
-        let rows = p.batch * p.m;
-        grad_b(&a.reshape(&[rows, p.k])?, &g.reshape(&[rows, p.n])?)?
-    } else if p.b_shared {
-        sum(&grad_b(a, g)?, &batch_axes, false)?
-    } else {
-        grad_b(a, g)?
-    };
-    Ok((ga, gb))
 }
 
 /// The logical (rows × cols) matrix held in `data`, stored transposed when `transposed`.

@@ -7,7 +7,6 @@
 //! A transpose flag of ours becomes cuBLAS's transpose flag on that operand, and the leading
 //! dimension of each operand is the row length it is stored with.
 
-use crate::reduce::sum;
 use cudarc::cublas::sys::cublasOperation_t;
 use cudarc::cublas::{Gemm, GemmConfig, StridedBatchedConfig};
 use tokenformer_core::cuda::{cuda_err, cuda_tensor, CudaStorage};
@@ -70,46 +69,4 @@ pub(crate) fn matmul(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Re
             .map_err(|e| cuda_err(name, e))?;
     }
     Ok(cuda_tensor(out, &out_dims))
-}
-
-/// Sums a batched product over its leading `rank − 2` axes, giving the shared operand's
-/// gradient.
-fn sum_batches(t: Tensor) -> Result<Tensor> {
-    let batch_axes: Vec<usize> = (0..t.rank() - 2).collect();
-    sum(&t, &batch_axes, false)
-}
-
-/// For C = op(A)·op(B) and G = ∂L/∂C: ∂L/∂op(A) = G·op(B)ᵀ and ∂L/∂op(B) = op(A)ᵀ·G, each
-/// transposed back when the operand was stored transposed. A shared rank-2 operand receives
-/// the sum over the batches it served.
-pub(crate) fn matmul_backward(
-    a: &Tensor,
-    b: &Tensor,
-    g: &Tensor,
-    trans_a: bool,
-    trans_b: bool,
-) -> Result<(Tensor, Tensor)> {
-    let ga = if trans_a {
-        matmul(b, g, trans_b, true)? // (G·op(B)ᵀ)ᵀ = op(B)·Gᵀ
-    } else {
-        matmul(g, b, false, !trans_b)?
-    };
-    let gb = if b.rank() == 2 && a.rank() > 2 && !trans_a {
-        // B served every batch: fold the batches into rows, one GEMM sums over them.
-        let (ad, gd) = (a.dims(), g.dims());
-        let a_rows = a.reshape(&[a.numel() / ad[ad.len() - 1], ad[ad.len() - 1]])?;
-        let g_rows = g.reshape(&[g.numel() / gd[gd.len() - 1], gd[gd.len() - 1]])?;
-        if trans_b {
-            matmul(&g_rows, &a_rows, true, false)?
-        } else {
-            matmul(&a_rows, &g_rows, true, false)?
-        }
-    } else if trans_b {
-        matmul(g, a, true, trans_a)? // (op(A)ᵀ·G)ᵀ = Gᵀ·op(A)
-    } else {
-        matmul(a, g, !trans_a, false)?
-    };
-    let ga = if a.rank() == 2 && ga.rank() > 2 { sum_batches(ga)? } else { ga };
-    let gb = if b.rank() == 2 && gb.rank() > 2 { sum_batches(gb)? } else { gb };
-    Ok((ga, gb))
 }

@@ -90,7 +90,7 @@ pub fn matmul_backward(
     trans_a: bool,
     trans_b: bool,
 ) -> Result<(Tensor, Tensor)> {
-    let device = crate::same_device("matmul_backward", &[a, b, g])?;
+    crate::same_device("matmul_backward", &[a, b, g])?;
     let plan = plan("matmul_backward", a, b, trans_a, trans_b)?;
     if g.dims() != plan.out_dims.as_slice() {
         return Err(Error::shape(
@@ -102,10 +102,37 @@ pub fn matmul_backward(
             ),
         ));
     }
-    match device {
-        Device::Cpu => cpu::matmul_backward(a, b, g, trans_a, trans_b),
-        Device::Cuda(_) => cuda::matmul_backward(a, b, g, trans_a, trans_b),
-    }
+    // Written with `matmul` and `sum` themselves, so one version serves every device.
+    use crate::reduce::sum;
+    let p = plan;
+    let batch_axes: Vec<usize> = (0..p.out_dims.len() - 2).collect();
+
+    let grad_a = |g: &Tensor| {
+        if trans_a {
+            matmul(b, g, trans_b, true)
+        } else {
+            matmul(g, b, false, !trans_b)
+        }
+    };
+    let grad_b = |a: &Tensor, g: &Tensor| {
+        if trans_b {
+            matmul(g, a, true, trans_a)
+        } else {
+            matmul(a, g, !trans_a, false)
+        }
+    };
+
+    let ga = if p.a_shared { sum(&grad_a(g)?, &batch_axes, false)? } else { grad_a(g)? };
+    let gb = if p.b_shared && !trans_a {
+        // Σ over the batch of op(A_i)ᵀ·G_i is one product over the folded rows.
+        let rows = p.batch * p.m;
+        grad_b(&a.reshape(&[rows, p.k])?, &g.reshape(&[rows, p.n])?)?
+    } else if p.b_shared {
+        sum(&grad_b(a, g)?, &batch_axes, false)?
+    } else {
+        grad_b(a, g)?
+    };
+    Ok((ga, gb))
 }
 
 #[cfg(test)]
