@@ -11,13 +11,16 @@ pub type BackwardFn = Box<dyn Fn(&Tensor) -> Result<Vec<Option<Tensor>>> + Send 
 
 struct GradFn {
     op: &'static str,
-    inputs: Vec<Var>,
+    inputs: Vec<Arc<Node>>,
     backward: BackwardFn,
 }
 
+/// A value's place in the graph. It holds no tensor: the graph keeps alive only what the
+/// backward closures captured, and an intermediate value no backward rule needs is freed as soon
+/// as the forward pass drops its `Var`.
 struct Node {
     id: usize,
-    value: Tensor,
+    dims: Vec<usize>,
     requires_grad: bool,
     grad_fn: Option<GradFn>,
 }
@@ -28,9 +31,9 @@ impl Drop for Node {
     fn drop(&mut self) {
         let Some(grad_fn) = self.grad_fn.take() else { return };
         let mut orphans = grad_fn.inputs;
-        while let Some(var) = orphans.pop() {
+        while let Some(node) = orphans.pop() {
             // Only nodes no one else holds are freed here; their inputs join the worklist.
-            if let Ok(mut node) = Arc::try_unwrap(var.0) {
+            if let Ok(mut node) = Arc::try_unwrap(node) {
                 if let Some(inner) = node.grad_fn.take() {
                     orphans.extend(inner.inputs);
                 }
@@ -39,9 +42,12 @@ impl Drop for Node {
     }
 }
 
-/// A tensor in the graph. Cloning is cheap (a shared handle).
+/// A tensor and its place in the graph. Cloning is cheap (two shared handles).
 #[derive(Clone)]
-pub struct Var(Arc<Node>);
+pub struct Var {
+    value: Tensor,
+    node: Arc<Node>,
+}
 
 static NEXT_ID: AtomicUsize = AtomicUsize::new(0);
 
@@ -69,7 +75,8 @@ pub fn is_grad_enabled() -> bool {
 impl Var {
     fn new_node(value: Tensor, requires_grad: bool, grad_fn: Option<GradFn>) -> Var {
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-        Var(Arc::new(Node { id, value, requires_grad, grad_fn }))
+        let node = Arc::new(Node { id, dims: value.dims().to_vec(), requires_grad, grad_fn });
+        Var { value, node }
     }
 
     /// A value that needs no gradient (inputs, targets, frozen weights).
@@ -87,7 +94,7 @@ impl Var {
     /// op of their own: give its forward value and its backward rule.
     pub fn from_op(op: &'static str, value: Tensor, inputs: &[&Var], backward: BackwardFn) -> Var {
         if is_grad_enabled() && inputs.iter().any(|v| v.requires_grad()) {
-            let inputs = inputs.iter().map(|v| (*v).clone()).collect();
+            let inputs = inputs.iter().map(|v| v.node.clone()).collect();
             Var::new_node(value, true, Some(GradFn { op, inputs, backward }))
         } else {
             Var::constant(value)
@@ -95,24 +102,24 @@ impl Var {
     }
 
     pub fn value(&self) -> &Tensor {
-        &self.0.value
+        &self.value
     }
     pub fn dims(&self) -> &[usize] {
-        self.0.value.dims()
+        self.value.dims()
     }
     pub fn id(&self) -> usize {
-        self.0.id
+        self.node.id
     }
     pub fn requires_grad(&self) -> bool {
-        self.0.requires_grad
+        self.node.requires_grad
     }
     /// The op that made this value, or `None` for a leaf.
     pub fn op_name(&self) -> Option<&'static str> {
-        self.0.grad_fn.as_ref().map(|g| g.op)
+        self.node.grad_fn.as_ref().map(|g| g.op)
     }
     /// The same value cut from the graph.
     pub fn detach(&self) -> Var {
-        Var::constant(self.0.value.clone())
+        Var::constant(self.value.clone())
     }
 
     /// Back-propagates from this scalar and returns the gradients of every parameter it depends
@@ -144,14 +151,14 @@ impl Var {
         if !self.requires_grad() {
             return Ok(Gradients(leaves));
         }
-        let order = self.topological_order();
+        let order = topological_order(&self.node);
         let mut pending: HashMap<usize, Tensor> = HashMap::new();
         pending.insert(self.id(), grad);
         for node in order.iter().rev() {
             // A node's gradient is complete once every later node has been visited.
-            let Some(grad) = pending.remove(&node.id()) else { continue };
-            let Some(grad_fn) = &node.0.grad_fn else {
-                leaves.insert(node.id(), grad);
+            let Some(grad) = pending.remove(&node.id) else { continue };
+            let Some(grad_fn) = &node.grad_fn else {
+                leaves.insert(node.id, grad);
                 continue;
             };
             let input_grads = (grad_fn.backward)(&grad)?;
@@ -164,7 +171,7 @@ impl Var {
                 )));
             }
             for (input, g) in grad_fn.inputs.iter().zip(input_grads) {
-                if !input.requires_grad() {
+                if !input.requires_grad {
                     continue;
                 }
                 let g = g.ok_or_else(|| {
@@ -173,51 +180,51 @@ impl Var {
                         grad_fn.op
                     ))
                 })?;
-                if g.dims() != input.dims() {
+                if g.dims() != input.dims.as_slice() {
                     return Err(Error::shape(
                         grad_fn.op,
                         format!(
-                            "backward returned a gradient of shape {} for an input of shape {}",
+                            "backward returned a gradient of shape {} for an input of shape {:?}",
                             g.shape(),
-                            input.value().shape()
+                            input.dims
                         ),
                     ));
                 }
-                let total = match pending.remove(&input.id()) {
+                let total = match pending.remove(&input.id) {
                     Some(previous) => binary::add(&previous, &g)?,
                     None => g,
                 };
-                pending.insert(input.id(), total);
+                pending.insert(input.id, total);
             }
         }
         Ok(Gradients(leaves))
     }
+}
 
-    /// Every node that needs a gradient, each after all of its inputs (iterative DFS, so deep
-    /// graphs do not overflow the stack).
-    fn topological_order(&self) -> Vec<Var> {
-        let mut order = Vec::new();
-        let mut visited = HashSet::new();
-        let mut stack: Vec<(Var, bool)> = vec![(self.clone(), false)];
-        while let Some((var, inputs_done)) = stack.pop() {
-            if inputs_done {
-                order.push(var);
-                continue;
-            }
-            if !var.requires_grad() || !visited.insert(var.id()) {
-                continue;
-            }
-            stack.push((var.clone(), true));
-            if let Some(grad_fn) = &var.0.grad_fn {
-                for input in grad_fn.inputs.iter().rev() {
-                    if input.requires_grad() && !visited.contains(&input.id()) {
-                        stack.push((input.clone(), false));
-                    }
+/// Every node that needs a gradient, each after all of its inputs (iterative DFS, so deep graphs
+/// do not overflow the stack).
+fn topological_order(root: &Arc<Node>) -> Vec<Arc<Node>> {
+    let mut order = Vec::new();
+    let mut visited = HashSet::new();
+    let mut stack: Vec<(Arc<Node>, bool)> = vec![(root.clone(), false)];
+    while let Some((node, inputs_done)) = stack.pop() {
+        if inputs_done {
+            order.push(node);
+            continue;
+        }
+        if !node.requires_grad || !visited.insert(node.id) {
+            continue;
+        }
+        stack.push((node.clone(), true));
+        if let Some(grad_fn) = &node.grad_fn {
+            for input in grad_fn.inputs.iter().rev() {
+                if input.requires_grad && !visited.contains(&input.id) {
+                    stack.push((input.clone(), false));
                 }
             }
         }
-        order
     }
+    order
 }
 
 impl std::fmt::Debug for Var {
