@@ -392,8 +392,8 @@ fn grow(a: GrowArgs) -> Result<()> {
         report.to.proj_tokens,
         report.from.ffn_tokens,
         report.to.ffn_tokens,
-        report.from.param_count(),
-        report.to.param_count()
+        thousands(report.from.param_count()),
+        thousands(report.to.param_count())
     );
     if report.preserves_outputs {
         println!("exact growth: the grown model computes the same outputs as the original");
@@ -439,7 +439,7 @@ fn init(a: InitArgs) -> Result<()> {
     println!(
         "wrote {} ({} parameters, seed {}) to {}",
         a.preset,
-        config.param_count(),
+        thousands(config.param_count()),
         a.seed,
         a.out.display()
     );
