@@ -105,7 +105,7 @@ impl Scratch {
         let dir = self.path(name);
         let stdout =
             self.ok(&[&["init", "--preset", "tiny", "--out", s(&dir)][..], extra].concat());
-        assert!(stdout.contains("1081600"), "{stdout}");
+        assert!(stdout.contains("1,081,600"), "{stdout}");
         dir
     }
 }
