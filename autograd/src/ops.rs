@@ -389,14 +389,20 @@ pub fn embedding(weight: &Var, ids: &Tensor) -> Result<Var> {
 }
 
 /// Causal scaled dot-product attention over q, k, v [B, H, T, d_h].
+///
+/// The probabilities [B, H, T, T] are the largest activation of a layer (at T = 1024 they
+/// outweigh everything else it keeps), so they are not kept: the backward pass recomputes them
+/// from q and k, one more GEMM and softmax, with the same bits as the forward's.
 pub fn causal_attention(q: &Var, k: &Var, v: &Var) -> Result<Var> {
     let (out, probs) = attention::causal_attention(q.value(), k.value(), v.value())?;
+    drop(probs);
     let (qt, kt, vt) = (q.value().clone(), k.value().clone(), v.value().clone());
     Ok(Var::from_op(
         "causal_attention",
         out,
         &[q, k, v],
         Box::new(move |g| {
+            let probs = attention::causal_probs(&qt, &kt)?;
             let (gq, gk, gv) = attention::causal_attention_backward(&qt, &kt, &vt, &probs, g)?;
             Ok(vec![Some(gq), Some(gk), Some(gv)])
         }),

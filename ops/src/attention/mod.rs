@@ -40,10 +40,16 @@ fn check_qkv(op: &'static str, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<()>
 /// (out [B, H, T, d_h], probs [B, H, T, T]).
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
     check_qkv("causal_attention", q, k, v)?;
-    let scale = score_scale(q.dims()[3]);
-    let probs = causal_softmax(&matmul(q, k, false, true)?, scale)?;
+    let probs = causal_probs(q, k)?;
     let out = matmul(&probs, v, false, false)?;
     Ok((out, probs))
+}
+
+/// P = causal_softmax(q·kᵀ, 1/√d_h) [B, H, T, T] alone. The kernels are deterministic, so a
+/// backward pass that recomputes P instead of keeping it from the forward gets the same bits.
+pub fn causal_probs(q: &Tensor, k: &Tensor) -> Result<Tensor> {
+    check_qkv("causal_probs", q, k, k)?;
+    causal_softmax(&matmul(q, k, false, true)?, score_scale(q.dims()[3]))
 }
 
 /// (gq, gk, gv) from the forward's probs and g_out = ∂L/∂out.
