@@ -6,7 +6,7 @@ use crate::unary::affine;
 use tokenformer_core::cuda::{count_u32, cuda_tensor, launch_1d, launch_rows, Arg, CudaStorage};
 use tokenformer_core::{Result, Tensor};
 
-const KERNELS: &str = include_str!("kernels.cu");
+const KERNELS: &str = concat!(include_str!("../common.cuh"), include_str!("kernels.cu"));
 
 pub(crate) fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<(Tensor, Tensor)> {
     let op = "cross_entropy";

@@ -9,41 +9,7 @@
 // not an integer in [0, V) gives a NaN loss for its row and a NaN gradient row, never a read
 // outside the logits.
 
-#define NEG_INF (-__int_as_float(0x7f800000))
 #define NAN_F __int_as_float(0x7fc00000)
-
-// Whether the f32 `x` holds an integer in [0, bound). NaN fails every comparison; the 2^32
-// bound keeps the conversion to unsigned defined.
-__device__ bool is_valid_id(float x, unsigned int bound) {
-    return x >= 0.0f && x < 4294967296.0f && truncf(x) == x && (unsigned int)x < bound;
-}
-
-// Sum over the block, returned to every thread (a fixed tree: see reduce/kernels.cu).
-__device__ float block_sum(float v) {
-    __shared__ float partial[32];
-    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
-    __syncthreads();  // an earlier call's reads of `partial` are finished
-    if (lane == 0) partial[warp] = v;
-    __syncthreads();
-    v = lane < warps ? partial[lane] : 0.0f;
-    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-    return v;
-}
-
-__device__ float block_max(float v) {
-    __shared__ float partial[32];
-    for (int offset = 16; offset > 0; offset >>= 1)
-        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
-    __syncthreads();
-    if (lane == 0) partial[warp] = v;
-    __syncthreads();
-    v = lane < warps ? partial[lane] : NEG_INF;
-    for (int offset = 16; offset > 0; offset >>= 1)
-        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
-    return v;
-}
 
 // One block per row: lse[row] and loss[row] (NaN for an invalid target).
 extern "C" __global__ void cross_entropy_rows(const float* logits, const float* targets,

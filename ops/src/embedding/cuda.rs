@@ -6,7 +6,7 @@ use cudarc::driver::LaunchConfig;
 use tokenformer_core::cuda::{count_u32, cuda_tensor, launch_1d, Arg, CudaStorage, BLOCK};
 use tokenformer_core::{Result, Tensor};
 
-const KERNELS: &str = include_str!("kernels.cu");
+const KERNELS: &str = concat!(include_str!("../common.cuh"), include_str!("kernels.cu"));
 
 pub(crate) fn embedding(weight: &Tensor, ids: &Tensor) -> Result<Tensor> {
     let op = "embedding";

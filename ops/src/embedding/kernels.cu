@@ -15,12 +15,6 @@
 
 #define NAN_F __int_as_float(0x7fc00000)
 
-// Whether the f32 `x` holds an integer in [0, bound). NaN fails every comparison; the 2^32
-// bound keeps the conversion to unsigned defined.
-__device__ bool is_valid_id(float x, unsigned int bound) {
-    return x >= 0.0f && x < 4294967296.0f && truncf(x) == x && (unsigned int)x < bound;
-}
-
 // One thread per output value.
 extern "C" __global__ void embedding_forward(const float* weight, const float* ids, float* out,
                                              unsigned int n, unsigned int d,

@@ -7,7 +7,7 @@ use crate::rows_and_len;
 use tokenformer_core::cuda::{count_u32, cuda_tensor, launch_1d, launch_rows, Arg, CudaStorage};
 use tokenformer_core::{Result, Tensor};
 
-const KERNELS: &str = include_str!("kernels.cu");
+const KERNELS: &str = concat!(include_str!("../common.cuh"), include_str!("kernels.cu"));
 
 /// The buffer of an optional parameter, or `fallback` (never read) when it is absent.
 fn optional<'t>(

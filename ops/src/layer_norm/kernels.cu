@@ -8,19 +8,6 @@
 // The variance is taken around the mean in a second pass over the row (not as E[x²] − μ²),
 // which loses no precision when |μ| is large next to σ.
 
-// Sum over the block, returned to every thread (see reduce/kernels.cu: a fixed tree).
-__device__ float block_sum(float v) {
-    __shared__ float partial[32];
-    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
-    __syncthreads();  // an earlier call's reads of `partial` are finished
-    if (lane == 0) partial[warp] = v;
-    __syncthreads();
-    v = lane < warps ? partial[lane] : 0.0f;
-    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-    return v;
-}
-
 // `w` and `b` are read only when has_w / has_b are set (otherwise any valid pointer).
 extern "C" __global__ void layer_norm_forward(const float* x, const float* w, const float* b,
                                               float* y, float* mean_out, float* rstd_out,

@@ -5,7 +5,7 @@ use crate::rows_and_len;
 use tokenformer_core::cuda::{count_u32, cuda_tensor, launch_rows, Arg, CudaStorage};
 use tokenformer_core::{Result, Tensor};
 
-const KERNELS: &str = include_str!("kernels.cu");
+const KERNELS: &str = concat!(include_str!("../common.cuh"), include_str!("kernels.cu"));
 
 /// The kernel's code for each variant (the THETA_* defines of kernels.cu).
 fn theta_code(theta: Theta) -> i32 {

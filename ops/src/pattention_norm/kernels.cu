@@ -20,47 +20,6 @@
 #define THETA_GELU_L2_NORM 1
 #define THETA_SOFTMAX 2
 
-#define FRAC_1_SQRT_2 0.70710678118654752f
-#define FRAC_1_SQRT_2PI 0.39894228040143268f
-#define NEG_INF (-__int_as_float(0x7f800000))
-
-// ½x·erfc(−x/√2) rather than ½x(1 + erf(x/√2)): the same value, without the cancellation that
-// rounds GELU of a large negative x to zero (a Pattention row can lie wholly in that tail).
-__device__ float gelu(float x) { return 0.5f * x * erfcf(-x * FRAC_1_SQRT_2); }
-
-__device__ float gelu_grad(float x) {
-    float cdf = 0.5f * erfcf(-x * FRAC_1_SQRT_2);
-    float pdf = FRAC_1_SQRT_2PI * expf(-0.5f * x * x);
-    return cdf + x * pdf;
-}
-
-// Sum over the block, returned to every thread (a fixed tree: see reduce/kernels.cu).
-__device__ float block_sum(float v) {
-    __shared__ float partial[32];
-    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
-    __syncthreads();  // an earlier call's reads of `partial` are finished
-    if (lane == 0) partial[warp] = v;
-    __syncthreads();
-    v = lane < warps ? partial[lane] : 0.0f;
-    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-    return v;
-}
-
-__device__ float block_max(float v) {
-    __shared__ float partial[32];
-    for (int offset = 16; offset > 0; offset >>= 1)
-        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
-    __syncthreads();
-    if (lane == 0) partial[warp] = v;
-    __syncthreads();
-    v = lane < warps ? partial[lane] : NEG_INF;
-    for (int offset = 16; offset > 0; offset >>= 1)
-        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
-    return v;
-}
-
 // (max, 1/Σ e^(a − max)) of a row: softmax(a)_j = e^(a_j − max) · inv_sum.
 __device__ void softmax_stats(const float* a, unsigned int n, float* max_out, float* inv_sum) {
     float m = NEG_INF;

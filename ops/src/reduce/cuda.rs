@@ -10,7 +10,7 @@ use tokenformer_core::cuda::{
 };
 use tokenformer_core::{Result, Shape, Tensor};
 
-const KERNELS: &str = include_str!("kernels.cu");
+const KERNELS: &str = concat!(include_str!("../common.cuh"), include_str!("kernels.cu"));
 
 /// Rows up to this long are summed by one thread each; longer ones by a block of threads.
 const SHORT_ROW: usize = 64;

@@ -10,21 +10,6 @@
 #define MAX_RANK 8
 struct Dims { unsigned int v[MAX_RANK]; };
 
-// Sum over a block of threads, returned to every thread. Each warp adds its 32 values by a
-// butterfly of shuffles (every lane ends with the same bits: a + b == b + a exactly), then
-// every warp adds the per-warp sums the same way. The tree's shape depends on blockDim only.
-__device__ float block_sum(float v) {
-    __shared__ float warp_sums[32];
-    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
-    __syncthreads();  // an earlier call's reads of warp_sums are finished
-    if (lane == 0) warp_sums[warp] = v;
-    __syncthreads();
-    v = lane < warps ? warp_sums[lane] : 0.0f;
-    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-    return v;
-}
-
 // One thread per output (o, i), adding the `dim` terms in order: reads are coalesced across
 // threads when inner > 1 (neighbouring threads read neighbouring columns), and the sum is the
 // same left-to-right sum as the CPU reference.

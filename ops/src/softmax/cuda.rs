@@ -4,7 +4,7 @@ use crate::rows_and_len;
 use tokenformer_core::cuda::{count_u32, cuda_tensor, launch_rows, Arg, CudaStorage};
 use tokenformer_core::{Result, Tensor};
 
-const KERNELS: &str = include_str!("kernels.cu");
+const KERNELS: &str = concat!(include_str!("../common.cuh"), include_str!("kernels.cu"));
 
 /// Runs the row kernel `kernel` over the rows of `inputs[0]` (all inputs share its shape) and
 /// returns its output, shaped like the inputs. The kernel takes the inputs, the output, the row

@@ -10,35 +10,6 @@
 //
 // The row sums use a fixed tree (block_sum), so results do not depend on timing.
 
-#define NEG_INF (-__int_as_float(0x7f800000))
-
-// Sum over the block, returned to every thread: shuffles within each warp, then across the
-// per-warp sums. Every lane ends with the same bits (a + b == b + a exactly).
-__device__ float block_sum(float v) {
-    __shared__ float partial[32];
-    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
-    __syncthreads();  // an earlier call's reads of `partial` are finished
-    if (lane == 0) partial[warp] = v;
-    __syncthreads();
-    v = lane < warps ? partial[lane] : 0.0f;
-    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-    return v;
-}
-
-__device__ float block_max(float v) {
-    __shared__ float partial[32];
-    for (int offset = 16; offset > 0; offset >>= 1)
-        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
-    __syncthreads();
-    if (lane == 0) partial[warp] = v;
-    __syncthreads();
-    v = lane < warps ? partial[lane] : NEG_INF;
-    for (int offset = 16; offset > 0; offset >>= 1)
-        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
-    return v;
-}
 
 // Softmax (log_output = 0) or log-softmax (log_output = 1) of each row of length `len`.
 extern "C" __global__ void softmax_rows(const float* x, float* y, unsigned int len,

@@ -4,7 +4,7 @@
 use tokenformer_core::cuda::{count_u32, cuda_tensor, launch_1d, Arg, CudaStorage};
 use tokenformer_core::{Result, Tensor};
 
-const KERNELS: &str = include_str!("kernels.cu");
+const KERNELS: &str = concat!(include_str!("../common.cuh"), include_str!("kernels.cu"));
 
 const OP_NEG: i32 = 0;
 const OP_EXP: i32 = 1;

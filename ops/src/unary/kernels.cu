@@ -15,19 +15,6 @@
 #define OP_POWF 6
 #define OP_AFFINE 7
 
-#define FRAC_1_SQRT_2 0.70710678118654752f
-#define FRAC_1_SQRT_2PI 0.39894228040143268f
-
-// ½x·erfc(−x/√2) rather than ½x(1 + erf(x/√2)): the same value, without the cancellation that
-// rounds GELU of a large negative x to zero (a Pattention row can lie wholly in that tail).
-__device__ float gelu(float x) { return 0.5f * x * erfcf(-x * FRAC_1_SQRT_2); }
-
-__device__ float gelu_grad(float x) {
-    float cdf = 0.5f * erfcf(-x * FRAC_1_SQRT_2);
-    float pdf = FRAC_1_SQRT_2PI * expf(-0.5f * x * x);
-    return cdf + x * pdf;
-}
-
 // y[i] = f(x[i]); `p` and `q` are the parameters of powf (p) and affine (p, q).
 extern "C" __global__ void unary_forward(const float* x, float* y, unsigned int n, int op,
                                          float p, float q) {

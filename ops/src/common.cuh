@@ -1,0 +1,56 @@
+// Helpers shared by the kernel files. NVRTC compiles one source string, not a tree of files, so
+// a family that uses these puts this file in front of its own kernels:
+// `concat!(include_str!("../common.cuh"), include_str!("kernels.cu"))` in its cuda.rs.
+
+#define NEG_INF (-__int_as_float(0x7f800000))
+
+// GELU and its derivative, GELU′(x) = Φ(x) + x·φ(x) (unary and pattention_norm).
+#define FRAC_1_SQRT_2 0.70710678118654752f
+#define FRAC_1_SQRT_2PI 0.39894228040143268f
+
+// ½x·erfc(−x/√2) rather than ½x(1 + erf(x/√2)): the same value, without the cancellation that
+// rounds GELU of a large negative x to zero (a Pattention row can lie wholly in that tail).
+__device__ float gelu(float x) { return 0.5f * x * erfcf(-x * FRAC_1_SQRT_2); }
+
+__device__ float gelu_grad(float x) {
+    float cdf = 0.5f * erfcf(-x * FRAC_1_SQRT_2);
+    float pdf = FRAC_1_SQRT_2PI * expf(-0.5f * x * x);
+    return cdf + x * pdf;
+}
+
+// Sum over a block of threads, returned to every thread. Each warp adds its 32 values by a
+// butterfly of shuffles (every lane ends with the same bits: a + b == b + a exactly), then
+// every warp adds the per-warp sums the same way. The tree's shape depends on blockDim only, so
+// the same input gives the same bits on every run.
+__device__ float block_sum(float v) {
+    __shared__ float partial[32];
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+    __syncthreads();  // an earlier call's reads of `partial` are finished
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    v = lane < warps ? partial[lane] : 0.0f;
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    return v;
+}
+
+// Maximum over a block of threads, returned to every thread (the same tree as block_sum).
+__device__ float block_max(float v) {
+    __shared__ float partial[32];
+    for (int offset = 16; offset > 0; offset >>= 1)
+        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+    __syncthreads();
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    v = lane < warps ? partial[lane] : NEG_INF;
+    for (int offset = 16; offset > 0; offset >>= 1)
+        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+    return v;
+}
+
+// Whether the f32 `x` holds an integer in [0, bound). NaN fails every comparison; the 2^32
+// bound keeps the conversion to unsigned defined.
+__device__ bool is_valid_id(float x, unsigned int bound) {
+    return x >= 0.0f && x < 4294967296.0f && truncf(x) == x && (unsigned int)x < bound;
+}
