@@ -28,12 +28,6 @@ pub(crate) fn permute(x: &Tensor, perm: &[usize]) -> Result<Tensor> {
     Ok(cpu_tensor(out, &dims))
 }
 
-pub(crate) fn transpose(x: &Tensor, a: usize, b: usize) -> Result<Tensor> {
-    let mut perm: Vec<usize> = (0..x.rank()).collect();
-    perm.swap(a, b);
-    permute(x, &perm)
-}
-
 pub(crate) fn narrow(x: &Tensor, axis: usize, start: usize, len: usize) -> Result<Tensor> {
     let src = x.cpu_slice("narrow")?;
     let (outer, dim, inner) = x.shape().split_at_axis(axis);
@@ -60,14 +54,6 @@ pub(crate) fn concat(xs: &[Tensor], axis: usize) -> Result<Tensor> {
         }
     }
     Ok(cpu_tensor(out, &dims))
-}
-
-pub(crate) fn permute_backward(g: &Tensor, perm: &[usize]) -> Result<Tensor> {
-    let mut inverse = vec![0; perm.len()];
-    for (k, &p) in perm.iter().enumerate() {
-        inverse[p] = k;
-    }
-    permute(g, &inverse)
 }
 
 pub(crate) fn narrow_backward(

@@ -44,12 +44,6 @@ pub(crate) fn permute(x: &Tensor, perm: &[usize]) -> Result<Tensor> {
     Ok(cuda_tensor(out, &out_dims))
 }
 
-pub(crate) fn transpose(x: &Tensor, a: usize, b: usize) -> Result<Tensor> {
-    let mut perm: Vec<usize> = (0..x.rank()).collect();
-    perm.swap(a, b);
-    permute(x, &perm)
-}
-
 /// Copies rows [src_start, src_start + len) of `src`'s axis (length src_dim) into rows
 /// [dst_start, dst_start + len) of `dst`'s axis (length dst_dim); both are (outer, ·, inner).
 struct Slab {
@@ -128,14 +122,6 @@ pub(crate) fn concat(xs: &[Tensor], axis: usize) -> Result<Tensor> {
         offset += len;
     }
     Ok(cuda_tensor(out, &dims))
-}
-
-pub(crate) fn permute_backward(g: &Tensor, perm: &[usize]) -> Result<Tensor> {
-    let mut inverse = vec![0; perm.len()];
-    for (k, &p) in perm.iter().enumerate() {
-        inverse[p] = k;
-    }
-    permute(g, &inverse)
 }
 
 pub(crate) fn narrow_backward(

@@ -38,10 +38,9 @@ pub fn permute(x: &Tensor, perm: &[usize]) -> Result<Tensor> {
 pub fn transpose(x: &Tensor, a: usize, b: usize) -> Result<Tensor> {
     x.shape().check_axis("transpose", a)?;
     x.shape().check_axis("transpose", b)?;
-    match x.device() {
-        Device::Cpu => cpu::transpose(x, a, b),
-        Device::Cuda(_) => cuda::transpose(x, a, b),
-    }
+    let mut perm: Vec<usize> = (0..x.rank()).collect();
+    perm.swap(a, b);
+    permute(x, &perm)
 }
 
 /// Indices start..start+len of `axis`.
@@ -83,10 +82,12 @@ pub fn concat(xs: &[Tensor], axis: usize) -> Result<Tensor> {
 
 pub fn permute_backward(g: &Tensor, perm: &[usize]) -> Result<Tensor> {
     check_perm("permute_backward", g.dims(), perm)?;
-    match g.device() {
-        Device::Cpu => cpu::permute_backward(g, perm),
-        Device::Cuda(_) => cuda::permute_backward(g, perm),
+    // The inverse permutation undoes the forward one.
+    let mut inverse = vec![0; perm.len()];
+    for (k, &p) in perm.iter().enumerate() {
+        inverse[p] = k;
     }
+    permute(g, &inverse)
 }
 
 /// ∂L/∂x of narrow(x, axis, start, g.dims[axis]) for x shaped `input_dims`.
