@@ -11,7 +11,7 @@ use tokenformer_models::data::{StreamDecoder, Tokenizer};
 use tokenformer_models::evaluate::{evaluate_tokens, parse_token_ids};
 use tokenformer_models::generate::{generate, SampleOptions};
 use tokenformer_models::growth::{grow_checkpoint, GrowSpec};
-use tokenformer_models::progress::thousands;
+use tokenformer_models::progress::{thousands, Progress};
 use tokenformer_models::train::{
     check_new_run, load_model, saved_settings, train_new, train_resume, TrainControl, TrainSettings,
 };
@@ -473,7 +473,11 @@ fn eval(a: EvalArgs) -> Result<()> {
     let model = load_model(&a.checkpoint, parse_device(&a.device)?)?;
     let text = std::fs::read_to_string(&a.tokens).map_err(|e| Error::io(a.tokens.display(), e))?;
     let ids = parse_token_ids(&text, &a.tokens.display().to_string())?;
-    let result = evaluate_tokens(&model, &ids)?;
+    // A bar on stderr (hidden when stderr is not a terminal), so `--json` stdout stays one line.
+    let windows = ids.len().div_ceil(model.config.max_seq_len) as u64;
+    let bar = Progress::new(windows, 0);
+    let result = evaluate_tokens(&model, &ids, |done, _| bar.set_position(done as u64))?;
+    bar.clear();
     let loss = result.loss as f32;
     if a.json {
         println!("{}", serde_json::json!({ "loss": loss, "tokens": result.tokens }));

@@ -20,7 +20,13 @@ pub struct EvalResult {
 /// Windows of equal length are stacked into batches of at most this many.
 const EVAL_BATCH: usize = 8;
 
-pub fn evaluate_tokens(model: &TokenFormer, ids: &[u32]) -> Result<EvalResult> {
+/// The mean loss of `model` over `ids`; `on_progress(windows_done, windows_total)` is called
+/// after every batch (for a progress bar).
+pub fn evaluate_tokens(
+    model: &TokenFormer,
+    ids: &[u32],
+    mut on_progress: impl FnMut(usize, usize),
+) -> Result<EvalResult> {
     let vocab = model.config.vocab_size;
     if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
         return Err(Error::invalid(format!(
@@ -63,6 +69,7 @@ pub fn evaluate_tokens(model: &TokenFormer, ids: &[u32]) -> Result<EvalResult> {
         total += mean as f64 * n as f64;
         count += n;
         i = j;
+        on_progress(i, windows.len());
     }
     Ok(EvalResult { loss: total / count as f64, tokens: count })
 }

@@ -37,6 +37,16 @@ impl Progress {
         self.bar.suspend(|| eprintln!("{}", msg.as_ref()));
     }
 
+    /// Moves the bar without new numbers (work that has no loss to show, such as evaluation).
+    pub fn set_position(&self, position: u64) {
+        self.bar.set_position(position);
+    }
+
+    /// Removes the bar from the screen.
+    pub fn clear(&self) {
+        self.bar.finish_and_clear();
+    }
+
     /// Leaves the final state of the bar on screen.
     pub fn finish(&self) {
         self.bar.finish();
