@@ -1,7 +1,7 @@
 //! CPU reference kernels for the AdamW step (elementwise, parallel over chunks) and the sum
 //! of squares (one f64 accumulator in index order).
 
-use super::AdamW;
+use super::{AdamW, StepScalars};
 use crate::{cpu_tensor, PARALLEL_MIN_ELEMS};
 use rayon::prelude::*;
 use tokenformer_core::{Result, Tensor};
@@ -17,12 +17,7 @@ pub(crate) fn adamw_step(
     let op = "adamw_step";
     let (p, g) = (param.cpu_slice(op)?, grad.cpu_slice(op)?);
     let (m_old, v_old) = (m.cpu_slice(op)?, v.cpu_slice(op)?);
-    let t = step.min(i32::MAX as u64) as i32;
-    let bias_correction1 = 1.0 - (hp.beta1 as f64).powi(t);
-    let bias_correction2 = 1.0 - (hp.beta2 as f64).powi(t);
-    let step_size = (hp.lr as f64 / bias_correction1) as f32;
-    let inv_sqrt_bc2 = (1.0 / bias_correction2.sqrt()) as f32;
-    let decay = 1.0 - hp.lr * hp.weight_decay;
+    let StepScalars { step_size, inv_sqrt_bc2, decay } = hp.step_scalars(step);
     let (b1, b2, eps) = (hp.beta1, hp.beta2, hp.eps);
 
     let n = p.len();

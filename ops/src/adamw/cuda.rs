@@ -1,7 +1,7 @@
 //! CUDA glue for AdamW (one fused elementwise kernel) and the sum of squares (a square, then
 //! the fixed-order sum of the reduce family).
 
-use super::AdamW;
+use super::{AdamW, StepScalars};
 use crate::reduce::sum_all;
 use crate::unary::square;
 use tokenformer_core::cuda::{count_u32, cuda_tensor, launch_1d, Arg, CudaStorage};
@@ -20,12 +20,7 @@ pub(crate) fn adamw_step(
     let op = "adamw_step";
     let (ps, gs) = (CudaStorage::of(param, op)?, CudaStorage::of(grad, op)?);
     let (ms, vs) = (CudaStorage::of(m, op)?, CudaStorage::of(v, op)?);
-    let t = step.min(i32::MAX as u64) as i32;
-    let bias_correction1 = 1.0 - (hp.beta1 as f64).powi(t);
-    let bias_correction2 = 1.0 - (hp.beta2 as f64).powi(t);
-    let step_size = (hp.lr as f64 / bias_correction1) as f32;
-    let inv_sqrt_bc2 = (1.0 / bias_correction2.sqrt()) as f32;
-    let decay = 1.0 - hp.lr * hp.weight_decay;
+    let StepScalars { step_size, inv_sqrt_bc2, decay } = hp.step_scalars(step);
 
     let backend = &ps.backend;
     let len = param.numel();

@@ -24,6 +24,30 @@ pub struct AdamW {
     pub weight_decay: f32,
 }
 
+/// The per-step scalars of the update, shared by the CPU and CUDA kernels: the bias
+/// corrections are taken in f64 (βᵗ for large t is far below f32's resolution of 1 − βᵗ).
+pub(crate) struct StepScalars {
+    /// lr / (1 − β₁ᵗ)
+    pub step_size: f32,
+    /// 1 / √(1 − β₂ᵗ)
+    pub inv_sqrt_bc2: f32,
+    /// 1 − lr·wd, the decoupled weight decay
+    pub decay: f32,
+}
+
+impl AdamW {
+    pub(crate) fn step_scalars(&self, step: u64) -> StepScalars {
+        let t = step.min(i32::MAX as u64) as i32;
+        let bias_correction1 = 1.0 - (self.beta1 as f64).powi(t);
+        let bias_correction2 = 1.0 - (self.beta2 as f64).powi(t);
+        StepScalars {
+            step_size: (self.lr as f64 / bias_correction1) as f32,
+            inv_sqrt_bc2: (1.0 / bias_correction2.sqrt()) as f32,
+            decay: 1.0 - self.lr * self.weight_decay,
+        }
+    }
+}
+
 /// (new param, new m, new v) after one AdamW step; `step` counts from 1.
 pub fn adamw_step(
     param: &Tensor,

@@ -64,13 +64,7 @@ pub(crate) fn sum_to_shape(x: &Tensor, dims: &[usize]) -> Result<Tensor> {
     if x.dims() == dims {
         return Ok(x.clone());
     }
-    let leading = x.rank() - dims.len();
-    let reduced: Vec<bool> = x
-        .dims()
-        .iter()
-        .enumerate()
-        .map(|(axis, &d)| axis < leading || (dims[axis - leading] == 1 && d != 1))
-        .collect();
+    let reduced = super::broadcast_axes(x.dims(), dims);
     Ok(cpu_tensor(sum_over(x.cpu_slice("sum_to_shape")?, x.dims(), &reduced), dims))
 }
 

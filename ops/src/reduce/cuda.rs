@@ -217,13 +217,7 @@ pub(crate) fn sum_to_shape(x: &Tensor, dims: &[usize]) -> Result<Tensor> {
     if x.dims() == dims {
         return Ok(x.clone());
     }
-    let leading = x.rank() - dims.len();
-    let reduced: Vec<bool> = x
-        .dims()
-        .iter()
-        .enumerate()
-        .map(|(axis, &d)| axis < leading || (dims[axis - leading] == 1 && d != 1))
-        .collect();
+    let reduced = super::broadcast_axes(x.dims(), dims);
     sum_over("sum_to_shape", x, &reduced)?.reshape(dims)
 }
 

@@ -120,6 +120,17 @@ pub fn broadcast_to(x: &Tensor, dims: &[usize]) -> Result<Tensor> {
     }
 }
 
+/// For `x_dims` broadcast from `dims` (already checked), which axes of `x_dims` were stretched:
+/// the extra leading ones, and those where `dims` has a 1. Summing over them undoes the broadcast.
+pub(crate) fn broadcast_axes(x_dims: &[usize], dims: &[usize]) -> Vec<bool> {
+    let leading = x_dims.len() - dims.len();
+    x_dims
+        .iter()
+        .enumerate()
+        .map(|(axis, &d)| axis < leading || (dims[axis - leading] == 1 && d != 1))
+        .collect()
+}
+
 /// Sums `x` over the axes that broadcasting `dims` to x's shape would stretch, giving a tensor
 /// shaped `dims`: the inverse of `broadcast_to`.
 pub fn sum_to_shape(x: &Tensor, dims: &[usize]) -> Result<Tensor> {
