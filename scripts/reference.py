@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Float64 NumPy reference for the TokenFormer language model (docs SPEC §1, §2, §6).
+"""Float64 NumPy reference for the TokenFormer language model (docs/SPEC.md §1, §2, §6).
 
 Reads a checkpoint directory (config.json + model.safetensors) and a file of
 whitespace-separated token ids, and prints the evaluation loss the way

@@ -9,6 +9,9 @@
 //! - [`autograd`](crate::autograd): the dynamic graph (`Var`, `backward`, `no_grad`, `gradcheck`)
 //! - [`models`](crate::models): Pattention, the language model, presets, growth, AdamW, data, training,
 //!   checkpoints
+//!
+//! The model, its growth rules and its file formats are specified in `docs/SPEC.md`; comments
+//! throughout cite it as "SPEC §n".
 
 pub use tokenformer_autograd as autograd;
 pub use tokenformer_core as core;

@@ -1,7 +1,8 @@
-//! Exact growth preserves the model (SPEC §4), checked over random small configs, random token
-//! sequences and random growth amounts: logits, loss and the gradients of every old parameter
-//! are bit-identical; new value tokens get exactly zero gradient; new key tokens a non-zero
-//! one; growing by a then b equals growing by a+b; a saved and reloaded model is bit-identical.
+//! Exact growth preserves the model (docs/SPEC.md §4), checked over random small configs,
+//! random token sequences and random growth amounts: logits, loss and the gradients of every old
+//! parameter are bit-identical; new value tokens get exactly zero gradient; new key tokens a
+//! non-zero one; growing by a then b equals growing by a+b; a saved and reloaded model is
+//! bit-identical.
 
 use proptest::prelude::*;
 use tokenformer::core::{Device, Rng, Tensor};

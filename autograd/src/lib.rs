@@ -9,7 +9,8 @@
 //!   frees the whole graph and memory stays flat across training steps.
 //!
 //! The forward and backward kernels live in `tokenformer-ops`, one family per module; the
-//! methods in [`ops`] only connect a forward kernel to its backward one.
+//! methods in [`ops`] only connect a forward kernel to its backward one. "SPEC §n" in these
+//! comments is section n of `docs/SPEC.md` at the root of the repository.
 
 pub mod gradcheck;
 pub mod ops;

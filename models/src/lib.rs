@@ -1,5 +1,8 @@
 //! TokenFormer on the autodiff engine: Pattention, the language model, presets, growth, AdamW,
 //! data, training and checkpoints.
+//!
+//! What the model computes, how it grows and what its files hold are specified in
+//! `docs/SPEC.md` at the root of the repository; comments here cite it as "SPEC §n".
 
 pub mod bench;
 pub mod checkpoint;

@@ -6,6 +6,9 @@
 //! fixed summation order, so results do not depend on the number of threads. Reductions over a
 //! row run left to right, so appending exact zeros to a row never changes the result (this is
 //! what makes growing a Pattention layer output-preserving).
+//!
+//! "SPEC §n" in these comments is section n of `docs/SPEC.md` at the root of the repository:
+//! the model, its growth rules and its file formats.
 
 use tokenformer_core::{Device, Error, Result, Shape, Storage, Tensor};
 
