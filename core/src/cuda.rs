@@ -512,7 +512,7 @@ mod tests {
     #[test]
     fn merging_axes_keeps_the_index_map() {
         // [2, 3, 4] + [3, 1]: the first operand is contiguous throughout, the second is
-        // stretched along axes 0 and 2, so only axes 0 and 1 cannot merge with their neighbours.
+        // stretched along axes 0 and 2, so no axis can merge with a neighbour: all three stay.
         let (dims, strides) = merge_axes(&[2, 3, 4], &[vec![12, 4, 1], vec![0, 1, 0]]);
         assert_eq!(dims, vec![2, 3, 4]);
         assert_eq!(strides, vec![vec![12, 4, 1], vec![0, 1, 0]]);

@@ -1,5 +1,7 @@
 //! Tensors for the TokenFormer engine: shape, storage on CPU or CUDA, devices, errors, a seeded
-//! RNG and safetensors I/O. Everything here is data; the arithmetic lives in `tokenformer-ops`.
+//! RNG and safetensors I/O, plus the CUDA runtime every GPU kernel goes through (`cuda`: the
+//! device's context, stream and cuBLAS handle, NVRTC compilation and kernel launches). No op
+//! is defined here: what the kernels compute, on either device, lives in `tokenformer-ops`.
 
 pub mod cuda;
 pub mod device;

@@ -2,8 +2,8 @@
 //!
 //! There is one layout (contiguous, row-major) and no stride system: ops that need another
 //! layout (transpose, narrow) make an explicit copy, and matmul takes transpose flags so that a
-//! transposed operand is never materialised. Data lives on the CPU (a `Vec<f32>`, viewed through
-//! ndarray where a kernel wants it) or on a CUDA device.
+//! transposed operand is never materialised. Data lives on the CPU (a `Vec<f32>`) or on a CUDA
+//! device.
 
 use crate::cuda::CudaStorage;
 use crate::{Device, Error, Result, Rng, Shape};
