@@ -46,8 +46,11 @@ impl Rng {
         (self.next_u64() >> 40) as f32 * (1.0 / (1u32 << 24) as f32)
     }
     /// Uniform integer in [0, n), without modulo bias (Lemire's method).
+    ///
+    /// Precondition: `n > 0` (the range [0, 0) is empty). Panics on 0; callers drawing from a
+    /// user-given range check that it is not empty first.
     pub fn below(&mut self, n: u64) -> u64 {
-        assert!(n > 0, "Rng::below(0)");
+        assert!(n > 0, "Rng::below(0): there is no integer in [0, 0)");
         loop {
             let m = (self.next_u64() as u128) * (n as u128);
             let low = m as u64;

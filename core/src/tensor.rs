@@ -23,8 +23,21 @@ pub struct Tensor {
 
 impl Tensor {
     /// Wraps storage that already holds `shape.numel()` values.
+    ///
+    /// Precondition: the storage holds exactly `shape.numel()` values. It is the constructor
+    /// kernels use for their outputs, so it does not check this in release builds; a tensor
+    /// built from user data goes through [`from_vec`](Tensor::from_vec), which does.
     pub fn from_storage(storage: Storage, shape: impl Into<Shape>) -> Tensor {
-        Tensor { shape: shape.into(), storage: Arc::new(storage) }
+        let shape = shape.into();
+        debug_assert_eq!(
+            match &storage {
+                Storage::Cpu(v) => v.len(),
+                Storage::Cuda(s) => s.len(),
+            },
+            shape.numel(),
+            "from_storage: storage length does not match shape {shape}"
+        );
+        Tensor { shape, storage: Arc::new(storage) }
     }
 
     pub fn from_vec(data: Vec<f32>, dims: &[usize]) -> Result<Tensor> {
