@@ -346,6 +346,20 @@ proptest! {
     }
 
     #[test]
+    fn grad_relu_tanh_sigmoid(dims in shape(), seed in any::<u64>()) {
+        // relu away from its kink: a finite difference across 0 measures neither side's slope.
+        let mut rng = Rng::new(seed);
+        let away = away_from_zero(&dims, 0.1, 3.0, &mut rng);
+        check(|v| v[0].relu(), std::slice::from_ref(&away), seed)?;
+        // The three chained, as in a small MLP (tanh keeps the sign, so relu's input stays
+        // away from 0 too).
+        check(|v| v[0].tanh()?.relu()?.sigmoid(), &[away], seed)?;
+        let x = Tensor::randn(&dims, 2.0, &mut rng);
+        check(|v| v[0].tanh(), std::slice::from_ref(&x), seed)?;
+        check(|v| v[0].sigmoid(), &[x], seed)?;
+    }
+
+    #[test]
     fn grad_log_sqrt_powf(
         dims in shape(),
         seed in any::<u64>(),

@@ -158,6 +158,41 @@ impl Var {
         ))
     }
 
+    /// max(x, 0); its gradient is taken as 0 at exactly x = 0.
+    pub fn relu(&self) -> Result<Var> {
+        let value = unary::relu(self.value())?;
+        let x = self.value().clone();
+        Ok(Var::from_op(
+            "relu",
+            value,
+            &[self],
+            Box::new(move |g| one(unary::relu_backward(&x, g)?)),
+        ))
+    }
+
+    pub fn tanh(&self) -> Result<Var> {
+        let value = unary::tanh(self.value())?;
+        let y = value.clone();
+        Ok(Var::from_op(
+            "tanh",
+            value,
+            &[self],
+            Box::new(move |g| one(unary::tanh_backward(&y, g)?)),
+        ))
+    }
+
+    /// The logistic function σ(x) = 1/(1 + e⁻ˣ).
+    pub fn sigmoid(&self) -> Result<Var> {
+        let value = unary::sigmoid(self.value())?;
+        let y = value.clone();
+        Ok(Var::from_op(
+            "sigmoid",
+            value,
+            &[self],
+            Box::new(move |g| one(unary::sigmoid_backward(&y, g)?)),
+        ))
+    }
+
     // ---- reductions ----
 
     pub fn sum(&self, axes: &[usize], keepdim: bool) -> Result<Var> {

@@ -5,9 +5,9 @@
 //!
 //! | ops                                              | atol  | rtol  | why they differ at all  |
 //! |--------------------------------------------------|-------|-------|-------------------------|
-//! | copies: layout, broadcast_to, embedding, max     | 0     | 0     | they move values only   |
+//! | copies: layout, broadcast, embedding, max, relu  | 0     | 0     | they move values only   |
 //! | elementwise arithmetic (binary, neg, affine, …)  | 1e-6  | 1e-5  | FMA contraction         |
-//! | elementwise transcendental (exp, log, powf, …)   | 1e-6  | 1e-5  | expf/logf ulps          |
+//! | elementwise transcendental (exp, log, tanh, …)   | 1e-6  | 1e-5  | expf/logf ulps          |
 //! | gelu and its gradient                            | 5e-6  | 1e-5  | CPU erf is a fit ±6e-7  |
 //! | rope (x₁·cos − x₂·sin cancels near 0)            | 1e-5  | 1e-5  | FMA contraction         |
 //! | reductions, norms, softmax, Θ, cross-entropy     | 1e-5  | 1e-4  | summation order         |
@@ -193,14 +193,28 @@ fn unary_ops_and_their_gradients_match() {
     let x = randn(&dims, 1);
     let positive = uniform(&dims, 0.1, 4.0, 2);
     let g = randn(&dims, 3);
+    // Every seventh value exactly 0, where relu's gradient takes its conventional 0.
+    let with_zeros: Vec<f32> = x
+        .to_vec()
+        .unwrap()
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| if i % 7 == 0 { 0.0 } else { v })
+        .collect();
+    let kinks = Tensor::from_vec(with_zeros, &dims).unwrap();
+    let wide = unary::affine(&x, 6.0, 0.0).unwrap(); // into the saturated tails of tanh and σ
     let (gx, gpos, gg) = (gpu(&x), gpu(&positive), gpu(&g));
-    let maps: [(&str, UnaryOp, &Tensor, &Tensor, Tol); 6] = [
+    let (gkinks, gwide) = (gpu(&kinks), gpu(&wide));
+    let maps: [(&str, UnaryOp, &Tensor, &Tensor, Tol); 9] = [
         ("neg", unary::neg, &x, &gx, EXACT),
         ("exp", unary::exp, &x, &gx, TRANSCENDENTAL),
         ("log", unary::log, &positive, &gpos, TRANSCENDENTAL),
         ("sqrt", unary::sqrt, &positive, &gpos, TRANSCENDENTAL),
         ("square", unary::square, &x, &gx, ELEMENTWISE),
         ("gelu", unary::gelu, &x, &gx, GELU),
+        ("relu", unary::relu, &kinks, &gkinks, EXACT),
+        ("tanh", unary::tanh, &wide, &gwide, TRANSCENDENTAL),
+        ("sigmoid", unary::sigmoid, &wide, &gwide, TRANSCENDENTAL),
     ];
     for (name, f, cpu_in, gpu_in, tol) in maps {
         assert_matches(name, &f(gpu_in).unwrap(), &f(cpu_in).unwrap(), tol);
@@ -212,7 +226,9 @@ fn unary_ops_and_their_gradients_match() {
 
     let exp_y = unary::exp(&x).unwrap();
     let sqrt_y = unary::sqrt(&positive).unwrap();
-    let backward: [(&str, Tensor, Tensor); 6] = [
+    let tanh_y = unary::tanh(&wide).unwrap();
+    let sigmoid_y = unary::sigmoid(&wide).unwrap();
+    let backward: [(&str, Tensor, Tensor); 9] = [
         (
             "exp_backward",
             unary::exp_backward(&gpu(&exp_y), &gg).unwrap(),
@@ -242,6 +258,21 @@ fn unary_ops_and_their_gradients_match() {
             "gelu_backward",
             unary::gelu_backward(&gx, &gg).unwrap(),
             unary::gelu_backward(&x, &g).unwrap(),
+        ),
+        (
+            "relu_backward",
+            unary::relu_backward(&gkinks, &gg).unwrap(),
+            unary::relu_backward(&kinks, &g).unwrap(),
+        ),
+        (
+            "tanh_backward",
+            unary::tanh_backward(&gpu(&tanh_y), &gg).unwrap(),
+            unary::tanh_backward(&tanh_y, &g).unwrap(),
+        ),
+        (
+            "sigmoid_backward",
+            unary::sigmoid_backward(&gpu(&sigmoid_y), &gg).unwrap(),
+            unary::sigmoid_backward(&sigmoid_y, &g).unwrap(),
         ),
     ];
     for (name, cuda, cpu) in backward {

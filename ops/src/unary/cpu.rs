@@ -73,6 +73,29 @@ pub(crate) fn gelu_grad_scalar(x: f32) -> f32 {
     normal_cdf(x) + x * FRAC_1_SQRT_2PI * exp_nonpositive(-0.5 * x * x)
 }
 
+/// max(x, 0), written so that a NaN passes through (`f32::max` would turn it into 0).
+#[inline(always)]
+fn relu_scalar(x: f32) -> f32 {
+    if x < 0.0 {
+        0.0
+    } else {
+        x
+    }
+}
+
+/// σ(x) = 1/(1 + e⁻ˣ) for x ≥ 0 and eˣ/(1 + eˣ) for x < 0: the same value, but the exponential
+/// is never of a large positive number, and in the negative tail σ(x) ≈ eˣ keeps its relative
+/// accuracy.
+#[inline(always)]
+fn sigmoid_scalar(x: f32) -> f32 {
+    if x >= 0.0 {
+        1.0 / (1.0 + (-x).exp())
+    } else {
+        let e = x.exp();
+        e / (1.0 + e)
+    }
+}
+
 fn map(op: &'static str, x: &Tensor, f: impl Fn(f32) -> f32 + Sync + Send) -> Result<Tensor> {
     Ok(cpu_tensor(map1(x.cpu_slice(op)?, f), x.dims()))
 }
@@ -110,6 +133,18 @@ pub(crate) fn gelu(x: &Tensor) -> Result<Tensor> {
     map("gelu", x, gelu_scalar)
 }
 
+pub(crate) fn relu(x: &Tensor) -> Result<Tensor> {
+    map("relu", x, relu_scalar)
+}
+
+pub(crate) fn tanh(x: &Tensor) -> Result<Tensor> {
+    map("tanh", x, f32::tanh)
+}
+
+pub(crate) fn sigmoid(x: &Tensor) -> Result<Tensor> {
+    map("sigmoid", x, sigmoid_scalar)
+}
+
 pub(crate) fn powf(x: &Tensor, p: f32) -> Result<Tensor> {
     map("powf", x, move |v| v.powf(p))
 }
@@ -140,6 +175,18 @@ pub(crate) fn powf_backward(x: &Tensor, p: f32, g: &Tensor) -> Result<Tensor> {
 
 pub(crate) fn gelu_backward(x: &Tensor, g: &Tensor) -> Result<Tensor> {
     zip("gelu_backward", x, g, |x, g| g * gelu_grad_scalar(x))
+}
+
+pub(crate) fn relu_backward(x: &Tensor, g: &Tensor) -> Result<Tensor> {
+    zip("relu_backward", x, g, |x, g| if x > 0.0 { g } else { 0.0 })
+}
+
+pub(crate) fn tanh_backward(y: &Tensor, g: &Tensor) -> Result<Tensor> {
+    zip("tanh_backward", y, g, |y, g| g * (1.0 - y * y))
+}
+
+pub(crate) fn sigmoid_backward(y: &Tensor, g: &Tensor) -> Result<Tensor> {
+    zip("sigmoid_backward", y, g, |y, g| g * y * (1.0 - y))
 }
 
 #[cfg(test)]

@@ -14,6 +14,9 @@ const OP_SQUARE: i32 = 4;
 const OP_GELU: i32 = 5;
 const OP_POWF: i32 = 6;
 const OP_AFFINE: i32 = 7;
+const OP_RELU: i32 = 8;
+const OP_TANH: i32 = 9;
+const OP_SIGMOID: i32 = 10;
 
 /// y = f(x) elementwise, with the op's parameters `p` and `q`.
 fn forward(name: &'static str, code: i32, x: &Tensor, p: f32, q: f32) -> Result<Tensor> {
@@ -85,6 +88,18 @@ pub(crate) fn gelu(x: &Tensor) -> Result<Tensor> {
     forward("gelu", OP_GELU, x, 0.0, 0.0)
 }
 
+pub(crate) fn relu(x: &Tensor) -> Result<Tensor> {
+    forward("relu", OP_RELU, x, 0.0, 0.0)
+}
+
+pub(crate) fn tanh(x: &Tensor) -> Result<Tensor> {
+    forward("tanh", OP_TANH, x, 0.0, 0.0)
+}
+
+pub(crate) fn sigmoid(x: &Tensor) -> Result<Tensor> {
+    forward("sigmoid", OP_SIGMOID, x, 0.0, 0.0)
+}
+
 pub(crate) fn powf(x: &Tensor, p: f32) -> Result<Tensor> {
     forward("powf", OP_POWF, x, p, 0.0)
 }
@@ -115,4 +130,16 @@ pub(crate) fn powf_backward(x: &Tensor, p: f32, g: &Tensor) -> Result<Tensor> {
 
 pub(crate) fn gelu_backward(x: &Tensor, g: &Tensor) -> Result<Tensor> {
     backward("gelu_backward", OP_GELU, x, g, 0.0)
+}
+
+pub(crate) fn relu_backward(x: &Tensor, g: &Tensor) -> Result<Tensor> {
+    backward("relu_backward", OP_RELU, x, g, 0.0)
+}
+
+pub(crate) fn tanh_backward(y: &Tensor, g: &Tensor) -> Result<Tensor> {
+    backward("tanh_backward", OP_TANH, y, g, 0.0)
+}
+
+pub(crate) fn sigmoid_backward(y: &Tensor, g: &Tensor) -> Result<Tensor> {
+    backward("sigmoid_backward", OP_SIGMOID, y, g, 0.0)
 }

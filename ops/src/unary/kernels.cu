@@ -1,10 +1,12 @@
 // Elementwise unary ops, one thread per element.
 //
 // Forward  y = f(x):  neg −x, exp eˣ, log ln x, sqrt √x, square x², powf x^p, affine x·p + q,
-//                     gelu ½x(1 + erf(x/√2)) (the exact GELU, not the tanh approximation).
+//                     gelu ½x(1 + erf(x/√2)) (the exact GELU, not the tanh approximation),
+//                     relu max(x, 0), tanh, sigmoid σ(x) = 1/(1 + e⁻ˣ).
 // Backward ∂L/∂x = g·f′, from whichever of x or y is at hand:
 //                     exp g·y, log g/x, sqrt g/(2y), square 2x·g, powf g·p·x^(p−1),
-//                     gelu g·(Φ(x) + x·φ(x)) with Φ, φ the standard normal cdf and density.
+//                     gelu g·(Φ(x) + x·φ(x)) with Φ, φ the standard normal cdf and density,
+//                     relu g·[x > 0] (0 at x = 0), tanh g·(1 − y²), sigmoid g·y·(1 − y).
 
 #define OP_NEG 0
 #define OP_EXP 1
@@ -14,6 +16,17 @@
 #define OP_GELU 5
 #define OP_POWF 6
 #define OP_AFFINE 7
+#define OP_RELU 8
+#define OP_TANH 9
+#define OP_SIGMOID 10
+
+// σ(x) through the exponential of a non-positive number only: eˣ/(1 + eˣ) for x < 0 keeps
+// its relative accuracy in the negative tail, as the CPU reference does.
+__device__ float sigmoid(float x) {
+    if (x >= 0.0f) return 1.0f / (1.0f + expf(-x));
+    float e = expf(x);
+    return e / (1.0f + e);
+}
 
 // y[i] = f(x[i]); `p` and `q` are the parameters of powf (p) and affine (p, q).
 extern "C" __global__ void unary_forward(const float* x, float* y, unsigned int n, int op,
@@ -30,12 +43,16 @@ extern "C" __global__ void unary_forward(const float* x, float* y, unsigned int 
         case OP_SQUARE: r = v * v; break;
         case OP_GELU: r = gelu(v); break;
         case OP_POWF: r = powf(v, p); break;
+        case OP_RELU: r = v < 0.0f ? 0.0f : v; break;  // a NaN passes through
+        case OP_TANH: r = tanhf(v); break;
+        case OP_SIGMOID: r = sigmoid(v); break;
         default: r = v * p + q; break;  // OP_AFFINE
     }
     y[i] = r;
 }
 
-// gx[i] = g[i]·f′ where `v` is x[i] (log, square, powf, gelu) or y[i] (exp, sqrt).
+// gx[i] = g[i]·f′ where `v` is x[i] (log, square, powf, gelu, relu) or y[i] (exp, sqrt,
+// tanh, sigmoid).
 extern "C" __global__ void unary_backward(const float* v_in, const float* g, float* gx,
                                           unsigned int n, int op, float p) {
     unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
@@ -49,6 +66,9 @@ extern "C" __global__ void unary_backward(const float* v_in, const float* g, flo
         case OP_SQRT: r = gi / (2.0f * v); break;
         case OP_SQUARE: r = 2.0f * v * gi; break;
         case OP_POWF: r = gi * p * powf(v, p - 1.0f); break;
+        case OP_RELU: r = v > 0.0f ? gi : 0.0f; break;
+        case OP_TANH: r = gi * (1.0f - v * v); break;
+        case OP_SIGMOID: r = gi * v * (1.0f - v); break;
         default: r = gi * gelu_grad(v); break;  // OP_GELU
     }
     gx[i] = r;

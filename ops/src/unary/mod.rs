@@ -1,12 +1,18 @@
 //! Elementwise unary ops.
 //!
-//! Forward, elementwise: −x, eˣ, ln x, √x, x², x^p, x·mul + add, and the exact GELU
-//! GELU(x) = x·Φ(x) = ½x(1 + erf(x/√2)).
+//! Forward, elementwise: −x, eˣ, ln x, √x, x², x^p, x·mul + add, the exact GELU
+//! GELU(x) = x·Φ(x) = ½x(1 + erf(x/√2)), and the classic activations
+//! relu(x) = max(x, 0), tanh(x) and sigmoid σ(x) = 1/(1 + e⁻ˣ).
 //!
 //! Backward, g = ∂L/∂y times the local derivative (written in terms of whichever of x or
 //! y = f(x) is cheaper): exp: g·y; log: g/x; sqrt: g/(2y); square: g·2x; powf: g·p·x^(p−1);
-//! gelu: g·(Φ(x) + x·φ(x)) with φ the standard normal density. Negation and affine maps are
-//! linear, so their backward is the op itself applied to g: neg(g) and affine(g, mul, 0).
+//! gelu: g·(Φ(x) + x·φ(x)) with φ the standard normal density; relu: g·[x > 0]; tanh:
+//! g·(1 − y²), since tanh′ = 1 − tanh²; sigmoid: g·y·(1 − y), since σ′ = σ·(1 − σ).
+//! Negation and affine maps are linear, so their backward is the op itself applied to g:
+//! neg(g) and affine(g, mul, 0).
+//!
+//! relu has no derivative at exactly 0; like PyTorch and JAX we take 0 there (the indicator
+//! [x > 0]), so a unit sitting exactly at 0 passes no gradient.
 
 pub(crate) mod cpu;
 mod cuda;
@@ -54,6 +60,29 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
     match x.device() {
         Device::Cpu => cpu::gelu(x),
         Device::Cuda(_) => cuda::gelu(x),
+    }
+}
+
+/// max(x, 0); a NaN stays NaN, so a diverging network is seen rather than silently zeroed.
+pub fn relu(x: &Tensor) -> Result<Tensor> {
+    match x.device() {
+        Device::Cpu => cpu::relu(x),
+        Device::Cuda(_) => cuda::relu(x),
+    }
+}
+
+pub fn tanh(x: &Tensor) -> Result<Tensor> {
+    match x.device() {
+        Device::Cpu => cpu::tanh(x),
+        Device::Cuda(_) => cuda::tanh(x),
+    }
+}
+
+/// The logistic function 1/(1 + e⁻ˣ).
+pub fn sigmoid(x: &Tensor) -> Result<Tensor> {
+    match x.device() {
+        Device::Cpu => cpu::sigmoid(x),
+        Device::Cuda(_) => cuda::sigmoid(x),
     }
 }
 
@@ -123,6 +152,30 @@ pub fn gelu_backward(x: &Tensor, g: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// ∂L/∂x of y = relu(x), from the input x: g where x > 0, and 0 elsewhere (also at x = 0).
+pub fn relu_backward(x: &Tensor, g: &Tensor) -> Result<Tensor> {
+    match check_pair("relu_backward", x, g)? {
+        Device::Cpu => cpu::relu_backward(x, g),
+        Device::Cuda(_) => cuda::relu_backward(x, g),
+    }
+}
+
+/// ∂L/∂x of y = tanh(x), from the output y.
+pub fn tanh_backward(y: &Tensor, g: &Tensor) -> Result<Tensor> {
+    match check_pair("tanh_backward", y, g)? {
+        Device::Cpu => cpu::tanh_backward(y, g),
+        Device::Cuda(_) => cuda::tanh_backward(y, g),
+    }
+}
+
+/// ∂L/∂x of y = σ(x), from the output y.
+pub fn sigmoid_backward(y: &Tensor, g: &Tensor) -> Result<Tensor> {
+    match check_pair("sigmoid_backward", y, g)? {
+        Device::Cpu => cpu::sigmoid_backward(y, g),
+        Device::Cuda(_) => cuda::sigmoid_backward(y, g),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -160,6 +213,34 @@ mod tests {
         );
         let at_zero = values(&gelu(&tensor(vec![0.0], &[1])).unwrap());
         assert_eq!(at_zero, vec![0.0]);
+        assert_close(&values(&relu(&x).unwrap()), &map(&xv, |a| a.max(0.0)), 0.0, 0.0, "relu");
+        assert_close(&values(&tanh(&x).unwrap()), &map(&xv, f64::tanh), 1e-7, 1e-6, "tanh");
+        let logistic = |a: f64| 1.0 / (1.0 + (-a).exp());
+        assert_close(&values(&sigmoid(&x).unwrap()), &map(&xv, logistic), 1e-7, 1e-6, "sigmoid");
+    }
+
+    #[test]
+    fn activations_at_the_edges() {
+        let x = tensor(vec![-200.0, -30.0, -0.0, 0.0, 30.0, 200.0, f32::NAN], &[7]);
+        let relu_y = values(&relu(&x).unwrap());
+        assert_eq!(relu_y[..6], [0.0, 0.0, 0.0, 0.0, 30.0, 200.0]);
+        assert!(relu_y[6].is_nan(), "relu must not hide a NaN");
+        let tanh_y = values(&tanh(&x).unwrap());
+        assert_eq!(tanh_y[..6], [-1.0, -1.0, 0.0, 0.0, 1.0, 1.0]);
+        let sig = values(&sigmoid(&x).unwrap());
+        assert_eq!((sig[0], sig[2], sig[3], sig[5]), (0.0, 0.5, 0.5, 1.0));
+        // In the negative tail σ(x) ≈ eˣ keeps its relative accuracy (no 1 − (1 − ε) rounding).
+        let tail = (-30.0f64).exp() / (1.0 + (-30.0f64).exp());
+        assert!(((sig[1] as f64 - tail) / tail).abs() < 1e-6, "σ(−30) = {}", sig[1]);
+        assert!(sig.iter().take(6).all(|v| v.is_finite()));
+    }
+
+    #[test]
+    fn relu_gradient_at_zero_is_zero() {
+        // The convention at the kink: the indicator [x > 0], so exactly 0 passes nothing.
+        let x = tensor(vec![-1.0, -0.0, 0.0, 1e-30, 2.0], &[5]);
+        let g = tensor(vec![3.0; 5], &[5]);
+        assert_eq!(values(&relu_backward(&x, &g).unwrap()), vec![0.0, 0.0, 0.0, 3.0, 3.0]);
     }
 
     #[test]
@@ -187,6 +268,14 @@ mod tests {
             powf(t, 2.5).unwrap()
         });
         check_grad("gelu", &x, &g, &gelu_backward(&x, &g).unwrap(), |t| gelu(t).unwrap());
+        // relu's finite difference straddles the kink when |x| < h = 1e-2: keep away from it.
+        let shifted = values(&x).into_iter().map(|v| if v.abs() < 0.05 { v + 0.1 } else { v });
+        let away = tensor(shifted.collect(), &[4, 5]);
+        check_grad("relu", &away, &g, &relu_backward(&away, &g).unwrap(), |t| relu(t).unwrap());
+        let y = tanh(&x).unwrap();
+        check_grad("tanh", &x, &g, &tanh_backward(&y, &g).unwrap(), |t| tanh(t).unwrap());
+        let y = sigmoid(&x).unwrap();
+        check_grad("sigmoid", &x, &g, &sigmoid_backward(&y, &g).unwrap(), |t| sigmoid(t).unwrap());
         check_grad("neg", &x, &g, &neg(&g).unwrap(), |t| neg(t).unwrap());
         check_grad("affine", &x, &g, &affine(&g, 1.3, 0.0).unwrap(), |t| {
             affine(t, 1.3, -0.4).unwrap()
