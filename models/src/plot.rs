@@ -15,7 +15,9 @@ use tokenformer_core::{Error, Result};
 const FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
 const SIZE: (u32, u32) = (1000, 600);
 
-fn ensure_font() -> Result<()> {
+/// Registers the built-in font as plotters' `sans-serif` family (once per process). Call it
+/// before drawing any text with plotters; `plot_losses` does.
+pub fn ensure_font() -> Result<()> {
     static REGISTERED: OnceLock<bool> = OnceLock::new();
     let ok =
         *REGISTERED.get_or_init(|| register_font("sans-serif", FontStyle::Normal, FONT).is_ok());
