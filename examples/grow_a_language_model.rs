@@ -39,7 +39,7 @@ struct Args {
     #[arg(long, default_value_t = 200)]
     steps_before: u64,
     /// Training steps after it.
-    #[arg(long, default_value_t = 150)]
+    #[arg(long, default_value_t = 120)]
     steps_after: u64,
     /// Parameter tokens added to every query, key and value Pattention.
     #[arg(long, default_value_t = 64)]
@@ -95,7 +95,7 @@ fn main() -> Result<()> {
     let (before_steps, after_steps, sample_len, windows) = if args.quick {
         (args.steps_before.min(3), args.steps_after.min(3), 16, 2)
     } else {
-        (args.steps_before, args.steps_after, 160, 32)
+        (args.steps_before, args.steps_after, 160, 24)
     };
     let corpus = Corpus::tiny_shakespeare()?;
     let config = common::tiny_config(corpus.tokenizer)?;
