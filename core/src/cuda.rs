@@ -172,6 +172,42 @@ unsafe fn compile_to_cubin(
     Ok(cubin)
 }
 
+/// The version of the NVRTC library found, e.g. (13, 0).
+pub fn nvrtc_version() -> Result<(i32, i32)> {
+    check_nvrtc_present()?;
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: NVRTC writes two ints.
+    unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) }
+        .result()
+        .map_err(|e| cuda_err("asking NVRTC for its version", e))?;
+    Ok((major, minor))
+}
+
+/// Compiles the CUDA C `source` of module `module_name` with NVRTC to machine code (a CUBIN) for
+/// compute capability `(major, minor)`. Needs NVRTC only, no GPU and no driver: this is how the
+/// kernels are compile-checked on machines without a card.
+///
+/// Machine code for the exact GPU rather than PTX: nothing is left for the driver to compile,
+/// so a driver of the same major CUDA version as NVRTC (even an older minor one) loads it.
+pub fn compile_cubin(
+    module_name: &str,
+    source: &str,
+    (major, minor): (i32, i32),
+) -> Result<Vec<u8>> {
+    use cudarc::nvrtc::result as nvrtc;
+    check_nvrtc_present()?;
+    let what = format!("compiling {module_name}.cu for sm_{major}{minor}");
+    let src = CString::new(source).map_err(|e| cuda_err(&what, e))?;
+    let file = CString::new(format!("{module_name}.cu")).map_err(|e| cuda_err(&what, e))?;
+    let program = nvrtc::create_program(&src, Some(&file)).map_err(|e| cuda_err(&what, e))?;
+    let options = [format!("--gpu-architecture=sm_{major}{minor}")];
+    // SAFETY: `program` is alive until the destroy_program call below.
+    let cubin = unsafe { compile_to_cubin(program, &options) };
+    // SAFETY: `program` was created above and is destroyed exactly once.
+    unsafe { nvrtc::destroy_program(program) }.map_err(|e| cuda_err(&what, e))?;
+    cubin.map_err(|msg| Error::Cuda(format!("{what}: {msg}")))
+}
+
 /// A tensor of shape `dims` over `storage`.
 pub fn cuda_tensor(storage: CudaStorage, dims: &[usize]) -> Tensor {
     Tensor::from_storage(Storage::Cuda(storage), Shape::new(dims))
@@ -368,22 +404,9 @@ impl CudaBackend {
     }
 
     fn compile(&self, module_name: &str, source: &str) -> Result<Arc<CudaModule>> {
-        use cudarc::nvrtc::{result as nvrtc, Ptx};
-        let (major, minor) = self.compute_capability()?;
-        let what = format!("compiling {module_name}.cu for sm_{major}{minor}");
-        let src = CString::new(source).map_err(|e| cuda_err(&what, e))?;
-        let file = CString::new(format!("{module_name}.cu")).map_err(|e| cuda_err(&what, e))?;
-        let program = nvrtc::create_program(&src, Some(&file)).map_err(|e| cuda_err(&what, e))?;
-        // Machine code for this exact GPU rather than PTX: nothing is left for the driver to
-        // compile, so a driver older than the NVRTC library still loads it.
-        let options = [format!("--gpu-architecture=sm_{major}{minor}")];
-        // SAFETY: `program` is alive until the destroy_program call below.
-        let cubin = unsafe { compile_to_cubin(program, &options) };
-        // SAFETY: `program` was created above and is destroyed exactly once.
-        unsafe { nvrtc::destroy_program(program) }.map_err(|e| cuda_err(&what, e))?;
-        let cubin = cubin.map_err(|msg| Error::Cuda(format!("{what}: {msg}")))?;
+        let cubin = compile_cubin(module_name, source, self.compute_capability()?)?;
         self.context
-            .load_module(Ptx::from_binary(cubin))
+            .load_module(cudarc::nvrtc::Ptx::from_binary(cubin))
             .map_err(|e| cuda_err(&format!("loading {module_name}.cu"), e))
     }
 

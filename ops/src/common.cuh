@@ -1,8 +1,13 @@
 // Helpers shared by the kernel files. NVRTC compiles one source string, not a tree of files, so
-// a family that uses these puts this file in front of its own kernels:
-// `concat!(include_str!("../common.cuh"), include_str!("kernels.cu"))` in its cuda.rs.
+// this file is put in front of every kernel file (the registry in kernels.rs does it).
 
 #define NEG_INF (-__int_as_float(0x7f800000))
+#define NAN_F __int_as_float(0x7fc00000)
+
+// Axis sizes or strides of an index-walking kernel, passed by value; unused entries are 0.
+// Mirrored by `MAX_RANK` and `Arg::Dims` in core/src/cuda.rs.
+#define MAX_RANK 8
+struct Dims { unsigned int v[MAX_RANK]; };
 
 // GELU and its derivative, GELU′(x) = Φ(x) + x·φ(x) (unary and pattention_norm).
 #define FRAC_1_SQRT_2 0.70710678118654752f

@@ -2,12 +2,13 @@
 //! the fixed-order sum of the reduce family).
 
 use super::{AdamW, StepScalars};
+use crate::kernels::KernelSource;
 use crate::reduce::sum_all;
 use crate::unary::square;
 use tokenformer_core::cuda::{count_u32, cuda_tensor, launch_1d, Arg, CudaStorage};
 use tokenformer_core::{Result, Tensor};
 
-const KERNELS: &str = include_str!("kernels.cu");
+const KERNELS: &KernelSource = crate::kernels::source("adamw");
 
 pub(crate) fn adamw_step(
     param: &Tensor,
@@ -41,8 +42,8 @@ pub(crate) fn adamw_step(
         // decay, step_size, inv_sqrt_bc2); all seven buffers hold n values.
         unsafe {
             backend.launch(
-                "adamw",
-                KERNELS,
+                KERNELS.module,
+                KERNELS.source,
                 "adamw_step",
                 launch_1d(n),
                 &[&ps.slice, &gs.slice, &ms.slice, &vs.slice],

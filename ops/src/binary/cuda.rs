@@ -3,12 +3,13 @@
 //! merging the axes both walk contiguously. The backward passes are products and sums built
 //! from the public ops, exactly as on the CPU.
 
+use crate::kernels::KernelSource;
 use tokenformer_core::cuda::{
     count_u32, cuda_tensor, dims_arg, launch_1d, merge_axes, Arg, CudaStorage,
 };
 use tokenformer_core::{Result, Shape, Tensor};
 
-const KERNELS: &str = include_str!("kernels.cu");
+const KERNELS: &KernelSource = crate::kernels::source("binary");
 
 const OP_ADD: i32 = 0;
 const OP_SUB: i32 = 1;
@@ -44,8 +45,8 @@ fn zip_broadcast(name: &'static str, code: i32, a: &Tensor, b: &Tensor) -> Resul
     // stride is 0), so the strided reads stay inside a and b.
     unsafe {
         sa.backend.launch(
-            "binary",
-            KERNELS,
+            KERNELS.module,
+            KERNELS.source,
             kernel,
             launch_1d(n),
             &[&sa.slice, &sb.slice],

@@ -10,9 +10,6 @@
 #define OP_SUB 1
 #define OP_MUL 2
 #define OP_DIV 3
-#define MAX_RANK 8
-
-struct Dims { unsigned int v[MAX_RANK]; };
 
 __device__ float apply(int op, float x, float y) {
     switch (op) {

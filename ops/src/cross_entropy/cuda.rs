@@ -1,12 +1,13 @@
 //! CUDA glue for the fused cross-entropy: a row kernel gives lse and the per-row losses, whose
 //! mean is a fixed-order sum; the backward pass is one elementwise kernel.
 
+use crate::kernels::KernelSource;
 use crate::reduce::sum_all;
 use crate::unary::affine;
 use tokenformer_core::cuda::{count_u32, cuda_tensor, launch_1d, launch_rows, Arg, CudaStorage};
 use tokenformer_core::{Result, Tensor};
 
-const KERNELS: &str = concat!(include_str!("../common.cuh"), include_str!("kernels.cu"));
+const KERNELS: &KernelSource = crate::kernels::source("cross_entropy");
 
 pub(crate) fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<(Tensor, Tensor)> {
     let op = "cross_entropy";
@@ -18,8 +19,8 @@ pub(crate) fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<(Tensor
     // and target i and writes entry i of lse and loss.
     unsafe {
         xs.backend.launch(
-            "cross_entropy",
-            KERNELS,
+            KERNELS.module,
+            KERNELS.source,
             "cross_entropy_rows",
             launch_rows(count_u32(op, n)?),
             &[&xs.slice, &ts.slice],
@@ -49,8 +50,8 @@ pub(crate) fn cross_entropy_backward(
     // thread i touches logit i, its row's target and lse, and g[0].
     unsafe {
         xs.backend.launch(
-            "cross_entropy",
-            KERNELS,
+            KERNELS.module,
+            KERNELS.source,
             "cross_entropy_backward",
             launch_1d(n),
             &[&xs.slice, &ts.slice, &ls.slice, &gs.slice],

@@ -9,8 +9,6 @@
 // not an integer in [0, V) gives a NaN loss for its row and a NaN gradient row, never a read
 // outside the logits.
 
-#define NAN_F __int_as_float(0x7fc00000)
-
 // One block per row: lse[row] and loss[row] (NaN for an invalid target).
 extern "C" __global__ void cross_entropy_rows(const float* logits, const float* targets,
                                               float* lse, float* loss, unsigned int V) {

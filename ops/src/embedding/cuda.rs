@@ -2,11 +2,12 @@
 //! deterministic without atomics by giving every output value one owner thread (see
 //! kernels.cu). Both run entirely on the device: the ids are never copied to the host.
 
+use crate::kernels::KernelSource;
 use cudarc::driver::LaunchConfig;
 use tokenformer_core::cuda::{count_u32, cuda_tensor, launch_1d, Arg, CudaStorage, BLOCK};
 use tokenformer_core::{Result, Tensor};
 
-const KERNELS: &str = concat!(include_str!("../common.cuh"), include_str!("kernels.cu"));
+const KERNELS: &KernelSource = crate::kernels::source("embedding");
 
 pub(crate) fn embedding(weight: &Tensor, ids: &Tensor) -> Result<Tensor> {
     let op = "embedding";
@@ -22,8 +23,8 @@ pub(crate) fn embedding(weight: &Tensor, ids: &Tensor) -> Result<Tensor> {
         // the table only for ids in [0, vocab) and writes NaN for any other.
         unsafe {
             ws.backend.launch(
-                "embedding",
-                KERNELS,
+                KERNELS.module,
+                KERNELS.source,
                 "embedding_forward",
                 launch_1d(n),
                 &[&ws.slice, &is.slice],
@@ -72,8 +73,8 @@ pub(crate) fn embedding_backward(ids: &Tensor, g: &Tensor, vocab: usize) -> Resu
     // [0, vocab), so every write lands in table_grad.
     unsafe {
         backend.launch(
-            "embedding",
-            KERNELS,
+            KERNELS.module,
+            KERNELS.source,
             "embedding_backward_rows",
             cfg,
             &[&gs.slice, &is.slice],

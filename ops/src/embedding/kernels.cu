@@ -13,8 +13,6 @@
 // has exactly one owner thread, which adds its terms in position order, the same sum in the
 // same order as the CPU reference's loop (so the two agree bit for bit).
 
-#define NAN_F __int_as_float(0x7fc00000)
-
 // One thread per output value.
 extern "C" __global__ void embedding_forward(const float* weight, const float* ids, float* out,
                                              unsigned int n, unsigned int d,

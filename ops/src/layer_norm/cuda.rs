@@ -2,12 +2,13 @@
 //! and a per-feature kernel for the weight gradient. The bias gradient is a plain column sum.
 
 use super::LayerNormStats;
+use crate::kernels::KernelSource;
 use crate::reduce::sum_to_shape;
 use crate::rows_and_len;
 use tokenformer_core::cuda::{count_u32, cuda_tensor, launch_1d, launch_rows, Arg, CudaStorage};
 use tokenformer_core::{Result, Tensor};
 
-const KERNELS: &str = concat!(include_str!("../common.cuh"), include_str!("kernels.cu"));
+const KERNELS: &KernelSource = crate::kernels::source("layer_norm");
 
 /// The buffer of an optional parameter, or `fallback` (never read) when it is absent.
 fn optional<'t>(
@@ -44,8 +45,8 @@ pub(crate) fn layer_norm(
         // when present.
         unsafe {
             backend.launch(
-                "layer_norm",
-                KERNELS,
+                KERNELS.module,
+                KERNELS.source,
                 "layer_norm_forward",
                 launch_rows(count_u32(op, rows)?),
                 &[&xs.slice, &ws.slice, &bs.slice],
@@ -83,8 +84,8 @@ pub(crate) fn layer_norm_backward(
         // touches row r of x, g and gx and entry r of the stats.
         unsafe {
             backend.launch(
-                "layer_norm",
-                KERNELS,
+                KERNELS.module,
+                KERNELS.source,
                 "layer_norm_backward_input",
                 launch_rows(rows32),
                 &[&xs.slice, &ws.slice, &ms.slice, &rs.slice, &gs.slice],
@@ -102,8 +103,8 @@ pub(crate) fn layer_norm_backward(
             // reads column j of every row and writes gw[j].
             unsafe {
                 backend.launch(
-                    "layer_norm",
-                    KERNELS,
+                    KERNELS.module,
+                    KERNELS.source,
                     "layer_norm_weight_grad",
                     launch_1d(d32),
                     &[&xs.slice, &ms.slice, &rs.slice, &gs.slice],

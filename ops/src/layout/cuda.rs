@@ -1,12 +1,13 @@
 //! CUDA glue for the layout ops: a strided gather for permute and one slab-copy kernel for
 //! narrow, concat and their backward passes.
 
+use crate::kernels::KernelSource;
 use tokenformer_core::cuda::{
     count_u32, cuda_tensor, dims_arg, launch_1d, merge_axes, Arg, CudaStorage,
 };
 use tokenformer_core::{Result, Tensor};
 
-const KERNELS: &str = include_str!("kernels.cu");
+const KERNELS: &KernelSource = crate::kernels::source("layout");
 
 pub(crate) fn permute(x: &Tensor, perm: &[usize]) -> Result<Tensor> {
     if perm.iter().enumerate().all(|(k, &p)| k == p) {
@@ -31,8 +32,8 @@ pub(crate) fn permute(x: &Tensor, perm: &[usize]) -> Result<Tensor> {
         // its own axis sizes (permuted together) address only elements of x.
         unsafe {
             xs.backend.launch(
-                "layout",
-                KERNELS,
+                KERNELS.module,
+                KERNELS.source,
                 "permute",
                 launch_1d(n),
                 &[&xs.slice],
@@ -77,8 +78,8 @@ fn copy_slab(name: &'static str, src: &CudaStorage, dst: &mut CudaStorage, s: Sl
     // dst_start); the caller's slab lies inside both tensors.
     unsafe {
         src.backend.launch(
-            "layout",
-            KERNELS,
+            KERNELS.module,
+            KERNELS.source,
             "copy_slab",
             launch_1d(n),
             &[&src.slice],

@@ -8,9 +8,6 @@
 // Backward: permute by the inverse permutation; narrow's gradient is g copied into zeros;
 //           concat's gradient is g narrowed back into the pieces.
 
-#define MAX_RANK 8
-struct Dims { unsigned int v[MAX_RANK]; };
-
 extern "C" __global__ void permute(const float* x, float* out, unsigned int n, int rank,
                                    Dims out_dims, Dims x_strides) {
     unsigned int idx = blockIdx.x * blockDim.x + threadIdx.x;

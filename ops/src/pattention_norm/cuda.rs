@@ -1,11 +1,12 @@
 //! CUDA glue for Θ: one fused kernel per direction, a block of threads per row of scores.
 
 use super::Theta;
+use crate::kernels::KernelSource;
 use crate::rows_and_len;
 use tokenformer_core::cuda::{count_u32, cuda_tensor, launch_rows, Arg, CudaStorage};
 use tokenformer_core::{Result, Tensor};
 
-const KERNELS: &str = concat!(include_str!("../common.cuh"), include_str!("kernels.cu"));
+const KERNELS: &KernelSource = crate::kernels::source("pattention_norm");
 
 /// The kernel's code for each variant (the THETA_* defines of kernels.cu).
 fn theta_code(theta: Theta) -> i32 {
@@ -40,8 +41,8 @@ fn over_rows(
         // pattention_norm_backward(a, g, ga, n, theta, tau); block r touches row r only.
         unsafe {
             a_s.backend.launch(
-                "pattention_norm",
-                KERNELS,
+                KERNELS.module,
+                KERNELS.source,
                 kernel,
                 launch_rows(count_u32(op, rows)?),
                 &inputs,

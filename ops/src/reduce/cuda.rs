@@ -3,6 +3,7 @@
 //! (outer, dim, inner) reduction done by one of two kernels (see kernels.cu).
 
 use super::reduced_dims;
+use crate::kernels::KernelSource;
 use crate::unary::affine;
 use cudarc::driver::LaunchConfig;
 use tokenformer_core::cuda::{
@@ -10,7 +11,7 @@ use tokenformer_core::cuda::{
 };
 use tokenformer_core::{Result, Shape, Tensor};
 
-const KERNELS: &str = concat!(include_str!("../common.cuh"), include_str!("kernels.cu"));
+const KERNELS: &KernelSource = crate::kernels::source("reduce");
 
 /// Rows up to this long are summed by one thread each; longer ones by a block of threads.
 const SHORT_ROW: usize = 64;
@@ -46,8 +47,8 @@ fn sum_axis(
         // values and out one per (outer, inner) position.
         unsafe {
             backend.launch(
-                "reduce",
-                KERNELS,
+                KERNELS.module,
+                KERNELS.source,
                 "sum_strided",
                 launch_1d(n),
                 &[&xs.slice],
@@ -72,8 +73,8 @@ fn sum_axis(
     // [0, dim) and writes out[r·chunks + c], inside the outer·chunks values allocated.
     unsafe {
         backend.launch(
-            "reduce",
-            KERNELS,
+            KERNELS.module,
+            KERNELS.source,
             "sum_row_chunks",
             cfg,
             &[&xs.slice],
@@ -157,8 +158,8 @@ fn launch_axis_kernel(
     // given) one per (outer, inner) position, and out_len is what the kernel writes.
     unsafe {
         xs.backend.launch(
-            "reduce",
-            KERNELS,
+            KERNELS.module,
+            KERNELS.source,
             kernel,
             launch_1d(threads),
             &inputs,
@@ -200,8 +201,8 @@ pub(crate) fn broadcast_to(x: &Tensor, dims: &[usize]) -> Result<Tensor> {
         // its axis size, so the strided offsets stay inside x.
         unsafe {
             xs.backend.launch(
-                "reduce",
-                KERNELS,
+                KERNELS.module,
+                KERNELS.source,
                 "broadcast",
                 launch_1d(n),
                 &[&xs.slice],

@@ -7,9 +7,6 @@
 // Every sum here has a fixed order that depends only on the sizes, never on timing: there are
 // no atomics, so the same input gives the same bits on every run.
 
-#define MAX_RANK 8
-struct Dims { unsigned int v[MAX_RANK]; };
-
 // One thread per output (o, i), adding the `dim` terms in order: reads are coalesced across
 // threads when inner > 1 (neighbouring threads read neighbouring columns), and the sum is the
 // same left-to-right sum as the CPU reference.

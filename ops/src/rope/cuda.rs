@@ -2,10 +2,11 @@
 //! forward rotation and −1 for its transpose. (The tables are built on the host by
 //! `rope_tables` and moved to the device by the caller.)
 
+use crate::kernels::KernelSource;
 use tokenformer_core::cuda::{count_u32, cuda_tensor, launch_1d, Arg, CudaStorage};
 use tokenformer_core::{Result, Tensor};
 
-const KERNELS: &str = include_str!("kernels.cu");
+const KERNELS: &KernelSource = crate::kernels::source("rope");
 
 fn rotate(
     op: &'static str,
@@ -35,8 +36,8 @@ fn rotate(
         // are below T ≤ seq and pairs below half, inside the [seq, half] tables.
         unsafe {
             xs.backend.launch(
-                "rope",
-                KERNELS,
+                KERNELS.module,
+                KERNELS.source,
                 "rope_rotate",
                 launch_1d(n),
                 &[&xs.slice, &cs.slice, &ss.slice],

@@ -1,10 +1,11 @@
 //! CUDA glue for the softmax family: every op is one kernel with a block of threads per row.
 
+use crate::kernels::KernelSource;
 use crate::rows_and_len;
 use tokenformer_core::cuda::{count_u32, cuda_tensor, launch_rows, Arg, CudaStorage};
 use tokenformer_core::{Result, Tensor};
 
-const KERNELS: &str = concat!(include_str!("../common.cuh"), include_str!("kernels.cu"));
+const KERNELS: &KernelSource = crate::kernels::source("softmax");
 
 /// Runs the row kernel `kernel` over the rows of `inputs[0]` (all inputs share its shape) and
 /// returns its output, shaped like the inputs. The kernel takes the inputs, the output, the row
@@ -29,8 +30,8 @@ fn over_rows(
         // touches only row r, inside the rows·len values of each buffer.
         unsafe {
             backend.launch(
-                "softmax",
-                KERNELS,
+                KERNELS.module,
+                KERNELS.source,
                 kernel,
                 launch_rows(count_u32(name, rows)?),
                 &slices,

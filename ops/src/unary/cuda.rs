@@ -1,10 +1,11 @@
 //! CUDA glue for the elementwise unary ops: one kernel for every forward map and one for every
 //! backward, told apart by an op code (the codes match the `#define`s of kernels.cu).
 
+use crate::kernels::KernelSource;
 use tokenformer_core::cuda::{count_u32, cuda_tensor, launch_1d, Arg, CudaStorage};
 use tokenformer_core::{Result, Tensor};
 
-const KERNELS: &str = concat!(include_str!("../common.cuh"), include_str!("kernels.cu"));
+const KERNELS: &KernelSource = crate::kernels::source("unary");
 
 const OP_NEG: i32 = 0;
 const OP_EXP: i32 = 1;
@@ -28,8 +29,8 @@ fn forward(name: &'static str, code: i32, x: &Tensor, p: f32, q: f32) -> Result<
         // SAFETY: matches unary_forward(x, y, n, op, p, q); x and out hold n values.
         unsafe {
             xs.backend.launch(
-                "unary",
-                KERNELS,
+                KERNELS.module,
+                KERNELS.source,
                 "unary_forward",
                 launch_1d(n),
                 &[&xs.slice],
@@ -51,8 +52,8 @@ fn backward(name: &'static str, code: i32, v: &Tensor, g: &Tensor, p: f32) -> Re
         // SAFETY: matches unary_backward(v, g, gx, n, op, p); v, g and out hold n values.
         unsafe {
             vs.backend.launch(
-                "unary",
-                KERNELS,
+                KERNELS.module,
+                KERNELS.source,
                 "unary_backward",
                 launch_1d(n),
                 &[&vs.slice, &gs.slice],
