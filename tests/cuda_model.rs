@@ -26,12 +26,13 @@
 //! exactly (no float atomics anywhere, fixed reduction trees, one stream).
 //!
 //! Without a CUDA device each test prints "skipped: no CUDA device (<reason>)" to stderr and
-//! returns. Nothing here reads the source tree (the executable also runs on a GPU machine where
+//! returns; with `TOKENFORMER_REQUIRE_CUDA=1` (set by scripts/gpu-check.sh) it fails instead.
+//! Nothing here reads the source tree (the executable also runs on a GPU machine where
 //! the sources are absent): the training data is the corpus built into the binary.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use tokenformer::core::cuda::CudaBackend;
+use tokenformer::core::cuda::{cuda_required, CudaBackend};
 use tokenformer::core::{Device, Rng, Tensor};
 use tokenformer::models::bench::bench_train;
 use tokenformer::models::checkpoint::{save_checkpoint, Checkpoint};
@@ -47,6 +48,7 @@ fn have_cuda() -> bool {
     match CudaBackend::get(0) {
         Ok(_) => true,
         Err(e) => {
+            assert!(!cuda_required(), "TOKENFORMER_REQUIRE_CUDA=1 but no CUDA device: {e}");
             // Straight to the process's stderr: the test harness captures `eprintln!` of
             // passing tests, and a skip must be seen, not pass silently.
             let _ = writeln!(std::io::stderr(), "skipped: no CUDA device ({e})");

@@ -93,6 +93,12 @@ pub fn tf32_enabled() -> bool {
     TF32.load(Ordering::Relaxed)
 }
 
+/// Whether `TOKENFORMER_REQUIRE_CUDA=1` is set: then a GPU test that cannot open a device
+/// fails instead of skipping (set on GPU machines, where a skip would hide a broken setup).
+pub fn cuda_required() -> bool {
+    std::env::var("TOKENFORMER_REQUIRE_CUDA").is_ok_and(|v| v == "1")
+}
+
 fn missing_library(what: &str, file: &str) -> Error {
     Error::Cuda(format!(
         "the {what} library ({file}) was not found: add the folder that holds it to \

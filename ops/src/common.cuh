@@ -39,6 +39,20 @@ __device__ float block_sum(float v) {
     return v;
 }
 
+// block_sum in double, with the same tree: for sums whose terms can underflow or overflow f32
+// (the squared norms of Θ), where the CPU reference sums in f64 too.
+__device__ double block_sum_double(double v) {
+    __shared__ double partial[32];
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+    __syncthreads();
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    v = lane < warps ? partial[lane] : 0.0;
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    return v;
+}
+
 // Maximum over a block of threads, returned to every thread (the same tree as block_sum).
 __device__ float block_max(float v) {
     __shared__ float partial[32];

@@ -15,10 +15,11 @@
 //! | matmul and attention (cuBLAS, TF32 off)          | 1e-4  | 1e-3  | GEMM blocking order     |
 //!
 //! Without a CUDA device each test prints "skipped: no CUDA device (<reason>)" to stderr and
-//! returns. One test checks, on a machine without a driver, that the error says what to do.
+//! returns; with `TOKENFORMER_REQUIRE_CUDA=1` (set by scripts/gpu-check.sh) it fails instead.
+//! One test checks, on a machine without a driver, that the error says what to do.
 
 use std::io::Write;
-use tokenformer_core::cuda::{check_driver_present, CudaBackend};
+use tokenformer_core::cuda::{check_driver_present, cuda_required, CudaBackend};
 use tokenformer_core::{Device, Rng, Tensor};
 use tokenformer_ops::adamw::{adamw_step, sum_squares, AdamW};
 use tokenformer_ops::attention::{causal_attention, causal_attention_backward};
@@ -68,6 +69,7 @@ fn cuda_or_skip() -> Option<Device> {
     match CudaBackend::get(0) {
         Ok(_) => Some(GPU),
         Err(e) => {
+            assert!(!cuda_required(), "TOKENFORMER_REQUIRE_CUDA=1 but no CUDA device: {e}");
             // Straight to the process's stderr: the test harness captures `eprintln!` of
             // passing tests, and a skip must be seen, not pass silently.
             let _ = writeln!(std::io::stderr(), "skipped: no CUDA device ({e})");
@@ -127,7 +129,7 @@ fn assert_matches(what: &str, cuda: &Tensor, cpu: &Tensor, tol: Tol) {
 #[test]
 fn opening_a_device_without_a_driver_says_what_to_do() {
     if check_driver_present().is_ok() {
-        eprintln!("skipped: a CUDA driver is present, so the missing-driver error cannot be seen");
+        eprintln!("not applicable: a CUDA driver is present, so its absence cannot be seen");
         return;
     }
     let err = Tensor::zeros(&[2], GPU).unwrap_err().to_string();
@@ -517,6 +519,38 @@ fn pattention_norms_match_and_zero_rows_stay_zero() {
             c.to_vec().unwrap().iter().all(|v| v.is_finite()),
             "{theta:?}: non-finite gradient"
         );
+    }
+}
+
+#[test]
+fn pattention_norms_of_extreme_rows_match() {
+    // Rows whose squared norm leaves f32's range: the GPU sums it in double, as the CPU does,
+    // so none of these rows gets a norm of 0 or ∞ (and so an output and gradient of 0).
+    require_cuda!();
+    let n = 301;
+    let base = randn(&[n], 46).to_vec().unwrap();
+    let row = |f: &dyn Fn(f32) -> f32| base.iter().map(|&v| f(v)).collect::<Vec<f32>>();
+    let rows: [(&str, Vec<f32>); 4] = [
+        ("scores near 1e-25", row(&|v| v * 1e-25)),
+        ("scores near 1e25", row(&|v| v * 1e25)),
+        ("scores wholly below -10.5", row(&|v| -11.0 - v.abs())),
+        ("scores between -16 and -12", row(&|v| -12.0 - (v.abs() * 2.0).min(4.0))),
+    ];
+    let g = randn(&[1, n], 47);
+    let tau = (n as f32).sqrt();
+    for (what, values) in rows {
+        let a = Tensor::from_vec(values, &[1, n]).unwrap();
+        for theta in [Theta::L2NormGelu, Theta::GeluL2Norm] {
+            let what = format!("{theta:?} {what}");
+            let r = pattention_norm(&a, theta, tau).unwrap();
+            let c = pattention_norm(&gpu(&a), theta, tau).unwrap();
+            assert_matches(&what, &c, &r, REDUCTION);
+            let rv = r.to_vec().unwrap();
+            assert!(rv.iter().any(|&v| v != 0.0), "{what}: the CPU reference is all zeros");
+            let r = pattention_norm_backward(&a, theta, tau, &g).unwrap();
+            let c = pattention_norm_backward(&gpu(&a), theta, tau, &gpu(&g)).unwrap();
+            assert_matches(&format!("{what} backward"), &c, &r, REDUCTION);
+        }
     }
 }
 

@@ -8,7 +8,7 @@ use tokenformer_core::{Result, Tensor};
 
 /// ‖v‖₂ with Σ v² taken left to right in f64, so that rows of very large or very small scores
 /// neither overflow nor underflow to a zero norm.
-fn l2_norm(v: impl Iterator<Item = f32>) -> f32 {
+pub(super) fn l2_norm(v: impl Iterator<Item = f32>) -> f32 {
     v.fold(0.0f64, |acc, x| acc + x as f64 * x as f64).sqrt() as f32
 }
 

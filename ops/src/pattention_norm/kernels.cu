@@ -11,6 +11,11 @@
 //           Softmax:     g_a = τ²·p ⊙ (g − p·g),  p = softmax(a)
 //           with GELU(u) = ½u(1 + erf(u/√2)) and GELU′(u) = Φ(u) + u·φ(u).
 //
+// The squared norm is summed in double (each square of an f32 is exact in double, and no f32
+// row can overflow or underflow it), then rounded to f32, as on the CPU. In f32, a row wholly
+// below about −10.5 (GeluL2Norm: GELU(a)² underflows) or with every score below ~1e-19 or above
+// ~1.8e19 in magnitude would get a norm of 0 or ∞, and so an output and gradient of 0.
+//
 // Exact growth: thread t of a block always handles the elements t, t + blockDim, t + 2·blockDim,
 // ... in that order, and block_sum's tree depends only on blockDim. Appending tokens whose
 // scores are exact zeros only adds +0 at the end of some threads' partial sums, so every row
@@ -31,6 +36,17 @@ __device__ void softmax_stats(const float* a, unsigned int n, float* max_out, fl
     *inv_sum = 1.0f / block_sum(sum);
 }
 
+// ‖u‖ of a row, u = a (L2NormGelu) or GELU(a) (GeluL2Norm): the one norm of the forward and
+// backward kernels, so the two always agree on it bit for bit.
+__device__ float theta_row_norm(const float* a, unsigned int n, int theta) {
+    double sq = 0.0;
+    for (unsigned int j = threadIdx.x; j < n; j += blockDim.x) {
+        double u = theta == THETA_L2_NORM_GELU ? a[j] : gelu(a[j]);
+        sq += u * u;
+    }
+    return (float)sqrt(block_sum_double(sq));
+}
+
 extern "C" __global__ void pattention_norm_forward(const float* a, float* s, unsigned int n,
                                                    int theta, float tau) {
     const float* ar = a + blockIdx.x * n;
@@ -42,12 +58,7 @@ extern "C" __global__ void pattention_norm_forward(const float* a, float* s, uns
             sr[j] = expf(ar[j] - m) * inv_sum * (tau * tau);
         return;
     }
-    float sq = 0.0f;
-    for (unsigned int j = threadIdx.x; j < n; j += blockDim.x) {
-        float u = theta == THETA_L2_NORM_GELU ? ar[j] : gelu(ar[j]);
-        sq += u * u;
-    }
-    float norm = sqrtf(block_sum(sq));
+    float norm = theta_row_norm(ar, n, theta);
     float scale = norm == 0.0f ? 0.0f : tau / norm;
     for (unsigned int j = threadIdx.x; j < n; j += blockDim.x) {
         if (norm == 0.0f) sr[j] = 0.0f;
@@ -75,12 +86,7 @@ extern "C" __global__ void pattention_norm_backward(const float* a, const float*
         }
         return;
     }
-    float sq = 0.0f;
-    for (unsigned int j = threadIdx.x; j < n; j += blockDim.x) {
-        float u = theta == THETA_L2_NORM_GELU ? ar[j] : gelu(ar[j]);
-        sq += u * u;
-    }
-    float norm = sqrtf(block_sum(sq));
+    float norm = theta_row_norm(ar, n, theta);
     if (norm == 0.0f) {
         for (unsigned int j = threadIdx.x; j < n; j += blockDim.x) out[j] = 0.0f;
         return;

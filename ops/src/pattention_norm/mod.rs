@@ -168,6 +168,71 @@ mod tests {
         }
     }
 
+    /// The GPU's `theta_row_norm` replayed on the CPU: thread t of a block of `block` threads
+    /// sums the squares of elements t, t + block, ... in order, and `block_sum`'s tree combines
+    /// the partial sums (a butterfly over each warp of 32 lanes, then one over the warps' sums).
+    /// `round` is applied after every operation: `f64::from(x as f32)` replays an f32
+    /// accumulation, the identity the double one.
+    fn replayed_gpu_norm(u: &[f32], block: usize, round: fn(f64) -> f64) -> f32 {
+        let mut partial = vec![0.0f64; block];
+        for (j, &x) in u.iter().enumerate() {
+            let t = j % block;
+            partial[t] = round(partial[t] + round(x as f64 * x as f64));
+        }
+        let butterfly = |lanes: &mut [f64; 32]| {
+            for offset in [16, 8, 4, 2, 1] {
+                let before = *lanes;
+                for (lane, v) in lanes.iter_mut().enumerate() {
+                    *v = round(before[lane] + before[lane ^ offset]);
+                }
+            }
+        };
+        let mut warp_sums = [0.0f64; 32];
+        for (w, chunk) in partial.chunks(32).enumerate() {
+            let mut lanes = [0.0f64; 32];
+            lanes[..chunk.len()].copy_from_slice(chunk);
+            butterfly(&mut lanes);
+            warp_sums[w] = lanes[0];
+        }
+        butterfly(&mut warp_sums);
+        warp_sums[0].sqrt() as f32
+    }
+
+    fn as_f32(x: f64) -> f64 {
+        x as f32 as f64
+    }
+
+    #[test]
+    fn the_gpu_norm_summed_in_double_matches_the_cpu_on_extreme_rows() {
+        use crate::unary::cpu::gelu_scalar;
+        let block = tokenformer_core::cuda::BLOCK as usize;
+        let base = values(&randn(&[1001], 8));
+        let scaled = |k: f32| base.iter().map(|v| v * k).collect::<Vec<f32>>();
+        // GeluL2Norm's u = GELU(a) for a row wholly below −10.5: squares under f32's range.
+        let tail: Vec<f32> = base.iter().map(|v| gelu_scalar(-11.0 - v.abs())).collect();
+        let rows = [
+            ("ordinary", scaled(1.0), false),
+            ("tiny scores", scaled(1e-25), true),
+            ("huge scores", scaled(1e25), true),
+            ("GELU tail", tail, true),
+        ];
+        for (what, u, f32_fails) in rows {
+            let cpu = cpu::l2_norm(u.iter().copied());
+            let gpu = replayed_gpu_norm(&u, block, |x| x);
+            assert!(cpu.is_finite() && cpu > 0.0, "{what}: cpu norm {cpu}");
+            // Both round a double sum to f32: at most one f32 rounding step apart.
+            let ulps = (cpu.to_bits() as i64 - gpu.to_bits() as i64).abs();
+            assert!(ulps <= 1, "{what}: gpu {gpu} vs cpu {cpu} ({ulps} ulps)");
+            let in_f32 = replayed_gpu_norm(&u, block, as_f32);
+            let broken = in_f32 == 0.0 || in_f32.is_infinite();
+            assert_eq!(broken, f32_fails, "{what}: an f32 sum gives {in_f32}");
+            // Appended zero scores (exact growth) keep every bit of the double sum.
+            let mut grown = u.clone();
+            grown.extend(std::iter::repeat_n(0.0, 300));
+            assert_eq!(replayed_gpu_norm(&grown, block, |x| x).to_bits(), gpu.to_bits(), "{what}");
+        }
+    }
+
     #[test]
     fn invalid_arguments_are_errors() {
         let a = randn(&[2, 3], 1);
