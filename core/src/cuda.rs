@@ -5,13 +5,18 @@
 //!
 //! Kernels are CUDA C source strings compiled by NVRTC on first use, to machine code for the
 //! device's own architecture, and cached for the life of the process (`CudaBackend::function`).
-//! All work is queued on one stream, so kernels, copies and cuBLAS calls run in the order they
-//! were issued.
+//! All work is queued on one stream created at device open (not the legacy default stream,
+//! which cannot be captured into a CUDA graph), so kernels, copies and cuBLAS calls run in the
+//! order they were issued.
+//!
+//! `TOKENFORMER_CUDA_SYNC=1` makes every launch wait for its kernel and report a failure under
+//! the kernel's name: a fault is then reported where it happens, not at a later copy.
 
 use crate::{Error, Result, Shape, Storage, Tensor};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtrMut, LaunchConfig,
+    PushKernelArg,
 };
 use std::collections::HashMap;
 use std::ffi::CString;
@@ -37,10 +42,11 @@ pub struct CudaBackend {
     ordinal: usize,
     context: Arc<CudaContext>,
     stream: Arc<CudaStream>,
-    blas: CudaBlas,
-    /// Whether the cuBLAS handle currently allows TF32 (compared with the process-wide switch
-    /// before every GEMM).
-    blas_uses_tf32: Mutex<bool>,
+    /// The cuBLAS handle and whether it currently allows TF32. The lock is held from setting
+    /// the math mode until the GEMM is queued, so a call always runs in the mode it asked for.
+    blas: Mutex<(CudaBlas, bool)>,
+    /// Whether to wait for every kernel and name it in the error (`TOKENFORMER_CUDA_SYNC=1`).
+    sync_each_launch: bool,
     /// Compiled modules by name, with the functions already looked up in each.
     modules: Mutex<HashMap<&'static str, LoadedModule>>,
     /// Bytes held by live `CudaStorage` buffers of this device, and the most ever held at once.
@@ -129,6 +135,35 @@ pub fn check_nvrtc_present() -> Result<()> {
     } else {
         Err(missing_library("NVRTC", "libnvrtc.so"))
     }
+}
+
+/// The CUDA version the installed driver supports, e.g. (12, 8). Needs the driver library.
+pub fn driver_cuda_version() -> Result<(i32, i32)> {
+    check_driver_present()?;
+    let mut version = 0;
+    // SAFETY: the driver writes one int; cuDriverGetVersion needs no initialised context.
+    unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut version) }
+        .result()
+        .map_err(|e| cuda_err("asking the driver for its CUDA version", e))?;
+    Ok((version / 1000, (version % 1000) / 10))
+}
+
+/// Checks that the driver can load the machine code NVRTC makes: a CUBIN carries the CUDA
+/// version of the compiler, and a driver loads those of its own major version or older only.
+fn check_versions_compatible(driver: (i32, i32), nvrtc: (i32, i32)) -> Result<()> {
+    if nvrtc.0 > driver.0 {
+        return Err(Error::Cuda(format!(
+            "the CUDA driver supports CUDA {}.{} but NVRTC is from CUDA {}.{}, whose kernels it \
+             cannot load: update the NVIDIA driver, or put an NVRTC of CUDA {} on LD_LIBRARY_PATH",
+            driver.0, driver.1, nvrtc.0, nvrtc.1, driver.0
+        )));
+    }
+    Ok(())
+}
+
+/// Whether `TOKENFORMER_CUDA_SYNC=1` is set (see the module's documentation).
+fn sync_each_launch_requested() -> bool {
+    std::env::var("TOKENFORMER_CUDA_SYNC").is_ok_and(|v| v == "1")
 }
 
 /// Checks that cuBLAS can be loaded.
@@ -295,18 +330,20 @@ impl CudaBackend {
         // Both libraries are checked before first use: cudarc panics when it cannot load one.
         check_nvrtc_present()?;
         check_cublas_present()?;
+        check_versions_compatible(driver_cuda_version()?, nvrtc_version()?)?;
         let context = CudaContext::new(ordinal).map_err(|e| cuda_err("opening the device", e))?;
         // SAFETY: every buffer is used on the one stream below, where work runs in issue order,
         // so cudarc's per-buffer events (two created per allocation) would guard nothing.
         unsafe { context.disable_event_tracking() };
-        let stream = context.default_stream();
+        keep_freed_memory_in_the_pool(&context)?;
+        let stream = context.new_stream().map_err(|e| cuda_err("creating a stream", e))?;
         let blas = CudaBlas::new(stream.clone()).map_err(|e| cuda_err("creating cuBLAS", e))?;
         let backend = Arc::new(CudaBackend {
             ordinal,
             context,
             stream,
-            blas,
-            blas_uses_tf32: Mutex::new(false),
+            blas: Mutex::new((blas, false)),
+            sync_each_launch: sync_each_launch_requested(),
             modules: Mutex::new(HashMap::new()),
             allocated_bytes: AtomicUsize::new(0),
             peak_bytes: AtomicUsize::new(0),
@@ -358,27 +395,59 @@ impl CudaBackend {
         self.peak_bytes.store(self.allocated_bytes.load(Ordering::Relaxed), Ordering::Relaxed);
     }
 
-    /// The cuBLAS handle (on this backend's stream), with its math mode set to the current
-    /// TF32 switch and this device's context current on the calling thread (cuBLAS runs on
-    /// whichever context is current).
-    pub fn blas(&self) -> Result<&CudaBlas> {
+    /// Runs `call` (named `what` in errors) with the cuBLAS handle of this backend's stream, its
+    /// math mode set to the TF32 switch for this call, and this device's context current on the
+    /// calling thread (cuBLAS runs on whichever context is current). The handle stays locked
+    /// until the call has queued its work, so no other thread can change the mode in between.
+    pub fn with_blas<R, E: std::fmt::Debug>(
+        &self,
+        what: &str,
+        call: impl FnOnce(&CudaBlas) -> std::result::Result<R, E>,
+    ) -> Result<R> {
         use cudarc::cublas::sys::{cublasMath_t, cublasSetMathMode};
         self.context.bind_to_thread().map_err(|e| cuda_err("binding the device", e))?;
         let wanted = tf32_enabled();
-        let mut current = self.blas_uses_tf32.lock().unwrap_or_else(|p| p.into_inner());
-        if *current != wanted {
+        let mut guard = self.blas.lock().unwrap_or_else(|p| p.into_inner());
+        let (blas, uses_tf32) = &mut *guard;
+        if *uses_tf32 != wanted {
             let mode = if wanted {
                 cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH
             } else {
                 cublasMath_t::CUBLAS_DEFAULT_MATH
             };
             // SAFETY: the handle is alive as long as `self`; the mode is a valid enum value.
-            unsafe { cublasSetMathMode(*self.blas.handle(), mode) }
+            unsafe { cublasSetMathMode(*blas.handle(), mode) }
                 .result()
                 .map_err(|e| cuda_err("setting the cuBLAS math mode", e))?;
-            *current = wanted;
+            *uses_tf32 = wanted;
         }
-        Ok(&self.blas)
+        let out = call(blas).map_err(|e| cuda_err(what, e))?;
+        drop(guard);
+        self.check_after_launch(what)?;
+        Ok(out)
+    }
+
+    /// With `TOKENFORMER_CUDA_SYNC=1`, waits for the work just queued and names `what` if it
+    /// failed on the device; otherwise does nothing.
+    pub fn check_after_launch(&self, what: &str) -> Result<()> {
+        if self.sync_each_launch {
+            self.stream
+                .synchronize()
+                .map_err(|e| Error::Cuda(format!("{what} failed on the device: {e:?}")))?;
+        }
+        Ok(())
+    }
+
+    /// A timer of the work queued on this device's stream between `start` and `seconds`: CUDA
+    /// events, so it measures the device's time, without making the host wait in between.
+    pub fn start_timer(&self) -> Result<StreamTimer> {
+        use cudarc::driver::sys::CUevent_flags;
+        let start = self
+            .context
+            .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(|e| cuda_err("creating an event", e))?;
+        start.record(&self.stream).map_err(|e| cuda_err("recording an event", e))?;
+        Ok(StreamTimer { start, stream: self.stream.clone() })
     }
 
     /// The kernel `fn_name` of the CUDA C `source` known as `module_name`. The source is
@@ -449,8 +518,9 @@ impl CudaBackend {
                 Arg::Dims(v) => launch.arg(v),
             };
         }
-        launch.launch(cfg).map_err(|e| cuda_err(&format!("{module_name}::{kernel}"), e))?;
-        Ok(())
+        let what = format!("kernel {module_name}::{kernel}");
+        launch.launch(cfg).map_err(|e| cuda_err(&what, e))?;
+        self.check_after_launch(&what)
     }
 
     /// A buffer of `len` values whose contents are undefined: for outputs a kernel overwrites.
@@ -479,6 +549,52 @@ impl CudaBackend {
                 .map_err(|e| cuda_err("copy to device", e))?;
         }
         Ok(storage)
+    }
+}
+
+/// Device time between two points of a stream's work (see `CudaBackend::start_timer`).
+pub struct StreamTimer {
+    start: cudarc::driver::CudaEvent,
+    stream: Arc<CudaStream>,
+}
+
+impl StreamTimer {
+    /// Seconds of device work from the start until the work queued so far is done; waits for it.
+    pub fn seconds(&self) -> Result<f64> {
+        use cudarc::driver::sys::CUevent_flags;
+        let end = self
+            .stream
+            .context()
+            .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(|e| cuda_err("creating an event", e))?;
+        end.record(&self.stream).map_err(|e| cuda_err("recording an event", e))?;
+        let ms = self.start.elapsed_ms(&end).map_err(|e| cuda_err("timing with events", e))?;
+        Ok(ms as f64 / 1e3)
+    }
+}
+
+/// Sets the release threshold of the device's default memory pool (which serves the
+/// stream-ordered allocations) to its maximum. At 0, the default, every synchronisation may
+/// hand freed memory back to the driver, and the next training step maps it again.
+fn keep_freed_memory_in_the_pool(context: &Arc<CudaContext>) -> Result<()> {
+    use cudarc::driver::sys::{self, CUmemPool_attribute};
+    if !context.has_async_alloc() {
+        return Ok(());
+    }
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut threshold = u64::MAX;
+    // SAFETY: the device handle is the context's own; the attribute takes a u64 (cuuint64_t).
+    unsafe {
+        sys::cuDeviceGetDefaultMemPool(&mut pool, context.cu_device())
+            .result()
+            .map_err(|e| cuda_err("finding the memory pool", e))?;
+        sys::cuMemPoolSetAttribute(
+            pool,
+            CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )
+        .result()
+        .map_err(|e| cuda_err("setting the memory pool's release threshold", e))
     }
 }
 
@@ -515,16 +631,32 @@ impl CudaStorage {
         if value == 0.0 && value.is_sign_positive() {
             return backend.zeros(len);
         }
-        backend.upload(&vec![value; len])
+        // A fill on the device (the value's 32 bits, repeated), not an upload from the host.
+        let mut storage = backend.alloc(len)?;
+        backend.context.bind_to_thread().map_err(|e| cuda_err("binding the device", e))?;
+        {
+            let (ptr, _sync) = storage.slice.device_ptr_mut(&backend.stream);
+            let stream = backend.stream.cu_stream();
+            // SAFETY: the buffer holds at least `len` f32 values, each written as one word.
+            unsafe { cudarc::driver::sys::cuMemsetD32Async(ptr, value.to_bits(), len, stream) }
+                .result()
+                .map_err(|e| cuda_err(&format!("filling {len} floats"), e))?;
+        }
+        backend.check_after_launch("fill")?;
+        Ok(storage)
     }
     pub fn to_vec(&self) -> Result<Vec<f32>> {
         if self.len == 0 {
             return Ok(Vec::new());
         }
-        self.backend
+        let host = self
+            .backend
             .stream
             .clone_dtoh(&self.slice.slice(..self.len))
-            .map_err(|e| cuda_err("copy to host", e))
+            .map_err(|e| cuda_err("copy to host", e))?;
+        // The copy is queued on the stream: wait for it before the host reads the values.
+        self.backend.synchronize()?;
+        Ok(host)
     }
 }
 
@@ -537,6 +669,16 @@ impl Drop for CudaStorage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kernels_of_a_newer_cuda_than_the_driver_are_refused_by_name() {
+        assert!(check_versions_compatible((13, 0), (13, 0)).is_ok());
+        assert!(check_versions_compatible((13, 2), (13, 0)).is_ok());
+        assert!(check_versions_compatible((13, 0), (12, 8)).is_ok());
+        let err = check_versions_compatible((12, 8), (13, 0)).unwrap_err().to_string();
+        assert!(err.contains("12.8") && err.contains("13.0"), "{err}");
+        assert!(!err.contains('\n'), "one line: {err}");
+    }
 
     #[test]
     fn merging_axes_keeps_the_index_map() {

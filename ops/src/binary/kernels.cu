@@ -16,7 +16,8 @@ __device__ float apply(int op, float x, float y) {
         case OP_ADD: return x + y;
         case OP_SUB: return x - y;
         case OP_MUL: return x * y;
-        default: return x / y;  // OP_DIV
+        case OP_DIV: return x / y;
+        default: return NAN_F;  // an unknown code: NaN, never another op's result
     }
 }
 

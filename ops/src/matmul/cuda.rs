@@ -9,7 +9,7 @@
 
 use cudarc::cublas::sys::cublasOperation_t;
 use cudarc::cublas::{Gemm, GemmConfig, StridedBatchedConfig};
-use tokenformer_core::cuda::{cuda_err, cuda_tensor, CudaStorage};
+use tokenformer_core::cuda::{cuda_tensor, CudaStorage};
 use tokenformer_core::{Error, Result, Tensor};
 
 /// `v` as the 32-bit int cuBLAS takes, or an error naming the op.
@@ -51,11 +51,11 @@ pub(crate) fn matmul(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Re
         beta: 0.0f32,
         ldc: int(name, n)?,
     };
-    let blas = backend.blas()?;
     if gemm_batch == 1 {
         // SAFETY: the sizes and leading dimensions describe exactly the buffers of a, b, out.
-        unsafe { blas.gemm(gemm, &sb.slice, &sa.slice, &mut out.slice) }
-            .map_err(|e| cuda_err(name, e))?;
+        backend.with_blas("cuBLAS sgemm (matmul)", |blas| unsafe {
+            blas.gemm(gemm, &sb.slice, &sa.slice, &mut out.slice)
+        })?;
     } else {
         let cfg = StridedBatchedConfig {
             gemm,
@@ -65,8 +65,9 @@ pub(crate) fn matmul(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Re
             stride_c: (m * n) as i64,
         };
         // SAFETY: as above, batch by batch; a stride of 0 re-reads the shared operand.
-        unsafe { blas.gemm_strided_batched(cfg, &sb.slice, &sa.slice, &mut out.slice) }
-            .map_err(|e| cuda_err(name, e))?;
+        backend.with_blas("cuBLAS sgemm_strided_batched (matmul)", |blas| unsafe {
+            blas.gemm_strided_batched(cfg, &sb.slice, &sa.slice, &mut out.slice)
+        })?;
     }
     Ok(cuda_tensor(out, &out_dims))
 }

@@ -46,7 +46,8 @@ extern "C" __global__ void unary_forward(const float* x, float* y, unsigned int 
         case OP_RELU: r = v < 0.0f ? 0.0f : v; break;  // a NaN passes through
         case OP_TANH: r = tanhf(v); break;
         case OP_SIGMOID: r = sigmoid(v); break;
-        default: r = v * p + q; break;  // OP_AFFINE
+        case OP_AFFINE: r = v * p + q; break;
+        default: r = NAN_F; break;  // an unknown code: NaN, never another op's result
     }
     y[i] = r;
 }
@@ -69,7 +70,8 @@ extern "C" __global__ void unary_backward(const float* v_in, const float* g, flo
         case OP_RELU: r = v > 0.0f ? gi : 0.0f; break;
         case OP_TANH: r = gi * (1.0f - v * v); break;
         case OP_SIGMOID: r = gi * v * (1.0f - v); break;
-        default: r = gi * gelu_grad(v); break;  // OP_GELU
+        case OP_GELU: r = gi * gelu_grad(v); break;
+        default: r = NAN_F; break;  // an unknown code (neg and affine need no kernel)
     }
     gx[i] = r;
 }
