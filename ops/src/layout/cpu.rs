@@ -72,13 +72,3 @@ pub(crate) fn narrow_backward(
     }
     Ok(cpu_tensor(out, input_dims))
 }
-
-pub(crate) fn concat_backward(g: &Tensor, sizes: &[usize], axis: usize) -> Result<Vec<Tensor>> {
-    let mut start = 0;
-    let mut pieces = Vec::with_capacity(sizes.len());
-    for &len in sizes {
-        pieces.push(narrow(g, axis, start, len)?);
-        start += len;
-    }
-    Ok(pieces)
-}

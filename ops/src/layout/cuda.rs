@@ -1,5 +1,5 @@
-//! CUDA glue for the layout ops: a strided gather for permute and one slab-copy kernel for
-//! narrow, concat and their backward passes.
+//! CUDA glue for the layout ops: a strided gather for permute (and for broadcast_to, in the
+//! reduce family) and one slab-copy kernel for narrow, concat and narrow's backward pass.
 
 use crate::kernels::KernelSource;
 use tokenformer_core::cuda::{
@@ -13,28 +13,41 @@ pub(crate) fn permute(x: &Tensor, perm: &[usize]) -> Result<Tensor> {
     if perm.iter().enumerate().all(|(k, &p)| k == p) {
         return Ok(x.clone());
     }
-    let name = "permute";
-    let xs = CudaStorage::of(x, name)?;
     let out_dims: Vec<usize> = perm.iter().map(|&p| x.dims()[p]).collect();
-    let mut out = xs.backend.alloc(x.numel())?;
-    let n = count_u32(name, x.numel())?;
+    let x_strides = x.shape().strides();
+    let read_strides: Vec<usize> = perm.iter().map(|&p| x_strides[p]).collect();
+    strided_gather("permute", x, &out_dims, &read_strides)
+}
+
+/// out[c] = x[Σ_k c_k·read_strides[k]] for every coordinate c of `out_dims`. Every stride must
+/// keep the offsets inside x: x's own strides, permuted, or 0 on an axis x is stretched along.
+pub(crate) fn strided_gather(
+    name: &'static str,
+    x: &Tensor,
+    out_dims: &[usize],
+    read_strides: &[usize],
+) -> Result<Tensor> {
+    let xs = CudaStorage::of(x, name)?;
+    let numel = out_dims.iter().product();
+    let mut out = xs.backend.alloc(numel)?;
+    let n = count_u32(name, numel)?;
+    count_u32(name, x.numel())?;
     if n > 0 {
-        let x_strides = x.shape().strides();
-        let read_strides: Vec<usize> = perm.iter().map(|&p| x_strides[p]).collect();
-        let (dims, strides) = merge_axes(&out_dims, &[read_strides]);
+        let (dims, strides) = merge_axes(out_dims, &[read_strides.to_vec()]);
         let scalars = [
             Arg::U32(n),
             Arg::I32(dims.len() as i32),
             Arg::Dims(dims_arg(name, &dims)?),
             Arg::Dims(dims_arg(name, &strides[0])?),
         ];
-        // SAFETY: matches permute(x, out, n, rank, out_dims, x_strides); x's own strides over
-        // its own axis sizes (permuted together) address only elements of x.
+        // SAFETY: matches strided_gather(x, out, n, rank, out_dims, x_strides); every
+        // coordinate is below its axis size and the strides are x's own (or 0), so the offsets
+        // address only elements of x.
         unsafe {
             xs.backend.launch(
                 KERNELS.module,
                 KERNELS.source,
-                "permute",
+                "strided_gather",
                 launch_1d(n),
                 &[&xs.slice],
                 &mut [&mut out.slice],
@@ -42,7 +55,7 @@ pub(crate) fn permute(x: &Tensor, perm: &[usize]) -> Result<Tensor> {
             )
         }?;
     }
-    Ok(cuda_tensor(out, &out_dims))
+    Ok(cuda_tensor(out, out_dims))
 }
 
 /// Copies rows [src_start, src_start + len) of `src`'s axis (length src_dim) into rows
@@ -145,14 +158,4 @@ pub(crate) fn narrow_backward(
     };
     copy_slab("narrow_backward", gs, &mut out, slab)?;
     Ok(cuda_tensor(out, input_dims))
-}
-
-pub(crate) fn concat_backward(g: &Tensor, sizes: &[usize], axis: usize) -> Result<Vec<Tensor>> {
-    let mut start = 0;
-    let mut pieces = Vec::with_capacity(sizes.len());
-    for &len in sizes {
-        pieces.push(narrow(g, axis, start, len)?);
-        start += len;
-    }
-    Ok(pieces)
 }

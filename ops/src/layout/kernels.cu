@@ -1,15 +1,16 @@
 // Layout changes: explicit copies, since tensors are always contiguous row-major.
 //
-// permute: out[c₀, …, c_{r−1}] = x[c at the permuted axes], i.e. out axis k is x axis perm[k];
-//          the host passes x's strides already permuted, so out[idx] = x[Σ_k c_k·stride_k].
+// strided gather: out[c₀, …, c_{r−1}] = x[Σ_k c_k·stride_k], one thread per output value. It is
+//          permute (x's strides, permuted: out axis k is x axis perm[k]) and broadcast_to
+//          (x's strides with 0 on every stretched axis) alike.
 // slab copy (narrow, concat and their backward): both tensors seen as (outer, dim, inner);
 //          rows [src_start, src_start + len) of the source axis go to rows
 //          [dst_start, dst_start + len) of the destination axis.
 // Backward: permute by the inverse permutation; narrow's gradient is g copied into zeros;
 //           concat's gradient is g narrowed back into the pieces.
 
-extern "C" __global__ void permute(const float* x, float* out, unsigned int n, int rank,
-                                   Dims out_dims, Dims x_strides) {
+extern "C" __global__ void strided_gather(const float* x, float* out, unsigned int n, int rank,
+                                          Dims out_dims, Dims x_strides) {
     unsigned int idx = blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= n) return;
     unsigned int rest = idx, src = 0;

@@ -10,6 +10,8 @@
 mod cpu;
 mod cuda;
 
+pub(crate) use cuda::strided_gather as strided_gather_cuda;
+
 use tokenformer_core::{Device, Error, Result, Shape, Tensor};
 
 fn check_perm(op: &'static str, dims: &[usize], perm: &[usize]) -> Result<()> {
@@ -131,10 +133,14 @@ pub fn concat_backward(g: &Tensor, sizes: &[usize], axis: usize) -> Result<Vec<T
             format!("sizes {sizes:?} do not add up to axis {axis} of shape {}", g.shape()),
         ));
     }
-    match g.device() {
-        Device::Cpu => cpu::concat_backward(g, sizes, axis),
-        Device::Cuda(_) => cuda::concat_backward(g, sizes, axis),
+    // Device-independent: the pieces are narrows of g.
+    let mut start = 0;
+    let mut pieces = Vec::with_capacity(sizes.len());
+    for &len in sizes {
+        pieces.push(narrow(g, axis, start, len)?);
+        start += len;
     }
+    Ok(pieces)
 }
 
 #[cfg(test)]

@@ -68,27 +68,6 @@ pub(crate) fn sum_to_shape(x: &Tensor, dims: &[usize]) -> Result<Tensor> {
     Ok(cpu_tensor(sum_over(x.cpu_slice("sum_to_shape")?, x.dims(), &reduced), dims))
 }
 
-pub(crate) fn sum_backward(
-    g: &Tensor,
-    input_dims: &[usize],
-    axes: &[usize],
-    _keepdim: bool, // g's layout is the same with or without the kept 1s
-) -> Result<Tensor> {
-    let g_kept = g.reshape(&reduced_dims(input_dims, axes, true))?;
-    broadcast_to(&g_kept, input_dims)
-}
-
-pub(crate) fn mean_backward(
-    g: &Tensor,
-    input_dims: &[usize],
-    axes: &[usize],
-    keepdim: bool,
-) -> Result<Tensor> {
-    let count: usize = axes.iter().map(|&axis| input_dims[axis]).product();
-    let scaled = crate::unary::affine(g, 1.0 / count as f32, 0.0)?;
-    sum_backward(&scaled, input_dims, axes, keepdim)
-}
-
 pub(crate) fn max_backward(x: &Tensor, axis: usize, _keepdim: bool, g: &Tensor) -> Result<Tensor> {
     // g holds one value per (outer, inner) position, with or without the kept 1.
     let (outer, dim, inner) = x.shape().split_at_axis(axis);

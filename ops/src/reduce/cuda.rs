@@ -6,9 +6,7 @@ use super::reduced_dims;
 use crate::kernels::KernelSource;
 use crate::unary::affine;
 use cudarc::driver::LaunchConfig;
-use tokenformer_core::cuda::{
-    count_u32, cuda_tensor, dims_arg, launch_1d, merge_axes, Arg, CudaStorage, BLOCK,
-};
+use tokenformer_core::cuda::{count_u32, cuda_tensor, launch_1d, Arg, CudaStorage, BLOCK};
 use tokenformer_core::{Result, Shape, Tensor};
 
 const KERNELS: &KernelSource = crate::kernels::source("reduce");
@@ -184,34 +182,8 @@ pub(crate) fn broadcast_to(x: &Tensor, dims: &[usize]) -> Result<Tensor> {
     if x.dims() == dims {
         return Ok(x.clone());
     }
-    let name = "broadcast_to";
-    let xs = CudaStorage::of(x, name)?;
-    let target = Shape::new(dims);
-    let mut out = xs.backend.alloc(target.numel())?;
-    let n = count_u32(name, target.numel())?;
-    if n > 0 {
-        let (merged, strides) = merge_axes(dims, &[x.shape().broadcast_strides(&target)]);
-        let scalars = [
-            Arg::U32(n),
-            Arg::I32(merged.len() as i32),
-            Arg::Dims(dims_arg(name, &merged)?),
-            Arg::Dims(dims_arg(name, &strides[0])?),
-        ];
-        // SAFETY: matches broadcast(x, out, n, rank, dims, strides); every coordinate is below
-        // its axis size, so the strided offsets stay inside x.
-        unsafe {
-            xs.backend.launch(
-                KERNELS.module,
-                KERNELS.source,
-                "broadcast",
-                launch_1d(n),
-                &[&xs.slice],
-                &mut [&mut out.slice],
-                &scalars,
-            )
-        }?;
-    }
-    Ok(cuda_tensor(out, dims))
+    let strides = x.shape().broadcast_strides(&Shape::new(dims));
+    crate::layout::strided_gather_cuda("broadcast_to", x, dims, &strides)
 }
 
 pub(crate) fn sum_to_shape(x: &Tensor, dims: &[usize]) -> Result<Tensor> {
@@ -220,25 +192,6 @@ pub(crate) fn sum_to_shape(x: &Tensor, dims: &[usize]) -> Result<Tensor> {
     }
     let reduced = super::broadcast_axes(x.dims(), dims);
     sum_over("sum_to_shape", x, &reduced)?.reshape(dims)
-}
-
-pub(crate) fn sum_backward(
-    g: &Tensor,
-    input_dims: &[usize],
-    axes: &[usize],
-    _keepdim: bool, // g's layout is the same with or without the kept 1s
-) -> Result<Tensor> {
-    broadcast_to(&g.reshape(&reduced_dims(input_dims, axes, true))?, input_dims)
-}
-
-pub(crate) fn mean_backward(
-    g: &Tensor,
-    input_dims: &[usize],
-    axes: &[usize],
-    keepdim: bool,
-) -> Result<Tensor> {
-    let count: usize = axes.iter().map(|&axis| input_dims[axis]).product();
-    sum_backward(&affine(g, 1.0 / count as f32, 0.0)?, input_dims, axes, keepdim)
 }
 
 pub(crate) fn max_backward(x: &Tensor, axis: usize, _keepdim: bool, g: &Tensor) -> Result<Tensor> {

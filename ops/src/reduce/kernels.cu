@@ -1,6 +1,7 @@
 // Reductions and broadcasting, in the (outer, dim, inner) view of the reduced axis:
 //   sum: out[o, i] = Σ_d x[o, d, i]      max: out[o, i] = max_d x[o, d, i]
-//   broadcast: out[idx] = x[Σ coord·stride] with stride 0 on every stretched axis.
+//   broadcast: out[idx] = x[Σ coord·stride] with stride 0 on every stretched axis (the strided
+//              gather of the layout family).
 // Backward: a sum's gradient is g broadcast back; a max's gradient is g at the first index
 // holding the maximum and 0 elsewhere.
 //
@@ -72,17 +73,4 @@ extern "C" __global__ void max_axis_backward(const float* x, const float* g, flo
     float gv = g[idx];
     float* dst = gx + o * dim * inner + i;
     for (unsigned int d = 0; d < dim; ++d) dst[d * inner] = d == best ? gv : 0.0f;
-}
-
-// out[idx] = x[Σ coord·stride]: split idx into coordinates of `dims` (last axis fastest).
-extern "C" __global__ void broadcast(const float* x, float* out, unsigned int n, int rank,
-                                     Dims dims, Dims strides) {
-    unsigned int idx = blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= n) return;
-    unsigned int rest = idx, src = 0;
-    for (int axis = rank - 1; axis >= 0; --axis) {
-        src += (rest % dims.v[axis]) * strides.v[axis];
-        rest /= dims.v[axis];
-    }
-    out[idx] = x[src];
 }

@@ -154,10 +154,9 @@ pub fn sum_backward(
     keepdim: bool,
 ) -> Result<Tensor> {
     check_reduced_grad("sum_backward", g, input_dims, axes, keepdim)?;
-    match g.device() {
-        Device::Cpu => cpu::sum_backward(g, input_dims, axes, keepdim),
-        Device::Cuda(_) => cuda::sum_backward(g, input_dims, axes, keepdim),
-    }
+    // Device-independent: g's layout is the same with or without the kept 1s, so it is g
+    // reshaped with them, broadcast back over the reduced axes.
+    broadcast_to(&g.reshape(&reduced_dims(input_dims, axes, true))?, input_dims)
 }
 
 pub fn mean_backward(
@@ -167,10 +166,8 @@ pub fn mean_backward(
     keepdim: bool,
 ) -> Result<Tensor> {
     check_reduced_grad("mean_backward", g, input_dims, axes, keepdim)?;
-    match g.device() {
-        Device::Cpu => cpu::mean_backward(g, input_dims, axes, keepdim),
-        Device::Cuda(_) => cuda::mean_backward(g, input_dims, axes, keepdim),
-    }
+    let count: usize = axes.iter().map(|&axis| input_dims[axis]).product();
+    sum_backward(&crate::unary::affine(g, 1.0 / count as f32, 0.0)?, input_dims, axes, keepdim)
 }
 
 /// ∂L/∂x of max(x, axis): g goes to the first index holding each maximum, zeros elsewhere.
