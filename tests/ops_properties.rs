@@ -1267,7 +1267,7 @@ fn large_row_ops_match_row_by_row_bit_for_bit() {
             "layer_norm backward",
             Box::new(|t| {
                 let (_, stats) = layer_norm::layer_norm(t, Some(&w), Some(&b), 1e-5).unwrap();
-                layer_norm::layer_norm_backward(t, Some(&w), &stats, &g_row(t)).unwrap().0
+                layer_norm::layer_norm_backward(t, Some(&w), true, &stats, &g_row(t)).unwrap().0
             }),
         ),
         (

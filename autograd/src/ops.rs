@@ -341,7 +341,8 @@ impl Var {
             value,
             &inputs,
             Box::new(move |g| {
-                let (gx, gw, gb) = layer_norm::layer_norm_backward(&x, w.as_ref(), &stats, g)?;
+                let (gx, gw, gb) =
+                    layer_norm::layer_norm_backward(&x, w.as_ref(), has_b, &stats, g)?;
                 let mut grads = vec![Some(gx)];
                 if has_w {
                     grads.push(gw);

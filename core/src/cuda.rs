@@ -161,6 +161,16 @@ fn check_versions_compatible(driver: (i32, i32), nvrtc: (i32, i32)) -> Result<()
     Ok(())
 }
 
+/// Whether `TOKENFORMER_PLAIN_KERNELS=1` is set: then the ops take their plain GPU kernels
+/// (one thread per column sum, separate weight and bias gradients, one-tensor optimizer steps,
+/// three-pass row kernels) instead of the faster ones that replaced them. Both are tested
+/// against the CPU reference; the switch lets one GPU run time both, and keeps a faster kernel
+/// that fails on a card from blocking the rest. Read once per process.
+pub fn plain_kernels() -> bool {
+    static PLAIN: OnceLock<bool> = OnceLock::new();
+    *PLAIN.get_or_init(|| std::env::var("TOKENFORMER_PLAIN_KERNELS").is_ok_and(|v| v == "1"))
+}
+
 /// Whether `TOKENFORMER_CUDA_SYNC=1` is set (see the module's documentation).
 fn sync_each_launch_requested() -> bool {
     std::env::var("TOKENFORMER_CUDA_SYNC").is_ok_and(|v| v == "1")

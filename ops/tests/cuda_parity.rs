@@ -329,6 +329,15 @@ fn reductions_and_broadcasts_match() {
         assert_eq!(c.dims(), &[] as &[usize]);
         assert_matches(&format!("sum_all of {n}"), &c, &sum_all(&v).unwrap(), LONG_SUM);
     }
+    // Tall column sums: two levels of 64-row chunks (79 chunks, then 2), not multiples of the
+    // 32-column tiles.
+    for (dims, axes) in
+        [(&[5000, 45][..], &[0][..]), (&[2, 1000, 77], &[1]), (&[3, 700, 5, 33], &[1, 2])]
+    {
+        let t = randn(dims, 12);
+        let (c, r) = (sum(&gpu(&t), axes, false).unwrap(), sum(&t, axes, false).unwrap());
+        assert_matches(&format!("column sum {dims:?} over {axes:?}"), &c, &r, LONG_SUM);
+    }
     let rows = randn(&[5, 20_011], 8);
     let (c, r) = (sum(&gpu(&rows), &[1], false).unwrap(), sum(&rows, &[1], false).unwrap());
     assert_matches("sum of long rows", &c, &r, LONG_SUM);
@@ -462,14 +471,16 @@ fn softmax_family_matches() {
 #[test]
 fn layer_norm_matches_with_and_without_parameters() {
     require_cuda!();
-    for dims in [&[3, 37, 129][..], &[7, 1000]] {
+    // 4500 rows: 71 chunks of 64 rows in the fused weight-and-bias pass, so the chunks' sums
+    // take two levels too.
+    for dims in [&[3, 37, 129][..], &[7, 1000], &[4500, 70]] {
         let d = dims[dims.len() - 1];
         // An offset mean, so the centred variance matters.
         let x = unary::affine(&randn(dims, 31), 2.0, 3.0).unwrap();
         let (w, b) = (randn(&[d], 32), randn(&[d], 33));
         let g = randn(dims, 34);
         let (gx, gw, gb, gg) = (gpu(&x), gpu(&w), gpu(&b), gpu(&g));
-        for (with_w, with_b) in [(false, false), (true, true), (true, false)] {
+        for (with_w, with_b) in [(false, false), (true, true), (true, false), (false, true)] {
             let what = format!("layer_norm {dims:?} weight {with_w} bias {with_b}");
             let (cw, cb) = (with_w.then_some(&gw), with_b.then_some(&gb));
             let (rw, rb) = (with_w.then_some(&w), with_b.then_some(&b));
@@ -480,13 +491,15 @@ fn layer_norm_matches_with_and_without_parameters() {
             assert_matches(&format!("{what} rstd"), &cs.rstd, &rs.rstd, REDUCTION);
             // Both backward passes start from the same (CPU) statistics.
             let stats = LayerNormStats { mean: gpu(&rs.mean), rstd: gpu(&rs.rstd) };
-            let (c_gx, c_gw, c_gb) = layer_norm_backward(&gx, cw, &stats, &gg).unwrap();
-            let (r_gx, r_gw, r_gb) = layer_norm_backward(&x, rw, &rs, &g).unwrap();
+            let (c_gx, c_gw, c_gb) = layer_norm_backward(&gx, cw, with_b, &stats, &gg).unwrap();
+            let (r_gx, r_gw, r_gb) = layer_norm_backward(&x, rw, with_b, &rs, &g).unwrap();
             assert_matches(&format!("{what} gx"), &c_gx, &r_gx, REDUCTION);
             assert_eq!(c_gw.is_some(), r_gw.is_some(), "{what}: gweight presence");
             if let (Some(c), Some(r)) = (&c_gw, &r_gw) {
                 assert_matches(&format!("{what} gweight"), c, r, LONG_SUM);
             }
+            assert_eq!(c_gb.is_some(), with_b, "{what}: gbias presence");
+            assert_eq!(r_gb.is_some(), with_b, "{what}: gbias presence on the CPU");
             if let (Some(c), Some(r)) = (&c_gb, &r_gb) {
                 assert_matches(&format!("{what} gbias"), c, r, LONG_SUM);
             }
@@ -763,7 +776,7 @@ fn the_same_inputs_give_the_same_bits_twice() {
     let run = || {
         let y = matmul(&x, &w, false, false).unwrap();
         let (n, stats) = layer_norm(&y, None, None, 1e-5).unwrap();
-        let (gx, _, gb) = layer_norm_backward(&y, None, &stats, &n).unwrap();
+        let (gx, _, gb) = layer_norm_backward(&y, None, true, &stats, &n).unwrap();
         let total = sum_all(&x).unwrap();
         let mut bits = Vec::new();
         for t in [y, n, gx, gb.unwrap(), total] {

@@ -52,6 +52,7 @@ pub(crate) fn layer_norm(
 pub(crate) fn layer_norm_backward(
     x: &Tensor,
     weight: Option<&Tensor>,
+    has_bias: bool,
     stats: &LayerNormStats,
     g: &Tensor,
 ) -> Result<(Tensor, Option<Tensor>, Option<Tensor>)> {
@@ -87,6 +88,6 @@ pub(crate) fn layer_norm_backward(
         }
         cpu_tensor(gw, &[d])
     });
-    let gbias = crate::reduce::sum_to_shape(g, &[d])?;
-    Ok((cpu_tensor(gx, x.dims()), gweight, Some(gbias)))
+    let gbias = has_bias.then(|| crate::reduce::sum_to_shape(g, &[d])).transpose()?;
+    Ok((cpu_tensor(gx, x.dims()), gweight, gbias))
 }

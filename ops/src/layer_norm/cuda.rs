@@ -1,11 +1,17 @@
 //! CUDA glue for layer norm: a row kernel for the forward pass, one for the input gradient,
-//! and a per-feature kernel for the weight gradient. The bias gradient is a plain column sum.
+//! and one two-level pass for the weight and bias gradients together (with
+//! `TOKENFORMER_PLAIN_KERNELS=1`: a per-feature kernel for the weight gradient and a column sum
+//! for the bias gradient).
 
 use super::LayerNormStats;
 use crate::kernels::KernelSource;
-use crate::reduce::sum_to_shape;
+use crate::layout::narrow;
+use crate::reduce::{sum, sum_to_shape};
 use crate::rows_and_len;
-use tokenformer_core::cuda::{count_u32, cuda_tensor, launch_1d, launch_rows, Arg, CudaStorage};
+use cudarc::driver::LaunchConfig;
+use tokenformer_core::cuda::{
+    count_u32, cuda_tensor, launch_1d, launch_rows, plain_kernels, Arg, CudaStorage,
+};
 use tokenformer_core::{Result, Tensor};
 
 const KERNELS: &KernelSource = crate::kernels::source("layer_norm");
@@ -64,6 +70,7 @@ pub(crate) fn layer_norm(
 pub(crate) fn layer_norm_backward(
     x: &Tensor,
     weight: Option<&Tensor>,
+    has_bias: bool,
     stats: &LayerNormStats,
     g: &Tensor,
 ) -> Result<(Tensor, Option<Tensor>, Option<Tensor>)> {
@@ -95,26 +102,93 @@ pub(crate) fn layer_norm_backward(
         }?;
     }
 
-    let gweight = match weight {
-        None => None,
-        Some(_) => {
-            let mut gw = backend.alloc(d)?;
-            // SAFETY: matches layer_norm_weight_grad(x, mean, rstd, g, gw, rows, d); thread j
-            // reads column j of every row and writes gw[j].
-            unsafe {
-                backend.launch(
-                    KERNELS.module,
-                    KERNELS.source,
-                    "layer_norm_weight_grad",
-                    launch_1d(d32),
-                    &[&xs.slice, &ms.slice, &rs.slice, &gs.slice],
-                    &mut [&mut gw.slice],
-                    &[Arg::U32(rows32), Arg::U32(d32)],
-                )
-            }?;
-            Some(cuda_tensor(gw, &[d]))
-        }
+    let has_weight = weight.is_some();
+    let (gweight, gbias) = if !has_weight && !has_bias {
+        (None, None)
+    } else if plain_kernels() || rows > MAX_GRID_Y * CHUNK_ROWS {
+        let gweight = match weight {
+            None => None,
+            Some(_) => {
+                let mut gw = backend.alloc(d)?;
+                // SAFETY: matches layer_norm_weight_grad(x, mean, rstd, g, gw, rows, d); thread
+                // j reads column j of every row and writes gw[j].
+                unsafe {
+                    backend.launch(
+                        KERNELS.module,
+                        KERNELS.source,
+                        "layer_norm_weight_grad",
+                        launch_1d(d32),
+                        &[&xs.slice, &ms.slice, &rs.slice, &gs.slice],
+                        &mut [&mut gw.slice],
+                        &[Arg::U32(rows32), Arg::U32(d32)],
+                    )
+                }?;
+                Some(cuda_tensor(gw, &[d]))
+            }
+        };
+        (gweight, has_bias.then(|| sum_to_shape(g, &[d])).transpose()?)
+    } else {
+        param_grads(x, stats, g, has_weight, has_bias)?
     };
-    let gbias = sum_to_shape(g, &[d])?;
-    Ok((cuda_tensor(gx, x.dims()), gweight, Some(gbias)))
+    Ok((cuda_tensor(gx, x.dims()), gweight, gbias))
+}
+
+/// Rows per chunk of `layer_norm_param_grad_chunks`, its block shape (LN_TILE features × LN_ROW_THREADS
+/// rows, as in kernels.cu) and the grid's y limit.
+const CHUNK_ROWS: usize = 64;
+const TILE: u32 = 32;
+const ROW_THREADS: u32 = 8;
+const MAX_GRID_Y: usize = 65_535;
+
+/// (gweight, gbias), each when wanted, by the fused two-level kernel: per-chunk partial sums of
+/// both, then the chunks of each summed by the reduce family's column sum.
+fn param_grads(
+    x: &Tensor,
+    stats: &LayerNormStats,
+    g: &Tensor,
+    has_weight: bool,
+    has_bias: bool,
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    let op = "layer_norm_backward";
+    let xs = CudaStorage::of(x, op)?;
+    let (ms, rs) = (CudaStorage::of(&stats.mean, op)?, CudaStorage::of(&stats.rstd, op)?);
+    let gs = CudaStorage::of(g, op)?;
+    let (rows, d) = rows_and_len(op, x)?;
+    let slots = has_weight as usize + has_bias as usize;
+    let chunks = rows.div_ceil(CHUNK_ROWS).max(1);
+    // Every value is written when there are rows; with none, the sums are zeros.
+    let len = slots * chunks * d;
+    let mut partial = if rows > 0 { xs.backend.alloc(len)? } else { xs.backend.zeros(len)? };
+    if rows > 0 {
+        let cfg = LaunchConfig {
+            grid_dim: (count_u32(op, d)?.div_ceil(TILE), count_u32(op, chunks)?, 1),
+            block_dim: (TILE, ROW_THREADS, 1),
+            shared_mem_bytes: 0,
+        };
+        let scalars = [
+            Arg::U32(count_u32(op, rows)?),
+            Arg::U32(count_u32(op, d)?),
+            Arg::U32(count_u32(op, CHUNK_ROWS)?),
+            Arg::I32(has_weight as i32),
+            Arg::I32(has_bias as i32),
+        ];
+        // SAFETY: matches layer_norm_param_grad_chunks(x, mean, rstd, g, partial, rows, d,
+        // chunk_rows, has_w, has_b); block (t, c) reads rows of chunk c below `rows` and
+        // features below d, and writes partial[(slot·chunks + c)·d + j] for slot < slots.
+        unsafe {
+            xs.backend.launch(
+                KERNELS.module,
+                KERNELS.source,
+                "layer_norm_param_grad_chunks",
+                cfg,
+                &[&xs.slice, &ms.slice, &rs.slice, &gs.slice],
+                &mut [&mut partial.slice],
+                &scalars,
+            )
+        }?;
+    }
+    let sums = sum(&cuda_tensor(partial, &[slots, chunks, d]), &[1], false)?;
+    let gweight = has_weight.then(|| narrow(&sums, 0, 0, 1)?.reshape(&[d])).transpose()?;
+    let gbias = has_bias.then(|| narrow(&sums, 0, slots - 1, 1)?.reshape(&[d])).transpose()?;
+    Ok((gweight, gbias))
 }

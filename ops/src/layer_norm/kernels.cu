@@ -54,7 +54,52 @@ extern "C" __global__ void layer_norm_backward_input(const float* x, const float
     }
 }
 
-// gw[j] = Σ_rows g·x̂, one thread per feature j adding the rows in order (coalesced: the
+// gw = Σ_rows g ⊙ x̂ and gb = Σ_rows g in one pass over g and x, in two levels: the design of
+// reduce's sum_column_chunks (32 features × 8 row threads per block, a constant chunk of rows
+// per block, a fixed tree over the 8 row threads), writing partial[slot, chunk, feature] with
+// slot 0 for gw (when has_w) and the next for gb (when has_b). The host sums the chunks.
+// This replaces a pass over the rows per parameter (layer_norm_weight_grad, and a column sum
+// of g for the bias), and does no bias work for the norms that have no bias.
+#define LN_TILE 32
+#define LN_ROW_THREADS 8
+
+extern "C" __global__ void layer_norm_param_grad_chunks(const float* x, const float* mean,
+                                                        const float* rstd, const float* g,
+                                                        float* partial, unsigned int rows,
+                                                        unsigned int d, unsigned int chunk_rows,
+                                                        int has_w, int has_b) {
+    __shared__ float sums_w[LN_ROW_THREADS][LN_TILE + 1];
+    __shared__ float sums_b[LN_ROW_THREADS][LN_TILE + 1];
+    unsigned int j = blockIdx.x * LN_TILE + threadIdx.x;
+    unsigned int chunk = blockIdx.y, chunks = gridDim.y;
+    unsigned int start = chunk * chunk_rows;
+    unsigned int end = min(start + chunk_rows, rows);
+    float acc_w = 0.0f, acc_b = 0.0f;
+    if (j < d) {
+        for (unsigned int r = start + threadIdx.y; r < end; r += LN_ROW_THREADS) {
+            float gv = g[r * d + j];
+            if (has_w) acc_w += gv * (x[r * d + j] - mean[r]) * rstd[r];
+            acc_b += gv;
+        }
+    }
+    sums_w[threadIdx.y][threadIdx.x] = acc_w;
+    sums_b[threadIdx.y][threadIdx.x] = acc_b;
+    __syncthreads();
+    for (unsigned int half = LN_ROW_THREADS / 2; half > 0; half >>= 1) {
+        if (threadIdx.y < half) {
+            sums_w[threadIdx.y][threadIdx.x] += sums_w[threadIdx.y + half][threadIdx.x];
+            sums_b[threadIdx.y][threadIdx.x] += sums_b[threadIdx.y + half][threadIdx.x];
+        }
+        __syncthreads();
+    }
+    if (threadIdx.y == 0 && j < d) {
+        unsigned int slot = 0;
+        if (has_w) partial[(slot++ * chunks + chunk) * d + j] = sums_w[0][threadIdx.x];
+        if (has_b) partial[(slot * chunks + chunk) * d + j] = sums_b[0][threadIdx.x];
+    }
+}
+
+// The plain path (TOKENFORMER_PLAIN_KERNELS=1): gw[j] = Σ_rows g·x̂, one thread per feature j adding the rows in order (coalesced: the
 // threads of a warp read neighbouring features of the same row).
 extern "C" __global__ void layer_norm_weight_grad(const float* x, const float* mean,
                                                   const float* rstd, const float* g, float* gw,

@@ -60,13 +60,13 @@ pub fn layer_norm(
     }
 }
 
-/// (gx, gweight, gbias) of a layer norm; pass `weight` exactly as in the forward call.
-/// gweight is present when a weight was used. gbias (= Σ_rows g) is always returned, since
-/// the bias does not enter any other gradient and this call cannot know whether one was used;
-/// a caller without a bias ignores it.
+/// (gx, gweight, gbias) of a layer norm; pass `weight` exactly as in the forward call, and
+/// whether a bias was used (the bias enters no other gradient, so only its presence matters).
+/// gweight and gbias are present when their parameter was used.
 pub fn layer_norm_backward(
     x: &Tensor,
     weight: Option<&Tensor>,
+    has_bias: bool,
     stats: &LayerNormStats,
     g: &Tensor,
 ) -> Result<(Tensor, Option<Tensor>, Option<Tensor>)> {
@@ -91,8 +91,8 @@ pub fn layer_norm_backward(
         ));
     }
     match x.device() {
-        Device::Cpu => cpu::layer_norm_backward(x, weight, stats, g),
-        Device::Cuda(_) => cuda::layer_norm_backward(x, weight, stats, g),
+        Device::Cpu => cpu::layer_norm_backward(x, weight, has_bias, stats, g),
+        Device::Cuda(_) => cuda::layer_norm_backward(x, weight, has_bias, stats, g),
     }
 }
 
@@ -155,15 +155,15 @@ mod tests {
         let g = randn(&[5, d], 8);
         let eps = 1e-5;
         let (_, stats) = layer_norm(&x, Some(&w), Some(&b), eps).unwrap();
-        let (gx, gw, gb) = layer_norm_backward(&x, Some(&w), &stats, &g).unwrap();
+        let (gx, gw, gb) = layer_norm_backward(&x, Some(&w), true, &stats, &g).unwrap();
         let (gw, gb) = (gw.unwrap(), gb.unwrap());
         check_grad("gx", &x, &g, &gx, |t| layer_norm(t, Some(&w), Some(&b), eps).unwrap().0);
         check_grad("gw", &w, &g, &gw, |t| layer_norm(&x, Some(t), Some(&b), eps).unwrap().0);
         check_grad("gb", &b, &g, &gb, |t| layer_norm(&x, Some(&w), Some(t), eps).unwrap().0);
 
         let (_, stats) = layer_norm(&x, None, None, eps).unwrap();
-        let (gx, gw, gb) = layer_norm_backward(&x, None, &stats, &g).unwrap();
-        assert!(gw.is_none() && gb.is_some());
+        let (gx, gw, gb) = layer_norm_backward(&x, None, false, &stats, &g).unwrap();
+        assert!(gw.is_none() && gb.is_none());
         check_grad("gx plain", &x, &g, &gx, |t| layer_norm(t, None, None, eps).unwrap().0);
     }
 
@@ -177,6 +177,7 @@ mod tests {
         );
         assert!(layer_norm(&randn(&[2, 0], 1), None, None, 1e-5).is_err());
         let (_, stats) = layer_norm(&x, None, None, 1e-5).unwrap();
-        assert!(layer_norm_backward(&randn(&[4, 2], 3), None, &stats, &randn(&[4, 2], 4)).is_err());
+        assert!(layer_norm_backward(&randn(&[4, 2], 3), None, false, &stats, &randn(&[4, 2], 4))
+            .is_err());
     }
 }

@@ -6,13 +6,22 @@ use super::reduced_dims;
 use crate::kernels::KernelSource;
 use crate::unary::affine;
 use cudarc::driver::LaunchConfig;
-use tokenformer_core::cuda::{count_u32, cuda_tensor, launch_1d, Arg, CudaStorage, BLOCK};
+use tokenformer_core::cuda::{
+    count_u32, cuda_tensor, launch_1d, plain_kernels, Arg, CudaStorage, BLOCK,
+};
 use tokenformer_core::{Result, Shape, Tensor};
 
 const KERNELS: &KernelSource = crate::kernels::source("reduce");
 
 /// Rows up to this long are summed by one thread each; longer ones by a block of threads.
 const SHORT_ROW: usize = 64;
+/// Rows per chunk of the two-level column sum (`sum_column_chunks`), and its block shape (the
+/// COLUMN_TILE and COLUMN_ROW_THREADS of kernels.cu).
+const COLUMN_CHUNK_ROWS: usize = 64;
+const COLUMN_TILE: u32 = 32;
+const COLUMN_ROW_THREADS: u32 = 8;
+/// The grid's y and z limit.
+const MAX_GRID_YZ: usize = 65_535;
 /// The fewest values a block sums in `sum_row_chunks`.
 const MIN_CHUNK: usize = 8 * 1024;
 /// The most chunks per row (the grid's y limit).
@@ -32,6 +41,9 @@ fn sum_axis(
     let n_out = outer * inner;
     if n_out == 0 || dim == 0 {
         return Ok(cuda_tensor(backend.zeros(n_out)?, &[n_out]));
+    }
+    if inner > 1 && !plain_kernels() && outer <= MAX_GRID_YZ {
+        return sum_columns(name, x, outer, dim, inner);
     }
     if inner > 1 || dim <= SHORT_ROW {
         let mut out = backend.alloc(n_out)?;
@@ -85,6 +97,58 @@ fn sum_axis(
         Ok(partial)
     } else {
         sum_axis(name, &partial, outer, chunks, 1)
+    }
+}
+
+/// out[o, i] = Σ_d x[o, d, i] for inner > 1 by the two-level column sum of kernels.cu: chunks
+/// of rows summed by blocks, then the chunks' sums of each column by `sum_axis` (one thread per
+/// column, or two levels again for very tall inputs).
+fn sum_columns(
+    name: &'static str,
+    x: &Tensor,
+    outer: usize,
+    dim: usize,
+    inner: usize,
+) -> Result<Tensor> {
+    let xs = CudaStorage::of(x, name)?;
+    // A constant chunk, so the grouping of old rows never depends on how many rows follow;
+    // only a sum of more than 4 M rows takes longer chunks (the grid's y limit).
+    let chunk_rows = COLUMN_CHUNK_ROWS.max(dim.div_ceil(MAX_GRID_YZ));
+    let chunks = dim.div_ceil(chunk_rows);
+    let mut partial = xs.backend.alloc(outer * chunks * inner)?;
+    let cfg = LaunchConfig {
+        grid_dim: (
+            count_u32(name, inner)?.div_ceil(COLUMN_TILE),
+            count_u32(name, chunks)?,
+            count_u32(name, outer)?,
+        ),
+        block_dim: (COLUMN_TILE, COLUMN_ROW_THREADS, 1),
+        shared_mem_bytes: 0,
+    };
+    let scalars = [
+        Arg::U32(count_u32(name, dim)?),
+        Arg::U32(count_u32(name, inner)?),
+        Arg::U32(count_u32(name, chunk_rows)?),
+    ];
+    // SAFETY: matches sum_column_chunks(x, partial, dim, inner, chunk_rows); block (t, c, o)
+    // reads rows [c·chunk_rows, min((c+1)·chunk_rows, dim)) of columns below inner of x's
+    // slab o, and writes partial[(o·chunks + c)·inner + column], inside outer·chunks·inner.
+    unsafe {
+        xs.backend.launch(
+            KERNELS.module,
+            KERNELS.source,
+            "sum_column_chunks",
+            cfg,
+            &[&xs.slice],
+            &mut [&mut partial.slice],
+            &scalars,
+        )
+    }?;
+    let partial = cuda_tensor(partial, &[outer * chunks * inner]);
+    if chunks == 1 {
+        Ok(partial)
+    } else {
+        sum_axis(name, &partial, outer, chunks, inner)
     }
 }
 

@@ -22,6 +22,42 @@ extern "C" __global__ void sum_strided(const float* x, float* out, unsigned int 
     out[idx] = acc;
 }
 
+// Column sums in two levels: the design. x is [outer, dim, inner] with inner > 1 (columns);
+// summing `dim` rows of a column in one thread (sum_strided) leaves a 768-column matrix to 768
+// threads walking 8,192 rows each. Here block (tile, chunk, o) owns COLUMN_TILE columns of one
+// chunk of `chunk_rows` rows: thread (x, y) adds rows y, y + 8, y + 16, ... of the chunk for
+// column x in order (a warp reads 32 neighbouring floats of one row: coalesced), then the 8
+// partial sums of each column meet in a fixed tree (8 → 4 → 2 → 1) in shared memory and
+// partial[o, chunk, column] is written. The host then sums the chunks of each column with
+// sum_strided (few rows: one thread each is fine). The grouping depends only on the sizes
+// (chunk_rows is a constant for all but giant sums), so the bits are the same on every run, and
+// rows appended to the end only add +0 to old partial sums and new all-zero chunks.
+#define COLUMN_TILE 32
+#define COLUMN_ROW_THREADS 8
+
+extern "C" __global__ void sum_column_chunks(const float* x, float* partial, unsigned int dim,
+                                             unsigned int inner, unsigned int chunk_rows) {
+    __shared__ float sums[COLUMN_ROW_THREADS][COLUMN_TILE + 1];
+    unsigned int column = blockIdx.x * COLUMN_TILE + threadIdx.x;
+    unsigned int chunk = blockIdx.y, chunks = gridDim.y, o = blockIdx.z;
+    unsigned int start = chunk * chunk_rows;
+    unsigned int end = min(start + chunk_rows, dim);
+    float acc = 0.0f;
+    if (column < inner) {
+        const float* src = x + o * dim * inner + column;
+        for (unsigned int r = start + threadIdx.y; r < end; r += COLUMN_ROW_THREADS)
+            acc += src[r * inner];
+    }
+    sums[threadIdx.y][threadIdx.x] = acc;
+    __syncthreads();
+    for (unsigned int half = COLUMN_ROW_THREADS / 2; half > 0; half >>= 1) {
+        if (threadIdx.y < half) sums[threadIdx.y][threadIdx.x] += sums[threadIdx.y + half][threadIdx.x];
+        __syncthreads();
+    }
+    if (threadIdx.y == 0 && column < inner)
+        partial[(o * chunks + chunk) * inner + column] = sums[0][threadIdx.x];
+}
+
 // Sums of contiguous rows, split into chunks of `chunk` values: block (row, c) writes the sum
 // of x[row, c·chunk .. (c+1)·chunk) to out[row, c]. With more than one chunk per row the host
 // runs this again on the partial sums, until one value per row is left.
