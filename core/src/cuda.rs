@@ -448,16 +448,16 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// A timer of the work queued on this device's stream between `start` and `seconds`: CUDA
-    /// events, so it measures the device's time, without making the host wait in between.
-    pub fn start_timer(&self) -> Result<StreamTimer> {
+    /// A CUDA event recorded at this point of the stream's work: timing with events measures
+    /// the device's time without making the host wait for the device in between.
+    pub fn record_event(&self) -> Result<DeviceEvent> {
         use cudarc::driver::sys::CUevent_flags;
-        let start = self
+        let event = self
             .context
             .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
             .map_err(|e| cuda_err("creating an event", e))?;
-        start.record(&self.stream).map_err(|e| cuda_err("recording an event", e))?;
-        Ok(StreamTimer { start, stream: self.stream.clone() })
+        event.record(&self.stream).map_err(|e| cuda_err("recording an event", e))?;
+        Ok(DeviceEvent(event))
     }
 
     /// The kernel `fn_name` of the CUDA C `source` known as `module_name`. The source is
@@ -562,23 +562,13 @@ impl CudaBackend {
     }
 }
 
-/// Device time between two points of a stream's work (see `CudaBackend::start_timer`).
-pub struct StreamTimer {
-    start: cudarc::driver::CudaEvent,
-    stream: Arc<CudaStream>,
-}
+/// A point of a stream's work (see `CudaBackend::record_event`).
+pub struct DeviceEvent(cudarc::driver::CudaEvent);
 
-impl StreamTimer {
-    /// Seconds of device work from the start until the work queued so far is done; waits for it.
-    pub fn seconds(&self) -> Result<f64> {
-        use cudarc::driver::sys::CUevent_flags;
-        let end = self
-            .stream
-            .context()
-            .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-            .map_err(|e| cuda_err("creating an event", e))?;
-        end.record(&self.stream).map_err(|e| cuda_err("recording an event", e))?;
-        let ms = self.start.elapsed_ms(&end).map_err(|e| cuda_err("timing with events", e))?;
+impl DeviceEvent {
+    /// Seconds of device time from `earlier` to this event; waits until both are reached.
+    pub fn seconds_since(&self, earlier: &DeviceEvent) -> Result<f64> {
+        let ms = earlier.0.elapsed_ms(&self.0).map_err(|e| cuda_err("timing with events", e))?;
         Ok(ms as f64 / 1e3)
     }
 }

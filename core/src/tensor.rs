@@ -140,6 +140,15 @@ impl Tensor {
         }
     }
 
+    /// The CUDA storage for writing in place, when this tensor is its only holder (no clone
+    /// of it is alive, so no other holder can see it change); None otherwise or on the CPU.
+    pub fn cuda_storage_mut(&mut self) -> Option<&mut CudaStorage> {
+        match Arc::get_mut(&mut self.storage)? {
+            Storage::Cuda(s) => Some(s),
+            Storage::Cpu(_) => None,
+        }
+    }
+
     /// The same data under another shape with as many elements (no copy).
     pub fn reshape(&self, dims: &[usize]) -> Result<Tensor> {
         let shape = Shape::new(dims);

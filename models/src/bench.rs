@@ -7,7 +7,7 @@
 
 use crate::config::ModelConfig;
 use crate::model::TokenFormer;
-use crate::optim::{clip_global_norm, Optimizer};
+use crate::optim::Optimizer;
 use serde::Serialize;
 use std::time::Instant;
 use tokenformer_core::{Device, Error, Result, Rng, Tensor};
@@ -91,6 +91,54 @@ pub fn peak_tflops(device_name: &str, tf32: bool) -> Option<f64> {
         .map(|&(_, fp32, t)| if tf32 { t } else { fp32 })
 }
 
+/// Times the steps of a benchmark. On a GPU it records CUDA events on the device's stream at
+/// each mark, so the host never waits for the device between backward and the update (which
+/// would leave the device idle while the host queues the next kernels); the times are read once
+/// at the end. On the CPU it reads the clock. Marks come in order: the start of a step, the end
+/// of its backward pass, then the next step's start (the end of the last step being a final
+/// mark).
+struct StepTimer {
+    device: Device,
+    events: Vec<tokenformer_core::cuda::DeviceEvent>,
+    instants: Vec<Instant>,
+}
+
+impl StepTimer {
+    fn new(device: Device) -> Result<StepTimer> {
+        Ok(StepTimer { device, events: Vec::new(), instants: Vec::new() })
+    }
+
+    fn mark(&mut self) -> Result<()> {
+        match self.device {
+            Device::Cuda(ordinal) => {
+                let backend = tokenformer_core::cuda::CudaBackend::get(ordinal)?;
+                self.events.push(backend.record_event()?);
+            }
+            Device::Cpu => self.instants.push(Instant::now()),
+        }
+        Ok(())
+    }
+
+    /// (seconds from the first mark to the last, seconds spent in forward and backward).
+    fn seconds(&self) -> Result<(f64, f64)> {
+        let between = |a: usize, b: usize| -> Result<f64> {
+            match self.device {
+                Device::Cuda(_) => self.events[b].seconds_since(&self.events[a]),
+                Device::Cpu => Ok(self.instants[b].duration_since(self.instants[a]).as_secs_f64()),
+            }
+        };
+        let marks = self.events.len().max(self.instants.len());
+        if marks < 3 {
+            return Ok((0.0, 0.0));
+        }
+        let mut forward_backward = 0.0;
+        for start in (0..marks - 1).step_by(2) {
+            forward_backward += between(start, start + 1)?;
+        }
+        Ok((between(0, marks - 1)?, forward_backward))
+    }
+}
+
 /// Peak resident memory of this process (Linux VmHWM), for CPU runs.
 fn peak_rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -135,38 +183,41 @@ pub fn bench_train(
     let all = Tensor::from_vec(tokens, &[batch, seq + 1])?.to_device(device)?;
     let inputs = tokenformer_ops::layout::narrow(&all, 1, 0, seq)?;
     let targets = tokenformer_ops::layout::narrow(&all, 1, 1, seq)?;
-    let mut forward_backward = 0.0;
-    let mut step = |timed: bool, forward_backward: &mut f64| -> Result<()> {
-        let start = Instant::now();
-        let loss = model.loss(&inputs, &targets)?;
-        let grads = loss.backward()?;
-        let mut grads: Vec<Tensor> = model
-            .named_params()
-            .iter()
-            .map(|(name, p)| {
-                grads
-                    .get(p)
-                    .cloned()
-                    .ok_or_else(|| Error::invalid(format!("bench: no gradient for {name}")))
-            })
-            .collect::<Result<_>>()?;
+    let mut timer = StepTimer::new(device)?;
+    let mut step = |timer: &mut StepTimer, timed: bool| -> Result<()> {
         if timed {
-            synchronize(&grads[0])?;
-            *forward_backward += start.elapsed().as_secs_f64();
+            timer.mark()?;
         }
-        clip_global_norm(&mut grads, 1.0)?;
-        optimizer.update(&mut model, &grads, 1e-4)?;
+        let grads = {
+            let loss = model.loss(&inputs, &targets)?;
+            let grads = loss.backward()?;
+            model
+                .named_params()
+                .iter()
+                .map(|(name, p)| {
+                    grads
+                        .get(p)
+                        .cloned()
+                        .ok_or_else(|| Error::invalid(format!("bench: no gradient for {name}")))
+                })
+                .collect::<Result<Vec<Tensor>>>()?
+            // The graph is dropped here, as in training: the update may then work in place.
+        };
+        if timed {
+            timer.mark()?;
+        }
+        optimizer.clip_and_update(&mut model, grads, 1e-4, Some(1.0))?;
         Ok(())
     };
-    step(false, &mut forward_backward)?;
-    step(false, &mut forward_backward)?;
+    step(&mut timer, false)?;
+    step(&mut timer, false)?;
     synchronize_device(device)?;
-    let start = Instant::now();
     for _ in 0..steps {
-        step(true, &mut forward_backward)?;
+        step(&mut timer, true)?;
     }
-    synchronize_device(device)?;
-    let step_seconds = start.elapsed().as_secs_f64() / steps as f64;
+    timer.mark()?;
+    let (total, forward_backward) = timer.seconds()?;
+    let step_seconds = total / steps as f64;
     let tokens_per_sec = (batch * seq) as f64 / step_seconds;
     let model_tflops = tokens_per_sec * config.train_flops_per_token(seq) / 1e12;
     let (device_name, peak_memory_bytes) = match device {

@@ -13,8 +13,11 @@
 use crate::checkpoint::NamedTensors;
 use crate::model::TokenFormer;
 use tokenformer_autograd::Var;
+use tokenformer_core::Device;
 use tokenformer_core::{Error, Result, Tensor};
-use tokenformer_ops::adamw::{adamw_step, sum_squares, AdamW};
+use tokenformer_ops::adamw::{
+    adamw_step, adamw_step_many, clip_factor, sum_squares, sum_squares_many, AdamW,
+};
 use tokenformer_ops::{binary, layout, reduce, unary};
 
 /// Linear warmup from 0 over `warmup` steps, then cosine from `lr` down to `min_lr` at
@@ -115,6 +118,68 @@ impl Optimizer {
             self.v[i] = v;
         }
         Ok(())
+    }
+
+    /// One training step's update: clips the gradients to a global norm of `clip` when given
+    /// (returning the norm before clipping) and applies AdamW with learning rate `lr`.
+    ///
+    /// On a GPU this is the multi-tensor path: the sum of squares, the clip factor and the
+    /// update of every parameter in a handful of launches, the factor read on the device, and
+    /// parameters and moments that nothing else holds updated in place. On the CPU, or with
+    /// `TOKENFORMER_PLAIN_KERNELS=1`, it is `clip_global_norm` then `update`. Both compute the
+    /// same step.
+    pub fn clip_and_update(
+        &mut self,
+        model: &mut TokenFormer,
+        mut grads: Vec<Tensor>,
+        lr: f32,
+        clip: Option<f32>,
+    ) -> Result<Option<Tensor>> {
+        let on_gpu = grads.first().is_some_and(|g| g.device().is_cuda());
+        if !on_gpu || tokenformer_core::cuda::plain_kernels() {
+            let norm = clip.map(|c| clip_global_norm(&mut grads, c)).transpose()?;
+            self.update(model, &grads, lr)?;
+            return Ok(norm);
+        }
+        let (norm, factor) = match clip {
+            Some(c) => {
+                let (norm, factor) = clip_factor(&sum_squares_many(&grads)?, c)?;
+                (Some(norm), Some(factor))
+            }
+            None => (None, None),
+        };
+        let decays: Vec<f32> = model
+            .named_params()
+            .iter()
+            .map(|(name, _)| if decays(name) { self.hp.weight_decay } else { 0.0 })
+            .collect();
+        let mut slots = model.params_mut();
+        if grads.len() != slots.len() || self.m.len() != slots.len() {
+            return Err(Error::invalid(format!(
+                "optimizer: {} gradients and {} moment pairs for {} parameters",
+                grads.len(),
+                self.m.len(),
+                slots.len()
+            )));
+        }
+        self.step += 1;
+        // The parameters are taken out of the model, so that those nothing else holds (no
+        // graph of the last step is alive) are updated in their own buffers.
+        let placeholder = Tensor::zeros(&[0], Device::Cpu)?;
+        let mut values: Vec<Tensor> = slots
+            .iter_mut()
+            .map(|slot| std::mem::replace(&mut **slot, Var::constant(placeholder.clone())))
+            .map(|var| var.value().clone())
+            .collect();
+        let hp = AdamW { lr, ..self.hp };
+        let (m, v) = (&mut self.m, &mut self.v);
+        let result =
+            adamw_step_many(&mut values, &grads, m, v, &decays, &hp, self.step, factor.as_ref());
+        for (slot, value) in slots.into_iter().zip(values) {
+            *slot = Var::param(value);
+        }
+        result?;
+        Ok(norm)
     }
 
     /// The moments with their parameter names, for checkpoints.

@@ -15,7 +15,7 @@ use crate::config::ModelConfig;
 use crate::data::{val_windows, Batcher, DataSpec, Dataset, Tokenizer};
 use crate::metrics::{loss_series, read_metrics, MetricsWriter, Record};
 use crate::model::TokenFormer;
-use crate::optim::{clip_global_norm, lr_at, Optimizer};
+use crate::optim::{lr_at, Optimizer};
 use crate::plot::plot_losses;
 use crate::progress::Progress;
 use serde::{Deserialize, Serialize};
@@ -407,15 +407,13 @@ fn run(
                 });
             }
         }
-        let mut grads = grads
+        let grads = grads
             .into_iter()
             .collect::<Option<Vec<Tensor>>>()
             .ok_or_else(|| Error::invalid("a step ran no micro-batch"))?;
-        let grad_norm =
-            if s.clip > 0.0 { Some(clip_global_norm(&mut grads, s.clip)?) } else { None };
         let lr = lr_at(step, s.warmup, s.steps, s.lr, s.min_lr);
-        optimizer.update(&mut model, &grads, lr)?;
-        drop(grads);
+        let clip = (s.clip > 0.0).then_some(s.clip);
+        let grad_norm = optimizer.clip_and_update(&mut model, grads, lr, clip)?;
         let mut loss_sum = 0.0f64;
         for loss in &micro_losses {
             let value = loss.to_scalar()?;

@@ -21,7 +21,9 @@
 use std::io::Write;
 use tokenformer_core::cuda::{check_driver_present, cuda_required, CudaBackend};
 use tokenformer_core::{Device, Rng, Tensor};
-use tokenformer_ops::adamw::{adamw_step, sum_squares, AdamW};
+use tokenformer_ops::adamw::{
+    adamw_step, adamw_step_many, clip_factor, sum_squares, sum_squares_many, AdamW,
+};
 use tokenformer_ops::attention::{causal_attention, causal_attention_backward};
 use tokenformer_ops::binary::{self, add_backward, div_backward, mul_backward, sub_backward};
 use tokenformer_ops::cross_entropy::{cross_entropy, cross_entropy_backward};
@@ -765,6 +767,62 @@ fn adamw_and_sum_squares_match() {
         let x = randn(&[n], 95);
         let c = sum_squares(&gpu(&x)).unwrap();
         assert_matches(&format!("sum_squares of {n}"), &c, &sum_squares(&x).unwrap(), LONG_SUM);
+    }
+}
+
+#[test]
+fn multi_tensor_clipping_and_adamw_match() {
+    require_cuda!();
+    // 37 tensors: two launches of at most 32; lengths around the 4096-value chunks.
+    let lens: Vec<usize> = (0..37).map(|i| [1, 4095, 4097, 37, 12_289, 129][i % 6] + i).collect();
+    let tensors = |seed: u64, scale: f32| -> Vec<Tensor> {
+        lens.iter()
+            .enumerate()
+            .map(|(i, &n)| unary::affine(&randn(&[n], seed + i as u64), scale, 0.0).unwrap())
+            .collect()
+    };
+    let (params, grads, m) = (tensors(200, 1.0), tensors(300, 1.0), tensors(400, 0.1));
+    let v: Vec<Tensor> =
+        lens.iter().enumerate().map(|(i, &n)| uniform(&[n], 0.0, 0.01, 500 + i as u64)).collect();
+    let on_gpu = |ts: &[Tensor]| ts.iter().map(gpu).collect::<Vec<Tensor>>();
+    let c = sum_squares_many(&on_gpu(&grads)).unwrap();
+    let r = sum_squares_many(&grads).unwrap();
+    assert_matches("sum_squares_many", &c, &r, LONG_SUM);
+    for max_norm in [1.0, 1e6] {
+        let (c_norm, c_factor) = clip_factor(&c, max_norm).unwrap();
+        let (r_norm, r_factor) = clip_factor(&r, max_norm).unwrap();
+        assert_matches(&format!("clip norm {max_norm}"), &c_norm, &r_norm, LONG_SUM);
+        assert_matches(&format!("clip factor {max_norm}"), &c_factor, &r_factor, LONG_SUM);
+    }
+    let (_, factor) = clip_factor(&r, 1.0).unwrap();
+    let hp = AdamW { lr: 6e-4, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
+    let decays: Vec<f32> = (0..lens.len()).map(|i| if i % 3 == 0 { 0.0 } else { 0.1 }).collect();
+    for scale in [Some(&factor), None] {
+        let (mut rp, mut rm, mut rv) = (params.clone(), m.clone(), v.clone());
+        adamw_step_many(&mut rp, &grads, &mut rm, &mut rv, &decays, &hp, 3, scale).unwrap();
+        let (mut cp, mut cm, mut cv) = (on_gpu(&params), on_gpu(&m), on_gpu(&v));
+        // Tensor 0 is also held elsewhere: it must get a new buffer and leave the copy as it was.
+        let held = cp[0].clone();
+        let held_before = held.to_vec().unwrap();
+        let c_scale = scale.map(gpu);
+        adamw_step_many(
+            &mut cp,
+            &on_gpu(&grads),
+            &mut cm,
+            &mut cv,
+            &decays,
+            &hp,
+            3,
+            c_scale.as_ref(),
+        )
+        .unwrap();
+        assert_eq!(held.to_vec().unwrap(), held_before, "a shared parameter changed in place");
+        for i in 0..lens.len() {
+            let what = format!("adamw_step_many scale {} tensor {i}", scale.is_some());
+            assert_matches(&format!("{what} p"), &cp[i], &rp[i], ELEMENTWISE);
+            assert_matches(&format!("{what} m"), &cm[i], &rm[i], ELEMENTWISE);
+            assert_matches(&format!("{what} v"), &cv[i], &rv[i], ELEMENTWISE);
+        }
     }
 }
 

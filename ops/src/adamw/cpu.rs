@@ -50,6 +50,43 @@ pub(crate) fn adamw_step(
     Ok((cpu_tensor(p_new, dims), cpu_tensor(m_new, dims), cpu_tensor(v_new, dims)))
 }
 
+pub(crate) fn sum_squares_many(xs: &[Tensor]) -> Result<Tensor> {
+    let mut total = 0.0f64;
+    for x in xs {
+        total += x.cpu_slice("sum_squares_many")?.iter().map(|&v| v as f64 * v as f64).sum::<f64>();
+    }
+    Ok(Tensor::scalar(total as f32))
+}
+
+pub(crate) fn clip_factor(sum_of_squares: &Tensor, max_norm: f32) -> Result<(Tensor, Tensor)> {
+    let norm = sum_of_squares.cpu_slice("clip_factor")?[0].sqrt();
+    let factor = max_norm / (norm + 1e-6).max(max_norm);
+    Ok((cpu_tensor(vec![norm], &[1]), cpu_tensor(vec![factor], &[1])))
+}
+
+/// The reference: each parameter's gradient scaled, then `adamw_step`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn adamw_step_many(
+    params: &mut [Tensor],
+    grads: &[Tensor],
+    m: &mut [Tensor],
+    v: &mut [Tensor],
+    weight_decays: &[f32],
+    hp: &AdamW,
+    step: u64,
+    grad_scale: Option<&Tensor>,
+) -> Result<()> {
+    for i in 0..params.len() {
+        let g = match grad_scale {
+            Some(scale) => crate::binary::mul(&grads[i], scale)?,
+            None => grads[i].clone(),
+        };
+        let hp = AdamW { weight_decay: weight_decays[i], ..*hp };
+        (params[i], m[i], v[i]) = adamw_step(&params[i], &g, &m[i], &v[i], &hp, step)?;
+    }
+    Ok(())
+}
+
 pub(crate) fn sum_squares(x: &Tensor) -> Result<Tensor> {
     let total: f64 = x.cpu_slice("sum_squares")?.iter().map(|&v| v as f64 * v as f64).sum();
     Ok(Tensor::scalar(total as f32))

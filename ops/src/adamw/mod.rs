@@ -7,6 +7,13 @@
 //! Weight decay is decoupled and applied first, as in PyTorch's AdamW; the bias corrections
 //! are computed in f64, and the update is applied as PyTorch does:
 //! p − (lr/(1 − β1ᵗ))·m/(√v/√(1 − β2ᵗ) + eps). An optimizer step has no backward.
+//!
+//! Global-norm clipping scales every gradient by
+//!   factor = max_norm / max(√(Σ_tensors Σ g²) + 1e-6, max_norm)      (exactly 1 when unclipped)
+//! The one-tensor ops (`adamw_step`, `sum_squares`) cost a few kernels and buffers per
+//! parameter; the multi-tensor ones (`sum_squares_many`, `clip_factor`, `adamw_step_many`) do a
+//! whole model's step in a handful of launches, updating the moments (and the parameters, when
+//! nothing else holds them) in place, with the clip factor read on the device.
 
 mod cpu;
 mod cuda;
@@ -87,10 +94,154 @@ pub fn sum_squares(x: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// Σ over every tensor of Σ x², as a scalar tensor on their device, in a fixed order.
+pub fn sum_squares_many(xs: &[Tensor]) -> Result<Tensor> {
+    let refs: Vec<&Tensor> = xs.iter().collect();
+    match same_device("sum_squares_many", &refs)? {
+        Device::Cpu => cpu::sum_squares_many(xs),
+        Device::Cuda(_) => cuda::sum_squares_many(xs),
+    }
+}
+
+/// (norm, factor) of global-norm clipping from Σ g² (a scalar tensor, as `sum_squares_many`
+/// gives): norm = √Σg², factor = max_norm / max(norm + 1e-6, max_norm). Both are one-element
+/// tensors on the input's device, so the host never waits for them.
+pub fn clip_factor(sum_of_squares: &Tensor, max_norm: f32) -> Result<(Tensor, Tensor)> {
+    if sum_of_squares.numel() != 1 {
+        return Err(Error::shape(
+            "clip_factor",
+            format!("expected one value, got shape {}", sum_of_squares.shape()),
+        ));
+    }
+    if !(max_norm.is_finite() && max_norm > 0.0) {
+        return Err(Error::shape(
+            "clip_factor",
+            format!("max_norm must be positive, got {max_norm}"),
+        ));
+    }
+    match sum_of_squares.device() {
+        Device::Cpu => cpu::clip_factor(sum_of_squares, max_norm),
+        Device::Cuda(_) => cuda::clip_factor(sum_of_squares, max_norm),
+    }
+}
+
+/// One AdamW step over many parameters: `params[i]`, `m[i]` and `v[i]` are replaced by their
+/// updated values, from gradient `grads[i]` times `grad_scale` (a one-element tensor such as
+/// `clip_factor`'s factor; none means 1). Parameter i decays with `weight_decays[i]`, every
+/// other hyperparameter is `hp`'s. The result is the one `adamw_step` gives on each parameter
+/// with its gradient scaled first. On a GPU the buffers of tensors that nothing else holds are
+/// updated in place; a shared one gets a new buffer, so no other holder sees it change.
+#[allow(clippy::too_many_arguments)]
+pub fn adamw_step_many(
+    params: &mut [Tensor],
+    grads: &[Tensor],
+    m: &mut [Tensor],
+    v: &mut [Tensor],
+    weight_decays: &[f32],
+    hp: &AdamW,
+    step: u64,
+    grad_scale: Option<&Tensor>,
+) -> Result<()> {
+    let op = "adamw_step_many";
+    let count = params.len();
+    if [grads.len(), m.len(), v.len(), weight_decays.len()].iter().any(|&n| n != count) {
+        return Err(Error::shape(
+            op,
+            format!(
+                "{count} parameters, {} gradients, {} and {} moments, {} weight decays",
+                grads.len(),
+                m.len(),
+                v.len(),
+                weight_decays.len()
+            ),
+        ));
+    }
+    if step == 0 {
+        return Err(Error::shape(op, "step counts from 1, got 0"));
+    }
+    if let Some(scale) = grad_scale {
+        if scale.numel() != 1 {
+            return Err(Error::shape(op, format!("grad_scale of shape {}", scale.shape())));
+        }
+    }
+    let mut all: Vec<&Tensor> =
+        params.iter().chain(grads).chain(m.iter()).chain(v.iter()).collect();
+    all.extend(grad_scale);
+    if all.is_empty() {
+        return Ok(());
+    }
+    let device = same_device(op, &all)?;
+    for i in 0..count {
+        let dims = params[i].dims();
+        if grads[i].dims() != dims || m[i].dims() != dims || v[i].dims() != dims {
+            return Err(Error::shape(
+                op,
+                format!(
+                    "parameter {i}: param {}, grad {}, m {} and v {} must have one shape",
+                    params[i].shape(),
+                    grads[i].shape(),
+                    m[i].shape(),
+                    v[i].shape()
+                ),
+            ));
+        }
+    }
+    match device {
+        Device::Cpu => {
+            cpu::adamw_step_many(params, grads, m, v, weight_decays, hp, step, grad_scale)
+        }
+        Device::Cuda(_) => {
+            cuda::adamw_step_many(params, grads, m, v, weight_decays, hp, step, grad_scale)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::testing::{assert_close, randn, values};
+
+    #[test]
+    fn many_tensors_step_as_one_tensor_at_a_time() {
+        let hp = AdamW { lr: 1e-2, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
+        let dims: [&[usize]; 3] = [&[5, 7], &[300], &[2, 3, 4]];
+        let mut params: Vec<Tensor> =
+            dims.iter().enumerate().map(|(i, d)| randn(d, i as u64)).collect();
+        let grads: Vec<Tensor> =
+            dims.iter().enumerate().map(|(i, d)| randn(d, 10 + i as u64)).collect();
+        let mut m: Vec<Tensor> =
+            dims.iter().enumerate().map(|(i, d)| randn(d, 20 + i as u64)).collect();
+        let mut v: Vec<Tensor> =
+            dims.iter().map(|d| Tensor::full(d, 0.01, Device::Cpu).unwrap()).collect();
+        let decays = [0.1, 0.0, 0.1];
+        let squares = sum_squares_many(&grads).unwrap();
+        let expected: f64 = grads.iter().flat_map(values).map(|g| g as f64 * g as f64).sum();
+        assert_close(&values(&squares), &[expected], 1e-5, 1e-6, "sum_squares_many");
+        let (norm, factor) = clip_factor(&squares, 0.5).unwrap();
+        assert_close(&values(&norm), &[expected.sqrt()], 1e-5, 1e-6, "norm");
+        assert_close(&values(&factor), &[0.5 / (expected.sqrt() + 1e-6)], 1e-6, 1e-6, "factor");
+        let (_, one) = clip_factor(&squares, 1e9).unwrap();
+        assert_eq!(values(&one), [1.0]);
+
+        let expected: Vec<(Tensor, Tensor, Tensor)> = (0..3)
+            .map(|i| {
+                let g = crate::binary::mul(&grads[i], &factor).unwrap();
+                let hp_i = AdamW { weight_decay: decays[i], ..hp };
+                adamw_step(&params[i], &g, &m[i], &v[i], &hp_i, 4).unwrap()
+            })
+            .collect();
+        adamw_step_many(&mut params, &grads, &mut m, &mut v, &decays, &hp, 4, Some(&factor))
+            .unwrap();
+        for (i, (p, mi, vi)) in expected.iter().enumerate() {
+            assert_eq!(values(&params[i]), values(p), "param {i}");
+            assert_eq!(values(&m[i]), values(mi), "m {i}");
+            assert_eq!(values(&v[i]), values(vi), "v {i}");
+        }
+        let err = adamw_step_many(&mut params, &grads[..2], &mut m, &mut v, &decays, &hp, 5, None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("adamw_step_many"), "{err}");
+    }
 
     #[test]
     fn steps_match_an_f64_reference() {
