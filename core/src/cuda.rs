@@ -29,6 +29,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 pub const BLOCK: u32 = 256;
 
 /// A scalar kernel argument, passed by value.
+#[derive(Clone, Copy, Debug)]
 pub enum Arg {
     U32(u32),
     I32(i32),
@@ -198,6 +199,21 @@ pub fn launch_1d(n: u32) -> LaunchConfig {
 /// A launch of one block of `BLOCK` threads per row.
 pub fn launch_rows(rows: u32) -> LaunchConfig {
     LaunchConfig { grid_dim: (rows, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// A launch of one block per row whose size fits the row: a multiple of the 32-thread warp
+/// (as block_sum needs), about four values per thread, at most `BLOCK` (256 threads on a
+/// 128-wide row would leave half of them idle). For row kernels whose reduction tree may
+/// depend on the row length; the Θ kernels keep `launch_rows`, whose tree must not (exact
+/// growth). With `TOKENFORMER_PLAIN_KERNELS=1`, `BLOCK` threads as before.
+pub fn launch_rows_fitted(rows: u32, len: usize) -> LaunchConfig {
+    let threads = if plain_kernels() {
+        BLOCK
+    } else {
+        let wanted = len.div_ceil(4).div_ceil(32) * 32;
+        wanted.clamp(32, BLOCK as usize) as u32
+    };
+    LaunchConfig { grid_dim: (rows, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
 }
 
 /// Compiles an NVRTC program and returns its CUBIN, or the error with the compiler's log.

@@ -68,6 +68,40 @@ __device__ float block_max(float v) {
     return v;
 }
 
+// (max, Σ e^(v − max)) over v = scale·x[j], j < count, in one read of the row (the design):
+// each thread keeps a running maximum m and a sum s of e^(v − m), rescaling s by e^(m_old − m)
+// whenever m grows; the block then takes M = max m and S = Σ s·e^(m − M) with the fixed trees
+// of block_max and block_sum. Three reads of a row (max, sum, write) become two (this and the
+// write). The result is the two-pass one up to rounding; the two-pass loops stay as the plain
+// path (single_pass = 0, TOKENFORMER_PLAIN_KERNELS=1).
+__device__ void row_max_and_sum_exp(const float* x, unsigned int count, float scale,
+                                    int single_pass, float* max_out, float* sum_out) {
+    if (!single_pass) {
+        float m = NEG_INF;
+        for (unsigned int j = threadIdx.x; j < count; j += blockDim.x) m = fmaxf(m, scale * x[j]);
+        m = block_max(m);
+        float s = 0.0f;
+        for (unsigned int j = threadIdx.x; j < count; j += blockDim.x) s += expf(scale * x[j] - m);
+        *max_out = m;
+        *sum_out = block_sum(s);
+        return;
+    }
+    float m = NEG_INF, s = 0.0f;
+    for (unsigned int j = threadIdx.x; j < count; j += blockDim.x) {
+        float v = scale * x[j];
+        if (v == NEG_INF) continue;  // adds e^(−∞) = 0; skipped so that m = −∞ never meets it
+        if (v > m) {
+            s = s * expf(m - v) + 1.0f;
+            m = v;
+        } else {
+            s += expf(v - m);
+        }
+    }
+    float row_max = block_max(m);
+    *max_out = row_max;
+    *sum_out = block_sum(m == NEG_INF ? 0.0f : s * expf(m - row_max));
+}
+
 // Whether the f32 `x` holds an integer in [0, bound). NaN fails every comparison; the 2^32
 // bound keeps the conversion to unsigned defined.
 __device__ bool is_valid_id(float x, unsigned int bound) {

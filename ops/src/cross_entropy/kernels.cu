@@ -11,14 +11,12 @@
 
 // One block per row: lse[row] and loss[row] (NaN for an invalid target).
 extern "C" __global__ void cross_entropy_rows(const float* logits, const float* targets,
-                                              float* lse, float* loss, unsigned int V) {
+                                              float* lse, float* loss, unsigned int V,
+                                              int single_pass) {
     const float* x = logits + blockIdx.x * V;
-    float m = NEG_INF;
-    for (unsigned int j = threadIdx.x; j < V; j += blockDim.x) m = fmaxf(m, x[j]);
-    m = block_max(m);
-    float sum = 0.0f;
-    for (unsigned int j = threadIdx.x; j < V; j += blockDim.x) sum += expf(x[j] - m);
-    float row_lse = m + logf(block_sum(sum));
+    float m, sum;
+    row_max_and_sum_exp(x, V, 1.0f, single_pass, &m, &sum);
+    float row_lse = m + logf(sum);
     if (threadIdx.x == 0) {
         float t = targets[blockIdx.x];
         lse[blockIdx.x] = row_lse;

@@ -10,7 +10,7 @@ use crate::reduce::{sum, sum_to_shape};
 use crate::rows_and_len;
 use cudarc::driver::LaunchConfig;
 use tokenformer_core::cuda::{
-    count_u32, cuda_tensor, launch_1d, launch_rows, plain_kernels, Arg, CudaStorage,
+    count_u32, cuda_tensor, launch_1d, launch_rows_fitted, plain_kernels, Arg, CudaStorage,
 };
 use tokenformer_core::{Result, Tensor};
 
@@ -54,7 +54,7 @@ pub(crate) fn layer_norm(
                 KERNELS.module,
                 KERNELS.source,
                 "layer_norm_forward",
-                launch_rows(count_u32(op, rows)?),
+                launch_rows_fitted(count_u32(op, rows)?, d),
                 &[&xs.slice, &ws.slice, &bs.slice],
                 &mut [&mut y.slice, &mut mean.slice, &mut rstd.slice],
                 &scalars,
@@ -94,7 +94,7 @@ pub(crate) fn layer_norm_backward(
                 KERNELS.module,
                 KERNELS.source,
                 "layer_norm_backward_input",
-                launch_rows(rows32),
+                launch_rows_fitted(rows32, d),
                 &[&xs.slice, &ws.slice, &ms.slice, &rs.slice, &gs.slice],
                 &mut [&mut gx.slice],
                 &scalars,

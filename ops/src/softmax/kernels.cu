@@ -13,15 +13,11 @@
 
 // Softmax (log_output = 0) or log-softmax (log_output = 1) of each row of length `len`.
 extern "C" __global__ void softmax_rows(const float* x, float* y, unsigned int len,
-                                        int log_output) {
+                                        int log_output, int single_pass) {
     const float* xr = x + blockIdx.x * len;
     float* yr = y + blockIdx.x * len;
-    float m = NEG_INF;
-    for (unsigned int j = threadIdx.x; j < len; j += blockDim.x) m = fmaxf(m, xr[j]);
-    m = block_max(m);
-    float sum = 0.0f;
-    for (unsigned int j = threadIdx.x; j < len; j += blockDim.x) sum += expf(xr[j] - m);
-    sum = block_sum(sum);
+    float m, sum;
+    row_max_and_sum_exp(xr, len, 1.0f, single_pass, &m, &sum);
     if (log_output) {
         float log_sum = logf(sum);
         for (unsigned int j = threadIdx.x; j < len; j += blockDim.x) yr[j] = xr[j] - m - log_sum;
@@ -54,16 +50,11 @@ extern "C" __global__ void log_softmax_backward_rows(const float* y, const float
 
 // Row r of the flattened [..., T, T] scores is query i = r mod T.
 extern "C" __global__ void causal_softmax_rows(const float* s, float* p, unsigned int T,
-                                               float scale) {
+                                               float scale, int single_pass) {
     unsigned int base = blockIdx.x * T, i = blockIdx.x % T;
-    float m = NEG_INF;
-    for (unsigned int j = threadIdx.x; j <= i; j += blockDim.x)
-        m = fmaxf(m, scale * s[base + j]);
-    m = block_max(m);
-    float sum = 0.0f;
-    for (unsigned int j = threadIdx.x; j <= i; j += blockDim.x)
-        sum += expf(scale * s[base + j] - m);
-    float inv_sum = 1.0f / block_sum(sum);
+    float m, sum;
+    row_max_and_sum_exp(s + base, i + 1, scale, single_pass, &m, &sum);
+    float inv_sum = 1.0f / sum;
     for (unsigned int j = threadIdx.x; j < T; j += blockDim.x)
         p[base + j] = j <= i ? expf(scale * s[base + j] - m) * inv_sum : 0.0f;
 }
