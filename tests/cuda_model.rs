@@ -35,7 +35,8 @@ use std::path::{Path, PathBuf};
 use tokenformer::core::cuda::{cuda_required, CudaBackend};
 use tokenformer::core::{Device, Rng, Tensor};
 use tokenformer::models::bench::bench_train;
-use tokenformer::models::checkpoint::{save_checkpoint, Checkpoint};
+use tokenformer::models::checkpoint::{load_checkpoint, save_checkpoint, Checkpoint};
+use tokenformer::models::evaluate::evaluate_tokens;
 use tokenformer::models::growth::{grow_checkpoint, GrowSpec};
 use tokenformer::models::metrics::read_metrics;
 use tokenformer::models::train::{train_new, TrainControl, TrainSettings};
@@ -200,6 +201,25 @@ fn ten_training_steps_match_the_cpu_and_repeat_bit_for_bit() {
     for dir in [cpu_dir, gpu_a, gpu_b] {
         let _ = std::fs::remove_dir_all(dir);
     }
+}
+
+#[test]
+fn a_checkpoint_trained_on_the_gpu_evaluates_to_the_same_loss_on_the_cpu() {
+    // Checkpoints are portable across devices: the model trained on the GPU, loaded on each
+    // device, gives the same evaluation loss within the logits' tolerance.
+    require_cuda!();
+    let dir = temp_dir("portable");
+    train_new(&dir, TrainSettings { steps: 3, ..ten_steps() }, GPU, quiet()).unwrap();
+    let ckpt = load_checkpoint(&dir).unwrap();
+    let cpu = TokenFormer::from_named(ckpt.config.clone(), ckpt.params).unwrap();
+    let gpu = cpu.to_device(GPU).unwrap();
+    let mut rng = Rng::new(9);
+    let ids: Vec<u32> = (0..700).map(|_| rng.below(ckpt.config.vocab_size as u64) as u32).collect();
+    let on_cpu = evaluate_tokens(&cpu, &ids, |_, _| {}).unwrap().loss;
+    let on_gpu = evaluate_tokens(&gpu, &ids, |_, _| {}).unwrap().loss;
+    eprintln!("loss of a GPU-trained checkpoint: cuda {on_gpu}, cpu {on_cpu}");
+    assert!((on_gpu - on_cpu).abs() <= 1e-4 * on_cpu.abs(), "cuda {on_gpu}, cpu {on_cpu}");
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
