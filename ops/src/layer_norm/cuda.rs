@@ -133,8 +133,8 @@ pub(crate) fn layer_norm_backward(
     Ok((cuda_tensor(gx, x.dims()), gweight, gbias))
 }
 
-/// Rows per chunk of `layer_norm_param_grad_chunks`, its block shape (LN_TILE features × LN_ROW_THREADS
-/// rows, as in kernels.cu) and the grid's y limit.
+/// Rows per chunk of `layer_norm_param_grad_chunks`, its block shape (LN_TILE features ×
+/// LN_ROW_THREADS rows, as in kernels.cu) and the grid's y limit.
 const CHUNK_ROWS: usize = 64;
 const TILE: u32 = 32;
 const ROW_THREADS: u32 = 8;

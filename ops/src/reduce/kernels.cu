@@ -51,7 +51,8 @@ extern "C" __global__ void sum_column_chunks(const float* x, float* partial, uns
     sums[threadIdx.y][threadIdx.x] = acc;
     __syncthreads();
     for (unsigned int half = COLUMN_ROW_THREADS / 2; half > 0; half >>= 1) {
-        if (threadIdx.y < half) sums[threadIdx.y][threadIdx.x] += sums[threadIdx.y + half][threadIdx.x];
+        if (threadIdx.y < half)
+            sums[threadIdx.y][threadIdx.x] += sums[threadIdx.y + half][threadIdx.x];
         __syncthreads();
     }
     if (threadIdx.y == 0 && column < inner)
