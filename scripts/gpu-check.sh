@@ -30,7 +30,8 @@
 #   3. the medium model (preset 150M, seq 512) trained for two and a half minutes, interrupted
 #      (it saves a checkpoint), resumed for about 40 s, and its checkpoint evaluated on the GPU;
 #   4. tokenformer bench against the PyTorch reference: 150M at 8 × 1024 in fp32 and TF32,
-#      tiny at 64 × 256 in fp32, with the ratios of tokens/s and of peak memory.
+#      tiny at 64 × 256 in fp32 (and again with the plain kernels), with the ratios of tokens/s
+#      and of peak memory.
 set -u
 
 usage() {
@@ -148,12 +149,12 @@ run_tests() {
   done
 }
 
-bench_pair() {
-  # $1: label, $2: preset, $3: batch, $4: seq, $5: torch modes; the rest: flags for ours.
-  local label=$1 preset=$2 batch=$3 seq=$4 modes=$5
+bench_ours() {
+  # $1: label, $2: preset, $3: batch, $4: seq, $5: plain kernels (0 or 1); the rest: flags.
+  local label=$1 preset=$2 batch=$3 seq=$4 plain=$5
   shift 5
   say "=== ours: $label"
-  timeout 150 .gpu/bin/tokenformer bench --device cuda --preset "$preset" --batch "$batch" \
+  TOKENFORMER_PLAIN_KERNELS=$plain timeout 150 .gpu/bin/tokenformer bench --device cuda --preset "$preset" --batch "$batch" \
     --seq "$seq" --steps 10 --matmul 0 --json "$@" >"$OUT/bench-$label.json" 2>"$OUT/bench-$label.log" || {
     status=1
     say "bench $label failed:"
@@ -256,9 +257,11 @@ EOF
   timeout 60 .gpu/bin/tokenformer info --checkpoint "$run_dir" >>"$OUT/medium-train.log" 2>&1
 
   # ---- 4. speed against PyTorch
-  bench_pair 150M-fp32 150M 8 1024 fp32
-  bench_pair 150M-tf32 150M 8 1024 tf32 --tf32
-  bench_pair tiny-fp32 tiny 64 256 fp32
+  bench_ours 150M-fp32 150M 8 1024 0
+  bench_ours 150M-tf32 150M 8 1024 0 --tf32
+  bench_ours tiny-fp32 tiny 64 256 0
+  # The plain kernels, for an A/B of the faster ones where launches dominate.
+  bench_ours tiny-fp32-plain tiny 64 256 1
   if [[ -f .gpu/torch_reference.py ]]; then
     say "=== PyTorch reference"
     timeout 150 python3 .gpu/torch_reference.py --cfg 150M --B 8 --T 1024 --modes fp32,tf32 \
@@ -276,7 +279,8 @@ def rows(path):
     except OSError:
         return []
 torch = {(r["cfg"], r["mode"]): r for f in ("torch-150M.jsonl", "torch-tiny.jsonl") for r in rows(os.path.join(out, f))}
-for label, cfg, mode, target in [("150M-fp32", "150M", "fp32", 1.0), ("150M-tf32", "150M", "tf32", 1.0), ("tiny-fp32", "tiny", "fp32", 2.0)]:
+for label, cfg, mode, target in [("150M-fp32", "150M", "fp32", 1.0), ("150M-tf32", "150M", "tf32", 1.0),
+                                 ("tiny-fp32", "tiny", "fp32", 2.0), ("tiny-fp32-plain", "tiny", "fp32", 2.0)]:
     ours, ref = rows(os.path.join(out, f"bench-{label}.json")), torch.get((cfg, mode))
     if not ours or ref is None:
         print(f"{label}: no ratio (a run is missing)")
