@@ -201,6 +201,9 @@ struct BenchArgs {
     /// Size of the square matmul timed first (0 skips it)
     #[arg(long, default_value_t = 1024)]
     matmul: usize,
+    /// Also print the time per op, forward and backward, and its share of the step
+    #[arg(long)]
+    profile: bool,
     #[arg(long)]
     json: bool,
 }
@@ -491,11 +494,36 @@ fn eval(a: EvalArgs) -> Result<()> {
     Ok(())
 }
 
+/// The `--profile` table: milliseconds per step for each op, forward and backward.
+fn print_profile(
+    rows: &[tokenformer_models::bench::ProfileRow],
+    step_seconds: f64,
+    device: Device,
+) {
+    println!("profile, per step (ms):");
+    if device.is_cuda() {
+        println!("  (CUDA runs asynchronously: op times are launch times, the step is exact)");
+    }
+    println!("  {:<22} {:>9} {:>9} {:>9} {:>7}", "op", "forward", "backward", "total", "share");
+    for row in rows {
+        let (f, b) = (row.forward_seconds * 1e3, row.backward_seconds * 1e3);
+        println!(
+            "  {:<22} {:>9.2} {:>9.2} {:>9.2} {:>6.1}%",
+            row.name,
+            f,
+            b,
+            f + b,
+            row.share * 100.0
+        );
+    }
+    println!("  {:<22} {:>9} {:>9} {:>9.2} {:>6.1}%", "step", "", "", step_seconds * 1e3, 100.0);
+}
+
 fn bench(a: BenchArgs) -> Result<()> {
     let device = parse_device(&a.device)?;
     let config = ModelConfig::preset(&a.preset)?;
     let matmul = if a.matmul > 0 { Some(bench_matmul(a.matmul, 5, device)?) } else { None };
-    let r = bench_train(&a.preset, &config, a.batch, a.seq, a.steps, device, a.tf32)?;
+    let r = bench_train(&a.preset, &config, a.batch, a.seq, a.steps, device, a.tf32, a.profile)?;
     if a.json {
         let mut v = serde_json::to_value(&r).map_err(|e| Error::invalid(e.to_string()))?;
         if let Some(m) = &matmul {
@@ -541,5 +569,8 @@ fn bench(a: BenchArgs) -> Result<()> {
         _ => println!("  MFU                  n/a (no peak known for {})", r.device_name),
     }
     println!("  peak memory          {:.1} MiB", r.peak_memory_bytes as f64 / (1024.0 * 1024.0));
+    if let Some(rows) = &r.profile {
+        print_profile(rows, r.step_seconds, device);
+    }
     Ok(())
 }

@@ -429,6 +429,21 @@ fn bench_prints_one_json_object() {
 }
 
 #[test]
+fn bench_profile_prints_a_table_of_ops() {
+    let t = Scratch::new("bench-profile");
+    let flags = ["--steps", "1", "--batch", "2", "--seq", "8", "--matmul", "0", "--profile"];
+    let stdout = t.ok(&[&["bench"][..], &flags].concat());
+    assert!(stdout.contains("profile, per step"), "{stdout}");
+    for op in ["matmul", "causal_attention", "adamw", "(outside ops)"] {
+        assert!(stdout.lines().any(|l| l.trim_start().starts_with(op)), "no {op} row: {stdout}");
+    }
+    let obj = one_json(&t.ok(&[&["bench"][..], &flags, &["--json"]].concat()));
+    let rows = obj["profile"].as_array().expect("profile rows");
+    let share: f64 = rows.iter().map(|r| r["share"].as_f64().unwrap()).sum();
+    assert!((share - 1.0).abs() < 0.05, "shares add up to {share}: {obj}");
+}
+
+#[test]
 fn bad_data_is_one_clear_error() {
     let t = Scratch::new("data");
     let train = |name: &str, data: &Path, seq: &str| -> String {

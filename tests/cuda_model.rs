@@ -290,7 +290,7 @@ fn growing_a_checkpoint_on_the_gpu_writes_what_the_cpu_writes() {
 fn bench_runs_on_the_gpu() {
     require_cuda!();
     // TF32 off: the switch is process-wide, and the other tests here compare against the CPU.
-    let r = bench_train("tiny", &tiny(), 4, 64, 2, GPU, false).unwrap();
+    let r = bench_train("tiny", &tiny(), 4, 64, 2, GPU, false, false).unwrap();
     eprintln!(
         "bench tiny on {}: {:.0} tokens/s, peak {} bytes",
         r.device_name, r.tokens_per_sec, r.peak_memory_bytes

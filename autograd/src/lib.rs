@@ -14,6 +14,7 @@
 
 pub mod gradcheck;
 pub mod ops;
+pub mod profile;
 mod var;
 
 pub use gradcheck::{gradcheck, GradcheckOptions};

@@ -64,6 +64,7 @@ impl Var {
     /// result is a constant and `backward` is dropped unused. This is also how a user adds an
     /// op of their own: give its forward value and its backward rule.
     pub fn from_op(op: &'static str, value: Tensor, inputs: &[&Var], backward: BackwardFn) -> Var {
+        crate::profile::forward_recorded(op);
         if is_grad_enabled() && inputs.iter().any(|v| v.requires_grad()) {
             let inputs = inputs.iter().map(|v| v.node.clone()).collect();
             Var::new_node(value, true, Some(GradFn { op, inputs, backward }))
@@ -167,7 +168,9 @@ fn topological_order(root: &Arc<Node>) -> Vec<Arc<Node>> {
 /// deterministic.
 fn accumulate(pending: &mut HashMap<usize, Tensor>, id: usize, share: Tensor) -> Result<()> {
     let total = match pending.remove(&id) {
-        Some(previous) => binary::add(&previous, &share)?,
+        Some(previous) => {
+            crate::profile::backward("gradient sums", || binary::add(&previous, &share))?
+        }
         None => share,
     };
     pending.insert(id, total);
@@ -191,7 +194,7 @@ impl GradFn {
     /// per input, present where an input needs it, of the input's shape): a rule that breaks one
     /// has a bug, reported here by op name instead of surfacing later as a wrong gradient.
     fn input_grads(&self, grad: &Tensor) -> Result<Vec<(&Node, Tensor)>> {
-        let grads = (self.backward)(grad)?;
+        let grads = crate::profile::backward(self.op, || (self.backward)(grad))?;
         if grads.len() != self.inputs.len() {
             return Err(Error::invalid(format!(
                 "backward of {} returned {} gradients for {} inputs",

@@ -10,6 +10,7 @@ use crate::model::TokenFormer;
 use crate::optim::Optimizer;
 use serde::Serialize;
 use std::time::Instant;
+use tokenformer_autograd::profile;
 use tokenformer_core::{Device, Error, Result, Rng, Tensor};
 use tokenformer_ops::adamw::AdamW;
 use tokenformer_ops::matmul::matmul;
@@ -72,6 +73,46 @@ pub struct TrainBench {
     pub peak_tflops: Option<f64>,
     pub mfu: Option<f64>,
     pub peak_memory_bytes: u64,
+    /// Time per op over the timed steps, when asked for (`--profile`).
+    pub profile: Option<Vec<ProfileRow>>,
+}
+
+/// One line of the profile: an op (or a piece of work outside the graph) and its time per step.
+#[derive(Debug, Serialize)]
+pub struct ProfileRow {
+    pub name: String,
+    pub forward_seconds: f64,
+    pub backward_seconds: f64,
+    /// (forward + backward) / step time.
+    pub share: f64,
+}
+
+/// The profiler's totals as per-step rows, largest first, with a last row for the time no
+/// op accounts for.
+fn profile_rows(ops: Vec<profile::OpTime>, steps: usize, step_seconds: f64) -> Vec<ProfileRow> {
+    let per_step = |d: std::time::Duration| d.as_secs_f64() / steps as f64;
+    let mut rows: Vec<ProfileRow> = ops
+        .into_iter()
+        .map(|o| {
+            let (f, b) = (per_step(o.forward), per_step(o.backward));
+            ProfileRow {
+                name: o.name.to_string(),
+                forward_seconds: f,
+                backward_seconds: b,
+                share: (f + b) / step_seconds,
+            }
+        })
+        .collect();
+    rows.sort_by(|a, b| b.share.total_cmp(&a.share));
+    let accounted: f64 = rows.iter().map(|r| r.forward_seconds + r.backward_seconds).sum();
+    let rest = (step_seconds - accounted).max(0.0);
+    rows.push(ProfileRow {
+        name: "(outside ops)".into(),
+        forward_seconds: rest,
+        backward_seconds: 0.0,
+        share: rest / step_seconds,
+    });
+    rows
 }
 
 /// Dense peak TFLOP/s by card name: (fp32, tf32). Vendor figures without sparsity.
@@ -152,7 +193,9 @@ fn peak_rss_bytes() -> u64 {
         .unwrap_or(0)
 }
 
-/// Times `steps` full training steps (after two warm-up steps) of `config` on random tokens.
+/// Times `steps` full training steps (after two warm-up steps) of `config` on random tokens;
+/// with `profile`, also the time per op (see `tokenformer_autograd::profile`).
+#[allow(clippy::too_many_arguments)]
 pub fn bench_train(
     preset: &str,
     config: &ModelConfig,
@@ -161,6 +204,7 @@ pub fn bench_train(
     steps: usize,
     device: Device,
     tf32: bool,
+    profile: bool,
 ) -> Result<TrainBench> {
     if batch == 0 || seq == 0 || steps == 0 {
         return Err(Error::invalid("bench: --batch, --seq and --steps must be positive"));
@@ -188,10 +232,11 @@ pub fn bench_train(
         if timed {
             timer.mark()?;
         }
+        profile::mark();
         let grads = {
             let loss = model.loss(&inputs, &targets)?;
             let grads = loss.backward()?;
-            model
+            let params = model
                 .named_params()
                 .iter()
                 .map(|(name, p)| {
@@ -200,24 +245,32 @@ pub fn bench_train(
                         .cloned()
                         .ok_or_else(|| Error::invalid(format!("bench: no gradient for {name}")))
                 })
-                .collect::<Result<Vec<Tensor>>>()?
+                .collect::<Result<Vec<Tensor>>>()?;
             // The graph is dropped here, as in training: the update may then work in place.
+            profile::time("free graph", || drop((loss, grads)));
+            params
         };
         if timed {
             timer.mark()?;
         }
-        optimizer.clip_and_update(&mut model, grads, 1e-4, Some(1.0))?;
+        profile::time("adamw + clip", || {
+            optimizer.clip_and_update(&mut model, grads, 1e-4, Some(1.0))
+        })?;
         Ok(())
     };
     step(&mut timer, false)?;
     step(&mut timer, false)?;
     synchronize_device(device)?;
+    if profile {
+        profile::start();
+    }
     for _ in 0..steps {
         step(&mut timer, true)?;
     }
     timer.mark()?;
     let (total, forward_backward) = timer.seconds()?;
     let step_seconds = total / steps as f64;
+    let profile = profile.then(|| profile_rows(profile::finish(), steps, step_seconds));
     let tokens_per_sec = (batch * seq) as f64 / step_seconds;
     let model_tflops = tokens_per_sec * config.train_flops_per_token(seq) / 1e12;
     let (device_name, peak_memory_bytes) = match device {
@@ -244,5 +297,6 @@ pub fn bench_train(
         peak_tflops: peak,
         mfu: peak.map(|p| model_tflops / p),
         peak_memory_bytes,
+        profile,
     })
 }
