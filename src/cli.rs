@@ -48,7 +48,7 @@ enum Command {
 
 #[derive(Args, Default)]
 struct TrainArgs {
-    /// Model preset (tiny, 150M, 450M, ...)
+    /// Model preset (tiny, small, 150M, 450M, ...)
     #[arg(long)]
     preset: Option<String>,
     /// Text files or directories (default: built-in tiny shakespeare)

@@ -66,6 +66,8 @@ pub struct ModelConfig {
 type Preset = (&'static str, usize, usize, usize, usize, usize, usize, usize, usize);
 const PRESETS: &[Preset] = &[
     ("tiny", 4, 128, 4, 128, 128, 512, 256, 256),
+    // The size of the usual character-level Shakespeare model: a CPU benchmark shape.
+    ("small", 6, 384, 6, 384, 384, 1536, 256, 256),
     ("150M", 12, 768, 12, 768, 768, 3072, 2048, 50304),
     ("450M", 24, 1024, 16, 1024, 1024, 4096, 2048, 50304),
     ("900M", 32, 1280, 16, 1280, 1280, 5120, 2048, 50304),
@@ -188,6 +190,7 @@ mod tests {
     #[test]
     fn preset_parameter_counts_match_the_spec() {
         assert_eq!(ModelConfig::preset("tiny").unwrap().param_count(), 1_081_600);
+        assert_eq!(ModelConfig::preset("small").unwrap().param_count(), 14_254_848);
         assert_eq!(ModelConfig::preset("150M").unwrap().param_count(), 151_881_216);
         for name in ModelConfig::preset_names() {
             ModelConfig::preset(name).unwrap().validate().unwrap();
