@@ -1,8 +1,17 @@
-//! CPU matmul: matrixmultiply's GEMM (through ndarray's `general_mat_mul`) on views of the
-//! row-major slices, transposes taken as strided views. Work is split across rayon threads by
-//! batch entry, or, for a single product, by blocks of output rows; the split depends only on
-//! the shapes, and every output element is one GEMM dot product either way.
+//! CPU matmul. Two implementations of the same product:
+//!
+//! - the fast path, `packed.rs`: our register-tile kernel (AVX-512 or AVX2 + FMA, picked at run
+//!   time), in which every output element is one chain of fused multiply-adds in index order;
+//! - the reference, below: matrixmultiply's GEMM (through ndarray's `general_mat_mul`) on views
+//!   of the row-major slices, transposes taken as strided views. It is what the fast path is
+//!   tested against, and what runs on processors without AVX2 and FMA.
+//!
+//! Either way work is split across rayon threads by batch entry, or, for a single product, by
+//! blocks of output rows; the split depends only on the shapes, and every output element is
+//! computed by one thread in the same way whatever the split, so results do not depend on the
+//! thread count.
 
+use super::packed::{self, View};
 use super::plan;
 use crate::cpu_tensor;
 use ndarray::linalg::general_mat_mul;
@@ -14,6 +23,58 @@ use tokenformer_core::{Error, Result, Tensor};
 const PARALLEL_MIN_MACS: usize = 1 << 18;
 
 pub(crate) fn matmul(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Result<Tensor> {
+    match packed::isa() {
+        Some(isa) => fast_matmul(isa, a, b, trans_a, trans_b),
+        None => reference_matmul(a, b, trans_a, trans_b),
+    }
+}
+
+/// The product on the packed kernel: B packed once per product, rows of C in parallel blocks.
+fn fast_matmul(
+    isa: packed::Isa,
+    a: &Tensor,
+    b: &Tensor,
+    trans_a: bool,
+    trans_b: bool,
+) -> Result<Tensor> {
+    let p = plan("matmul", a, b, trans_a, trans_b)?;
+    let (a_data, b_data) = (a.cpu_slice("matmul")?, b.cpu_slice("matmul")?);
+    let (m, k, n) = (p.m, p.k, p.n);
+    let mut out = vec![0.0f32; p.batch * m * n];
+    if out.is_empty() || k == 0 {
+        return Ok(cpu_tensor(out, &p.out_dims));
+    }
+    if p.batch == 1 || (p.b_shared && !trans_a) {
+        // One product; a shared B lets A's batch fold into its rows.
+        let rows = p.batch * m;
+        let a_view = View::new(a_data, k, rows, trans_a);
+        let b_view = View::new(b_data, n, k, trans_b);
+        packed::gemm(isa, a_view, b_view, rows, k, n, &mut out, false);
+    } else {
+        let a_stride = if p.a_shared { 0 } else { m * k };
+        let b_stride = if p.b_shared { 0 } else { k * n };
+        let product = |(i, c): (usize, &mut [f32])| {
+            let a_view = View::new(&a_data[i * a_stride..][..m * k], k, m, trans_a);
+            let b_view = View::new(&b_data[i * b_stride..][..k * n], n, k, trans_b);
+            let packed_b = packed::pack_b(isa, b_view, k, n);
+            packed::gemm_rows(a_view, m, &packed_b, c, n, false);
+        };
+        if p.batch * m * k * n >= PARALLEL_MIN_MACS {
+            out.par_chunks_mut(m * n).enumerate().for_each(product);
+        } else {
+            out.chunks_mut(m * n).enumerate().for_each(product);
+        }
+    }
+    Ok(cpu_tensor(out, &p.out_dims))
+}
+
+/// The reference product, on matrixmultiply.
+pub(crate) fn reference_matmul(
+    a: &Tensor,
+    b: &Tensor,
+    trans_a: bool,
+    trans_b: bool,
+) -> Result<Tensor> {
     let p = plan("matmul", a, b, trans_a, trans_b)?;
     let (a_data, b_data) = (a.cpu_slice("matmul")?, b.cpu_slice("matmul")?);
     let (m, k, n) = (p.m, p.k, p.n);

@@ -14,6 +14,7 @@
 
 mod cpu;
 mod cuda;
+pub(crate) mod packed;
 
 use tokenformer_core::{Device, Error, Result, Shape, Tensor};
 
@@ -212,6 +213,25 @@ mod tests {
             1e-4,
             "batched",
         );
+    }
+
+    #[test]
+    fn the_reference_gemm_matches_the_triple_loop_and_the_fast_one() {
+        // The reference (matrixmultiply) path checked on its own, and the path in use (the
+        // packed kernel where the processor has one) checked against it.
+        for (case, &(a_batch, b_batch, m, k, n)) in CASES.iter().enumerate() {
+            for (trans_a, trans_b) in [(false, false), (true, false), (false, true), (true, true)] {
+                let a = randn(&stored(a_batch, m, k, trans_a), 40 + case as u64);
+                let b = randn(&stored(b_batch, k, n, trans_b), 50 + case as u64);
+                let reference = cpu::reference_matmul(&a, &b, trans_a, trans_b).unwrap();
+                let expected = naive(&a, &b, trans_a, trans_b);
+                let what = format!("case {case} trans {trans_a} {trans_b}");
+                assert_close(&values(&reference), &expected, 1e-5, 1e-5, &what);
+                let used = matmul(&a, &b, trans_a, trans_b).unwrap();
+                let reference: Vec<f64> = values(&reference).iter().map(|&v| v as f64).collect();
+                assert_close(&values(&used), &reference, 1e-5, 1e-5, &what);
+            }
+        }
     }
 
     #[test]
