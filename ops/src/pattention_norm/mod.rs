@@ -217,7 +217,7 @@ mod tests {
             ("GELU tail", tail, true),
         ];
         for (what, u, f32_fails) in rows {
-            let cpu = cpu::l2_norm(u.iter().copied());
+            let cpu = cpu::l2_norm(&u);
             let gpu = replayed_gpu_norm(&u, block, |x| x);
             assert!(cpu.is_finite() && cpu > 0.0, "{what}: cpu norm {cpu}");
             // Both round a double sum to f32: at most one f32 rounding step apart.
