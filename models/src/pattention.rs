@@ -11,6 +11,12 @@
 //! zero, Θ maps them to zero (for the two L2 variants) and the layer's output is unchanged.
 //! Gradients flow through the two matmuls and Θ; see the matmul and pattention_norm families.
 //!
+//! Speed: [`pattention`] records the whole layer as one op, whose CPU kernel walks the rows in
+//! blocks that stay in cache (the `pattention` family in tokenformer-ops says what it fuses and
+//! why). The chain of ops it replaces stays here as the reference: [`Pattention::forward_plain`]
+//! (two matmuls and Θ, the formula as written) and [`mix`] (Θ and S·V as one op); the tests
+//! check that all three give the same bits, values and gradients.
+//!
 //! Memory: a training step keeps every value the backward pass needs until that pass is over.
 //! A plain chain of ops would keep both A and S = Θ(A) (each T×n, and n is the largest width in
 //! the model: 4·d for the FFN). Θ is one cheap pass over a row, so `mix` records Θ and S·V as a
@@ -22,7 +28,7 @@
 use crate::config::NormKind;
 use tokenformer_autograd::{ops::Theta, Var};
 use tokenformer_core::{Result, Rng, Tensor};
-use tokenformer_ops::{layout, matmul, pattention_norm};
+use tokenformer_ops::{layout, matmul, pattention as fused, pattention_norm};
 
 pub struct Pattention {
     pub key_tokens: Var,
@@ -74,6 +80,22 @@ pub fn mix(scores: &Var, values: &Var, theta: Theta, tau: f32) -> Result<Var> {
     ))
 }
 
+/// O = Θ(X·Kᵀ)·V as one recorded op, for x [..., d_in], keys [n, d_in], values [n, d_out].
+/// It keeps x, K, V and the scores A = X·Kᵀ; the backward pass recomputes S = Θ(A).
+pub fn pattention(x: &Var, keys: &Var, values: &Var, theta: Theta, tau: f32) -> Result<Var> {
+    let (out, scores) = fused::pattention(x.value(), keys.value(), values.value(), theta, tau)?;
+    let (xv, kv, vv) = (x.value().clone(), keys.value().clone(), values.value().clone());
+    Ok(Var::from_op(
+        "pattention",
+        out,
+        &[x, keys, values],
+        Box::new(move |g| {
+            let (gx, gk, gv) = fused::pattention_backward(&xv, &kv, &vv, &scores, theta, tau, g)?;
+            Ok(vec![Some(gx), Some(gk), Some(gv)])
+        }),
+    ))
+}
+
 impl Pattention {
     pub fn tokens(&self) -> usize {
         self.key_tokens.dims()[0]
@@ -85,8 +107,13 @@ impl Pattention {
 
     /// x [..., d_in] → [..., d_out].
     pub fn forward(&self, x: &Var) -> Result<Var> {
+        pattention(x, &self.key_tokens, &self.value_tokens, self.norm.into(), self.tau())
+    }
+
+    /// The same layer as a chain of ops, the formula as written (the reference of `forward`).
+    pub fn forward_plain(&self, x: &Var) -> Result<Var> {
         let scores = x.matmul_t(&self.key_tokens, false, true)?;
-        mix(&scores, &self.value_tokens, self.norm.into(), self.tau())
+        scores.pattention_norm(self.norm.into(), self.tau())?.matmul(&self.value_tokens)
     }
 
     /// The same layer with `extra` tokens appended. New key tokens are zero (`Exact`) or drawn
@@ -148,6 +175,48 @@ mod tests {
             }
             let f = |x: &[Var]| mix(&x[0], &x[1], theta, 2.5);
             gradcheck(f, &[a.clone(), v.clone()], &GradcheckOptions::default()).unwrap();
+        }
+    }
+
+    #[test]
+    fn the_fused_layer_matches_the_plain_chain_bit_for_bit_and_passes_gradcheck() {
+        let mut rng = Rng::new(6);
+        // 2 × 53 rows: more than one row block of the fused kernel, and not a multiple of it.
+        let x = Tensor::randn(&[2, 53, 12], 1.0, &mut rng);
+        let k = Tensor::randn(&[19, 12], 0.5, &mut rng);
+        let v = Tensor::randn(&[19, 7], 0.5, &mut rng);
+        for norm in NormKind::ALL {
+            let layer = || Pattention {
+                key_tokens: Var::param(k.clone()),
+                value_tokens: Var::param(v.clone()),
+                scale_tokens: 16,
+                norm,
+            };
+            let (fused_layer, plain_layer) = (layer(), layer());
+            let (xf, xp) = (Var::param(x.clone()), Var::param(x.clone()));
+            let fused = fused_layer.forward(&xf).unwrap();
+            let plain = plain_layer.forward_plain(&xp).unwrap();
+            assert_eq!(fused.value().to_vec().unwrap(), plain.value().to_vec().unwrap());
+            let (gf, gp) = (
+                fused.square().unwrap().sum_all().unwrap().backward().unwrap(),
+                plain.square().unwrap().sum_all().unwrap().backward().unwrap(),
+            );
+            for (f, p) in [
+                (&xf, &xp),
+                (&fused_layer.key_tokens, &plain_layer.key_tokens),
+                (&fused_layer.value_tokens, &plain_layer.value_tokens),
+            ] {
+                let (f, p) =
+                    (gf.get(f).unwrap().to_vec().unwrap(), gp.get(p).unwrap().to_vec().unwrap());
+                assert_eq!(f, p, "{norm:?}: gradients differ from the plain chain");
+            }
+            let small = [
+                Tensor::randn(&[3, 4], 1.0, &mut rng),
+                Tensor::randn(&[5, 4], 1.0, &mut rng),
+                Tensor::randn(&[5, 3], 1.0, &mut rng),
+            ];
+            let f = |t: &[Var]| pattention(&t[0], &t[1], &t[2], norm.into(), 2.0);
+            gradcheck(f, &small, &GradcheckOptions::default()).unwrap();
         }
     }
 }

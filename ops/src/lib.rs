@@ -21,6 +21,7 @@ pub mod kernels;
 pub mod layer_norm;
 pub mod layout;
 pub mod matmul;
+pub mod pattention;
 pub mod pattention_norm;
 pub mod reduce;
 pub mod rope;

@@ -15,7 +15,7 @@
 //! with GELU′(u) = Φ(u) + u·φ(u). Every row sum runs left to right, so appending tokens whose
 //! scores are exact zeros (growth) changes neither S nor the gradients of the old scores.
 
-mod cpu;
+pub(crate) mod cpu;
 mod cuda;
 
 use crate::{check_same_dims, rows_and_len, same_device};
