@@ -189,7 +189,8 @@ pub(crate) fn gemm_rows(
     let (mr, nr, kc_max) = (isa.mr(), isa.nr(), isa.kc());
     let full_panels = rows / mr;
     let edge_rows = rows - full_panels * mr;
-    let mut edge = [0.0f32; 16 * 256];
+    // Only a product whose row count is not a multiple of MR needs the edge tile.
+    let mut edge = if edge_rows > 0 { vec![0.0f32; mr * kc_max.min(k)] } else { Vec::new() };
     let mut p0 = 0;
     while p0 < k {
         let kc = kc_max.min(k - p0);
@@ -255,33 +256,42 @@ unsafe fn run_tile(
     load_c: bool,
 ) {
     let (mr, nr) = (isa.mr(), isa.nr());
-    let full = tile_rows == mr && cols == nr;
-    let mut tile = [0.0f32; 16 * 32];
-    let (dst, dst_ld) = if full {
-        (c.as_mut_ptr(), ldc)
-    } else {
-        if load_c {
-            for i in 0..tile_rows {
-                tile[i * nr..i * nr + cols].copy_from_slice(&c[i * ldc..i * ldc + cols]);
-            }
+    if tile_rows == mr && cols == nr {
+        return kernel(isa, kc, a, b, c.as_mut_ptr(), ldc, load_c);
+    }
+    let mut tile = [0.0f32; AVX512_MR * 32];
+    if load_c {
+        for i in 0..tile_rows {
+            tile[i * nr..i * nr + cols].copy_from_slice(&c[i * ldc..i * ldc + cols]);
         }
-        (tile.as_mut_ptr(), nr)
-    };
+    }
+    kernel(isa, kc, a, b, tile.as_mut_ptr(), nr, load_c);
+    for i in 0..tile_rows {
+        c[i * ldc..i * ldc + cols].copy_from_slice(&tile[i * nr..i * nr + cols]);
+    }
+}
+
+/// The full-tile kernel of `isa` (see `run_tile` for the safety contract).
+#[inline(always)]
+unsafe fn kernel(
+    isa: Isa,
+    kc: usize,
+    a: (*const f32, usize, usize),
+    b: &[f32],
+    c: *mut f32,
+    ldc: usize,
+    load_c: bool,
+) {
     let (a, a_rs, a_cs) = a;
     #[cfg(target_arch = "x86_64")]
     match isa {
         Isa::Avx512 => {
-            x86::kernel_avx512::<AVX512_MR>(kc, a, a_rs, a_cs, b.as_ptr(), dst, dst_ld, load_c)
+            x86::kernel_avx512::<AVX512_MR>(kc, a, a_rs, a_cs, b.as_ptr(), c, ldc, load_c)
         }
-        Isa::Avx2Fma => x86::kernel_6x16(kc, a, a_rs, a_cs, b.as_ptr(), dst, dst_ld, load_c),
+        Isa::Avx2Fma => x86::kernel_6x16(kc, a, a_rs, a_cs, b.as_ptr(), c, ldc, load_c),
     }
     #[cfg(not(target_arch = "x86_64"))]
-    unreachable!("no packed GEMM kernel here: {isa:?} {kc} {a:?} {a_rs} {a_cs} {dst:?} {dst_ld}");
-    if !full {
-        for i in 0..tile_rows {
-            c[i * ldc..i * ldc + cols].copy_from_slice(&tile[i * nr..i * nr + cols]);
-        }
-    }
+    unreachable!("no packed GEMM kernel here: {isa:?} {kc} {a:?} {a_rs} {a_cs} {c:?} {ldc}");
 }
 
 #[cfg(target_arch = "x86_64")]
