@@ -7,6 +7,10 @@ use clap::Parser;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    // The main thread joins rayon's pool as one of its workers: a parallel kernel called from it
+    // then runs its share of the work right there, instead of handing all of it to the pool and
+    // sleeping until a worker wakes up and finishes, once per op.
+    let _ = rayon::ThreadPoolBuilder::new().use_current_thread().build_global();
     let args = cli::Cli::parse();
     match cli::run(args) {
         Ok(()) => ExitCode::SUCCESS,
