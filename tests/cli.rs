@@ -429,6 +429,35 @@ fn bench_prints_one_json_object() {
 }
 
 #[test]
+fn training_gives_the_same_bits_with_one_thread_or_two() {
+    // Shapes large enough that every parallel kernel splits its work (several row blocks of
+    // the fused Pattention, parallel GEMMs and element-wise ops).
+    let t = Scratch::new("threads");
+    let flags = ["--steps", "3", "--batch", "4", "--seq", "64", "--eval-every", "3"];
+    let run = |threads: &str| {
+        let dir = t.path(&format!("run-{threads}"));
+        let args = [&["train", "--out", s(&dir), "--sample-tokens", "0"][..], &flags].concat();
+        let out = t.command(&args).env("RAYON_NUM_THREADS", threads).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let losses: Vec<(Option<f64>, Option<f64>)> =
+            std::fs::read_to_string(dir.join("metrics.jsonl"))
+                .unwrap()
+                .lines()
+                .map(|l| {
+                    let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                    (v["loss"].as_f64(), v["val_loss"].as_f64())
+                })
+                .collect();
+        let read = |f: &str| std::fs::read(dir.join(f)).unwrap();
+        (losses, read("model.safetensors"), read("optimizer.safetensors"))
+    };
+    let (one, two) = (run("1"), run("2"));
+    assert_eq!(one.0, two.0, "losses differ between 1 and 2 threads");
+    assert!(one.1 == two.1, "parameters differ between 1 and 2 threads");
+    assert!(one.2 == two.2, "optimizer moments differ between 1 and 2 threads");
+}
+
+#[test]
 fn bench_profile_prints_a_table_of_ops() {
     let t = Scratch::new("bench-profile");
     let flags = ["--steps", "1", "--batch", "2", "--seq", "8", "--matmul", "0", "--profile"];
