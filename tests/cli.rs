@@ -469,7 +469,7 @@ fn bench_profile_prints_a_table_of_ops() {
     let obj = one_json(&t.ok(&[&["bench"][..], &flags, &["--json"]].concat()));
     let rows = obj["profile"].as_array().expect("profile rows");
     let share: f64 = rows.iter().map(|r| r["share"].as_f64().unwrap()).sum();
-    assert!((share - 1.0).abs() < 0.05, "shares add up to {share}: {obj}");
+    assert!((share - 1.0).abs() < 0.05, "shares add up to {share}: {obj:?}");
 }
 
 #[test]

@@ -1,5 +1,5 @@
 //! CPU reference kernels for the AdamW step (elementwise, parallel over chunks) and the sum
-//! of squares (one f64 accumulator in index order).
+//! of squares (f64 accumulators in a fixed order).
 
 use super::{AdamW, StepScalars};
 use crate::{cpu_tensor, PARALLEL_MIN_ELEMS};
@@ -88,6 +88,22 @@ pub(crate) fn adamw_step_many(
 }
 
 pub(crate) fn sum_squares(x: &Tensor) -> Result<Tensor> {
-    let total: f64 = x.cpu_slice("sum_squares")?.iter().map(|&v| v as f64 * v as f64).sum();
+    // Eight f64 lanes (element i into lane i mod 8), added pairwise at the end: the order is
+    // fixed, and the lanes vectorise where one running sum would wait on each addition.
+    const LANES: usize = 8;
+    let data = x.cpu_slice("sum_squares")?;
+    let mut lanes = [0.0f64; LANES];
+    let chunks = data.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            *lane += v as f64 * v as f64;
+        }
+    }
+    for (lane, &v) in lanes.iter_mut().zip(tail) {
+        *lane += v as f64 * v as f64;
+    }
+    let [a, b, c, d, e, f, g, h] = lanes;
+    let total = ((a + e) + (c + g)) + ((b + f) + (d + h));
     Ok(Tensor::scalar(total as f32))
 }

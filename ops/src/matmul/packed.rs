@@ -377,8 +377,8 @@ pub(crate) fn row_block(isa: Isa, m: usize, k: usize, n: usize) -> usize {
     if m * k * n < PARALLEL_MIN_MACS {
         return m.max(1);
     }
-    let blocks = (m / 48).clamp(1, 32);
-    m.div_ceil(blocks).next_multiple_of(isa.mr())
+    // About 16 blocks, so that work stealing evens out the threads' shares.
+    m.div_ceil(16).next_multiple_of(isa.mr()).max(2 * isa.mr())
 }
 
 /// c (m × n, row-major) = a·b (or += when `accumulate`), B packed once and the rows of C cut

@@ -4,15 +4,16 @@
 
 use crate::cpu_tensor;
 use crate::matmul::packed::{self, gemm_rows, pack_b, Isa, View};
-use crate::pattention_norm::cpu::{backward_rows, forward_rows};
+use crate::pattention_norm::cpu::{forward_backward_rows, forward_rows};
 use crate::pattention_norm::Theta;
 use rayon::prelude::*;
 use std::cell::RefCell;
 use tokenformer_core::{Result, Tensor};
 
-/// Rows per block: a multiple of both GEMM tiles' heights (6 and 8). A block's [rows, n]
-/// scratch is 48·n floats (290 KB for n = 1536), which stays in a core's L2 cache.
-const BLOCK_ROWS: usize = 48;
+/// Rows per block: a multiple of both GEMM tiles' heights (6 and 8), small enough that the
+/// blocks share out evenly between threads (512 rows make 22 blocks) and that a block's
+/// [rows, n] arrays stay in a core's L2 cache.
+const BLOCK_ROWS: usize = 24;
 
 /// Below this many multiply-adds the blocks run on the calling thread.
 const PARALLEL_MIN_MACS: usize = 1 << 18;
@@ -113,10 +114,9 @@ pub(crate) fn pattention_backward(
         let block_rows = s_block.len() / n;
         let first = i * BLOCK_ROWS;
         let a_block = &a[first * n..][..block_rows * n];
-        forward_rows(theta, tau, n, a_block, s_block);
-        // g_S = g_O·Vᵀ, turned in place into g_A by Θ's backward rule, then g_X = g_A·K.
+        // g_S = g_O·Vᵀ; then S = Θ(A) and, in place, g_A by Θ's backward rule; g_X = g_A·K.
         gemm_rows(g_view.rows_from(first), block_rows, &vals_t, ga_block, n, false);
-        backward_rows(theta, tau, n, a_block, ga_block);
+        forward_backward_rows(theta, tau, n, a_block, s_block, ga_block);
         gemm_rows(
             View::new(ga_block, n, block_rows, false),
             block_rows,

@@ -17,7 +17,7 @@
 
 use super::Theta;
 use crate::softmax::cpu::softmax_in_place;
-use crate::unary::cpu::{gelu_grad_scalar, gelu_scalar};
+use crate::unary::cpu::{gelu_and_grad_scalar, gelu_grad_scalar, gelu_scalar};
 use crate::{cpu_tensor, PARALLEL_MIN_ELEMS};
 use rayon::prelude::*;
 use tokenformer_core::{Result, Tensor};
@@ -156,6 +156,60 @@ fn backward_row(theta: Theta, tau: f32, a: &[f32], g: &mut [f32], p: &mut [f32])
     }
 }
 
+/// Both at once, for the backward pass of a fused Pattention, which needs S (for g_V) and g_a:
+/// s = Θ(a), and `g` from ∂L/∂S to ∂L/∂a, with one Φ per element shared by GELU and GELU′.
+/// The same bits as `forward_row` followed by `backward_row`. `p` is scratch of the row's length.
+#[inline(always)]
+fn forward_backward_row(
+    theta: Theta,
+    tau: f32,
+    a: &[f32],
+    s: &mut [f32],
+    g: &mut [f32],
+    p: &mut [f32],
+) {
+    let inv_tau2 = 1.0 / (tau * tau);
+    match theta {
+        Theta::L2NormGelu => {
+            let radius = sum_squares(a, |x| x).sqrt() as f32;
+            if radius == 0.0 {
+                s.fill(0.0);
+                return g.fill(0.0);
+            }
+            let scale = tau / radius;
+            for ((o, d), &x) in s.iter_mut().zip(g.iter_mut()).zip(a) {
+                let (gelu, grad) = gelu_and_grad_scalar(x * scale);
+                *o = gelu;
+                *d *= grad;
+            }
+            let projection = dot(a, g, |x| x) * scale * inv_tau2;
+            for (d, &x) in g.iter_mut().zip(a) {
+                *d = scale * (*d - x * scale * projection);
+            }
+        }
+        Theta::GeluL2Norm => {
+            for ((o, q), &x) in s.iter_mut().zip(p.iter_mut()).zip(a) {
+                (*o, *q) = gelu_and_grad_scalar(x);
+            }
+            let rho = sum_squares(s, |x| x).sqrt() as f32;
+            if rho == 0.0 {
+                s.fill(0.0);
+                return g.fill(0.0);
+            }
+            let scale = tau / rho;
+            s.iter_mut().for_each(|v| *v *= scale);
+            let projection = dot(s, g, |x| x) * inv_tau2;
+            for ((d, &sv), &grad) in g.iter_mut().zip(s.iter()).zip(p.iter()) {
+                *d = scale * (*d - sv * projection) * grad;
+            }
+        }
+        Theta::Softmax => {
+            forward_row(theta, tau, a, s);
+            backward_row(theta, tau, a, g, p);
+        }
+    }
+}
+
 #[inline(always)]
 fn forward_rows_generic(theta: Theta, tau: f32, n: usize, a: &[f32], s: &mut [f32]) {
     for (a_row, s_row) in a.chunks_exact(n).zip(s.chunks_exact_mut(n)) {
@@ -172,9 +226,50 @@ fn backward_rows_generic(theta: Theta, tau: f32, n: usize, a: &[f32], g: &mut [f
     }
 }
 
+#[inline(always)]
+fn forward_backward_rows_generic(
+    theta: Theta,
+    tau: f32,
+    n: usize,
+    a: &[f32],
+    s: &mut [f32],
+    g: &mut [f32],
+) {
+    let mut p = if theta == Theta::L2NormGelu { Vec::new() } else { vec![0.0; n] };
+    let p_row = if theta == Theta::L2NormGelu { &mut [][..] } else { &mut p[..] };
+    for ((a_row, s_row), g_row) in
+        a.chunks_exact(n).zip(s.chunks_exact_mut(n)).zip(g.chunks_exact_mut(n))
+    {
+        forward_backward_row(theta, tau, a_row, s_row, g_row, p_row);
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod wide {
     use super::*;
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn forward_backward_rows_avx512(
+        t: Theta,
+        tau: f32,
+        n: usize,
+        a: &[f32],
+        s: &mut [f32],
+        g: &mut [f32],
+    ) {
+        forward_backward_rows_generic(t, tau, n, a, s, g)
+    }
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn forward_backward_rows_avx2(
+        t: Theta,
+        tau: f32,
+        n: usize,
+        a: &[f32],
+        s: &mut [f32],
+        g: &mut [f32],
+    ) {
+        forward_backward_rows_generic(t, tau, n, a, s, g)
+    }
 
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn forward_rows_avx512(
@@ -240,6 +335,29 @@ pub(crate) fn backward_rows(theta: Theta, tau: f32, n: usize, a: &[f32], g: &mut
         }
     }
     backward_rows_generic(theta, tau, n, a, g)
+}
+
+/// `forward_rows` and `backward_rows` in one pass (see `forward_backward_row`), on the
+/// calling thread: S into `s`, and `g` from ∂L/∂S to ∂L/∂a.
+pub(crate) fn forward_backward_rows(
+    theta: Theta,
+    tau: f32,
+    n: usize,
+    a: &[f32],
+    s: &mut [f32],
+    g: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: each variant runs only where the processor has its instructions.
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return unsafe { wide::forward_backward_rows_avx512(theta, tau, n, a, s, g) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            return unsafe { wide::forward_backward_rows_avx2(theta, tau, n, a, s, g) };
+        }
+    }
+    forward_backward_rows_generic(theta, tau, n, a, s, g)
 }
 
 /// `f(first_row, rows)` over blocks of whole rows of `out`, in parallel when the work is large.

@@ -101,6 +101,13 @@ fn sigmoid_scalar(x: f32) -> f32 {
     }
 }
 
+/// (GELU(x), GELU′(x)) sharing one Φ(x): the bits of `gelu_scalar` and `gelu_grad_scalar`.
+#[inline(always)]
+pub(crate) fn gelu_and_grad_scalar(x: f32) -> (f32, f32) {
+    let cdf = normal_cdf(x);
+    (x * cdf, cdf + x * FRAC_1_SQRT_2PI * exp_nonpositive(-0.5 * x * x))
+}
+
 fn map(op: &'static str, x: &Tensor, f: impl Fn(f32) -> f32 + Sync + Send) -> Result<Tensor> {
     Ok(cpu_tensor(map1(x.cpu_slice(op)?, f), x.dims()))
 }
