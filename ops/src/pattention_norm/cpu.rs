@@ -400,3 +400,57 @@ pub(crate) fn pattention_norm_backward(
     });
     Ok(cpu_tensor(out, a.dims()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{randn, values};
+
+    #[test]
+    fn every_compiled_variant_gives_the_same_bits() {
+        // Rows longer and shorter than the 16 lanes, one of them all zeros.
+        for n in [5, 16, 37, 300] {
+            let mut a = values(&randn(&[6 * n], n as u64));
+            a[..n].fill(0.0);
+            let g = values(&randn(&[6 * n], 1 + n as u64));
+            for theta in [Theta::L2NormGelu, Theta::GeluL2Norm, Theta::Softmax] {
+                let mut s = vec![0.0; a.len()];
+                forward_rows_generic(theta, 1.5, n, &a, &mut s);
+                let mut ga = g.clone();
+                backward_rows_generic(theta, 1.5, n, &a, &mut ga);
+                let (mut s2, mut ga2) = (vec![0.0; a.len()], g.clone());
+                forward_backward_rows_generic(theta, 1.5, n, &a, &mut s2, &mut ga2);
+                assert_eq!(s, s2, "{theta:?} n {n}: forward_backward S");
+                assert_eq!(ga, ga2, "{theta:?} n {n}: forward_backward g_a");
+                #[cfg(target_arch = "x86_64")]
+                for (name, wide_ok) in [
+                    ("avx2", std::arch::is_x86_feature_detected!("avx2")),
+                    ("avx512", std::arch::is_x86_feature_detected!("avx512f")),
+                ] {
+                    if !wide_ok {
+                        continue;
+                    }
+                    let (mut sw, mut gw, mut sf, mut gf) =
+                        (vec![0.0; a.len()], g.clone(), vec![0.0; a.len()], g.clone());
+                    // SAFETY: run only where the processor has the instructions.
+                    unsafe {
+                        if name == "avx2" {
+                            wide::forward_rows_avx2(theta, 1.5, n, &a, &mut sw);
+                            wide::backward_rows_avx2(theta, 1.5, n, &a, &mut gw);
+                            wide::forward_backward_rows_avx2(theta, 1.5, n, &a, &mut sf, &mut gf);
+                        } else {
+                            wide::forward_rows_avx512(theta, 1.5, n, &a, &mut sw);
+                            wide::backward_rows_avx512(theta, 1.5, n, &a, &mut gw);
+                            wide::forward_backward_rows_avx512(theta, 1.5, n, &a, &mut sf, &mut gf);
+                        }
+                    }
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&sw), bits(&s), "{theta:?} n {n} {name} forward");
+                    assert_eq!(bits(&gw), bits(&ga), "{theta:?} n {n} {name} backward");
+                    assert_eq!(bits(&sf), bits(&s), "{theta:?} n {n} {name} fused S");
+                    assert_eq!(bits(&gf), bits(&ga), "{theta:?} n {n} {name} fused g_a");
+                }
+            }
+        }
+    }
+}
