@@ -383,6 +383,7 @@ pub(crate) fn row_block(isa: Isa, m: usize, k: usize, n: usize) -> usize {
 
 /// c (m × n, row-major) = a·b (or += when `accumulate`), B packed once and the rows of C cut
 /// into blocks computed in parallel.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm(
     isa: Isa,
     a: View<'_>,
