@@ -3,7 +3,8 @@
 //! 1. every differentiable op passes `gradcheck` (analytic backward = central differences);
 //! 2. broadcasting equals explicit expansion and a naive nested loop;
 //! 3. matmul equals a naive triple loop (every transpose flag, batched and shared operands);
-//! 4. softmax rows are distributions; causal_softmax is zero above the diagonal;
+//! 4. softmax rows are distributions; causal_softmax is zero above the diagonal; fused attention
+//!    matches the plain composition;
 //! 5. narrow and concat are inverse to each other, bit for bit;
 //! 6. bad shapes, ranks, axes and ids give errors that name the op and the shapes, not panics.
 //!
@@ -568,7 +569,18 @@ proptest! {
         let mut rng = Rng::new(seed);
         let dims = [b, h, t, dh];
         let (q, k, v) = (randn(&dims, &mut rng), randn(&dims, &mut rng), randn(&dims, &mut rng));
-        check(|x| autograd::causal_attention(&x[0], &x[1], &x[2]), &[q, k, v], seed)?;
+        let inputs = [q, k, v];
+        check(|x| autograd::causal_attention_fused(&x[0], &x[1], &x[2]), &inputs, seed)?;
+        check(|x| autograd::causal_attention_plain(&x[0], &x[1], &x[2]), &inputs, seed)?;
+    }
+
+    /// The fused kernel's tiles (64 rows and 64 keys on the CPU) only matter past one tile.
+    #[test]
+    fn grad_causal_attention_fused_across_tiles(t in 60usize..140, dh in 1usize..4, seed in any::<u64>()) {
+        let mut rng = Rng::new(seed);
+        let dims = [1, 1, t, dh];
+        let inputs = [randn(&dims, &mut rng), randn(&dims, &mut rng), randn(&dims, &mut rng)];
+        check(|x| autograd::causal_attention_fused(&x[0], &x[1], &x[2]), &inputs, seed)?;
     }
 
     #[test]
@@ -1135,6 +1147,16 @@ fn attention_rope_softmax_and_pattention_reject_bad_shapes() {
         "attention",
         &["[2, 3, 4]"],
     );
+    assert_err(
+        attention::causal_attention_fused(&q, &q, &z(&[1, 2, 4, 4])),
+        "causal_attention_fused",
+        &["[1, 2, 3, 4]", "[1, 2, 4, 4]"],
+    );
+    assert_err(
+        attention::causal_attention_fused_backward(&q, &q, &q, &q, &z(&[1, 2]), &q),
+        "causal_attention_fused_backward",
+        &["[1, 2]"],
+    );
     assert_err(softmax::causal_softmax(&z(&[2, 3]), 1.0), "causal_softmax", &["[2, 3]"]);
     assert_err(softmax::softmax(&Tensor::scalar(0.0)), "softmax", &[]);
 
@@ -1226,6 +1248,36 @@ fn assert_close(got: &[f32], want: &[f64], tol: f64, what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: lengths");
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         assert!((g as f64 - w).abs() <= tol * (1.0 + w.abs()), "{what}: element {i}: {g} vs {w}");
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    /// Fused attention against the plain composition on random shapes (T up to past two CPU
+    /// tiles, odd head dims), forward and all three gradients, within 1e-4·(1 + |plain|): they
+    /// differ only in the order of their sums and in the exp.
+    #[test]
+    fn fused_attention_matches_plain(
+        (b, h, t, dh) in (1usize..3, 1usize..3, 1usize..150, 1usize..40),
+        seed in any::<u64>(),
+    ) {
+        let mut rng = Rng::new(seed);
+        let dims = [b, h, t, dh];
+        let (q, k, v, g) =
+            (randn(&dims, &mut rng), randn(&dims, &mut rng), randn(&dims, &mut rng), randn(&dims, &mut rng));
+        let (out, lse) = attention::causal_attention_fused(&q, &k, &v).unwrap();
+        let (plain, probs) = attention::causal_attention(&q, &k, &v).unwrap();
+        let close = |got: &Tensor, want: &Tensor, what: &str| {
+            let want: Vec<f64> = values(want).iter().map(|&x| x as f64).collect();
+            assert_close(&values(got), &want, 1e-4, &format!("{what} {dims:?}"));
+        };
+        close(&out, &plain, "out");
+        let fused = attention::causal_attention_fused_backward(&q, &k, &v, &out, &lse, &g).unwrap();
+        let reference = attention::causal_attention_backward(&q, &k, &v, &probs, &g).unwrap();
+        close(&fused.0, &reference.0, "gq");
+        close(&fused.1, &reference.1, "gk");
+        close(&fused.2, &reference.2, "gv");
     }
 }
 
@@ -1339,11 +1391,15 @@ fn large_slices_match_slice_by_slice() {
     let dims = [1, 2, 96, 64];
     let (q, k, v) = (randn(&dims, &mut rng), randn(&dims, &mut rng), randn(&dims, &mut rng));
     let (out, _) = attention::causal_attention(&q, &k, &v).unwrap();
+    let (fused, _) = attention::causal_attention_fused(&q, &k, &v).unwrap();
     for h in 0..2 {
         let head = |t: &Tensor| layout::narrow(t, 1, h, 1).unwrap();
         let (oh, _) = attention::causal_attention(&head(&q), &head(&k), &head(&v)).unwrap();
         let want: Vec<f64> = values(&oh).iter().map(|&x| x as f64).collect();
         assert_close(&values(&head(&out)), &want, 1e-5, "attention head");
+        // The fused kernel computes each head alone: the same bits per head.
+        let (fh, _) = attention::causal_attention_fused(&head(&q), &head(&k), &head(&v)).unwrap();
+        assert_eq!(bits(&head(&fused)), bits(&fh), "fused attention head {h}");
     }
 }
 

@@ -18,5 +18,7 @@ pub mod profile;
 mod var;
 
 pub use gradcheck::{gradcheck, GradcheckOptions};
-pub use ops::{causal_attention, concat, embedding};
+pub use ops::{
+    causal_attention, causal_attention_fused, causal_attention_plain, concat, embedding,
+};
 pub use var::{is_grad_enabled, no_grad, BackwardFn, Gradients, Var};

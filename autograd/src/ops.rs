@@ -424,12 +424,41 @@ pub fn embedding(weight: &Var, ids: &Tensor) -> Result<Var> {
     ))
 }
 
-/// Causal scaled dot-product attention over q, k, v [B, H, T, d_h].
+/// Causal scaled dot-product attention over q, k, v [B, H, T, d_h]: the fused kernel, or the
+/// plain composition when `TOKENFORMER_FUSED` turns it off (see `tokenformer_ops::fused`).
+pub fn causal_attention(q: &Var, k: &Var, v: &Var) -> Result<Var> {
+    if attention::fused_enabled()? {
+        causal_attention_fused(q, k, v)
+    } else {
+        causal_attention_plain(q, k, v)
+    }
+}
+
+/// Causal attention as one fused op. The backward pass needs q, k, v, the output and the
+/// per-row log-sum-exp [B, H, T] (it recomputes the probabilities tile by tile from them), so
+/// nothing of size T² is kept or made.
+pub fn causal_attention_fused(q: &Var, k: &Var, v: &Var) -> Result<Var> {
+    let (out, lse) = attention::causal_attention_fused(q.value(), k.value(), v.value())?;
+    let (qt, kt, vt, ot) = (q.value().clone(), k.value().clone(), v.value().clone(), out.clone());
+    Ok(Var::from_op(
+        "causal_attention",
+        out,
+        &[q, k, v],
+        Box::new(move |g| {
+            let (gq, gk, gv) =
+                attention::causal_attention_fused_backward(&qt, &kt, &vt, &ot, &lse, g)?;
+            Ok(vec![Some(gq), Some(gk), Some(gv)])
+        }),
+    ))
+}
+
+/// Causal attention as the plain chain of matmul and softmax kernels: the reference the fused
+/// op is tested against.
 ///
 /// The probabilities [B, H, T, T] are the largest activation of a layer (at T = 1024 they
 /// outweigh everything else it keeps), so they are not kept: the backward pass recomputes them
 /// from q and k, one more GEMM and softmax, with the same bits as the forward's.
-pub fn causal_attention(q: &Var, k: &Var, v: &Var) -> Result<Var> {
+pub fn causal_attention_plain(q: &Var, k: &Var, v: &Var) -> Result<Var> {
     let (out, probs) = attention::causal_attention(q.value(), k.value(), v.value())?;
     drop(probs);
     let (qt, kt, vt) = (q.value().clone(), k.value().clone(), v.value().clone());

@@ -53,6 +53,7 @@ mod tests {
     fn every_family_with_kernels_is_registered_once() {
         for module in [
             "adamw",
+            "attention",
             "binary",
             "cross_entropy",
             "embedding",

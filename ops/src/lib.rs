@@ -17,6 +17,7 @@ pub mod attention;
 pub mod binary;
 pub mod cross_entropy;
 pub mod embedding;
+pub mod fused;
 pub mod kernels;
 pub mod layer_norm;
 pub mod layout;

@@ -12,7 +12,7 @@
 //! | rope (x₁·cos − x₂·sin cancels near 0)            | 1e-5  | 1e-5  | FMA contraction         |
 //! | reductions, norms, softmax, Θ, cross-entropy     | 1e-5  | 1e-4  | summation order         |
 //! | sum_all, sum_squares (thousands of terms)        | 1e-3  | 1e-4  | f32 tree vs f64 CPU sum |
-//! | matmul and attention (cuBLAS, TF32 off)          | 1e-4  | 1e-3  | GEMM blocking order     |
+//! | matmul and attention (cuBLAS, TF32 off; fused)   | 1e-4  | 1e-3  | GEMM blocking order     |
 //!
 //! Without a CUDA device each test prints "skipped: no CUDA device (<reason>)" to stderr and
 //! returns; with `TOKENFORMER_REQUIRE_CUDA=1` (set by scripts/gpu-check.sh) it fails instead.
@@ -24,7 +24,10 @@ use tokenformer_core::{Device, Rng, Tensor};
 use tokenformer_ops::adamw::{
     adamw_step, adamw_step_many, clip_factor, sum_squares, sum_squares_many, AdamW,
 };
-use tokenformer_ops::attention::{causal_attention, causal_attention_backward};
+use tokenformer_ops::attention::{
+    causal_attention, causal_attention_backward, causal_attention_fused,
+    causal_attention_fused_backward,
+};
 use tokenformer_ops::binary::{self, add_backward, div_backward, mul_backward, sub_backward};
 use tokenformer_ops::cross_entropy::{cross_entropy, cross_entropy_backward};
 use tokenformer_ops::embedding::{embedding, embedding_backward};
@@ -746,6 +749,54 @@ fn attention_matches_forward_and_backward() {
     assert_matches("attention gq", &c.0, &r.0, GEMM);
     assert_matches("attention gk", &c.1, &r.1, GEMM);
     assert_matches("attention gv", &c.2, &r.2, GEMM);
+}
+
+/// The fused kernels against the CPU: the plain composition (the reference) and the CPU fused
+/// kernel, forward, log-sum-exp and all three gradients. The shapes cross every tile size the
+/// CUDA kernels pick (32, 16 or 8 rows, by head dim) with partial last tiles, one position, and
+/// odd head dims.
+#[test]
+fn fused_attention_matches_the_cpu() {
+    require_cuda!();
+    for (n, dims) in [
+        [2, 3, 37, 24],
+        [1, 2, 70, 7],
+        [1, 1, 1, 5],
+        [1, 1, 33, 128],
+        [2, 2, 100, 64],
+        [1, 1, 50, 300],
+    ]
+    .iter()
+    .enumerate()
+    {
+        let seed = 200 + 10 * n as u64;
+        let (q, k, v, g) = (
+            randn(dims, seed),
+            randn(dims, seed + 1),
+            randn(dims, seed + 2),
+            randn(dims, seed + 3),
+        );
+        let (gq, gk, gv, gg) = (gpu(&q), gpu(&k), gpu(&v), gpu(&g));
+        let what = |name: &str| format!("fused attention {dims:?} {name}");
+        let (c_out, c_lse) = causal_attention_fused(&gq, &gk, &gv).unwrap();
+        let (f_out, f_lse) = causal_attention_fused(&q, &k, &v).unwrap();
+        let (r_out, r_probs) = causal_attention(&q, &k, &v).unwrap();
+        assert_matches(&what("out vs plain"), &c_out, &r_out, GEMM);
+        assert_matches(&what("out vs cpu fused"), &c_out, &f_out, GEMM);
+        assert_matches(&what("lse"), &c_lse, &f_lse, REDUCTION);
+        let c = causal_attention_fused_backward(&gq, &gk, &gv, &c_out, &c_lse, &gg).unwrap();
+        let f = causal_attention_fused_backward(&q, &k, &v, &f_out, &f_lse, &g).unwrap();
+        let r = causal_attention_backward(&q, &k, &v, &r_probs, &g).unwrap();
+        for (name, c, f, r) in
+            [("gq", &c.0, &f.0, &r.0), ("gk", &c.1, &f.1, &r.1), ("gv", &c.2, &f.2, &r.2)]
+        {
+            assert_matches(&what(&format!("{name} vs plain")), c, r, GEMM);
+            assert_matches(&what(&format!("{name} vs cpu fused")), c, f, GEMM);
+        }
+        // The same bits on a second run: every sum of the kernels runs in a fixed order.
+        let again = causal_attention_fused_backward(&gq, &gk, &gv, &c_out, &c_lse, &gg).unwrap();
+        assert_matches(&what("gk rerun"), &again.1, &c.1, EXACT);
+    }
 }
 
 #[test]

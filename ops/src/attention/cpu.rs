@@ -1,0 +1,827 @@
+//! CPU kernel of the fused causal attention (the math is in mod.rs).
+//!
+//! Work is cut into tiles: `QUERY_TILE` query rows against `KEY_TILE` keys of one head. Every
+//! product inside a tile pair is a small matrix product C (+)= A·B computed by a register-blocked
+//! kernel (`MR` rows × `NR` columns of C held in registers while the shared dimension streams
+//! past), which the compiler turns into AVX2/FMA (or NEON) vector code. The tile operands are
+//! copied into padded scratch buffers first (head dim rounded up to `NR`, partial tiles filled
+//! with zeros), so the kernel never needs edge cases; the copies cost O(tile·d_h) against the
+//! O(tile²·d_h) of the products.
+//!
+//! Parallel work: the forward pass runs one task per (batch, head, query tile); the backward
+//! pass one task per (batch, head), because the key gradients of a head sum over all its query
+//! tiles (splitting them across threads would need either a race or a second pass over the
+//! probabilities). Inside a task every sum runs in a fixed order, so the result is the same bit
+//! for bit whatever the number of threads. Scratch buffers are allocated once per rayon job, not
+//! per tile.
+
+use super::score_scale;
+use crate::{cpu_tensor, PARALLEL_MIN_ELEMS};
+use rayon::prelude::*;
+use tokenformer_core::{Result, Tensor};
+
+/// Query rows per tile and keys per tile. Measured on `bench --preset tiny --batch 16 --seq 256`
+/// (d_h 32) and on d_h 64: 64 × 64 was fastest; 32 and 128 lost 3–10% (smaller tiles spend
+/// more on copies and per-row softmax bookkeeping, larger ones on the masked half of diagonal
+/// tiles and on cache misses).
+const QUERY_TILE: usize = 64;
+const KEY_TILE: usize = 64;
+/// Rows and columns of the register block of the tile products: 4 × 16 accumulators are eight
+/// 8-wide vectors, half the 16 vector registers of AVX2, leaving room for operands.
+const MR: usize = 4;
+const NR: usize = 16;
+const _: () = assert!(
+    QUERY_TILE.is_multiple_of(MR) && KEY_TILE.is_multiple_of(MR) && KEY_TILE.is_multiple_of(NR)
+);
+/// Lanes of the vectorised row sums.
+const LANES: usize = 8;
+
+/// How a multiply-add is computed. The kernels are generic over it so that one source gives a
+/// fused (FMA) version for CPUs that have it and a plain one for those that do not.
+trait Arith {
+    fn mul_add(a: f32, b: f32, c: f32) -> f32;
+}
+
+/// a·b + c rounded once (an FMA instruction where the target has one).
+struct Fused;
+impl Arith for Fused {
+    #[inline(always)]
+    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
+        a.mul_add(b, c)
+    }
+}
+
+/// a·b + c rounded twice: on x86-64 without FMA, `f32::mul_add` would be a slow library call.
+#[cfg_attr(target_arch = "aarch64", allow(dead_code))]
+struct Separate;
+impl Arith for Separate {
+    #[inline(always)]
+    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
+        a * b + c
+    }
+}
+
+/// The instruction set the kernels run with, detected once per call.
+#[derive(Clone, Copy)]
+enum Isa {
+    /// x86-64 with AVX2 and FMA: the vector code is compiled for 8-wide registers.
+    #[cfg(target_arch = "x86_64")]
+    Avx2Fma,
+    /// Whatever the build targets by default (SSE2 on x86-64, NEON with FMA on aarch64).
+    Baseline,
+}
+
+impl Isa {
+    fn detect() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            return Isa::Avx2Fma;
+        }
+        Isa::Baseline
+    }
+}
+
+/// Sizes shared by every tile of one call.
+struct Geometry {
+    /// Sequence length and head dim.
+    t: usize,
+    d: usize,
+    /// The head dim rounded up to a multiple of NR: the row length of the padded tiles.
+    dp: usize,
+    scale: f32,
+}
+
+impl Geometry {
+    fn new(t: usize, d: usize) -> Geometry {
+        Geometry { t, d, dp: d.next_multiple_of(NR), scale: score_scale(d) }
+    }
+    fn query_tiles(&self) -> usize {
+        self.t.div_ceil(QUERY_TILE)
+    }
+}
+
+/// One head's q, k and v, each [T, d_h] row-major.
+#[derive(Clone, Copy)]
+struct Head<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+}
+
+// ---------------------------------------------------------------------------------------------
+// Elementwise helpers
+
+/// e^x within about 2 ulp, for the exponents of a softmax. Written without branches or library
+/// calls, so a loop of them vectorises. Range reduction x = n·ln2 + r with |r| ≤ ln2/2 (ln2 in
+/// two parts so n·ln2 is exact), a degree-6 polynomial for e^r (the Cephes coefficients) and
+/// 2^n put into the exponent bits. Below ln(f32::MIN_POSITIVE) ≈ −87.34 (where e^x is no longer
+/// a normal f32) the result is 0, so e^−∞ = 0 as the online softmax needs; NaN stays NaN.
+#[inline(always)]
+fn exp<A: Arith>(x: f32) -> f32 {
+    const LOWEST: f32 = -87.336_55;
+    const HIGHEST: f32 = 88.3;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Adding 1.5·2^23 rounds to the nearest integer and leaves it in the low mantissa bits.
+    const ROUND: f32 = 12_582_912.0;
+    let xc = x.clamp(LOWEST, HIGHEST);
+    let n_biased = A::mul_add(xc, std::f32::consts::LOG2_E, ROUND);
+    let n = n_biased - ROUND;
+    let r = A::mul_add(n, -LN2_LO, A::mul_add(n, -LN2_HI, xc));
+    let mut p = 1.987_569_1e-4;
+    p = A::mul_add(p, r, 1.398_199_9e-3);
+    p = A::mul_add(p, r, 8.333_452e-3);
+    p = A::mul_add(p, r, 4.166_579_6e-2);
+    p = A::mul_add(p, r, 1.666_666_5e-1);
+    p = A::mul_add(p, r, 0.5);
+    let e_r = A::mul_add(p, r * r, r) + 1.0;
+    // The integer n sits in the low bits of n_biased (|n| ≤ 128 after the clamp).
+    let n_int = n_biased.to_bits().wrapping_sub(ROUND.to_bits()) as i32;
+    let two_n = f32::from_bits(((n_int + 127) as u32) << 23);
+    let e = e_r * two_n;
+    if x < LOWEST {
+        0.0
+    } else {
+        e
+    }
+}
+
+/// Sums `values` in LANES interleaved partial sums added in a fixed tree: the same bits every
+/// time, and vector adds instead of a serial chain.
+#[inline(always)]
+fn lane_sum(lanes: [f32; LANES], tail: f32) -> f32 {
+    let quad = [lanes[0] + lanes[4], lanes[1] + lanes[5], lanes[2] + lanes[6], lanes[3] + lanes[7]];
+    ((quad[0] + quad[2]) + (quad[1] + quad[3])) + tail
+}
+
+/// Σ a_i·b_i.
+#[inline(always)]
+fn dot<A: Arith>(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; LANES];
+    let (a_chunks, b_chunks) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let mut tail = 0.0f32;
+    for (&x, &y) in a_chunks.remainder().iter().zip(b_chunks.remainder()) {
+        tail = A::mul_add(x, y, tail);
+    }
+    for (x, y) in a_chunks.zip(b_chunks) {
+        for l in 0..LANES {
+            lanes[l] = A::mul_add(x[l], y[l], lanes[l]);
+        }
+    }
+    lane_sum(lanes, tail)
+}
+
+/// The largest value of a non-empty row. NaN entries are passed over, as `f32::max` does;
+/// written as a comparison so that it compiles to plain vector max instructions.
+#[inline(always)]
+fn row_max(row: &[f32]) -> f32 {
+    let larger = |m: f32, x: f32| if x > m { x } else { m };
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let chunks = row.chunks_exact(LANES);
+    let tail = chunks.remainder().iter().fold(f32::NEG_INFINITY, |m, &x| larger(m, x));
+    for chunk in chunks {
+        for l in 0..LANES {
+            lanes[l] = larger(lanes[l], chunk[l]);
+        }
+    }
+    lanes.iter().fold(tail, |m, &x| larger(m, x))
+}
+
+/// Σ of a row, in LANES interleaved partial sums.
+#[inline(always)]
+fn row_sum(row: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; LANES];
+    let chunks = row.chunks_exact(LANES);
+    let tail = chunks.remainder().iter().sum::<f32>();
+    for chunk in chunks {
+        for l in 0..LANES {
+            lanes[l] += chunk[l];
+        }
+    }
+    lane_sum(lanes, tail)
+}
+
+/// Overwrites each x of `row` with e^(x·scale − shift) and returns their sum.
+#[inline(always)]
+fn exp_row<A: Arith>(row: &mut [f32], scale: f32, shift: f32) -> f32 {
+    for x in row.iter_mut() {
+        *x = exp::<A>(A::mul_add(*x, scale, -shift));
+    }
+    row_sum(row)
+}
+
+/// Copies `src` (rows of length d) into `dst` (rows of length dp), filling the padding columns
+/// and the rows past the end of `src` with zeros.
+#[inline(always)]
+fn copy_rows_padded(src: &[f32], d: usize, dp: usize, dst: &mut [f32]) {
+    let mut rows = src.chunks_exact(d);
+    for dst_row in dst.chunks_exact_mut(dp) {
+        match rows.next() {
+            Some(row) => {
+                dst_row[..d].copy_from_slice(row);
+                dst_row[d..].fill(0.0);
+            }
+            None => dst_row.fill(0.0),
+        }
+    }
+}
+
+/// Writes the transpose of `src` (rows of length d) into `dst` [dp][width]: dst[c][r] = src[r][c],
+/// zeros in the padding rows and in the columns past the end of `src`.
+#[inline(always)]
+fn copy_transposed_padded(src: &[f32], d: usize, width: usize, dst: &mut [f32]) {
+    dst.fill(0.0);
+    for (r, row) in src.chunks_exact(d).enumerate() {
+        for (c, &x) in row.iter().enumerate() {
+            dst[c * width + r] = x;
+        }
+    }
+}
+
+/// Copies the first `dst.len() / d` rows of `src` (rows of length dp) into `dst` (rows of
+/// length d), times `factor`.
+#[inline(always)]
+fn copy_rows_unpadded(src: &[f32], dp: usize, d: usize, dst: &mut [f32], factor: f32) {
+    for (dst_row, src_row) in dst.chunks_exact_mut(d).zip(src.chunks_exact(dp)) {
+        for (o, &x) in dst_row.iter_mut().zip(src_row) {
+            *o = x * factor;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tile products
+
+/// Which parts of a tile product the causal mask makes unnecessary, for a tile pair whose query
+/// rows start at `first_query` and whose keys start at `first_key`. Entries of a probability
+/// tile with key j > query i are exactly zero, so the products can skip the register blocks
+/// that would only ever meet such entries.
+#[derive(Clone, Copy)]
+enum Causal {
+    /// Every entry is needed (the tile pair lies wholly below the diagonal).
+    Full,
+    /// C is a [queries × keys] tile (scores, or ∂L/∂probabilities): blocks whose every entry has
+    /// key > query are skipped and hold stale values, which the caller never reads.
+    MaskedOutput { first_query: usize, first_key: usize },
+    /// A is a [queries × keys] tile that is zero where key > query (P·V, dS·K): each block of
+    /// rows stops the shared dimension after its last query's key.
+    KeysUpToQuery { first_query: usize, first_key: usize },
+    /// A is the transpose of such a tile, [keys × queries] (Pᵀ·dO, dSᵀ·Q): each block of rows
+    /// starts the shared dimension at its first key's query.
+    QueriesFromKey { first_query: usize, first_key: usize },
+}
+
+/// A matrix read through strides: element (r, p) at `data[r·row_stride + p·col_stride]`, so a
+/// row-major tile (col_stride 1) and its transpose (row_stride 1) are the same type.
+#[derive(Clone, Copy)]
+struct Strided<'a> {
+    data: &'a [f32],
+    row_stride: usize,
+    col_stride: usize,
+}
+
+/// C[m × n] = A[m × k]·B[k × n], or C += A·B when `accumulate`. B and C are row-major with row
+/// strides ldb and ldc; m is a multiple of MR and n of NR. `pack` holds MR·k values.
+///
+/// For each block of MR rows, A's rows are first packed into [k][MR] (one contiguous load per
+/// step of the shared dimension), then each block of NR columns is computed by `micro_kernel`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn tile_product<A: Arith>(
+    (m, n, k): (usize, usize, usize),
+    a: Strided,
+    b: &[f32],
+    ldb: usize,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+    causal: Causal,
+    pack: &mut [f32],
+) {
+    debug_assert!(m % MR == 0 && n % NR == 0);
+    for r0 in (0..m).step_by(MR) {
+        let (p_start, p_end) = match causal {
+            Causal::KeysUpToQuery { first_query, first_key } => {
+                (0, (first_query + r0 + MR).saturating_sub(first_key).min(k))
+            }
+            Causal::QueriesFromKey { first_query, first_key } => {
+                ((first_key + r0).saturating_sub(first_query).min(k), k)
+            }
+            Causal::Full | Causal::MaskedOutput { .. } => (0, k),
+        };
+        let depth = p_end - p_start;
+        if depth == 0 {
+            // Every term of these rows is masked: C += 0 leaves them, C = 0 clears them.
+            if !accumulate {
+                for row in c[r0 * ldc..].chunks_mut(ldc).take(MR) {
+                    row[..n].fill(0.0);
+                }
+            }
+            continue;
+        }
+        let packed = &mut pack[..depth * MR];
+        for (p, dst) in (p_start..p_end).zip(packed.chunks_exact_mut(MR)) {
+            for (r, x) in dst.iter_mut().enumerate() {
+                *x = a.data[(r0 + r) * a.row_stride + p * a.col_stride];
+            }
+        }
+        for c0 in (0..n).step_by(NR) {
+            if let Causal::MaskedOutput { first_query, first_key } = causal {
+                if first_key + c0 > first_query + r0 + MR - 1 {
+                    continue;
+                }
+            }
+            micro_kernel::<A>(
+                packed,
+                &b[p_start * ldb + c0..],
+                ldb,
+                &mut c[r0 * ldc + c0..],
+                ldc,
+                accumulate,
+            );
+        }
+    }
+}
+
+/// One MR × NR block of C (+)= A·B, with A packed as [k][MR] and B's rows `ldb` apart. The
+/// accumulators are a fixed-size array the compiler keeps in vector registers.
+#[inline(always)]
+fn micro_kernel<A: Arith>(
+    a_packed: &[f32],
+    b: &[f32],
+    ldb: usize,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) {
+    let mut acc = [[0.0f32; NR]; MR];
+    if accumulate {
+        for (r, acc_row) in acc.iter_mut().enumerate() {
+            acc_row.copy_from_slice(&c[r * ldc..][..NR]);
+        }
+    }
+    for (a, b_row) in a_packed.chunks_exact(MR).zip(b.chunks(ldb)) {
+        let b_row = &b_row[..NR];
+        for r in 0..MR {
+            for j in 0..NR {
+                acc[r][j] = A::mul_add(a[r], b_row[j], acc[r][j]);
+            }
+        }
+    }
+    for (r, acc_row) in acc.iter().enumerate() {
+        c[r * ldc..][..NR].copy_from_slice(acc_row);
+    }
+}
+
+/// Keys of the tile starting at `first_key` (of `keys`) that query `query` attends to.
+#[inline(always)]
+fn visible_keys(query: usize, first_key: usize, keys: usize) -> usize {
+    (query + 1).saturating_sub(first_key).min(keys)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward
+
+/// Per-job buffers of the forward pass.
+struct ForwardScratch {
+    /// The query tile [QUERY_TILE][dp].
+    q: Vec<f32>,
+    /// The key tile transposed [dp][KEY_TILE], and the value tile [KEY_TILE][dp].
+    k_t: Vec<f32>,
+    v: Vec<f32>,
+    /// Scores, then probabilities (unnormalised) [QUERY_TILE][KEY_TILE].
+    s: Vec<f32>,
+    /// Σ_j e^(s_ij − m_i)·v_j so far [QUERY_TILE][dp], the running maximum m_i and the running
+    /// sum l_i = Σ_j e^(s_ij − m_i) per row.
+    o: Vec<f32>,
+    m: Vec<f32>,
+    l: Vec<f32>,
+    pack: Vec<f32>,
+}
+
+impl ForwardScratch {
+    fn new(g: &Geometry) -> ForwardScratch {
+        ForwardScratch {
+            q: vec![0.0; QUERY_TILE * g.dp],
+            k_t: vec![0.0; g.dp * KEY_TILE],
+            v: vec![0.0; KEY_TILE * g.dp],
+            s: vec![0.0; QUERY_TILE * KEY_TILE],
+            o: vec![0.0; QUERY_TILE * g.dp],
+            m: vec![0.0; QUERY_TILE],
+            l: vec![0.0; QUERY_TILE],
+            pack: vec![0.0; MR * g.dp.max(KEY_TILE)],
+        }
+    }
+}
+
+/// Rows first_query.. of one head: `out` [rows][d] and `lse` [rows].
+#[inline(always)]
+fn forward_tile<A: Arith>(
+    g: &Geometry,
+    head: Head,
+    first_query: usize,
+    out: &mut [f32],
+    lse: &mut [f32],
+    s: &mut ForwardScratch,
+) {
+    let (d, dp, scale) = (g.d, g.dp, g.scale);
+    let rows = lse.len();
+    let last_query = first_query + rows - 1;
+    copy_rows_padded(&head.q[first_query * d..(last_query + 1) * d], d, dp, &mut s.q);
+    s.o.fill(0.0);
+    s.m.fill(f32::NEG_INFINITY);
+    s.l.fill(0.0);
+    // Key tiles wholly after the last query are masked out entirely: never visited.
+    for first_key in (0..=last_query).step_by(KEY_TILE) {
+        let keys = KEY_TILE.min(g.t - first_key);
+        let key_rows = first_key * d..(first_key + keys) * d;
+        copy_transposed_padded(&head.k[key_rows.clone()], d, KEY_TILE, &mut s.k_t);
+        copy_rows_padded(&head.v[key_rows], d, dp, &mut s.v);
+        let on_diagonal = first_key + keys - 1 > first_query;
+        let (scores_mask, product_mask) = if on_diagonal {
+            (
+                Causal::MaskedOutput { first_query, first_key },
+                Causal::KeysUpToQuery { first_query, first_key },
+            )
+        } else {
+            (Causal::Full, Causal::Full)
+        };
+        let q = Strided { data: &s.q, row_stride: dp, col_stride: 1 };
+        let shape = (QUERY_TILE, KEY_TILE, dp);
+        tile_product::<A>(
+            shape,
+            q,
+            &s.k_t,
+            KEY_TILE,
+            &mut s.s,
+            KEY_TILE,
+            false,
+            scores_mask,
+            &mut s.pack,
+        );
+        // Online softmax: fold this tile's scores into each row's running maximum and sum,
+        // rescaling what was accumulated under the old maximum.
+        for (r, row) in s.s.chunks_exact_mut(KEY_TILE).enumerate() {
+            let visible = if r < rows { visible_keys(first_query + r, first_key, keys) } else { 0 };
+            let (kept, masked) = row.split_at_mut(visible);
+            masked.fill(0.0);
+            if kept.is_empty() {
+                continue;
+            }
+            // scale > 0, so max(x)·scale is max(x·scale) exactly.
+            let m_new = s.m[r].max(row_max(kept) * scale);
+            let correction = exp::<A>(s.m[r] - m_new);
+            s.l[r] = A::mul_add(s.l[r], correction, exp_row::<A>(kept, scale, m_new));
+            s.m[r] = m_new;
+            if correction != 1.0 {
+                s.o[r * dp..][..dp].iter_mut().for_each(|x| *x *= correction);
+            }
+        }
+        let p = Strided { data: &s.s, row_stride: KEY_TILE, col_stride: 1 };
+        let shape = (QUERY_TILE, dp, KEY_TILE);
+        tile_product::<A>(shape, p, &s.v, dp, &mut s.o, dp, true, product_mask, &mut s.pack);
+    }
+    for (r, (out_row, lse_r)) in out.chunks_exact_mut(d).zip(lse.iter_mut()).enumerate() {
+        copy_rows_unpadded(&s.o[r * dp..][..dp], dp, d, out_row, 1.0 / s.l[r]);
+        *lse_r = s.m[r] + s.l[r].ln();
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn forward_tile_avx2(
+    g: &Geometry,
+    head: Head,
+    first_query: usize,
+    out: &mut [f32],
+    lse: &mut [f32],
+    s: &mut ForwardScratch,
+) {
+    forward_tile::<Fused>(g, head, first_query, out, lse, s)
+}
+
+fn forward_tile_for(
+    isa: Isa,
+    g: &Geometry,
+    head: Head,
+    first_query: usize,
+    out: &mut [f32],
+    lse: &mut [f32],
+    s: &mut ForwardScratch,
+) {
+    match isa {
+        // SAFETY: Isa::detect returned Avx2Fma only after checking the CPU has AVX2 and FMA.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2Fma => unsafe { forward_tile_avx2(g, head, first_query, out, lse, s) },
+        #[cfg(target_arch = "aarch64")]
+        Isa::Baseline => forward_tile::<Fused>(g, head, first_query, out, lse, s),
+        #[cfg(not(target_arch = "aarch64"))]
+        Isa::Baseline => forward_tile::<Separate>(g, head, first_query, out, lse, s),
+    }
+}
+
+/// (out [B, H, T, d_h], lse [B, H, T]) of the causal attention of q, k, v [B, H, T, d_h].
+pub(crate) fn causal_attention_fused(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let op = "causal_attention_fused";
+    let (qs, ks, vs) = (q.cpu_slice(op)?, k.cpu_slice(op)?, v.cpu_slice(op)?);
+    let dims = q.dims();
+    let (heads, t, d) = (dims[0] * dims[1], dims[2], dims[3]);
+    let mut out = vec![0.0f32; q.numel()];
+    let mut lse = vec![0.0f32; heads * t];
+    if d == 0 {
+        // No features: every score is 0 and each row's softmax is uniform over i + 1 keys.
+        for (i, x) in lse.iter_mut().enumerate() {
+            *x = ((i % t + 1) as f32).ln();
+        }
+    }
+    if heads > 0 && t > 0 && d > 0 {
+        let g = Geometry::new(t, d);
+        let isa = Isa::detect();
+        // One task per (head, query tile); it alone writes that tile's rows of out and lse.
+        let tasks: Vec<(usize, usize, &mut [f32], &mut [f32])> = out
+            .chunks_mut(t * d)
+            .zip(lse.chunks_mut(t))
+            .enumerate()
+            .flat_map(|(h, (out_h, lse_h))| {
+                out_h
+                    .chunks_mut(QUERY_TILE * d)
+                    .zip(lse_h.chunks_mut(QUERY_TILE))
+                    .enumerate()
+                    .map(move |(tile, (out_t, lse_t))| (h, tile * QUERY_TILE, out_t, lse_t))
+            })
+            .collect();
+        let run =
+            |scratch: &mut ForwardScratch,
+             (h, first_query, out_t, lse_t): (usize, usize, &mut [f32], &mut [f32])| {
+                let range = h * t * d..(h + 1) * t * d;
+                let head = Head { q: &qs[range.clone()], k: &ks[range.clone()], v: &vs[range] };
+                forward_tile_for(isa, &g, head, first_query, out_t, lse_t, scratch);
+            };
+        if q.numel() >= PARALLEL_MIN_ELEMS {
+            tasks.into_par_iter().for_each_init(|| ForwardScratch::new(&g), run);
+        } else {
+            let mut scratch = ForwardScratch::new(&g);
+            tasks.into_iter().for_each(|task| run(&mut scratch, task));
+        }
+    }
+    Ok((cpu_tensor(out, dims), cpu_tensor(lse, &dims[..3])))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward
+
+/// Per-job buffers of the backward pass.
+struct BackwardScratch {
+    /// The query tile and the output-gradient tile [QUERY_TILE][dp].
+    q: Vec<f32>,
+    g_out: Vec<f32>,
+    /// The key tile [KEY_TILE][dp] and its transpose [dp][KEY_TILE]; the value tile transposed.
+    k: Vec<f32>,
+    k_t: Vec<f32>,
+    v_t: Vec<f32>,
+    /// Scores, then probabilities; ∂L/∂probabilities, then ∂L/∂scores [QUERY_TILE][KEY_TILE].
+    p: Vec<f32>,
+    ds: Vec<f32>,
+    /// The key tile's gradients [KEY_TILE][dp], summed over query tiles.
+    gk: Vec<f32>,
+    gv: Vec<f32>,
+    /// The head's query gradient [query tiles · QUERY_TILE][dp], summed over key tiles.
+    gq: Vec<f32>,
+    /// D_i = Σ_c g_out[i][c]·out[i][c] per query of the head.
+    delta: Vec<f32>,
+    pack: Vec<f32>,
+}
+
+impl BackwardScratch {
+    fn new(g: &Geometry) -> BackwardScratch {
+        let tile = |rows: usize, cols: usize| vec![0.0f32; rows * cols];
+        BackwardScratch {
+            q: tile(QUERY_TILE, g.dp),
+            g_out: tile(QUERY_TILE, g.dp),
+            k: tile(KEY_TILE, g.dp),
+            k_t: tile(g.dp, KEY_TILE),
+            v_t: tile(g.dp, KEY_TILE),
+            p: tile(QUERY_TILE, KEY_TILE),
+            ds: tile(QUERY_TILE, KEY_TILE),
+            gk: tile(KEY_TILE, g.dp),
+            gv: tile(KEY_TILE, g.dp),
+            gq: tile(g.query_tiles() * QUERY_TILE, g.dp),
+            delta: vec![0.0; g.t],
+            pack: vec![0.0; MR * g.dp.max(KEY_TILE).max(QUERY_TILE)],
+        }
+    }
+}
+
+/// The forward's output, its log-sum-exp and ∂L/∂out of one head.
+#[derive(Clone, Copy)]
+struct HeadGrad<'a> {
+    out: &'a [f32],
+    lse: &'a [f32],
+    g_out: &'a [f32],
+}
+
+/// gq, gk, gv [T][d] of one head. Key tiles outer, query tiles inner: the key tile's gradients
+/// stay in scratch until every query tile at or after it has added to them, and each query
+/// tile's gradient gathers the key tiles in increasing order.
+#[inline(always)]
+fn backward_head<A: Arith>(
+    g: &Geometry,
+    head: Head,
+    grad: HeadGrad,
+    (gq, gk, gv): (&mut [f32], &mut [f32], &mut [f32]),
+    s: &mut BackwardScratch,
+) {
+    let (t, d, dp, scale) = (g.t, g.d, g.dp, g.scale);
+    for ((delta, out_row), g_row) in
+        s.delta.iter_mut().zip(grad.out.chunks_exact(d)).zip(grad.g_out.chunks_exact(d))
+    {
+        *delta = dot::<A>(out_row, g_row);
+    }
+    s.gq.fill(0.0);
+    for first_key in (0..t).step_by(KEY_TILE) {
+        let keys = KEY_TILE.min(t - first_key);
+        let key_rows = first_key * d..(first_key + keys) * d;
+        copy_rows_padded(&head.k[key_rows.clone()], d, dp, &mut s.k);
+        copy_transposed_padded(&head.k[key_rows.clone()], d, KEY_TILE, &mut s.k_t);
+        copy_transposed_padded(&head.v[key_rows], d, KEY_TILE, &mut s.v_t);
+        s.gk.fill(0.0);
+        s.gv.fill(0.0);
+        // Query tiles wholly before this key tile see none of it: skipped.
+        let first_tile = first_key / QUERY_TILE * QUERY_TILE;
+        for first_query in (first_tile..t).step_by(QUERY_TILE) {
+            let rows = QUERY_TILE.min(t - first_query);
+            let query_rows = first_query * d..(first_query + rows) * d;
+            copy_rows_padded(&head.q[query_rows.clone()], d, dp, &mut s.q);
+            copy_rows_padded(&grad.g_out[query_rows], d, dp, &mut s.g_out);
+            let on_diagonal = first_key + keys - 1 > first_query;
+            let mask = |full: Causal| if on_diagonal { full } else { Causal::Full };
+            let scores_mask = mask(Causal::MaskedOutput { first_query, first_key });
+            let (q, g_out) = (
+                Strided { data: &s.q, row_stride: dp, col_stride: 1 },
+                Strided { data: &s.g_out, row_stride: dp, col_stride: 1 },
+            );
+            let shape = (QUERY_TILE, KEY_TILE, dp);
+            tile_product::<A>(
+                shape,
+                q,
+                &s.k_t,
+                KEY_TILE,
+                &mut s.p,
+                KEY_TILE,
+                false,
+                scores_mask,
+                &mut s.pack,
+            );
+            tile_product::<A>(
+                shape,
+                g_out,
+                &s.v_t,
+                KEY_TILE,
+                &mut s.ds,
+                KEY_TILE,
+                false,
+                scores_mask,
+                &mut s.pack,
+            );
+            // P = e^(s·scale − lse), then ∂L/∂s = scale · P ⊙ (∂L/∂P − D), zero where masked.
+            for (r, (p_row, ds_row)) in
+                s.p.chunks_exact_mut(KEY_TILE).zip(s.ds.chunks_exact_mut(KEY_TILE)).enumerate()
+            {
+                let visible =
+                    if r < rows { visible_keys(first_query + r, first_key, keys) } else { 0 };
+                p_row[visible..].fill(0.0);
+                ds_row[visible..].fill(0.0);
+                if visible == 0 {
+                    continue;
+                }
+                let (lse, delta) = (grad.lse[first_query + r], s.delta[first_query + r]);
+                exp_row::<A>(&mut p_row[..visible], scale, lse);
+                for (ds, &p) in ds_row[..visible].iter_mut().zip(&p_row[..visible]) {
+                    *ds = p * (*ds - delta) * scale;
+                }
+            }
+            let from_key = mask(Causal::QueriesFromKey { first_query, first_key });
+            let shape = (KEY_TILE, dp, QUERY_TILE);
+            let p_t = Strided { data: &s.p, row_stride: 1, col_stride: KEY_TILE };
+            tile_product::<A>(shape, p_t, &s.g_out, dp, &mut s.gv, dp, true, from_key, &mut s.pack);
+            let ds_t = Strided { data: &s.ds, row_stride: 1, col_stride: KEY_TILE };
+            tile_product::<A>(shape, ds_t, &s.q, dp, &mut s.gk, dp, true, from_key, &mut s.pack);
+            let up_to_query = mask(Causal::KeysUpToQuery { first_query, first_key });
+            let ds = Strided { data: &s.ds, row_stride: KEY_TILE, col_stride: 1 };
+            let gq_tile = &mut s.gq[first_query * dp..];
+            let shape = (QUERY_TILE, dp, KEY_TILE);
+            tile_product::<A>(shape, ds, &s.k, dp, gq_tile, dp, true, up_to_query, &mut s.pack);
+        }
+        copy_rows_unpadded(&s.gk, dp, d, &mut gk[first_key * d..(first_key + keys) * d], 1.0);
+        copy_rows_unpadded(&s.gv, dp, d, &mut gv[first_key * d..(first_key + keys) * d], 1.0);
+    }
+    copy_rows_unpadded(&s.gq, dp, d, gq, 1.0);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn backward_head_avx2(
+    g: &Geometry,
+    head: Head,
+    grad: HeadGrad,
+    grads: (&mut [f32], &mut [f32], &mut [f32]),
+    s: &mut BackwardScratch,
+) {
+    backward_head::<Fused>(g, head, grad, grads, s)
+}
+
+fn backward_head_for(
+    isa: Isa,
+    g: &Geometry,
+    head: Head,
+    grad: HeadGrad,
+    grads: (&mut [f32], &mut [f32], &mut [f32]),
+    s: &mut BackwardScratch,
+) {
+    match isa {
+        // SAFETY: Isa::detect returned Avx2Fma only after checking the CPU has AVX2 and FMA.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2Fma => unsafe { backward_head_avx2(g, head, grad, grads, s) },
+        #[cfg(target_arch = "aarch64")]
+        Isa::Baseline => backward_head::<Fused>(g, head, grad, grads, s),
+        #[cfg(not(target_arch = "aarch64"))]
+        Isa::Baseline => backward_head::<Separate>(g, head, grad, grads, s),
+    }
+}
+
+/// (gq, gk, gv) of the fused causal attention, from the forward's out and lse.
+pub(crate) fn causal_attention_fused_backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+    lse: &Tensor,
+    g_out: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let op = "causal_attention_fused_backward";
+    let (qs, ks, vs) = (q.cpu_slice(op)?, k.cpu_slice(op)?, v.cpu_slice(op)?);
+    let (out_s, lse_s, g_s) = (out.cpu_slice(op)?, lse.cpu_slice(op)?, g_out.cpu_slice(op)?);
+    let dims = q.dims();
+    let (heads, t, d) = (dims[0] * dims[1], dims[2], dims[3]);
+    let (mut gq, mut gk, mut gv) =
+        (vec![0.0f32; q.numel()], vec![0.0f32; q.numel()], vec![0.0f32; q.numel()]);
+    if heads > 0 && t > 0 && d > 0 {
+        let g = Geometry::new(t, d);
+        let isa = Isa::detect();
+        let head_len = t * d;
+        type Task<'a> = (usize, ((&'a mut [f32], &'a mut [f32]), &'a mut [f32]));
+        let run = |scratch: &mut BackwardScratch, (h, ((gq_h, gk_h), gv_h)): Task| {
+            let range = h * head_len..(h + 1) * head_len;
+            let head = Head { q: &qs[range.clone()], k: &ks[range.clone()], v: &vs[range.clone()] };
+            let grad = HeadGrad {
+                out: &out_s[range.clone()],
+                lse: &lse_s[h * t..(h + 1) * t],
+                g_out: &g_s[range],
+            };
+            backward_head_for(isa, &g, head, grad, (gq_h, gk_h, gv_h), scratch);
+        };
+        if q.numel() >= PARALLEL_MIN_ELEMS {
+            gq.par_chunks_mut(head_len)
+                .zip(gk.par_chunks_mut(head_len))
+                .zip(gv.par_chunks_mut(head_len))
+                .enumerate()
+                .for_each_init(|| BackwardScratch::new(&g), run);
+        } else {
+            let mut scratch = BackwardScratch::new(&g);
+            gq.chunks_mut(head_len)
+                .zip(gk.chunks_mut(head_len))
+                .zip(gv.chunks_mut(head_len))
+                .enumerate()
+                .for_each(|task| run(&mut scratch, task));
+        }
+    }
+    Ok((cpu_tensor(gq, dims), cpu_tensor(gk, dims), cpu_tensor(gv, dims)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_is_within_two_ulp_of_the_library() {
+        let mut worst = 0.0f64;
+        let mut x = -88.0f32;
+        while x <= 0.0 {
+            let (got, want) = (exp::<Separate>(x), (x as f64).exp());
+            if want >= f32::MIN_POSITIVE as f64 {
+                worst = worst.max((got as f64 - want).abs() / want);
+            }
+            x += 0.000_37;
+        }
+        assert!(worst < 2.5 * f32::EPSILON as f64, "relative error {worst:e}");
+        assert_eq!(exp::<Separate>(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp::<Separate>(-100.0), 0.0);
+        assert_eq!(exp::<Separate>(0.0), 1.0);
+        assert!(exp::<Separate>(f32::NAN).is_nan());
+        assert_eq!(exp::<Fused>(f32::NEG_INFINITY), 0.0);
+    }
+}
