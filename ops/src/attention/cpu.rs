@@ -210,30 +210,27 @@ fn exp_row<A: Arith>(row: &mut [f32], scale: f32, shift: f32) -> f32 {
     row_sum(row)
 }
 
-/// Copies `src` (rows of length d) into `dst` (rows of length dp), filling the padding columns
-/// and the rows past the end of `src` with zeros.
+/// Packs a matrix M [m × k] into panels of `width` rows, the layout the tile products stream:
+/// panel r / width holds, for each p in turn, the `width` values M(r, p) of its rows, at
+/// dst[(r / width)·k·width + p·width + r % width]. M is `src` (rows of length d) read as it is,
+/// M(r, p) = src[r·d + p], or transposed, M(r, p) = src[p·d + r]; entries past the end of `src`
+/// or past column d (the padding of partial tiles and of the head dim) are zeros.
 #[inline(always)]
-fn copy_rows_padded(src: &[f32], d: usize, dp: usize, dst: &mut [f32]) {
-    let mut rows = src.chunks_exact(d);
-    for dst_row in dst.chunks_exact_mut(dp) {
-        match rows.next() {
-            Some(row) => {
-                dst_row[..d].copy_from_slice(row);
-                dst_row[d..].fill(0.0);
-            }
-            None => dst_row.fill(0.0),
-        }
-    }
-}
-
-/// Writes the transpose of `src` (rows of length d) into `dst` [dp][width]: dst[c][r] = src[r][c],
-/// zeros in the padding rows and in the columns past the end of `src`.
-#[inline(always)]
-fn copy_transposed_padded(src: &[f32], d: usize, width: usize, dst: &mut [f32]) {
+fn pack_panels(src: &[f32], d: usize, transposed: bool, k: usize, width: usize, dst: &mut [f32]) {
     dst.fill(0.0);
-    for (r, row) in src.chunks_exact(d).enumerate() {
-        for (c, &x) in row.iter().enumerate() {
-            dst[c * width + r] = x;
+    let panel_len = k * width;
+    for (i, row) in src.chunks_exact(d).enumerate() {
+        if transposed {
+            // Row i of src is column p = i of M: runs of `width` adjacent values per panel.
+            for (panel, values) in dst.chunks_exact_mut(panel_len).zip(row.chunks(width)) {
+                panel[i * width..][..values.len()].copy_from_slice(values);
+            }
+        } else {
+            // Row i of src is row r = i of M: one value per step p of its panel.
+            let panel = &mut dst[(i / width) * panel_len..][..panel_len];
+            for (p, &x) in row.iter().enumerate() {
+                panel[p * width + i % width] = x;
+            }
         }
     }
 }
@@ -271,27 +268,30 @@ enum Causal {
     QueriesFromKey { first_query: usize, first_key: usize },
 }
 
-/// A matrix read through strides: element (r, p) at `data[r·row_stride + p·col_stride]`, so a
-/// row-major tile (col_stride 1) and its transpose (row_stride 1) are the same type.
+/// The A operand of a tile product.
 #[derive(Clone, Copy)]
-struct Strided<'a> {
-    data: &'a [f32],
-    row_stride: usize,
-    col_stride: usize,
+enum Operand<'a> {
+    /// Already packed into panels of MR rows (`pack_panels` with width MR).
+    Packed(&'a [f32]),
+    /// A row-major tile with rows `ld` apart, packed by the product as it goes: A(r, p) =
+    /// data[r·ld + p].
+    Rows(&'a [f32], usize),
+    /// The transpose of such a tile: A(r, p) = data[p·ld + r].
+    Transposed(&'a [f32], usize),
 }
 
-/// C[m × n] = A[m × k]·B[k × n], or C += A·B when `accumulate`. B and C are row-major with row
-/// strides ldb and ldc; m is a multiple of MR and n of NR. `pack` holds MR·k values.
+/// C[m × n] = A[m × k]·B[k × n], or C += A·B when `accumulate`; B comes packed into panels of
+/// NR columns (`pack_panels` of Bᵀ with width NR), C is row-major with rows `ldc` apart, m is a
+/// multiple of MR and n of NR. `pack` holds MR·k values, for an A that is not packed yet.
 ///
-/// For each block of MR rows, A's rows are first packed into [k][MR] (one contiguous load per
-/// step of the shared dimension), then each block of NR columns is computed by `micro_kernel`.
+/// Each block of MR rows of A is one panel, [k][MR]; each block of NR columns of B is one,
+/// [k][NR]; `micro_kernel` streams the two side by side.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn tile_product<A: Arith>(
     (m, n, k): (usize, usize, usize),
-    a: Strided,
+    a: Operand,
     b: &[f32],
-    ldb: usize,
     c: &mut [f32],
     ldc: usize,
     accumulate: bool,
@@ -319,37 +319,45 @@ fn tile_product<A: Arith>(
             }
             continue;
         }
-        let packed = &mut pack[..depth * MR];
-        for (p, dst) in (p_start..p_end).zip(packed.chunks_exact_mut(MR)) {
-            for (r, x) in dst.iter_mut().enumerate() {
-                *x = a.data[(r0 + r) * a.row_stride + p * a.col_stride];
+        let a_panel: &[f32] = match a {
+            Operand::Packed(data) => &data[r0 * k + p_start * MR..r0 * k + p_end * MR],
+            Operand::Transposed(data, ld) => {
+                // The MR values of one step p are adjacent.
+                for (p, dst) in (p_start..p_end).zip(pack.chunks_exact_mut(MR)) {
+                    dst.copy_from_slice(&data[p * ld + r0..][..MR]);
+                }
+                &pack[..depth * MR]
             }
-        }
+            Operand::Rows(data, ld) => {
+                // Interleave MR row slices (bounds checked once per row, not per element).
+                let rows: [&[f32]; MR] =
+                    std::array::from_fn(|r| &data[(r0 + r) * ld + p_start..][..depth]);
+                for (p, dst) in pack[..depth * MR].chunks_exact_mut(MR).enumerate() {
+                    for (x, row) in dst.iter_mut().zip(&rows) {
+                        *x = row[p];
+                    }
+                }
+                &pack[..depth * MR]
+            }
+        };
         for c0 in (0..n).step_by(NR) {
             if let Causal::MaskedOutput { first_query, first_key } = causal {
                 if first_key + c0 > first_query + r0 + MR - 1 {
                     continue;
                 }
             }
-            micro_kernel::<A>(
-                packed,
-                &b[p_start * ldb + c0..],
-                ldb,
-                &mut c[r0 * ldc + c0..],
-                ldc,
-                accumulate,
-            );
+            let b_panel = &b[c0 * k + p_start * NR..c0 * k + p_end * NR];
+            micro_kernel::<A>(a_panel, b_panel, &mut c[r0 * ldc + c0..], ldc, accumulate);
         }
     }
 }
 
-/// One MR × NR block of C (+)= A·B, with A packed as [k][MR] and B's rows `ldb` apart. The
+/// One MR × NR block of C (+)= A·B from an A panel [k][MR] and a B panel [k][NR]. The
 /// accumulators are a fixed-size array the compiler keeps in vector registers.
 #[inline(always)]
 fn micro_kernel<A: Arith>(
-    a_packed: &[f32],
-    b: &[f32],
-    ldb: usize,
+    a_panel: &[f32],
+    b_panel: &[f32],
     c: &mut [f32],
     ldc: usize,
     accumulate: bool,
@@ -360,11 +368,12 @@ fn micro_kernel<A: Arith>(
             acc_row.copy_from_slice(&c[r * ldc..][..NR]);
         }
     }
-    for (a, b_row) in a_packed.chunks_exact(MR).zip(b.chunks(ldb)) {
-        let b_row = &b_row[..NR];
+    let (a_steps, _) = a_panel.as_chunks::<MR>();
+    let (b_steps, _) = b_panel.as_chunks::<NR>();
+    for (a, b) in a_steps.iter().zip(b_steps) {
         for r in 0..MR {
             for j in 0..NR {
-                acc[r][j] = A::mul_add(a[r], b_row[j], acc[r][j]);
+                acc[r][j] = A::mul_add(a[r], b[j], acc[r][j]);
             }
         }
     }
@@ -384,9 +393,10 @@ fn visible_keys(query: usize, first_key: usize, keys: usize) -> usize {
 
 /// Per-job buffers of the forward pass.
 struct ForwardScratch {
-    /// The query tile [QUERY_TILE][dp].
+    /// The query tile as A panels (rows: queries, depth: head dim).
     q: Vec<f32>,
-    /// The key tile transposed [dp][KEY_TILE], and the value tile [KEY_TILE][dp].
+    /// The key tile as B panels of kᵀ (depth: head dim, columns: keys), and the value tile as
+    /// B panels of v (depth: keys, columns: head dim).
     k_t: Vec<f32>,
     v: Vec<f32>,
     /// Scores, then probabilities (unnormalised) [QUERY_TILE][KEY_TILE].
@@ -427,7 +437,7 @@ fn forward_tile<A: Arith>(
     let (d, dp, scale) = (g.d, g.dp, g.scale);
     let rows = lse.len();
     let last_query = first_query + rows - 1;
-    copy_rows_padded(&head.q[first_query * d..(last_query + 1) * d], d, dp, &mut s.q);
+    pack_panels(&head.q[first_query * d..(last_query + 1) * d], d, false, dp, MR, &mut s.q);
     s.o.fill(0.0);
     s.m.fill(f32::NEG_INFINITY);
     s.l.fill(0.0);
@@ -435,8 +445,8 @@ fn forward_tile<A: Arith>(
     for first_key in (0..=last_query).step_by(KEY_TILE) {
         let keys = KEY_TILE.min(g.t - first_key);
         let key_rows = first_key * d..(first_key + keys) * d;
-        copy_transposed_padded(&head.k[key_rows.clone()], d, KEY_TILE, &mut s.k_t);
-        copy_rows_padded(&head.v[key_rows], d, dp, &mut s.v);
+        pack_panels(&head.k[key_rows.clone()], d, false, dp, NR, &mut s.k_t);
+        pack_panels(&head.v[key_rows], d, true, KEY_TILE, NR, &mut s.v);
         let on_diagonal = first_key + keys - 1 > first_query;
         let (scores_mask, product_mask) = if on_diagonal {
             (
@@ -446,19 +456,8 @@ fn forward_tile<A: Arith>(
         } else {
             (Causal::Full, Causal::Full)
         };
-        let q = Strided { data: &s.q, row_stride: dp, col_stride: 1 };
-        let shape = (QUERY_TILE, KEY_TILE, dp);
-        tile_product::<A>(
-            shape,
-            q,
-            &s.k_t,
-            KEY_TILE,
-            &mut s.s,
-            KEY_TILE,
-            false,
-            scores_mask,
-            &mut s.pack,
-        );
+        let (q, shape) = (Operand::Packed(&s.q), (QUERY_TILE, KEY_TILE, dp));
+        tile_product::<A>(shape, q, &s.k_t, &mut s.s, KEY_TILE, false, scores_mask, &mut s.pack);
         // Online softmax: fold this tile's scores into each row's running maximum and sum,
         // rescaling what was accumulated under the old maximum.
         for (r, row) in s.s.chunks_exact_mut(KEY_TILE).enumerate() {
@@ -477,9 +476,9 @@ fn forward_tile<A: Arith>(
                 s.o[r * dp..][..dp].iter_mut().for_each(|x| *x *= correction);
             }
         }
-        let p = Strided { data: &s.s, row_stride: KEY_TILE, col_stride: 1 };
+        let p = Operand::Rows(&s.s, KEY_TILE);
         let shape = (QUERY_TILE, dp, KEY_TILE);
-        tile_product::<A>(shape, p, &s.v, dp, &mut s.o, dp, true, product_mask, &mut s.pack);
+        tile_product::<A>(shape, p, &s.v, &mut s.o, dp, true, product_mask, &mut s.pack);
     }
     for (r, (out_row, lse_r)) in out.chunks_exact_mut(d).zip(lse.iter_mut()).enumerate() {
         copy_rows_unpadded(&s.o[r * dp..][..dp], dp, d, out_row, 1.0 / s.l[r]);
@@ -576,10 +575,14 @@ pub(crate) fn causal_attention_fused(
 
 /// Per-job buffers of the backward pass.
 struct BackwardScratch {
-    /// The query tile and the output-gradient tile [QUERY_TILE][dp].
-    q: Vec<f32>,
-    g_out: Vec<f32>,
-    /// The key tile [KEY_TILE][dp] and its transpose [dp][KEY_TILE]; the value tile transposed.
+    /// The query tile and the output-gradient tile, each as A panels (rows: queries, depth:
+    /// head dim) and as B panels (depth: queries, columns: head dim).
+    q_a: Vec<f32>,
+    q_b: Vec<f32>,
+    g_out_a: Vec<f32>,
+    g_out_b: Vec<f32>,
+    /// The key tile as B panels of k (depth: keys) and of kᵀ (columns: keys); the value tile
+    /// as B panels of vᵀ.
     k: Vec<f32>,
     k_t: Vec<f32>,
     v_t: Vec<f32>,
@@ -600,8 +603,10 @@ impl BackwardScratch {
     fn new(g: &Geometry) -> BackwardScratch {
         let tile = |rows: usize, cols: usize| vec![0.0f32; rows * cols];
         BackwardScratch {
-            q: tile(QUERY_TILE, g.dp),
-            g_out: tile(QUERY_TILE, g.dp),
+            q_a: tile(QUERY_TILE, g.dp),
+            q_b: tile(QUERY_TILE, g.dp),
+            g_out_a: tile(QUERY_TILE, g.dp),
+            g_out_b: tile(QUERY_TILE, g.dp),
             k: tile(KEY_TILE, g.dp),
             k_t: tile(g.dp, KEY_TILE),
             v_t: tile(g.dp, KEY_TILE),
@@ -645,9 +650,9 @@ fn backward_head<A: Arith>(
     for first_key in (0..t).step_by(KEY_TILE) {
         let keys = KEY_TILE.min(t - first_key);
         let key_rows = first_key * d..(first_key + keys) * d;
-        copy_rows_padded(&head.k[key_rows.clone()], d, dp, &mut s.k);
-        copy_transposed_padded(&head.k[key_rows.clone()], d, KEY_TILE, &mut s.k_t);
-        copy_transposed_padded(&head.v[key_rows], d, KEY_TILE, &mut s.v_t);
+        pack_panels(&head.k[key_rows.clone()], d, true, KEY_TILE, NR, &mut s.k);
+        pack_panels(&head.k[key_rows.clone()], d, false, dp, NR, &mut s.k_t);
+        pack_panels(&head.v[key_rows], d, false, dp, NR, &mut s.v_t);
         s.gk.fill(0.0);
         s.gv.fill(0.0);
         // Query tiles wholly before this key tile see none of it: skipped.
@@ -655,21 +660,20 @@ fn backward_head<A: Arith>(
         for first_query in (first_tile..t).step_by(QUERY_TILE) {
             let rows = QUERY_TILE.min(t - first_query);
             let query_rows = first_query * d..(first_query + rows) * d;
-            copy_rows_padded(&head.q[query_rows.clone()], d, dp, &mut s.q);
-            copy_rows_padded(&grad.g_out[query_rows], d, dp, &mut s.g_out);
+            let (q_rows, g_rows) = (&head.q[query_rows.clone()], &grad.g_out[query_rows]);
+            pack_panels(q_rows, d, false, dp, MR, &mut s.q_a);
+            pack_panels(q_rows, d, true, QUERY_TILE, NR, &mut s.q_b);
+            pack_panels(g_rows, d, false, dp, MR, &mut s.g_out_a);
+            pack_panels(g_rows, d, true, QUERY_TILE, NR, &mut s.g_out_b);
             let on_diagonal = first_key + keys - 1 > first_query;
             let mask = |full: Causal| if on_diagonal { full } else { Causal::Full };
             let scores_mask = mask(Causal::MaskedOutput { first_query, first_key });
-            let (q, g_out) = (
-                Strided { data: &s.q, row_stride: dp, col_stride: 1 },
-                Strided { data: &s.g_out, row_stride: dp, col_stride: 1 },
-            );
+            let (q, g_out) = (Operand::Packed(&s.q_a), Operand::Packed(&s.g_out_a));
             let shape = (QUERY_TILE, KEY_TILE, dp);
             tile_product::<A>(
                 shape,
                 q,
                 &s.k_t,
-                KEY_TILE,
                 &mut s.p,
                 KEY_TILE,
                 false,
@@ -680,7 +684,6 @@ fn backward_head<A: Arith>(
                 shape,
                 g_out,
                 &s.v_t,
-                KEY_TILE,
                 &mut s.ds,
                 KEY_TILE,
                 false,
@@ -706,15 +709,15 @@ fn backward_head<A: Arith>(
             }
             let from_key = mask(Causal::QueriesFromKey { first_query, first_key });
             let shape = (KEY_TILE, dp, QUERY_TILE);
-            let p_t = Strided { data: &s.p, row_stride: 1, col_stride: KEY_TILE };
-            tile_product::<A>(shape, p_t, &s.g_out, dp, &mut s.gv, dp, true, from_key, &mut s.pack);
-            let ds_t = Strided { data: &s.ds, row_stride: 1, col_stride: KEY_TILE };
-            tile_product::<A>(shape, ds_t, &s.q, dp, &mut s.gk, dp, true, from_key, &mut s.pack);
+            let p_t = Operand::Transposed(&s.p, KEY_TILE);
+            tile_product::<A>(shape, p_t, &s.g_out_b, &mut s.gv, dp, true, from_key, &mut s.pack);
+            let ds_t = Operand::Transposed(&s.ds, KEY_TILE);
+            tile_product::<A>(shape, ds_t, &s.q_b, &mut s.gk, dp, true, from_key, &mut s.pack);
             let up_to_query = mask(Causal::KeysUpToQuery { first_query, first_key });
-            let ds = Strided { data: &s.ds, row_stride: KEY_TILE, col_stride: 1 };
+            let ds = Operand::Rows(&s.ds, KEY_TILE);
             let gq_tile = &mut s.gq[first_query * dp..];
             let shape = (QUERY_TILE, dp, KEY_TILE);
-            tile_product::<A>(shape, ds, &s.k, dp, gq_tile, dp, true, up_to_query, &mut s.pack);
+            tile_product::<A>(shape, ds, &s.k, gq_tile, dp, true, up_to_query, &mut s.pack);
         }
         copy_rows_unpadded(&s.gk, dp, d, &mut gk[first_key * d..(first_key + keys) * d], 1.0);
         copy_rows_unpadded(&s.gv, dp, d, &mut gv[first_key * d..(first_key + keys) * d], 1.0);
