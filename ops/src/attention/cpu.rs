@@ -3,10 +3,10 @@
 //! Work is cut into tiles: `QUERY_TILE` query rows against `KEY_TILE` keys of one head. Every
 //! product inside a tile pair is a small matrix product C (+)= A·B computed by a register-blocked
 //! kernel (`MR` rows × `NR` columns of C held in registers while the shared dimension streams
-//! past), which the compiler turns into AVX2/FMA (or NEON) vector code. The tile operands are
-//! copied into padded scratch buffers first (head dim rounded up to `NR`, partial tiles filled
-//! with zeros), so the kernel never needs edge cases; the copies cost O(tile·d_h) against the
-//! O(tile²·d_h) of the products.
+//! past), which the compiler turns into AVX2/FMA (or NEON) vector code. The operands are first
+//! packed into panels, the order in which that kernel reads them (`pack_panels`), with the head
+//! dim rounded up to `NR` and partial tiles filled with zeros, so the kernel needs no edge cases;
+//! packing costs O(tile·d_h) against the O(tile²·d_h) of the products.
 //!
 //! Parallel work: the forward pass runs one task per (batch, head, query tile); the backward
 //! pass one task per (batch, head), because the key gradients of a head sum over all its query
