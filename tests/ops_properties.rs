@@ -574,7 +574,7 @@ proptest! {
         check(|x| autograd::causal_attention_plain(&x[0], &x[1], &x[2]), &inputs, seed)?;
     }
 
-    /// The fused kernel's tiles (64 rows and 64 keys on the CPU) only matter past one tile.
+    /// The fused kernel's tiles (64 query rows and 128 keys on the CPU) matter past one tile.
     #[test]
     fn grad_causal_attention_fused_across_tiles(t in 60usize..140, dh in 1usize..4, seed in any::<u64>()) {
         let mut rng = Rng::new(seed);

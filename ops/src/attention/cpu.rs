@@ -20,12 +20,13 @@ use crate::{cpu_tensor, PARALLEL_MIN_ELEMS};
 use rayon::prelude::*;
 use tokenformer_core::{Result, Tensor};
 
-/// Query rows per tile and keys per tile. Measured on `bench --preset tiny --batch 16 --seq 256`
-/// (d_h 32) and on d_h 64: 64 × 64 was fastest; 32 and 128 lost 3–10% (smaller tiles spend
-/// more on copies and per-row softmax bookkeeping, larger ones on the masked half of diagonal
-/// tiles and on cache misses).
+/// Query rows per tile and keys per tile. Measured on this kernel alone (CPU time of one
+/// thread, [16, 4, 256, 32], [8, 6, 256, 64] and [8, 4, 64, 32]) against 64 × 64 and
+/// 128 × 128: all three within 5% at d_h 32; at d_h 64 the 128-key tiles about 10% faster
+/// (fewer key tiles, so fewer passes of the key gradients through the query tiles). 64 query
+/// rows keep the forward pass's tasks small enough to balance across threads.
 const QUERY_TILE: usize = 64;
-const KEY_TILE: usize = 64;
+const KEY_TILE: usize = 128;
 /// Rows and columns of the register block of the tile products: 4 × 16 accumulators are eight
 /// 8-wide vectors, half the 16 vector registers of AVX2, leaving room for operands.
 const MR: usize = 4;
@@ -282,14 +283,16 @@ enum Operand<'a> {
 
 /// C[m × n] = A[m × k]·B[k × n], or C += A·B when `accumulate`; B comes packed into panels of
 /// NR columns (`pack_panels` of Bᵀ with width NR), C is row-major with rows `ldc` apart, m is a
-/// multiple of MR and n of NR. `pack` holds MR·k values, for an A that is not packed yet.
+/// multiple of MR and n of NR. Packed operands were packed for a depth of `panel_depth` ≥ k
+/// (a whole tile), of which the product uses the first k (the part of the tile that is
+/// present). `pack` holds MR·k values, for an A that is not packed yet.
 ///
 /// Each block of MR rows of A is one panel, [k][MR]; each block of NR columns of B is one,
 /// [k][NR]; `micro_kernel` streams the two side by side.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn tile_product<A: Arith>(
-    (m, n, k): (usize, usize, usize),
+    (m, n, k, panel_depth): (usize, usize, usize, usize),
     a: Operand,
     b: &[f32],
     c: &mut [f32],
@@ -320,7 +323,10 @@ fn tile_product<A: Arith>(
             continue;
         }
         let a_panel: &[f32] = match a {
-            Operand::Packed(data) => &data[r0 * k + p_start * MR..r0 * k + p_end * MR],
+            Operand::Packed(data) => {
+                let panel = r0 * panel_depth;
+                &data[panel + p_start * MR..panel + p_end * MR]
+            }
             Operand::Transposed(data, ld) => {
                 // The MR values of one step p are adjacent.
                 for (p, dst) in (p_start..p_end).zip(pack.chunks_exact_mut(MR)) {
@@ -346,7 +352,8 @@ fn tile_product<A: Arith>(
                     continue;
                 }
             }
-            let b_panel = &b[c0 * k + p_start * NR..c0 * k + p_end * NR];
+            let panel = c0 * panel_depth;
+            let b_panel = &b[panel + p_start * NR..panel + p_end * NR];
             micro_kernel::<A>(a_panel, b_panel, &mut c[r0 * ldc + c0..], ldc, accumulate);
         }
     }
@@ -436,6 +443,8 @@ fn forward_tile<A: Arith>(
 ) {
     let (d, dp, scale) = (g.d, g.dp, g.scale);
     let rows = lse.len();
+    // Rows of the tile that are computed: those present, rounded up to the register block.
+    let rows_p = rows.next_multiple_of(MR);
     let last_query = first_query + rows - 1;
     pack_panels(&head.q[first_query * d..(last_query + 1) * d], d, false, dp, MR, &mut s.q);
     s.o.fill(0.0);
@@ -456,11 +465,11 @@ fn forward_tile<A: Arith>(
         } else {
             (Causal::Full, Causal::Full)
         };
-        let (q, shape) = (Operand::Packed(&s.q), (QUERY_TILE, KEY_TILE, dp));
+        let (q, shape) = (Operand::Packed(&s.q), (rows_p, keys.next_multiple_of(NR), dp, dp));
         tile_product::<A>(shape, q, &s.k_t, &mut s.s, KEY_TILE, false, scores_mask, &mut s.pack);
         // Online softmax: fold this tile's scores into each row's running maximum and sum,
         // rescaling what was accumulated under the old maximum.
-        for (r, row) in s.s.chunks_exact_mut(KEY_TILE).enumerate() {
+        for (r, row) in s.s.chunks_exact_mut(KEY_TILE).take(rows_p).enumerate() {
             let visible = if r < rows { visible_keys(first_query + r, first_key, keys) } else { 0 };
             let (kept, masked) = row.split_at_mut(visible);
             masked.fill(0.0);
@@ -477,7 +486,7 @@ fn forward_tile<A: Arith>(
             }
         }
         let p = Operand::Rows(&s.s, KEY_TILE);
-        let shape = (QUERY_TILE, dp, KEY_TILE);
+        let shape = (rows_p, dp, keys, KEY_TILE);
         tile_product::<A>(shape, p, &s.v, &mut s.o, dp, true, product_mask, &mut s.pack);
     }
     for (r, (out_row, lse_r)) in out.chunks_exact_mut(d).zip(lse.iter_mut()).enumerate() {
@@ -659,6 +668,7 @@ fn backward_head<A: Arith>(
         let first_tile = first_key / QUERY_TILE * QUERY_TILE;
         for first_query in (first_tile..t).step_by(QUERY_TILE) {
             let rows = QUERY_TILE.min(t - first_query);
+            let rows_p = rows.next_multiple_of(MR);
             let query_rows = first_query * d..(first_query + rows) * d;
             let (q_rows, g_rows) = (&head.q[query_rows.clone()], &grad.g_out[query_rows]);
             pack_panels(q_rows, d, false, dp, MR, &mut s.q_a);
@@ -669,7 +679,7 @@ fn backward_head<A: Arith>(
             let mask = |full: Causal| if on_diagonal { full } else { Causal::Full };
             let scores_mask = mask(Causal::MaskedOutput { first_query, first_key });
             let (q, g_out) = (Operand::Packed(&s.q_a), Operand::Packed(&s.g_out_a));
-            let shape = (QUERY_TILE, KEY_TILE, dp);
+            let shape = (rows_p, keys.next_multiple_of(NR), dp, dp);
             tile_product::<A>(
                 shape,
                 q,
@@ -692,7 +702,10 @@ fn backward_head<A: Arith>(
             );
             // P = e^(s·scale − lse), then ∂L/∂s = scale · P ⊙ (∂L/∂P − D), zero where masked.
             for (r, (p_row, ds_row)) in
-                s.p.chunks_exact_mut(KEY_TILE).zip(s.ds.chunks_exact_mut(KEY_TILE)).enumerate()
+                s.p.chunks_exact_mut(KEY_TILE)
+                    .zip(s.ds.chunks_exact_mut(KEY_TILE))
+                    .take(rows_p)
+                    .enumerate()
             {
                 let visible =
                     if r < rows { visible_keys(first_query + r, first_key, keys) } else { 0 };
@@ -708,7 +721,7 @@ fn backward_head<A: Arith>(
                 }
             }
             let from_key = mask(Causal::QueriesFromKey { first_query, first_key });
-            let shape = (KEY_TILE, dp, QUERY_TILE);
+            let shape = (keys.next_multiple_of(MR), dp, rows, QUERY_TILE);
             let p_t = Operand::Transposed(&s.p, KEY_TILE);
             tile_product::<A>(shape, p_t, &s.g_out_b, &mut s.gv, dp, true, from_key, &mut s.pack);
             let ds_t = Operand::Transposed(&s.ds, KEY_TILE);
@@ -716,7 +729,7 @@ fn backward_head<A: Arith>(
             let up_to_query = mask(Causal::KeysUpToQuery { first_query, first_key });
             let ds = Operand::Rows(&s.ds, KEY_TILE);
             let gq_tile = &mut s.gq[first_query * dp..];
-            let shape = (QUERY_TILE, dp, KEY_TILE);
+            let shape = (rows_p, dp, keys, KEY_TILE);
             tile_product::<A>(shape, ds, &s.k, gq_tile, dp, true, up_to_query, &mut s.pack);
         }
         copy_rows_unpadded(&s.gk, dp, d, &mut gk[first_key * d..(first_key + keys) * d], 1.0);

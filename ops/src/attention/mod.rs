@@ -226,9 +226,9 @@ mod fused_tests {
     use super::*;
     use crate::testing::{assert_close, check_grad, randn, values};
 
-    /// Shapes [B, H, T, d_h] that reach every edge of the CPU tiles (64 × 64, head dim padded
-    /// to 16): one position, odd head dims, T a multiple of the tile, one more, and several
-    /// tiles with a partial last one.
+    /// Shapes [B, H, T, d_h] that reach every edge of the CPU tiles (64 query rows × 128 keys,
+    /// head dim padded to 16): one position, odd head dims, T at and just past a query tile,
+    /// and several tiles of both kinds with partial last ones.
     const SHAPES: [[usize; 4]; 7] = [
         [1, 1, 1, 1],
         [2, 3, 5, 7],
@@ -291,8 +291,8 @@ mod fused_tests {
 
     #[test]
     fn fused_backward_matches_finite_differences() {
-        // Two query tiles and two key tiles, a partial last one, an odd head dim.
-        for dims in [[1, 1, 70, 3], [2, 1, 4, 5]] {
+        // Three query tiles and two key tiles, partial last ones, an odd head dim.
+        for dims in [[1, 1, 131, 3], [2, 1, 4, 5]] {
             let (q, k, v) = (randn(&dims, 4), randn(&dims, 5), randn(&dims, 6));
             let g = randn(&dims, 7);
             let (out, lse) = causal_attention_fused(&q, &k, &v).unwrap();
