@@ -17,8 +17,10 @@
 //! **Fused** (`causal_attention_fused`, `causal_attention_fused_backward`): one kernel per
 //! direction, on the CPU (cpu.rs) and on CUDA (kernels.cu), that never holds more than a tile
 //! of P. Why: the plain version stores B·H·T² floats per layer and runs full T×T products
-//! although half of P is masked; at 150M (batch 8 × 1024) that is 4.8 GB more memory than the
-//! fused one on a GPU, and on the CPU the T² buffers run through the caches five times a step.
+//! although half of P is masked. At 150M (batch 8 × 1024) that is 4.8 GB more memory than the
+//! fused one on a GPU; on the CPU, at `tiny` batch 16 × 256, plain attention was about 40% of
+//! a training step (forward and backward of [16, 4, 256, 32]: 235 ms a layer on a 2-core AVX2
+//! machine, against 65 ms fused) and its T² buffers raised the peak memory from 202 to 229 MiB.
 //! The fused kernels walk key tiles in order for each tile of query rows, skip the tiles that
 //! lie wholly after the row tile (masked), and keep per row a running maximum m, a running sum
 //! l and an unnormalised output o (the online softmax). For each key tile J:
