@@ -42,18 +42,53 @@ const HEADER_LEN_BYTES: usize = 8;
 /// complete new one, never a prefix.
 pub fn save_safetensors(path: impl AsRef<Path>, tensors: &[(String, Tensor)]) -> Result<()> {
     let path = path.as_ref();
-    let header = header_bytes(path, tensors)?;
-
     let tmp = temp_sibling(path);
-    let result = write_file(&tmp, &header, tensors).and_then(|()| {
-        fs::rename(&tmp, path).map_err(|e| Error::io(path.display(), format!("cannot write: {e}")))
-    });
+    let result = File::create(&tmp)
+        .map_err(|e| Error::io(tmp.display(), format!("cannot write: {e}")))
+        .and_then(|file| write_safetensors(file, &tmp, tensors))
+        .and_then(|file| {
+            file.sync_all().map_err(|e| Error::io(tmp.display(), format!("cannot write: {e}")))
+        })
+        .and_then(|()| {
+            fs::rename(&tmp, path)
+                .map_err(|e| Error::io(path.display(), format!("cannot write: {e}")))
+        });
     if result.is_err() {
         // Best effort: a leftover temporary file is harmless but untidy.
         let _ = fs::remove_file(&tmp);
     }
     result?;
     sync_parent_dir(path)
+}
+
+/// Writes `tensors` (f32, with their own dims, in the order given) in the safetensors format
+/// to `out`, a file the caller opened (and will sync and rename as its own protocol requires),
+/// and hands it back flushed. `path` names the file in error messages.
+pub fn write_safetensors<W: Write>(out: W, path: &Path, tensors: &[(String, Tensor)]) -> Result<W> {
+    let header = header_bytes(path, tensors)?;
+    let io_err = |e: std::io::Error| Error::io(path.display(), format!("cannot write: {e}"));
+    let mut out = BufWriter::with_capacity(1 << 20, out);
+    out.write_all(&(header.len() as u64).to_le_bytes()).map_err(io_err)?;
+    out.write_all(&header).map_err(io_err)?;
+    let mut bytes = Vec::with_capacity(1 << 16);
+    for (_, t) in tensors {
+        // CPU tensors are borrowed, device tensors copied to the host one at a time, so the
+        // peak extra memory is one tensor, not the whole model.
+        let host;
+        let values: &[f32] = match t.storage() {
+            Storage::Cpu(v) => v,
+            Storage::Cuda(_) => {
+                host = t.to_vec()?;
+                &host
+            }
+        };
+        for chunk in values.chunks(1 << 14) {
+            bytes.clear();
+            bytes.extend(chunk.iter().flat_map(|x| x.to_le_bytes()));
+            out.write_all(&bytes).map_err(io_err)?;
+        }
+    }
+    out.into_inner().map_err(|e| io_err(e.into_error()))
 }
 
 /// Reads every tensor of the file at `path`, in file order.
@@ -85,6 +120,13 @@ impl SafetensorsFile {
     pub fn open(path: impl AsRef<Path>) -> Result<SafetensorsFile> {
         let path = path.as_ref().to_path_buf();
         let file = File::open(&path).map_err(|e| Error::io(path.display(), e))?;
+        SafetensorsFile::from_file(path, file)
+    }
+
+    /// Like `open`, for a file the caller has already opened (and checked, say, to be a regular
+    /// file); `path` names it in messages.
+    pub fn from_file(path: impl AsRef<Path>, file: File) -> Result<SafetensorsFile> {
+        let path = path.as_ref().to_path_buf();
         let len = file.metadata().map_err(|e| Error::io(path.display(), e))?.len();
         // Checked before mapping: mapping an empty file is an error on some platforms, and
         // "too short" is the clearer message anyway.
@@ -219,34 +261,6 @@ fn header_bytes(path: &Path, tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
         .map_err(|e| Error::invalid(format!("{}: {e}", path.display())))?;
     header.resize(header.len().next_multiple_of(8), b' ');
     Ok(header)
-}
-
-fn write_file(tmp: &Path, header: &[u8], tensors: &[(String, Tensor)]) -> Result<()> {
-    let io_err = |e: std::io::Error| Error::io(tmp.display(), format!("cannot write: {e}"));
-    let file = File::create(tmp).map_err(io_err)?;
-    let mut out = BufWriter::with_capacity(1 << 20, file);
-    out.write_all(&(header.len() as u64).to_le_bytes()).map_err(io_err)?;
-    out.write_all(header).map_err(io_err)?;
-    let mut bytes = Vec::with_capacity(1 << 16);
-    for (_, t) in tensors {
-        // CPU tensors are borrowed, device tensors copied to the host one at a time, so the
-        // peak extra memory is one tensor, not the whole model.
-        let host;
-        let values: &[f32] = match t.storage() {
-            Storage::Cpu(v) => v,
-            Storage::Cuda(_) => {
-                host = t.to_vec()?;
-                &host
-            }
-        };
-        for chunk in values.chunks(1 << 14) {
-            bytes.clear();
-            bytes.extend(chunk.iter().flat_map(|x| x.to_le_bytes()));
-            out.write_all(&bytes).map_err(io_err)?;
-        }
-    }
-    let file = out.into_inner().map_err(|e| io_err(e.into_error()))?;
-    file.sync_all().map_err(io_err)
 }
 
 /// `dir/.name.tmp-<pid>`: hidden, in the same directory (so the rename cannot cross file
