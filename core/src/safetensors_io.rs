@@ -18,10 +18,12 @@
 //! this module turns its errors into messages that name the file and the tensor, and accepts
 //! only F32 because the engine has no other dtype.
 //!
-//! Writing goes to a temporary sibling file that is flushed to disk and then renamed over the
-//! target. The rename matters beyond crash safety: a `SafetensorsFile` still mapping the old
-//! file keeps its (now unlinked) inode, whereas truncating the file in place under a live map
-//! would make the next read of that memory a SIGBUS.
+//! `save_safetensors` writes to a temporary sibling file (created exclusively) that is flushed
+//! to disk and then renamed over the target; `write_safetensors` writes to a file the caller
+//! opened, for callers with a commit protocol of their own (checkpoints). The rename matters
+//! beyond crash safety: a `SafetensorsFile` still mapping the old file keeps its (now unlinked)
+//! inode, whereas truncating the file in place under a live map would make the next read of
+//! that memory a SIGBUS.
 
 use crate::{Error, Result, Storage, Tensor};
 use memmap2::Mmap;
@@ -31,6 +33,7 @@ use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The safetensors header length prefix, in bytes.
 const HEADER_LEN_BYTES: usize = 8;
@@ -42,10 +45,8 @@ const HEADER_LEN_BYTES: usize = 8;
 /// complete new one, never a prefix.
 pub fn save_safetensors(path: impl AsRef<Path>, tensors: &[(String, Tensor)]) -> Result<()> {
     let path = path.as_ref();
-    let tmp = temp_sibling(path);
-    let result = File::create(&tmp)
-        .map_err(|e| Error::io(tmp.display(), format!("cannot write: {e}")))
-        .and_then(|file| write_safetensors(file, &tmp, tensors))
+    let (tmp, file) = create_temp_sibling(path)?;
+    let result = write_safetensors(file, &tmp, tensors)
         .and_then(|file| {
             file.sync_all().map_err(|e| Error::io(tmp.display(), format!("cannot write: {e}")))
         })
@@ -263,11 +264,22 @@ fn header_bytes(path: &Path, tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
     Ok(header)
 }
 
-/// `dir/.name.tmp-<pid>`: hidden, in the same directory (so the rename cannot cross file
-/// systems), and distinct per process.
-fn temp_sibling(path: &Path) -> PathBuf {
+/// Creates `dir/.name.tmp-<pid>-<n>`: hidden, in the same directory (so the rename cannot cross
+/// file systems), distinct per process and per call, and created exclusively, so an existing
+/// file or a link planted at that name is never opened (a write through it could land
+/// anywhere).
+fn create_temp_sibling(path: &Path) -> Result<(PathBuf, File)> {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+    loop {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let tmp = path.with_file_name(format!(".{name}.tmp-{}-{n}", std::process::id()));
+        match fs::OpenOptions::new().write(true).create_new(true).open(&tmp) {
+            Ok(file) => return Ok((tmp, file)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && n < 1 << 20 => continue,
+            Err(e) => return Err(Error::io(tmp.display(), format!("cannot write: {e}"))),
+        }
+    }
 }
 
 /// Makes a rename inside the parent directory durable (the new directory entry is data of

@@ -74,15 +74,26 @@ pub fn evaluate_tokens(
     Ok(EvalResult { loss: total / count as f64, tokens: count })
 }
 
-/// Parses whitespace-separated token ids, naming the first bad one.
+/// Parses whitespace-separated token ids, naming the first bad one (shortened: a file of
+/// comma-separated ids is one huge item, not worth echoing).
 pub fn parse_token_ids(text: &str, source: &str) -> Result<Vec<u32>> {
     text.split_whitespace()
         .enumerate()
         .map(|(i, s)| {
             s.parse::<u32>().map_err(|_| {
+                let shown: String = s.chars().take(24).collect();
+                let shown = if shown.len() < s.len() { format!("{shown}…") } else { shown };
+                let hint = if s.contains(',') {
+                    " (token ids are separated by whitespace, not commas)"
+                } else {
+                    ""
+                };
                 Error::format(
                     source,
-                    format!("item {} ('{s}') is not a non-negative integer token id", i + 1),
+                    format!(
+                        "item {} ('{shown}') is not a non-negative integer token id{hint}",
+                        i + 1
+                    ),
                 )
             })
         })

@@ -72,7 +72,8 @@ pub fn generate(
     }
     let mut rng = Rng::new(opts.seed);
     let mut context: Vec<u32> = prompt.to_vec();
-    let mut produced = Vec::with_capacity(opts.max_tokens);
+    // Not preallocated: --max-tokens is a limit, and may be far larger than what is drawn.
+    let mut produced = Vec::new();
     for _ in 0..opts.max_tokens {
         let window = &context[context.len().saturating_sub(model.config.max_seq_len)..];
         let ids: Vec<f32> = window.iter().map(|&x| x as f32).collect();

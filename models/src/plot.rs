@@ -8,6 +8,7 @@
 use std::path::Path;
 use std::sync::OnceLock;
 
+use crate::files::TempFile;
 use plotters::prelude::*;
 use plotters::style::{register_font, FontStyle};
 use tokenformer_core::{Error, Result};
@@ -29,8 +30,9 @@ pub fn ensure_font() -> Result<()> {
 }
 
 /// Draws `train` and `val` (step, loss) points as two lines. Non-finite losses (a diverged step)
-/// are left out. The file is written under a temporary name and renamed, so a reader (or a
-/// crash) never sees half a PNG.
+/// are left out. The picture is drawn in memory, encoded as PNG into a new temporary file
+/// (created exclusively: never through a link planted in the run directory) and renamed over
+/// `path`, so a reader (or a crash) never sees half a PNG.
 pub fn plot_losses(
     path: &Path,
     train: &[(u64, f64)],
@@ -53,11 +55,9 @@ pub fn plot_losses(
     let x_range = 0.0..x_max.max(1.0);
     let y_range = (y_min - pad).max(0.0)..y_max + pad;
 
-    // `image` picks the encoder from the extension, so the temporary name must end in `.png`.
-    let tmp = path.with_extension(format!("tmp{}.png", std::process::id()));
-    let err = |e: &dyn std::fmt::Display| Error::io(path.display(), e);
+    let mut pixels = vec![0u8; SIZE.0 as usize * SIZE.1 as usize * 3];
     let drawn = (|| -> std::result::Result<(), Box<dyn std::error::Error>> {
-        let root = BitMapBackend::new(&tmp, SIZE).into_drawing_area();
+        let root = BitMapBackend::with_buffer(&mut pixels, SIZE).into_drawing_area();
         root.fill(&WHITE)?;
         let mut chart = ChartBuilder::on(&root)
             .caption(title, ("sans-serif", 26))
@@ -102,12 +102,45 @@ pub fn plot_losses(
         root.present()?;
         Ok(())
     })();
-    let result =
-        drawn.map_err(|e| err(&e)).and_then(|()| std::fs::rename(&tmp, path).map_err(|e| err(&e)));
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    // Drawing into memory fails only on a plotting bug; say so in a sentence.
+    drawn.map_err(|e| Error::invalid(format!("{}: cannot draw the plot: {e}", path.display())))?;
+    write_png(path, &pixels, SIZE)
+}
+
+/// Encodes RGB `pixels` as a PNG at `path` through an exclusive temporary file and a rename.
+fn write_png(path: &Path, pixels: &[u8], (width, height): (u32, u32)) -> Result<()> {
+    let (dir, name) = match (path.parent(), path.file_name()) {
+        (Some(dir), Some(name)) => {
+            (if dir.as_os_str().is_empty() { Path::new(".") } else { dir }, name.to_string_lossy())
+        }
+        _ => return Err(Error::invalid(format!("{}: not a file path", path.display()))),
+    };
+    let mut temp = TempFile::create(dir, &name)?;
+    encode_png(temp.file(), pixels, (width, height))
+        .and_then(|()| temp.file().sync_all())
+        .map_err(|e| Error::io(path.display(), format!("cannot write the plot: {e}")))?;
+    temp.rename_to_final()
+}
+
+/// The PNG encoding itself, to any writer; failures come back as plain I/O errors (a full disk
+/// reads "No space left on device"), never as debug text.
+fn encode_png(
+    out: impl std::io::Write,
+    pixels: &[u8],
+    (width, height): (u32, u32),
+) -> std::io::Result<()> {
+    let to_io = |e: png::EncodingError| match e {
+        png::EncodingError::IoError(e) => e,
+        other => std::io::Error::other(other.to_string()),
+    };
+    let mut buffered = std::io::BufWriter::new(out);
+    let mut encoder = png::Encoder::new(&mut buffered, width, height);
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.set_depth(png::BitDepth::Eight);
+    let mut writer = encoder.write_header().map_err(to_io)?;
+    writer.write_image_data(pixels).map_err(to_io)?;
+    writer.finish().map_err(to_io)?;
+    std::io::Write::flush(&mut buffered)
 }
 
 #[cfg(test)]
@@ -131,6 +164,10 @@ mod tests {
         assert_eq!(&bytes[1..4], b"PNG");
         assert!(plot_losses(&dir.join("none.png"), &[], &[(1, f64::NAN)], "x").is_err());
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1, "temporary file left behind");
+        // A full disk is one plain sentence, not debug text.
+        let full = std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+        let e = encode_png(full, &[0; 300 * 200 * 3], (300, 200)).unwrap_err().to_string();
+        assert!(e.contains("No space left on device") && !e.contains("Os {"), "{e}");
         if std::env::var_os("KEEP_PLOT").is_none() {
             std::fs::remove_dir_all(&dir).unwrap();
         }

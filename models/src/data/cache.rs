@@ -7,12 +7,13 @@
 //! | bytes  | field                                                         |
 //! |--------|---------------------------------------------------------------|
 //! | 0..8   | magic `TFTOKENS`                                              |
-//! | 8..12  | format version (u32, currently 1)                             |
+//! | 8..12  | format version (u32, currently 2)                             |
 //! | 12..16 | zero                                                          |
 //! | 16..32 | tokenizer name, UTF-8, zero-padded                            |
 //! | 32..40 | token count (u64)                                             |
 //! | 40..48 | source hash (u64, see `source_hash`)                          |
-//! | 48..64 | zero                                                          |
+//! | 48..56 | checksum of the token bytes (u64, `files::content_hash`)      |
+//! | 56..64 | zero                                                          |
 //! | 64..   | tokens, u32 each                                              |
 //!
 //! Tokens are always u32, even when the vocabulary would fit u16: one format for every
@@ -22,9 +23,12 @@
 //!
 //! The file name carries the tokenizer and the source hash, so a changed corpus gets a new file
 //! and a stale one is never read. A file that is truncated, foreign or from another version is
-//! detected by its header and size, and rebuilt.
+//! detected by its header and size, and one whose tokens were changed in place by the checksum
+//! of its body (checked on every open: a few milliseconds per ten million tokens); either is
+//! rebuilt. The cache sits in the run directory, so it is read as untrusted input: only a
+//! regular file is mapped, and a new one is written under an exclusive temporary name.
 
-use std::fs::{self, File};
+use std::fs;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
@@ -34,13 +38,14 @@ use tokenformer_core::{Error, Result};
 
 use super::corpus::Document;
 use super::tokenizer::Tokenizer;
+use crate::files::{content_hash, open_regular, Hasher, TempFile};
 
 // The tokens are read in place as native u32; on a big-endian machine they would be wrong.
 #[cfg(not(target_endian = "little"))]
 compile_error!("token cache files are little-endian u32 and are read in place");
 
 const MAGIC: &[u8; 8] = b"TFTOKENS";
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 const HEADER_LEN: usize = 64;
 
 /// A memory-mapped token file: the whole token stream as a read-only `&[u32]`.
@@ -67,7 +72,7 @@ impl TokenFile {
     /// Maps a token file and checks its header against the file size.
     pub fn open(path: &Path) -> Result<TokenFile> {
         let name = path.display();
-        let file = File::open(path).map_err(|e| Error::io(&name, e))?;
+        let (file, _) = open_regular(path)?;
         // SAFETY: the mapping is read-only, and cache files are only ever replaced by rename,
         // never written in place, so the bytes under the map do not change while we hold it.
         // (Another program truncating the file by hand could still fault us; that is the
@@ -93,6 +98,11 @@ impl TokenFile {
         }
         if !(map.as_ptr() as usize + HEADER_LEN).is_multiple_of(std::mem::align_of::<u32>()) {
             return bad("token data is not 4-byte aligned in memory");
+        }
+        if content_hash(&map[HEADER_LEN..]) != u64::from_le_bytes(field(&map, 48)) {
+            return bad(
+                "the tokens do not match the checksum in its header (the file was modified)",
+            );
         }
         Ok(TokenFile { map, len: count as usize, path: path.to_path_buf(), tokenizer, source_hash })
     }
@@ -169,7 +179,14 @@ pub fn load_or_build(
     }
     let hash = source_hash(docs);
     let path = cache_dir.join(format!("{}-{hash:016x}.tokens", tokenizer.name()));
-    let status = if path.exists() {
+    // Every token covers at least one byte: a larger file is not this corpus's cache (and is
+    // not worth reading whole to find that out).
+    let total_bytes: u64 = docs.iter().map(|d| d.bytes.len() as u64).sum();
+    let too_large =
+        fs::metadata(&path).is_ok_and(|m| m.len() > HEADER_LEN as u64 + 4 * total_bytes);
+    let status = if too_large {
+        CacheStatus::Rebuilt("larger than the corpus could give".into())
+    } else if crate::files::entry_exists(&path) {
         match TokenFile::open(&path) {
             Ok(f) if f.tokenizer_name() == tokenizer.name() && f.source_hash() == hash => {
                 return Ok((f, CacheStatus::Reused));
@@ -205,27 +222,44 @@ pub fn write_atomic(path: &Path, tokenizer: &str, hash: u64, tokens: &[u32]) -> 
     if let Some(dir) = path.parent() {
         fs::create_dir_all(dir).map_err(|e| Error::io(dir.display(), e))?;
     }
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let result = (|| -> std::io::Result<()> {
-        let mut w = BufWriter::new(File::create(&tmp)?);
-        let mut header = [0u8; HEADER_LEN];
-        header[0..8].copy_from_slice(MAGIC);
-        header[8..12].copy_from_slice(&VERSION.to_le_bytes());
-        header[16..16 + name.len()].copy_from_slice(name);
-        header[32..40].copy_from_slice(&(tokens.len() as u64).to_le_bytes());
-        header[40..48].copy_from_slice(&hash.to_le_bytes());
-        w.write_all(&header)?;
-        for t in tokens {
-            w.write_all(&t.to_le_bytes())?;
+    let (dir, file_name) = match (path.parent(), path.file_name()) {
+        (Some(dir), Some(name)) => {
+            (if dir.as_os_str().is_empty() { Path::new(".") } else { dir }, name.to_string_lossy())
         }
-        w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-        fs::rename(&tmp, path)
-    })();
-    result.map_err(|e| {
-        let _ = fs::remove_file(&tmp);
-        Error::io(path.display(), e)
-    })
+        _ => return Err(Error::invalid(format!("{}: not a file path", path.display()))),
+    };
+    let mut checksum = Hasher::default();
+    let mut bytes = Vec::with_capacity(4 * CHUNK);
+    for chunk in tokens.chunks(CHUNK) {
+        bytes.clear();
+        bytes.extend(chunk.iter().flat_map(|t| t.to_le_bytes()));
+        checksum.update(&bytes);
+    }
+    let mut header = [0u8; HEADER_LEN];
+    header[0..8].copy_from_slice(MAGIC);
+    header[8..12].copy_from_slice(&VERSION.to_le_bytes());
+    header[16..16 + name.len()].copy_from_slice(name);
+    header[32..40].copy_from_slice(&(tokens.len() as u64).to_le_bytes());
+    header[40..48].copy_from_slice(&hash.to_le_bytes());
+    header[48..56].copy_from_slice(&checksum.finish().to_le_bytes());
+
+    let mut temp = TempFile::create(dir, &file_name)?;
+    (|| -> std::io::Result<()> {
+        let mut w = BufWriter::new(temp.file());
+        w.write_all(&header)?;
+        for chunk in tokens.chunks(CHUNK) {
+            bytes.clear();
+            bytes.extend(chunk.iter().flat_map(|t| t.to_le_bytes()));
+            w.write_all(&bytes)?;
+        }
+        w.into_inner().map_err(|e| e.into_error())?.sync_all()
+    })()
+    .map_err(|e| Error::io(path.display(), format!("cannot write: {e}")))?;
+    temp.rename_to_final()
 }
+
+/// Tokens converted to bytes at a time when writing.
+const CHUNK: usize = 1 << 14;
 
 #[cfg(test)]
 mod tests {
@@ -292,6 +326,18 @@ mod tests {
         let (f, status) = load_or_build(&dir, Tokenizer::Byte, &docs).unwrap();
         assert!(matches!(status, CacheStatus::Rebuilt(ref why) if why.contains("promises")));
         assert_eq!(f.tokens().len(), 12);
+
+        // One token changed in place, header intact: the checksum of the body tells.
+        drop(f);
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[HEADER_LEN + 4] ^= 0x01;
+        fs::write(&path, &bytes).unwrap();
+        let err = TokenFile::open(&path).err().unwrap().to_string();
+        assert!(err.contains("checksum") && err.contains("modified"), "{err}");
+        let (f, status) = load_or_build(&dir, Tokenizer::Byte, &docs).unwrap();
+        assert!(matches!(status, CacheStatus::Rebuilt(ref why) if why.contains("checksum")));
+        assert_eq!(f.tokens(), Tokenizer::Byte.encode("hello, world").unwrap().as_slice());
+        drop(f);
 
         fs::write(&path, b"PK\x03\x04 definitely a zip file, not tokens at all......").unwrap();
         let err = TokenFile::open(&path).err().unwrap().to_string();

@@ -11,6 +11,8 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use crate::files::{bytes_text, open_regular, read_open};
+use crate::memory;
 use tokenformer_core::{Error, Result};
 
 /// One source file's contents and where they came from (for error messages).
@@ -28,6 +30,13 @@ pub fn list_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     for path in paths {
         let meta = fs::metadata(path).map_err(|e| Error::io(path.display(), e))?;
+        if !meta.is_dir() && !meta.is_file() {
+            // `/dev/zero` or a FIFO would be read forever.
+            return Err(Error::io(
+                path.display(),
+                "is not a regular file or a directory (a device, FIFO or socket); give text files",
+            ));
+        }
         if meta.is_dir() {
             let mut found = Vec::new();
             collect_txt(path, &mut found)?;
@@ -68,12 +77,22 @@ pub fn read_documents(paths: &[PathBuf]) -> Result<Vec<Document>> {
     read_files(list_files(paths)?)
 }
 
-/// Reads the given files, in order (see `read_documents`).
+/// Reads the given files, in order (see `read_documents`). Only regular files are read, and
+/// only as much text as memory allows: a corpus is read whole, then tokenised (at least as
+/// many bytes again), so a file larger than memory — a huge sparse file, say — is refused
+/// before any of it is read.
 pub fn read_files(files: Vec<PathBuf>) -> Result<Vec<Document>> {
+    let mut total: u128 = 0;
     files
         .into_iter()
         .map(|path| {
-            let bytes = fs::read(&path).map_err(|e| Error::io(path.display(), e))?;
+            let (file, len) = open_regular(&path)?;
+            total += u128::from(len);
+            memory::check(
+                &format!("reading {} ({}) as text", path.display(), bytes_text(len)),
+                Some(2 * total),
+            )?;
+            let bytes = read_open(file, &path, len, len, "a text file")?;
             if bytes.is_empty() {
                 return Err(Error::format(path.display(), "empty file"));
             }
