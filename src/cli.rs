@@ -6,14 +6,18 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use tokenformer_core::{Device, Error, Result};
 use tokenformer_models::bench::{bench_matmul, bench_train};
+use tokenformer_models::checkpoint::inspect_checkpoint;
 use tokenformer_models::checkpoint::{is_checkpoint_dir, save_checkpoint, Checkpoint};
 use tokenformer_models::data::{StreamDecoder, Tokenizer};
 use tokenformer_models::evaluate::{evaluate_tokens, parse_token_ids};
+use tokenformer_models::files::{bytes_text, open_regular, read_open};
 use tokenformer_models::generate::{generate, SampleOptions};
 use tokenformer_models::growth::{grow_checkpoint, GrowSpec};
+use tokenformer_models::memory;
 use tokenformer_models::progress::{thousands, Progress};
+use tokenformer_models::run_dir::{clear_unfinished, RunLock};
 use tokenformer_models::train::{
-    check_new_run, load_model, saved_settings, train_new, train_resume, TrainControl, TrainSettings,
+    check_new_run, load_model, saved_run, train_new, train_resume, TrainControl, TrainSettings,
 };
 use tokenformer_models::{GrowInit, ModelConfig, NormKind, TokenFormer};
 
@@ -91,6 +95,9 @@ struct TrainArgs {
     /// Continue the run in this directory with its own settings
     #[arg(long)]
     resume: Option<PathBuf>,
+    /// Start again in an --out directory whose run stopped before its first checkpoint
+    #[arg(long, conflicts_with = "resume")]
+    overwrite: bool,
     /// cpu or cuda
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -125,6 +132,9 @@ struct GrowArgs {
     /// cpu or cuda: where the tokens are appended (the result is the same on either)
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Grow into an --out directory whose earlier grow stopped before its checkpoint
+    #[arg(long)]
+    overwrite: bool,
 }
 
 #[derive(Args)]
@@ -285,7 +295,7 @@ fn train(a: TrainArgs) -> Result<()> {
             .and_then(|_| signal_hook::flag::register(signal, control.stop.clone()))
             .map_err(|e| Error::invalid(format!("cannot install the signal handler: {e}")))?;
     }
-    let (dir, summary) = match &a.resume {
+    let (dir, start, summary) = match &a.resume {
         Some(dir) => {
             if let Some(out) = &a.out {
                 if out != dir {
@@ -294,31 +304,61 @@ fn train(a: TrainArgs) -> Result<()> {
                     ));
                 }
             }
-            let mut saved = saved_settings(dir)?;
+            let (mut saved, step) = saved_run(dir)?;
             apply_train_flags(&a, &mut saved, Some(dir))?;
-            (dir.clone(), train_resume(dir, device, control)?)
+            if step >= saved.steps {
+                eprintln!(
+                    "nothing to train: the run in {} is complete (step {step} of {})",
+                    dir.display(),
+                    saved.steps
+                );
+                return Ok(());
+            }
+            // The data paths come from the run directory: say what will be read.
+            eprintln!(
+                "resuming {} at step {step} of {}, reading {}",
+                dir.display(),
+                saved.steps,
+                describe_data(&saved)
+            );
+            (dir.clone(), step, train_resume(dir, device, control)?)
         }
         None => {
             let mut settings = TrainSettings::default();
             apply_train_flags(&a, &mut settings, None)?;
             let dir = a.out.clone().unwrap_or_else(|| default_run_dir(&settings.preset));
+            // Held until the run has started (train_new takes it again, reentrantly).
+            let mut _lock = None;
+            if a.overwrite && dir.exists() {
+                settings.validate()?;
+                settings.model_config()?;
+                let lock = RunLock::acquire(&dir)?;
+                clear_unfinished(&lock)?;
+                _lock = Some(lock);
+            }
             check_new_run(&dir, &settings)?;
             eprintln!("run directory: {}", dir.display());
-            (dir.clone(), train_new(&dir, settings, device, control)?)
+            (dir.clone(), 0, train_new(&dir, settings, device, control)?)
         }
     };
     if summary.interrupted {
         eprintln!("resume with: tokenformer train --resume {}", dir.display());
         return Ok(());
     }
+    let ran = summary.step - start;
     match (summary.last_loss, summary.last_val_loss) {
         (Some(loss), Some(val)) => eprintln!(
-            "finished {} steps in {:.1} s: train loss {loss:.4}, validation loss {val:.4}",
-            summary.steps, summary.seconds
+            "finished {ran} step{} (now at step {} of {}) in {:.1} s: train loss {loss:.4}, \
+             validation loss {val:.4}",
+            if ran == 1 { "" } else { "s" },
+            summary.step,
+            summary.steps,
+            summary.seconds
         ),
-        _ => {
-            eprintln!("the run had already finished its {} steps; nothing to train", summary.steps)
-        }
+        _ => eprintln!(
+            "nothing to train: the run is complete (step {} of {})",
+            summary.step, summary.steps
+        ),
     }
     eprintln!("checkpoint, metrics.jsonl and loss.png are in {}", dir.display());
     if a.sample_tokens > 0 {
@@ -328,6 +368,21 @@ fn train(a: TrainArgs) -> Result<()> {
         println!();
     }
     Ok(())
+}
+
+/// The data a run reads, in words, e.g. `a.txt, books/ (validation: the last 10% of them)`.
+fn describe_data(s: &TrainSettings) -> String {
+    let list = |paths: &[PathBuf]| -> String {
+        paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+    };
+    let train =
+        if s.data.is_empty() { "the built-in tiny shakespeare".to_string() } else { list(&s.data) };
+    let val = if s.val_data.is_empty() {
+        format!("the last {}% of it", s.val_fraction * 100.0)
+    } else {
+        list(&s.val_data)
+    };
+    format!("{train} (validation: {val})")
 }
 
 fn tokenizer_of(model: &TokenFormer) -> Result<Tokenizer> {
@@ -359,10 +414,15 @@ fn sample(
 }
 
 fn generate_text(a: GenerateArgs) -> Result<()> {
-    let model = load_model(&a.checkpoint, parse_device(&a.device)?)?;
     if a.prompt.is_empty() {
         return Err(Error::invalid("--prompt must not be empty"));
     }
+    if a.top_k == Some(0) {
+        return Err(Error::invalid(
+            "--top-k must be at least 1 (leave it out to sample from the whole vocabulary)",
+        ));
+    }
+    let model = load_model(&a.checkpoint, parse_device(&a.device)?)?;
     sample(&model, &a.prompt, a.max_tokens, a.temperature, a.top_k, a.seed)?;
     println!();
     Ok(())
@@ -384,6 +444,13 @@ fn grow(a: GrowArgs) -> Result<()> {
         }
         None => GrowSpec { qkv: a.qkv, proj: a.proj, ffn: a.ffn, init, seed: a.seed },
     };
+    // Held through the grow (grow_checkpoint takes it again, reentrantly).
+    let mut _lock = None;
+    if a.overwrite && a.out.exists() {
+        let lock = RunLock::acquire(&a.out)?;
+        clear_unfinished(&lock)?;
+        _lock = Some(lock);
+    }
     let report = grow_checkpoint(&a.checkpoint, &a.out, &spec, device)?;
     println!(
         "grew {} -> {}: qkv {} -> {}, proj {} -> {}, ffn {} -> {}; parameters {} -> {}",
@@ -423,12 +490,22 @@ fn init(a: InitArgs) -> Result<()> {
         config.norm = norm.parse::<NormKind>()?;
     }
     config.validate()?;
-    if is_checkpoint_dir(&a.out) {
-        return Err(Error::invalid(format!(
-            "{} already holds a checkpoint; choose another --out",
-            a.out.display()
-        )));
-    }
+    memory::check(
+        &format!("initialising {} with vocab_size {}", a.preset, config.vocab_size),
+        memory::checkpoint_bytes(&config, false),
+    )?;
+    let refuse = |out: &Path| -> Result<()> {
+        if is_checkpoint_dir(out) {
+            return Err(Error::invalid(format!(
+                "{} already holds a checkpoint; choose another --out",
+                out.display()
+            )));
+        }
+        Ok(())
+    };
+    refuse(&a.out)?;
+    let _lock = RunLock::create_and_acquire(&a.out)?;
+    refuse(&a.out)?;
     let model = TokenFormer::init(&config, a.seed, Device::Cpu)?;
     save_checkpoint(
         &a.out,
@@ -452,7 +529,8 @@ fn init(a: InitArgs) -> Result<()> {
 fn info(a: InfoArgs) -> Result<()> {
     let config = match (&a.preset, &a.checkpoint) {
         (Some(p), _) => ModelConfig::preset(p)?,
-        (None, Some(dir)) => load_model(dir, Device::Cpu)?.config,
+        // The config and the model file's header: counting needs no tensor.
+        (None, Some(dir)) => inspect_checkpoint(dir)?.config,
         (None, None) => return Err(Error::invalid("give --preset NAME or --checkpoint DIR")),
     };
     let json = serde_json::to_string_pretty(&config).map_err(|e| Error::invalid(e.to_string()))?;
@@ -474,7 +552,15 @@ fn info(a: InfoArgs) -> Result<()> {
 
 fn eval(a: EvalArgs) -> Result<()> {
     let model = load_model(&a.checkpoint, parse_device(&a.device)?)?;
-    let text = std::fs::read_to_string(&a.tokens).map_err(|e| Error::io(a.tokens.display(), e))?;
+    let (file, len) = open_regular(&a.tokens)?;
+    // The text, then up to one id (4 bytes) per two bytes of it.
+    memory::check(
+        &format!("reading {} ({}) as token ids", a.tokens.display(), bytes_text(len)),
+        Some(3 * u128::from(len)),
+    )?;
+    let bytes = read_open(file, &a.tokens, len, len, "a file of token ids")?;
+    let text = String::from_utf8(bytes)
+        .map_err(|_| Error::format(a.tokens.display(), "not UTF-8 text of token ids"))?;
     let ids = parse_token_ids(&text, &a.tokens.display().to_string())?;
     // A bar on stderr (hidden when stderr is not a terminal), so `--json` stdout stays one line.
     let windows = ids.len().div_ceil(model.config.max_seq_len) as u64;
@@ -522,6 +608,12 @@ fn print_profile(
 fn bench(a: BenchArgs) -> Result<()> {
     let device = parse_device(&a.device)?;
     let config = ModelConfig::preset(&a.preset)?;
+    let n = a.matmul as u128;
+    memory::check(
+        &format!("bench --matmul {}", a.matmul),
+        n.checked_mul(n).and_then(|n2| n2.checked_mul(3 * 4)),
+    )?;
+    memory::check_training(&config, a.batch, a.seq, 1)?;
     let matmul = if a.matmul > 0 { Some(bench_matmul(a.matmul, 5, device)?) } else { None };
     let r = bench_train(&a.preset, &config, a.batch, a.seq, a.steps, device, a.tf32, a.profile)?;
     if a.json {

@@ -584,7 +584,7 @@ fn bad_settings_are_refused_and_runs_left_alone() {
     ]);
     let (_, stderr) = texts(&out);
     assert!(out.status.success(), "{stderr}");
-    assert!(stderr.contains("already finished") && !stderr.contains("NaN"), "{stderr}");
+    assert!(stderr.contains("nothing to train: the run") && !stderr.contains("NaN"), "{stderr}");
     assert_eq!(metrics_lines(&run), 2);
     assert!(
         snapshot(&run)[Path::new("model.safetensors")] == before[Path::new("model.safetensors")]

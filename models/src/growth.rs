@@ -12,10 +12,15 @@
 //! back when it is saved. The new tokens are drawn on the host from the same seeded RNG on every
 //! device, so growing on a GPU writes the same checkpoint as growing on the CPU.
 
-use crate::checkpoint::{is_checkpoint_dir, load_checkpoint, save_checkpoint, Checkpoint};
+use crate::checkpoint::{
+    inspect_checkpoint, is_checkpoint_dir, load_checkpoint, save_checkpoint, Checkpoint,
+};
 use crate::config::{ModelConfig, NormKind};
+use crate::files::copy_into;
+use crate::memory;
 use crate::model::TokenFormer;
 use crate::pattention::GrowInit;
+use crate::run_dir::{RunLock, RUN_FILES};
 use std::path::Path;
 use tokenformer_core::{Device, Error, Result, Tensor};
 use tokenformer_ops::layout::concat;
@@ -76,6 +81,26 @@ pub struct GrowReport {
     pub had_optimizer: bool,
 }
 
+/// Refuses growth whose result (with the source, both in memory at once) cannot fit, before
+/// anything is loaded: the counts come from flags, and may be absurd.
+fn check_fits(src: &Path, spec: &GrowSpec) -> Result<()> {
+    let summary = inspect_checkpoint(src)?;
+    let from = &summary.config;
+    let mut to = from.clone();
+    let add = |n: usize, more: usize| n.checked_add(more);
+    let grown = (|| {
+        to.qkv_tokens = add(from.qkv_tokens, spec.qkv)?;
+        to.proj_tokens = add(from.proj_tokens, spec.proj)?;
+        to.ffn_tokens = add(from.ffn_tokens, spec.ffn)?;
+        let opt = summary.has_training_state;
+        memory::checkpoint_bytes(from, opt)?.checked_add(memory::checkpoint_bytes(&to, opt)?)
+    })();
+    memory::check(
+        &format!("growing by {} qkv, {} proj and {} ffn tokens", spec.qkv, spec.proj, spec.ffn),
+        grown,
+    )
+}
+
 /// Appends zero rows to `t` [n, d] until it has `rows` rows.
 fn pad_rows(t: &Tensor, rows: usize) -> Result<Tensor> {
     let (n, d) = (t.dims()[0], t.dims()[1]);
@@ -106,9 +131,16 @@ pub fn grow_checkpoint(
                 "grow: --out must differ from --checkpoint (the source is never modified)",
             ));
         }
-        if is_checkpoint_dir(dst) || dst.join("metrics.jsonl").exists() {
+        if is_checkpoint_dir(dst) {
             return Err(Error::invalid(format!(
                 "grow: {} already holds a checkpoint; choose another --out",
+                dst.display()
+            )));
+        }
+        if crate::train::is_run_dir(dst) {
+            return Err(Error::invalid(format!(
+                "grow: {} holds a run that stopped before its first checkpoint; grow into it \
+                 again with --overwrite, or choose another --out",
                 dst.display()
             )));
         }
@@ -118,6 +150,7 @@ pub fn grow_checkpoint(
             "grow: nothing to add (give --qkv, --proj, --ffn or --to-preset)",
         ));
     }
+    check_fits(src, spec)?;
     let ckpt = load_checkpoint(src)?;
     let to_device = |named: Vec<(String, Tensor)>| -> Result<Vec<(String, Tensor)>> {
         named.into_iter().map(|(n, t)| Ok((n, t.to_device(device)?))).collect()
@@ -150,26 +183,21 @@ pub fn grow_checkpoint(
             Some((extend(m)?, extend(v)?))
         }
     };
-    std::fs::create_dir_all(dst).map_err(|e| Error::io(dst.display(), e))?;
-    // The run's history and data cache travel with it; the checkpoint files are written anew.
-    let checkpoint_files = [
-        "config.json",
-        "model.safetensors",
-        "optimizer.safetensors",
-        "train_state.json",
-        "checkpoint.json",
-    ];
+    let _lock = RunLock::create_and_acquire(dst)?;
+    if is_checkpoint_dir(dst) {
+        return Err(Error::invalid(format!(
+            "grow: {} already holds a checkpoint; choose another --out",
+            dst.display()
+        )));
+    }
+    // The run's history and data caches travel with it (regular files only, written anew in
+    // `dst`, never through a link); the checkpoint files are written anew below.
     for entry in std::fs::read_dir(src).map_err(|e| Error::io(src.display(), e))? {
         let entry = entry.map_err(|e| Error::io(src.display(), e))?;
-        let name = entry.file_name();
-        let name_str = name.to_string_lossy();
-        if entry.path().is_file()
-            && !checkpoint_files.contains(&name_str.as_ref())
-            && !name_str.contains(".tmp")
-            && !name_str.starts_with("checkpoint.json")
-        {
-            std::fs::copy(entry.path(), dst.join(&name))
-                .map_err(|e| Error::io(dst.join(&name).display(), e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let is_file = entry.file_type().is_ok_and(|t| t.is_file());
+        if is_file && (RUN_FILES.contains(&name.as_str()) || name.ends_with(".tokens")) {
+            copy_into(&entry.path(), dst, &name)?;
         }
     }
     let report = GrowReport {

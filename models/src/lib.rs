@@ -19,6 +19,7 @@ pub mod optim;
 pub mod pattention;
 pub mod plot;
 pub mod progress;
+pub mod run_dir;
 pub mod train;
 
 pub use config::{ModelConfig, NormKind};

@@ -9,9 +9,12 @@
 //! written with a single `write` call straight to the file (no user-space buffer), so a line is
 //! on disk, whole, before training continues.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
+
+#[cfg(unix)]
+use std::os::unix::fs::OpenOptionsExt;
 
 use serde::{Deserialize, Deserializer, Serialize};
 use tokenformer_core::{Error, Result};
@@ -57,10 +60,33 @@ pub struct MetricsWriter {
     path: PathBuf,
 }
 
+/// Opens `path` for appending, creating it if needed, but never through a symbolic link (a
+/// link planted in a run directory must not redirect the run's writes) and only if it is a
+/// regular file.
+fn open_for_append(path: &Path) -> Result<File> {
+    let mut options = OpenOptions::new();
+    options.read(true).append(true).create(true);
+    #[cfg(unix)]
+    options.custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK);
+    let file = options.open(path).map_err(|e| {
+        if e.raw_os_error() == Some(libc::ELOOP) {
+            Error::io(path.display(), "is a symbolic link; refusing to write through it")
+        } else {
+            Error::io(path.display(), e)
+        }
+    })?;
+    let meta = file.metadata().map_err(|e| Error::io(path.display(), e))?;
+    if !meta.is_file() {
+        return Err(Error::io(path.display(), "is not a regular file; refusing to write to it"));
+    }
+    Ok(file)
+}
+
 impl MetricsWriter {
-    /// Starts a fresh file (an existing one is replaced).
+    /// Starts a fresh file (an existing one is emptied).
     pub fn create(path: &Path) -> Result<MetricsWriter> {
-        let file = File::create(path).map_err(|e| Error::io(path.display(), e))?;
+        let file = open_for_append(path)?;
+        file.set_len(0).map_err(|e| Error::io(path.display(), e))?;
         Ok(MetricsWriter { file, path: path.to_path_buf() })
     }
 
@@ -68,24 +94,15 @@ impl MetricsWriter {
     /// up to that step, drops later ones (the resumed run will log those steps again) and a
     /// truncated last line, then appends. Without the clean-up a half-written line would end
     /// up glued to the first new record. A missing file is started fresh.
+    ///
+    /// The kept lines stay byte for byte as they were: the file is cut at the end of the last
+    /// kept line, never rewritten, so a resumed run's metrics are the bytes an uninterrupted
+    /// run would have written (a float printed, parsed and printed again can change its last
+    /// digit).
     pub fn resume(path: &Path, checkpoint_step: u64) -> Result<MetricsWriter> {
-        if path.exists() {
-            let kept: Vec<Record> =
-                read_metrics(path)?.into_iter().filter(|r| r.step <= checkpoint_step).collect();
-            let mut text = String::new();
-            for r in &kept {
-                text.push_str(&to_line(path, r)?);
-            }
-            let tmp = path.with_extension("jsonl.tmp");
-            fs::write(&tmp, text)
-                .and_then(|()| fs::rename(&tmp, path))
-                .map_err(|e| Error::io(path.display(), e))?;
-        }
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map_err(|e| Error::io(path.display(), e))?;
+        let file = open_for_append(path)?;
+        let keep = kept_bytes(&file, path, checkpoint_step)?;
+        file.set_len(keep).map_err(|e| Error::io(path.display(), e))?;
         Ok(MetricsWriter { file, path: path.to_path_buf() })
     }
 
@@ -109,10 +126,45 @@ fn to_line(path: &Path, record: &Record) -> Result<String> {
     Ok(line)
 }
 
+/// The length of the prefix of a metrics file that holds the records up to `step`: it ends
+/// before the first record of a later step, or before a last line the process did not finish.
+fn kept_bytes(file: &File, path: &Path, step: u64) -> Result<u64> {
+    #[derive(Deserialize)]
+    struct Step {
+        step: u64,
+    }
+    let mut reader = BufReader::new(file);
+    let mut line = Vec::new();
+    let (mut offset, mut number) = (0u64, 0usize);
+    loop {
+        line.clear();
+        let n = reader.read_until(b'\n', &mut line).map_err(|e| Error::io(path.display(), e))?;
+        if n == 0 || !line.ends_with(b"\n") {
+            return Ok(offset); // the end, or a line cut short by a crash
+        }
+        number += 1;
+        if !line.iter().all(u8::is_ascii_whitespace) {
+            match serde_json::from_slice::<Step>(&line) {
+                Ok(record) if record.step > step => return Ok(offset),
+                Ok(_) => {}
+                Err(e) => {
+                    return Err(Error::format(
+                        format!("{}:{number}", path.display()),
+                        e.to_string(),
+                    ))
+                }
+            }
+        }
+        offset += n as u64;
+    }
+}
+
 /// Loads a metrics file. A last line without its newline (the process died mid-write) is
 /// ignored if it does not parse; a bad line anywhere else is an error naming its line number.
 pub fn read_metrics(path: &Path) -> Result<Vec<Record>> {
-    let text = fs::read_to_string(path).map_err(|e| Error::io(path.display(), e))?;
+    // A metrics line is about 200 bytes: 4 GiB is twenty million logged steps.
+    let bytes = crate::files::read_regular(path, 4 << 30, "a metrics file")?;
+    let text = String::from_utf8_lossy(&bytes);
     let complete = text.ends_with('\n');
     let lines: Vec<&str> = text.lines().collect();
     let mut records = Vec::with_capacity(lines.len());
@@ -144,6 +196,7 @@ pub fn loss_series(records: &[Record]) -> (Series, Series) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     #[test]
     fn append_reload_and_resume() {

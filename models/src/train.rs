@@ -10,14 +10,20 @@
 //! the state as it was when the last step completed; the resumed run recomputes that step from
 //! its start.
 
-use crate::checkpoint::{is_checkpoint_dir, load_checkpoint, save_checkpoint, Checkpoint};
+use crate::checkpoint::{
+    inspect_checkpoint, is_checkpoint_dir, load_checkpoint, read_train_state, save_checkpoint,
+    Checkpoint,
+};
 use crate::config::ModelConfig;
 use crate::data::{val_windows, Batcher, DataSpec, Dataset, Tokenizer};
+use crate::files::entry_exists;
+use crate::memory;
 use crate::metrics::{loss_series, read_metrics, MetricsWriter, Record};
 use crate::model::TokenFormer;
 use crate::optim::{lr_at, Optimizer};
 use crate::plot::plot_losses;
 use crate::progress::Progress;
+use crate::run_dir::RunLock;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,6 +36,7 @@ use tokenformer_ops::binary;
 
 /// Every setting of a run. Saved in the checkpoint, so `--resume` restores all of them.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TrainSettings {
     pub preset: String,
     /// Files and directories of text; empty means the built-in tiny shakespeare.
@@ -163,6 +170,7 @@ impl TrainSettings {
 
 /// What the trainer saves next to the checkpoint, besides parameters and moments.
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct TrainState {
     settings: TrainSettings,
     /// Optimizer steps completed.
@@ -197,17 +205,25 @@ pub struct TrainSummary {
 
 /// True when `dir` holds a training run (checkpoint or metrics).
 pub fn is_run_dir(dir: &Path) -> bool {
-    is_checkpoint_dir(dir) || dir.join("metrics.jsonl").exists()
+    is_checkpoint_dir(dir) || entry_exists(&dir.join("metrics.jsonl"))
 }
 
-/// The checks `train_new` makes before it touches anything: valid settings, and an `out` that
-/// does not hold a run already. Returns the model config of the run.
+/// The checks `train_new` makes before it touches anything: valid settings that fit in memory,
+/// and an `out` that does not hold a run already. Returns the model config of the run.
 pub fn check_new_run(out: &Path, settings: &TrainSettings) -> Result<ModelConfig> {
     settings.validate()?;
     let config = settings.model_config()?;
-    if is_run_dir(out) {
+    memory::check_training(&config, settings.batch, settings.seq, settings.grad_accum)?;
+    if is_checkpoint_dir(out) {
         return Err(Error::invalid(format!(
             "{} already holds a run; use --resume {0} to continue it, or choose another --out",
+            out.display()
+        )));
+    }
+    if is_run_dir(out) {
+        return Err(Error::invalid(format!(
+            "{} holds a run that stopped before its first checkpoint; start again in it with \
+             --overwrite, or choose another --out",
             out.display()
         )));
     }
@@ -221,8 +237,10 @@ pub fn train_new(
     device: Device,
     control: TrainControl,
 ) -> Result<TrainSummary> {
+    check_new_run(out, &settings)?;
+    let _lock = RunLock::create_and_acquire(out)?;
+    // Again under the lock: another process may have started a run here meanwhile.
     let config = check_new_run(out, &settings)?;
-    create_dir(out)?;
     let model = TokenFormer::init(&config, settings.seed, device)?;
     let optimizer = Optimizer::new(&model, settings.adamw())?;
     let batcher = Batcher::new(settings.seed, settings.batch, settings.seq)?;
@@ -230,37 +248,82 @@ pub fn train_new(
     run(out, model, optimizer, state, control)
 }
 
-/// The settings a run directory was started with (for `--resume` flag checks).
-pub fn saved_settings(dir: &Path) -> Result<TrainSettings> {
-    Ok(load_run(dir)?.1.settings)
+/// The settings a run directory was started with and the step its checkpoint is at (for
+/// `--resume` flag checks), read without loading tensors and checked as `--resume` checks them.
+pub fn saved_run(dir: &Path) -> Result<(TrainSettings, u64)> {
+    check_run_dir(dir)?;
+    let config = inspect_checkpoint(dir)?.config;
+    let state = parse_state(dir, read_train_state(dir)?, &config)?;
+    Ok((state.settings, state.step))
 }
 
-fn load_run(dir: &Path) -> Result<(Checkpoint, TrainState)> {
+fn check_run_dir(dir: &Path) -> Result<()> {
     if !dir.is_dir() {
         return Err(Error::invalid(format!("{}: no such run directory", dir.display())));
     }
     if !is_checkpoint_dir(dir) {
+        if is_run_dir(dir) {
+            return Err(Error::invalid(format!(
+                "{0} has no checkpoint yet (its run stopped before the first save): remove it, \
+                 or start again in it with `train --out {0} --overwrite`",
+                dir.display()
+            )));
+        }
         return Err(Error::invalid(format!(
             "{} is not a run directory (no checkpoint in it)",
             dir.display()
         )));
     }
-    let ckpt = load_checkpoint(dir)?;
-    let state = ckpt.train_state.clone().ok_or_else(|| {
+    Ok(())
+}
+
+/// The train state of a checkpoint, refusing anything a run could not have written: unknown
+/// fields, an unknown preset or tokenizer, a tokenizer other than the model's.
+fn parse_state(
+    dir: &Path,
+    state: Option<serde_json::Value>,
+    config: &ModelConfig,
+) -> Result<TrainState> {
+    let path = dir.join("train_state.json");
+    let state = state.ok_or_else(|| {
         Error::invalid(format!(
             "{} holds a model but no training state (made by `init` or `grow` of a model, not by `train`)",
             dir.display()
         ))
     })?;
-    let state: TrainState = serde_json::from_value(state)
-        .map_err(|e| Error::format(dir.join("train_state.json").display(), e.to_string()))?;
+    let state: TrainState =
+        serde_json::from_value(state).map_err(|e| Error::format(path.display(), e.to_string()))?;
+    let s = &state.settings;
+    let bad = |e: Error| Error::format(path.display(), e.to_string());
+    ModelConfig::preset(&s.preset).map_err(bad)?;
+    Tokenizer::from_name(&s.tokenizer).map_err(bad)?;
+    if s.tokenizer != config.tokenizer {
+        return Err(Error::format(
+            path.display(),
+            format!(
+                "tokenizer {:?} differs from the model's ({:?} in config.json)",
+                s.tokenizer, config.tokenizer
+            ),
+        ));
+    }
+    Ok(state)
+}
+
+fn load_run(dir: &Path) -> Result<(Checkpoint, TrainState)> {
+    check_run_dir(dir)?;
+    let ckpt = load_checkpoint(dir)?;
+    let state = parse_state(dir, ckpt.train_state.clone(), &ckpt.config)?;
     Ok((ckpt, state))
 }
 
 /// Continues the run in `dir` to its original number of steps, with its own settings.
 pub fn train_resume(dir: &Path, device: Device, control: TrainControl) -> Result<TrainSummary> {
+    check_run_dir(dir)?;
+    let _lock = RunLock::acquire(dir)?;
     let (ckpt, state) = load_run(dir)?;
     state.settings.validate()?;
+    let s = &state.settings;
+    memory::check_training(&ckpt.config, s.batch, s.seq, s.grad_accum)?;
     let params = ckpt
         .params
         .into_iter()
@@ -275,16 +338,6 @@ pub fn train_resume(dir: &Path, device: Device, control: TrainControl) -> Result
     })?;
     let optimizer = Optimizer::from_named(&model, state.settings.adamw(), state.step, m, v)?;
     run(dir, model, optimizer, state, control)
-}
-
-fn create_dir(dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir)
-        .map_err(|e| Error::io(dir.display(), format!("cannot create the run directory: {e}")))?;
-    let probe = dir.join(".write-test");
-    std::fs::write(&probe, b"")
-        .map_err(|e| Error::io(dir.display(), format!("the run directory is not writable: {e}")))?;
-    let _ = std::fs::remove_file(probe);
-    Ok(())
 }
 
 fn save(dir: &Path, model: &TokenFormer, optimizer: &Optimizer, state: &TrainState) -> Result<()> {
@@ -502,9 +555,6 @@ fn run(
 
 /// Loads the model of a checkpoint directory (a run or a bare model) onto `device`.
 pub fn load_model(dir: &Path, device: Device) -> Result<TokenFormer> {
-    if !dir.is_dir() {
-        return Err(Error::invalid(format!("{}: no such checkpoint directory", dir.display())));
-    }
     let ckpt = load_checkpoint(dir)?;
     let params = ckpt
         .params

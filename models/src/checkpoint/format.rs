@@ -1,11 +1,12 @@
 //! The checkpoint format: which tensors a config implies (names, shapes, order), and the strict
 //! parsing of `config.json`. Nothing here touches the disk except through the files it is given.
 
+use crate::data::Tokenizer;
 use crate::ModelConfig;
 use std::collections::HashMap;
 use std::path::Path;
 use tokenformer_core::safetensors_io::SafetensorsFile;
-use tokenformer_core::{Error, Result, Tensor};
+use tokenformer_core::{Error, Result, Storage, Tensor};
 
 /// One expected tensor, plus the config fields that determine its rows, for error messages
 /// that say *why* a shape was expected.
@@ -104,15 +105,69 @@ fn order_by_name(
 }
 
 /// Reads the tensors `<prefix><expected name>` from `file`, insisting that the file holds
-/// exactly those under `prefix` (and nothing else at all when `prefix` is empty).
+/// exactly those under `prefix` (and nothing else at all when `prefix` is empty), and that
+/// every value is finite: a model with a NaN or an infinity in it computes nothing useful, and
+/// would otherwise go on to print `loss NaN`, or be grown and called exact.
 pub(super) fn read_tensors(
     file: &SafetensorsFile,
     cfg: &ModelConfig,
     expected: &[Expected],
     prefix: &str,
 ) -> Result<Vec<(String, Tensor)>> {
-    let path = file.path().display();
+    check_names_and_shapes(file, cfg, expected, prefix)?;
     let mut out = Vec::with_capacity(expected.len());
+    for e in expected {
+        let name = format!("{prefix}{}", e.name);
+        let tensor = file.get(&name)?;
+        check_finite(file.path(), &name, &tensor)?;
+        out.push((e.name.clone(), tensor));
+    }
+    Ok(out)
+}
+
+fn check_finite(path: &Path, name: &str, tensor: &Tensor) -> Result<()> {
+    let Storage::Cpu(values) = tensor.storage() else { return Ok(()) };
+    if let Some((i, x)) = values.iter().enumerate().find(|(_, x)| !x.is_finite()) {
+        return Err(Error::format(
+            path.display(),
+            format!(
+                "tensor '{name}' holds a non-finite value ({x} at flat index {i} of {}): the \
+                 checkpoint is unusable (the run that wrote it diverged, or the file was damaged)",
+                values.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks the model file's header against the config, reading no tensor data: the tensor count
+/// first (so a config claiming 10⁸ layers costs nothing), then every name and shape.
+pub(super) fn check_header(file: &SafetensorsFile, cfg: &ModelConfig) -> Result<()> {
+    let count = file.names().len();
+    match crate::memory::tensor_count(cfg) {
+        Some(want) if want == count as u128 => {}
+        want => {
+            return Err(Error::format(
+                file.path().display(),
+                format!(
+                    "holds {count} tensors, but config.json (n_layers = {}) gives {}: the \
+                     config and the tensors disagree",
+                    cfg.n_layers,
+                    want.map_or_else(|| "more than can be counted".into(), |w| w.to_string())
+                ),
+            ))
+        }
+    }
+    check_names_and_shapes(file, cfg, &expected(cfg), "")
+}
+
+fn check_names_and_shapes(
+    file: &SafetensorsFile,
+    cfg: &ModelConfig,
+    expected: &[Expected],
+    prefix: &str,
+) -> Result<()> {
+    let path = file.path().display();
     for e in expected {
         let name = format!("{prefix}{}", e.name);
         if !file.contains(&name) {
@@ -132,7 +187,6 @@ pub(super) fn read_tensors(
                 ),
             ));
         }
-        out.push((e.name.clone(), file.get(&name)?));
     }
     // Unexpected tensors: for the model file, any name not expected; for the optimizer file,
     // any name that is neither an expected `m.` nor an expected `v.` tensor.
@@ -159,7 +213,23 @@ pub(super) fn read_tensors(
             ));
         }
     }
-    Ok(out)
+    Ok(())
+}
+
+/// The tokenizer a config names must be one this program has: the config is used to sample
+/// and evaluate, and an unknown name would otherwise fail only then (after a whole run).
+pub(super) fn check_tokenizer(path: &Path, config: &ModelConfig) -> Result<()> {
+    if Tokenizer::NAMES.contains(&config.tokenizer.as_str()) {
+        return Ok(());
+    }
+    Err(Error::format(
+        path.display(),
+        format!(
+            "unknown tokenizer {:?} (expected one of: {})",
+            config.tokenizer,
+            Tokenizer::NAMES.join(", ")
+        ),
+    ))
 }
 
 /// Parses config.json strictly: unknown fields are errors (a typo such as `ffn_token` would
@@ -185,5 +255,6 @@ pub(super) fn parse_config(path: &Path, bytes: &[u8]) -> Result<ModelConfig> {
         }
     }
     config.validate().map_err(|e| bad(e.to_string()))?;
+    check_tokenizer(path, &config)?;
     Ok(config)
 }

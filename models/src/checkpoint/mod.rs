@@ -10,26 +10,32 @@
 //!     metrics.jsonl, loss.png, …   other files of the run, never touched here
 //! ```
 //!
-//! How a save stays safe when the process dies halfway is the business of [`commit`]; what a
-//! config implies for the tensors (names, shapes, order) and how `config.json` is read, of
-//! [`format`].
+//! How a save stays safe when the process dies halfway, and how a reader gets the last
+//! committed checkpoint while a run keeps saving, is the business of [`commit`]; what a config
+//! implies for the tensors (names, shapes, order) and how `config.json` is read, of [`format`].
+//!
+//! Loading never writes: `info`, `eval`, `generate` and `grow` can read a directory another
+//! process is training into, or one they may not write to. Saving takes the directory's lock
+//! (`run_dir`), so two processes never save into one directory at once. Every file is read as
+//! untrusted input (`files`): only regular files of sane sizes, and nothing is allocated
+//! before the config has shown that the model fits in memory.
 //!
 //! A directory without `checkpoint.json` (for instance one converted from the released
 //! checkpoints by hand) still loads; it only lacks the cross-file check. For the same reason,
 //! editing `config.json` of a saved checkpoint by hand means deleting `checkpoint.json` too.
-//! Tensors are saved from any device and always load onto the CPU. Two processes saving
-//! into the same directory at once are not supported.
+//! Tensors are saved from any device and always load onto the CPU.
 
 mod commit;
 mod format;
 
+use crate::files::{entry_exists, read_open};
+use crate::memory;
+use crate::run_dir::RunLock;
 use crate::ModelConfig;
 use commit::*;
 use format::*;
-use std::collections::BTreeMap;
-use std::fs;
 use std::path::Path;
-use tokenformer_core::safetensors_io::{sync_dir, SafetensorsFile};
+use tokenformer_core::safetensors_io::SafetensorsFile;
 use tokenformer_core::{Error, Result, Tensor};
 
 pub const CONFIG_FILE: &str = "config.json";
@@ -53,6 +59,16 @@ pub struct Checkpoint {
     pub train_state: Option<serde_json::Value>,
 }
 
+/// What a checkpoint is, read without loading its tensors (see `inspect_checkpoint`).
+#[derive(Clone, Debug)]
+pub struct CheckpointSummary {
+    pub config: ModelConfig,
+    /// The training step the manifest records, if any.
+    pub step: Option<u64>,
+    /// Whether it holds optimizer and train state (it can be resumed).
+    pub has_training_state: bool,
+}
+
 /// Every parameter a model with this config has, with its dims, in SPEC §6 order: `embed`,
 /// then each layer's query, key, value, proj and mlp Pattentions (keys before values), then
 /// the final LayerNorm's weight and bias.
@@ -63,16 +79,18 @@ pub fn expected_shapes(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
 /// True when `dir` holds a checkpoint (committed, or committed and awaiting roll-forward), so a
 /// command can refuse to overwrite a run by accident.
 pub fn is_checkpoint_dir(dir: &Path) -> bool {
-    dir.join(MANIFEST_FILE).is_file()
-        || dir.join(PENDING_FILE).is_file()
-        || (dir.join(CONFIG_FILE).is_file() && dir.join(MODEL_FILE).is_file())
+    entry_exists(&dir.join(MANIFEST_FILE))
+        || entry_exists(&dir.join(PENDING_FILE))
+        || (entry_exists(&dir.join(CONFIG_FILE)) && entry_exists(&dir.join(MODEL_FILE)))
 }
 
 /// Saves `ckpt` into `dir` (created if needed), replacing any checkpoint there, atomically in
-/// the sense of the module doc. Files in `dir` that are not checkpoint files are kept.
+/// the sense of the module doc. Files in `dir` that are not checkpoint files are kept. Takes
+/// the directory's lock for the save, unless this process holds it already.
 pub fn save_checkpoint(dir: &Path, ckpt: &Checkpoint) -> Result<()> {
     // Refuse to write something load_checkpoint would reject, before touching the disk.
     ckpt.config.validate()?;
+    check_tokenizer(Path::new(CONFIG_FILE), &ckpt.config)?;
     let params = ordered_params(&ckpt.config, &ckpt.params)?;
     let optimizer = match &ckpt.optimizer {
         Some((m, v)) => Some(optimizer_tensors(&ckpt.config, m, v)?),
@@ -84,118 +102,163 @@ pub fn save_checkpoint(dir: &Path, ckpt: &Checkpoint) -> Result<()> {
         ));
     }
 
-    fs::create_dir_all(dir).map_err(|e| not_writable(dir, e))?;
-    // A previous save that died after its commit point must be finished first: its new files
-    // sit under the same `.tmp` names this save is about to overwrite.
-    recover(dir)?;
+    std::fs::create_dir_all(dir).map_err(|e| not_writable(dir, e))?;
+    let _lock = RunLock::acquire(dir)?;
+    // A save that died after its commit point is finished first, so the one below starts from
+    // a committed checkpoint.
+    finish_interrupted(dir)?;
 
-    let mut manifest = Manifest {
-        format: MANIFEST_FORMAT.into(),
-        version: MANIFEST_VERSION,
-        step: ckpt.train_state.as_ref().and_then(|s| s.get("step")).and_then(|s| s.as_u64()),
-        files: BTreeMap::new(),
-    };
-
-    // Step 1: every new file under its `.tmp` name, durable.
-    let config_json = to_pretty_json(&ckpt.config)?;
-    manifest.files.insert(CONFIG_FILE.into(), write_tmp_bytes(dir, CONFIG_FILE, &config_json)?);
-    manifest.files.insert(MODEL_FILE.into(), write_tmp_tensors(dir, MODEL_FILE, &params)?);
+    // Step 1: every new file under a temporary name, durable.
+    let mut staged = vec![
+        stage_bytes(dir, CONFIG_FILE, &to_pretty_json(&ckpt.config)?)?,
+        stage_tensors(dir, MODEL_FILE, &params)?,
+    ];
     if let (Some(opt), Some(state)) = (&optimizer, &ckpt.train_state) {
-        manifest.files.insert(OPTIMIZER_FILE.into(), write_tmp_tensors(dir, OPTIMIZER_FILE, opt)?);
-        let state_json = to_pretty_json(state)?;
-        let record = write_tmp_bytes(dir, TRAIN_STATE_FILE, &state_json)?;
-        manifest.files.insert(TRAIN_STATE_FILE.into(), record);
+        staged.push(stage_tensors(dir, OPTIMIZER_FILE, opt)?);
+        staged.push(stage_bytes(dir, TRAIN_STATE_FILE, &to_pretty_json(state)?)?);
     }
-    crash_point(Stage::BeforeCommit)?;
-
-    // Step 2: the commit point.
-    let partial = dir.join(PARTIAL_FILE);
-    write_durably(&partial, &to_pretty_json(&manifest)?).map_err(|e| not_writable(dir, e))?;
-    rename(&partial, &dir.join(PENDING_FILE))?;
-    sync_dir(dir)?;
-    crash_point(Stage::AfterCommit)?;
-
-    // Step 3: the same roll-forward a later load would do, minus re-checking files whose
-    // checksums were computed a moment ago.
-    roll_forward(dir, &manifest, false)
+    // Steps 2 and 3: the commit point and the roll-forward.
+    let step = ckpt.train_state.as_ref().and_then(|s| s.get("step")).and_then(|s| s.as_u64());
+    commit(dir, step, staged)
 }
 
-/// Loads the checkpoint in `dir`, checking every file against the config and the manifest.
-///
-/// If a save was interrupted after its commit point, this first completes it (renaming files
-/// inside `dir`), so loading a crashed run directory needs write access to it.
+/// Finishes a save that a killed process committed but did not complete. For writers that
+/// hold the directory's lock; `save_checkpoint` does it itself.
+pub fn finish_interrupted_save(dir: &Path) -> Result<()> {
+    finish_interrupted(dir)
+}
+
+/// Loads the last committed checkpoint in `dir`, checking every file against the config and
+/// the manifest. Never writes: a save interrupted after its commit point is read where it
+/// lies, and a save made meanwhile by another process is waited out.
 pub fn load_checkpoint(dir: &Path) -> Result<Checkpoint> {
-    if !dir.is_dir() {
-        return Err(Error::io(dir.display(), "no checkpoint here: not a directory"));
+    check_is_dir(dir)?;
+    read_consistently(dir, load_committed)
+}
+
+/// The config, step and kind of the checkpoint in `dir`, checking `config.json` against the
+/// manifest and the model file's header against the config, without reading any tensor.
+pub fn inspect_checkpoint(dir: &Path) -> Result<CheckpointSummary> {
+    check_is_dir(dir)?;
+    read_consistently(dir, |view| {
+        let config = read_config(view, true)?;
+        let model = view
+            .read_file(MODEL_FILE, false, open_safetensors, SafetensorsFile::bytes)?
+            .ok_or_else(|| missing(dir, MODEL_FILE))?;
+        check_header(&model, &config)?;
+        Ok(CheckpointSummary {
+            config,
+            step: view.step(),
+            has_training_state: view.has(OPTIMIZER_FILE) && view.has(TRAIN_STATE_FILE),
+        })
+    })
+}
+
+/// The train state of the checkpoint in `dir` (checked against the manifest), without the
+/// tensors; `None` for a checkpoint of a model only.
+pub fn read_train_state(dir: &Path) -> Result<Option<serde_json::Value>> {
+    check_is_dir(dir)?;
+    read_consistently(dir, |view| read_state(view, true))
+}
+
+fn check_is_dir(dir: &Path) -> Result<()> {
+    if dir.is_dir() {
+        Ok(())
+    } else if dir.exists() {
+        Err(Error::io(dir.display(), "is a file; a checkpoint is a directory"))
+    } else {
+        Err(Error::io(dir.display(), "no checkpoint here: not a directory"))
     }
-    recover(dir)?;
-    let manifest = read_manifest(&dir.join(MANIFEST_FILE))?;
-    if let Some(m) = &manifest {
-        // Without this, a deleted optimizer file would silently load as "no training state".
-        if let Some(name) = m.files.keys().find(|name| !dir.join(name).is_file()) {
-            return Err(Error::format(
-                dir.join(name).display(),
-                format!("missing, but {MANIFEST_FILE} lists it as part of this checkpoint"),
-            ));
-        }
+}
+
+fn missing(dir: &Path, name: &str) -> Error {
+    Error::io(
+        dir.join(name).display(),
+        "missing: not a checkpoint directory (expected config.json and model.safetensors)",
+    )
+}
+
+fn open_safetensors(path: &Path, file: std::fs::File, _len: u64) -> Result<SafetensorsFile> {
+    SafetensorsFile::from_file(path, file)
+}
+
+fn read_json(path: &Path, file: std::fs::File, len: u64) -> Result<Vec<u8>> {
+    if len > JSON_LIMIT {
+        return Err(Error::format(
+            path.display(),
+            format!(
+                "is {}, far more than a checkpoint's JSON file holds",
+                crate::files::bytes_text(len)
+            ),
+        ));
     }
-    // Every file read below is checked against the manifest from the very bytes that are then
-    // parsed, so nothing can change between the check and the use. A file the manifest does
-    // not list (say, a training-state pair copied in from another run) fails the check too.
-    let check = |name: &str, bytes: &[u8]| match &manifest {
-        Some(m) => m.check(dir, name, bytes),
-        None => Ok(()),
+    read_open(file, path, len, JSON_LIMIT, "a checkpoint's JSON file")
+}
+
+fn read_config(view: &Committed, verify: bool) -> Result<ModelConfig> {
+    let dir = view.dir();
+    let bytes = view
+        .read_file(CONFIG_FILE, verify, read_json, |b| b.as_slice())?
+        .ok_or_else(|| missing(dir, CONFIG_FILE))?;
+    parse_config(&dir.join(CONFIG_FILE), &bytes)
+}
+
+fn read_state(view: &Committed, verify: bool) -> Result<Option<serde_json::Value>> {
+    let path = view.dir().join(TRAIN_STATE_FILE);
+    let Some(bytes) = view.read_file(TRAIN_STATE_FILE, verify, read_json, |b| b.as_slice())? else {
+        return Ok(None);
     };
+    let state = serde_json::from_slice(&bytes)
+        .map_err(|e| Error::format(path.display(), format!("invalid JSON: {e}")))?;
+    Ok(Some(state))
+}
 
-    let config_path = dir.join(CONFIG_FILE);
-    let config_bytes = fs::read(&config_path).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            Error::io(
-                config_path.display(),
-                "missing: not a checkpoint directory (expected config.json and model.safetensors)",
-            )
+fn load_committed(view: &Committed) -> Result<Checkpoint> {
+    let dir = view.dir();
+    let config = read_config(view, true)?;
+    let (has_opt, has_state) = (view.has(OPTIMIZER_FILE), view.has(TRAIN_STATE_FILE));
+    view.refuse_unlisted(OPTIMIZER_FILE)?;
+    view.refuse_unlisted(TRAIN_STATE_FILE)?;
+    if has_opt != has_state {
+        let (present, absent) = if has_opt {
+            (OPTIMIZER_FILE, TRAIN_STATE_FILE)
         } else {
-            Error::io(config_path.display(), e)
-        }
-    })?;
-    check(CONFIG_FILE, &config_bytes)?;
-    let config = parse_config(&config_path, &config_bytes)?;
+            (TRAIN_STATE_FILE, OPTIMIZER_FILE)
+        };
+        return Err(Error::format(
+            dir.join(present).display(),
+            format!(
+                "training state is incomplete: {} is missing (optimizer.safetensors and \
+                 train_state.json come as a pair)",
+                dir.join(absent).display()
+            ),
+        ));
+    }
+    // Before any tensor is allocated: a config someone handed over may describe a model far
+    // larger than this machine (or than arithmetic).
+    memory::check(
+        &format!("loading the checkpoint in {}", dir.display()),
+        memory::checkpoint_bytes(&config, has_opt),
+    )?;
 
-    let model = SafetensorsFile::open(dir.join(MODEL_FILE))?;
-    check(MODEL_FILE, model.bytes())?;
+    let model = view
+        .read_file(MODEL_FILE, true, open_safetensors, SafetensorsFile::bytes)?
+        .ok_or_else(|| missing(dir, MODEL_FILE))?;
     let expected = expected(&config);
     let params = read_tensors(&model, &config, &expected, "")?;
+    drop(model);
 
-    let opt_path = dir.join(OPTIMIZER_FILE);
-    let state_path = dir.join(TRAIN_STATE_FILE);
-    let (optimizer, train_state) = match (opt_path.is_file(), state_path.is_file()) {
-        (false, false) => (None, None),
-        (true, true) => {
-            let opt = SafetensorsFile::open(&opt_path)?;
-            check(OPTIMIZER_FILE, opt.bytes())?;
-            // read_tensors returns the moments under the parameter names.
-            let m = read_tensors(&opt, &config, &expected, "m.")?;
-            let v = read_tensors(&opt, &config, &expected, "v.")?;
-
-            let state_bytes =
-                fs::read(&state_path).map_err(|e| Error::io(state_path.display(), e))?;
-            check(TRAIN_STATE_FILE, &state_bytes)?;
-            let state: serde_json::Value = serde_json::from_slice(&state_bytes)
-                .map_err(|e| Error::format(state_path.display(), format!("invalid JSON: {e}")))?;
-            (Some((m, v)), Some(state))
-        }
-        (has_opt, _) => {
-            let (present, absent) =
-                if has_opt { (&opt_path, &state_path) } else { (&state_path, &opt_path) };
-            return Err(Error::format(
-                present.display(),
-                format!(
-                    "training state is incomplete: {} is missing (optimizer.safetensors and \
-                     train_state.json come as a pair)",
-                    absent.display()
-                ),
-            ));
-        }
+    let (optimizer, train_state) = if has_opt {
+        let opt = view
+            .read_file(OPTIMIZER_FILE, true, open_safetensors, SafetensorsFile::bytes)?
+            .ok_or_else(|| missing(dir, OPTIMIZER_FILE))?;
+        // read_tensors returns the moments under the parameter names.
+        let m = read_tensors(&opt, &config, &expected, "m.")?;
+        let v = read_tensors(&opt, &config, &expected, "v.")?;
+        let state = read_state(view, true)?.ok_or_else(|| missing(dir, TRAIN_STATE_FILE))?;
+        (Some((m, v)), Some(state))
+    } else {
+        (None, None)
     };
     Ok(Checkpoint { config, params, optimizer, train_state })
 }
@@ -204,6 +267,8 @@ pub fn load_checkpoint(dir: &Path) -> Result<Checkpoint> {
 mod tests {
     use super::*;
     use crate::NormKind;
+    use std::collections::BTreeMap;
+    use std::fs;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokenformer_core::safetensors_io::save_safetensors;
     use tokenformer_core::Rng;
@@ -351,7 +416,7 @@ mod tests {
         assert!(is_checkpoint_dir(dir.path()));
         let back = load_checkpoint(dir.path()).unwrap();
         assert_same(&ckpt, &back);
-        let manifest = read_manifest(&dir.path().join(MANIFEST_FILE)).unwrap().unwrap();
+        let manifest = manifest_in(dir.path(), MANIFEST_FILE);
         assert_eq!(manifest.step, Some(7));
         assert_eq!(manifest.files.len(), 4);
         // No temporaries are left behind.
@@ -394,17 +459,41 @@ mod tests {
         save_checkpoint(dir.path(), &old).unwrap();
         CRASH_AT.with(|c| c.set(Some(Stage::BeforeCommit)));
         assert!(save_checkpoint(dir.path(), &full_checkpoint(2)).is_err());
-        // Every new file is on disk under its .tmp name, but nothing was committed.
-        assert!(dir.path().join("model.safetensors.tmp").exists());
+        // Every new file is on disk under a temporary name, but nothing was committed.
+        let strays = temp_files(dir.path());
+        assert_eq!(strays.len(), 4, "{strays:?}");
+        assert!(strays.iter().any(|n| n.starts_with("model.safetensors.tmp-")), "{strays:?}");
         assert_same(&old, &load_checkpoint(dir.path()).unwrap());
-        // And the next save simply overwrites the strays.
+        // The next writer removes the strays.
         let newer = full_checkpoint(3);
         save_checkpoint(dir.path(), &newer).unwrap();
         assert_same(&newer, &load_checkpoint(dir.path()).unwrap());
+        assert_eq!(temp_files(dir.path()), Vec::<String>::new());
+    }
+
+    fn temp_files(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| crate::files::is_temp_name(n))
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Every file of a directory with its bytes.
+    fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+        fs::read_dir(dir)
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (e.file_name().into_string().unwrap(), fs::read(e.path()).unwrap())
+            })
+            .collect()
     }
 
     #[test]
-    fn a_crash_after_the_commit_point_is_rolled_forward() {
+    fn a_crash_after_the_commit_point_is_read_as_committed_and_rolled_forward_by_a_writer() {
         for stage in [Stage::AfterCommit, Stage::MidRollForward] {
             let dir = TempDir::new("crash-after");
             save_checkpoint(dir.path(), &full_checkpoint(1)).unwrap();
@@ -414,20 +503,76 @@ mod tests {
             assert!(dir.path().join(PENDING_FILE).exists(), "{stage:?}");
             if stage == Stage::MidRollForward {
                 // The directory now really holds a mix: one new file, the rest old.
-                let renamed = manifest_names(dir.path(), PENDING_FILE)
-                    .into_iter()
-                    .filter(|n| !dir.path().join(tmp_name(n)).exists())
-                    .count();
+                let pending = manifest_in(dir.path(), PENDING_FILE);
+                let renamed =
+                    pending.staged.values().filter(|s| !dir.path().join(s).exists()).count();
                 assert_eq!(renamed, 1);
             }
             assert!(is_checkpoint_dir(dir.path()));
+            // Readers get the committed checkpoint and change nothing.
+            let before = snapshot(dir.path());
             assert_same(&new, &load_checkpoint(dir.path()).unwrap());
+            let summary = inspect_checkpoint(dir.path()).unwrap();
+            assert_eq!((summary.step, summary.has_training_state), (Some(2), true));
+            assert_eq!(read_train_state(dir.path()).unwrap(), new.train_state);
+            assert_eq!(snapshot(dir.path()), before, "{stage:?}: a reader changed the directory");
+            // The next writer to take the directory finishes the save.
+            drop(RunLock::acquire(dir.path()).unwrap());
             assert!(!dir.path().join(PENDING_FILE).exists());
+            assert_eq!(temp_files(dir.path()), Vec::<String>::new());
+            assert_same(&new, &load_checkpoint(dir.path()).unwrap());
+            assert_eq!(manifest_in(dir.path(), MANIFEST_FILE).step, Some(2));
         }
     }
 
-    fn manifest_names(dir: &Path, file: &str) -> Vec<String> {
-        read_manifest(&dir.join(file)).unwrap().unwrap().files.keys().cloned().collect()
+    fn manifest_in(dir: &Path, file: &str) -> Manifest {
+        let path = dir.join(file);
+        Manifest::parse(&path, &fs::read(&path).unwrap(), file == PENDING_FILE).unwrap()
+    }
+
+    #[test]
+    fn a_crafted_manifest_cannot_name_anything_but_the_checkpoint_files() {
+        let outside = TempDir::new("outside");
+        let victim = outside.path().join("victim");
+        fs::write(&victim, "precious").unwrap();
+        let crafted = [
+            // A file name with a path in it, in the committed and the pending manifest.
+            ("files", "../outside/victim", MANIFEST_FILE, "not a checkpoint file"),
+            ("files", "../outside/victim", PENDING_FILE, "not a checkpoint file"),
+            ("files", "/etc/passwd", PENDING_FILE, "not a checkpoint file"),
+            // A temporary name that leads out of the directory, or to another file.
+            ("staged", "../../victim", PENDING_FILE, "not a temporary name"),
+            ("staged", "optimizer.safetensors", PENDING_FILE, "not a temporary name"),
+            ("staged", "model.safetensors.tmp-1-2/../../x", PENDING_FILE, "not a temporary"),
+        ];
+        for (field, value, file, want) in crafted {
+            let dir = TempDir::new("crafted");
+            save_checkpoint(dir.path(), &full_checkpoint(1)).unwrap();
+            let mut json: serde_json::Value =
+                serde_json::from_slice(&fs::read(dir.path().join(MANIFEST_FILE)).unwrap()).unwrap();
+            if field == "files" {
+                let record = json["files"][MODEL_FILE].clone();
+                json["files"][value] = record;
+            } else {
+                json["staged"] = serde_json::json!({ MODEL_FILE: value });
+            }
+            fs::write(dir.path().join(file), json.to_string()).unwrap();
+            let before = snapshot(dir.path());
+            let e = load_err(dir.path());
+            assert!(e.contains(file) && e.contains(want), "{value}: {e}");
+            assert_eq!(snapshot(dir.path()), before);
+            if file == PENDING_FILE {
+                // A writer refuses to finish such a save, and touches nothing.
+                let e = save_checkpoint(dir.path(), &full_checkpoint(2)).unwrap_err().to_string();
+                assert!(e.contains(want), "{value}: {e}");
+                assert_eq!(snapshot(dir.path()), before);
+            } else {
+                // A writer never reads the committed manifest: it replaces it.
+                save_checkpoint(dir.path(), &full_checkpoint(2)).unwrap();
+                assert_same(&full_checkpoint(2), &load_checkpoint(dir.path()).unwrap());
+            }
+            assert_eq!(fs::read(&victim).unwrap(), b"precious");
+        }
     }
 
     #[test]

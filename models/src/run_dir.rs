@@ -1,0 +1,198 @@
+//! One writer per run directory.
+//!
+//! Every command that writes into a run directory (`train`, `init`, `grow --out`, and
+//! `save_checkpoint` for any caller) first takes an advisory lock on `run.lock` in it: an
+//! exclusive `flock`, which the kernel releases when the process exits however it exits, so a
+//! killed run never leaves a directory locked. The file holds the holder's pid, so a second
+//! writer is told who has the directory. Commands that only read (`info`, `eval`, `generate`,
+//! the source of `grow`) take no lock and never write: they read the last committed checkpoint
+//! while a run keeps saving (see `checkpoint`).
+//!
+//! Within one process the lock is reentrant: `train` holds it for the whole run, and the saves
+//! it makes find it held. Holding the lock also makes the process the one that may tidy up:
+//! when it first takes the lock it finishes a save a killed process committed but did not
+//! complete, and removes the temporary files such processes left behind.
+
+use crate::checkpoint::{finish_interrupted_save, is_checkpoint_dir};
+use crate::files::{entry_exists, remove_stray_temps};
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions, TryLockError};
+use std::io::{Read, Seek, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+
+#[cfg(unix)]
+use std::os::unix::fs::OpenOptionsExt;
+use tokenformer_core::{Error, Result};
+
+/// The lock file's name inside a run directory.
+pub const LOCK_FILE: &str = "run.lock";
+
+/// The locks this process holds: canonical directory → (lock file, holders).
+fn held() -> &'static Mutex<HashMap<PathBuf, (File, usize)>> {
+    static HELD: OnceLock<Mutex<HashMap<PathBuf, (File, usize)>>> = OnceLock::new();
+    HELD.get_or_init(Default::default)
+}
+
+/// This process's hold on a run directory; the lock is released when the last `RunLock` of the
+/// directory is dropped (or the process ends).
+pub struct RunLock {
+    key: PathBuf,
+    dir: PathBuf,
+}
+
+impl RunLock {
+    /// Locks `dir` (which must exist) for writing, or fails with one line naming the process
+    /// that holds it.
+    pub fn acquire(dir: &Path) -> Result<RunLock> {
+        let key = dir
+            .canonicalize()
+            .map_err(|e| Error::io(dir.display(), format!("cannot use as a run directory: {e}")))?;
+        let mut held = held().lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, holders)) = held.get_mut(&key) {
+            *holders += 1;
+            return Ok(RunLock { key, dir: dir.to_path_buf() });
+        }
+        let path = dir.join(LOCK_FILE);
+        let mut options = OpenOptions::new();
+        options.read(true).write(true).create(true).truncate(false);
+        // Never through a link; non-blocking so a FIFO in its place cannot hang the open.
+        #[cfg(unix)]
+        options.custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).mode(0o644);
+        let mut file = options.open(&path).map_err(|e| {
+            if e.raw_os_error() == Some(libc::ELOOP) {
+                Error::io(path.display(), "is a symbolic link; refusing to use it as the lock")
+            } else {
+                Error::io(dir.display(), format!("cannot write into this directory: {e}"))
+            }
+        })?;
+        let meta = file.metadata().map_err(|e| Error::io(path.display(), e))?;
+        if !meta.is_file() {
+            return Err(Error::io(path.display(), "is not a regular file; refusing to use it"));
+        }
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => {
+                let mut text = String::new();
+                let _ = (&file).take(64).read_to_string(&mut text);
+                let holder = match text.trim().parse::<u32>() {
+                    Ok(pid) => format!("another process (pid {pid})"),
+                    Err(_) => "another process".to_string(),
+                };
+                return Err(Error::invalid(format!(
+                    "{} is in use by {holder}, which is writing to it; wait for it to finish or \
+                     stop it (one writer per run directory)",
+                    dir.display()
+                )));
+            }
+            Err(TryLockError::Error(e)) => {
+                return Err(Error::io(path.display(), format!("cannot lock: {e}")))
+            }
+        }
+        let pid = format!("{}\n", std::process::id());
+        file.set_len(0)
+            .and_then(|()| file.rewind())
+            .and_then(|()| file.write_all(pid.as_bytes()))
+            .map_err(|e| Error::io(path.display(), format!("cannot write: {e}")))?;
+        held.insert(key.clone(), (file, 1));
+        drop(held);
+        let lock = RunLock { key, dir: dir.to_path_buf() };
+        // The first hold of this process: whatever temporary files are here belong to
+        // processes that died, and a save one of them committed is finished now.
+        lock.tidy()?;
+        Ok(lock)
+    }
+
+    /// Creates `dir` if needed and locks it.
+    pub fn create_and_acquire(dir: &Path) -> Result<RunLock> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::io(dir.display(), format!("cannot create the directory: {e}")))?;
+        RunLock::acquire(dir)
+    }
+
+    /// Whether this process holds the lock of `dir`.
+    pub fn is_held(dir: &Path) -> bool {
+        let Ok(key) = dir.canonicalize() else { return false };
+        held().lock().unwrap_or_else(|e| e.into_inner()).contains_key(&key)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Finishes a save a killed process committed, and removes the temporary files killed
+    /// processes left behind. Returns the names removed.
+    fn tidy(&self) -> Result<Vec<String>> {
+        finish_interrupted_save(&self.dir)?;
+        remove_stray_temps(&self.dir, &[])
+    }
+}
+
+impl Drop for RunLock {
+    fn drop(&mut self) {
+        let mut held = held().lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, holders)) = held.get_mut(&self.key) {
+            *holders -= 1;
+            if *holders == 0 {
+                // Closing the file releases the flock.
+                held.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// The files a run leaves besides its checkpoint.
+pub const RUN_FILES: [&str; 2] = ["metrics.jsonl", "loss.png"];
+
+/// Clears a run directory that holds no checkpoint — a run or grow killed before its first
+/// save — so a new run can start in it (`--overwrite`). A directory with a checkpoint is
+/// refused: a checkpoint is never deleted. The token caches stay (they are checked on use).
+pub fn clear_unfinished(lock: &RunLock) -> Result<()> {
+    let dir = lock.dir();
+    if is_checkpoint_dir(dir) {
+        return Err(Error::invalid(format!(
+            "{} holds a checkpoint; --overwrite only starts again in a run that stopped before \
+             its first checkpoint, and never deletes one (remove the directory yourself, or \
+             choose another --out)",
+            dir.display()
+        )));
+    }
+    for name in RUN_FILES {
+        let path = dir.join(name);
+        if entry_exists(&path) {
+            std::fs::remove_file(&path).map_err(|e| Error::io(path.display(), e))?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_lock_is_reentrant_in_a_process_and_exclusive_across_open_files() {
+        let dir = std::env::temp_dir().join(format!("tf-lock-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let a = RunLock::create_and_acquire(&dir).unwrap();
+        let b = RunLock::acquire(&dir).unwrap();
+        assert!(RunLock::is_held(&dir));
+        let pid: u32 =
+            std::fs::read_to_string(dir.join(LOCK_FILE)).unwrap().trim().parse().unwrap();
+        assert_eq!(pid, std::process::id());
+        // Another open file description of the lock (as another process would have) cannot
+        // take it while it is held...
+        let other = File::open(dir.join(LOCK_FILE)).unwrap();
+        assert!(matches!(other.try_lock(), Err(TryLockError::WouldBlock)));
+        drop(a);
+        assert!(matches!(other.try_lock(), Err(TryLockError::WouldBlock)));
+        drop(b);
+        // ...and can once the last holder is gone.
+        assert!(!RunLock::is_held(&dir));
+        other.try_lock().unwrap();
+        let e = RunLock::acquire(&dir).err().unwrap().to_string();
+        assert!(e.contains("is in use by another process (pid") && !e.contains('\n'), "{e}");
+        drop(other);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
