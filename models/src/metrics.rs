@@ -10,7 +10,7 @@
 //! on disk, whole, before training continues.
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 
 #[cfg(unix)]
@@ -133,16 +133,28 @@ fn kept_bytes(file: &File, path: &Path, step: u64) -> Result<u64> {
     struct Step {
         step: u64,
     }
+    // A record is a few hundred bytes; a longer "line" (a file of zeros, say) is not one, and
+    // is not read whole to find that out.
+    const LONGEST_LINE: u64 = 1 << 20;
     let mut reader = BufReader::new(file);
     let mut line = Vec::new();
     let (mut offset, mut number) = (0u64, 0usize);
     loop {
         line.clear();
-        let n = reader.read_until(b'\n', &mut line).map_err(|e| Error::io(path.display(), e))?;
+        let n = (&mut reader)
+            .take(LONGEST_LINE)
+            .read_until(b'\n', &mut line)
+            .map_err(|e| Error::io(path.display(), e))?;
+        number += 1;
+        if n as u64 == LONGEST_LINE && !line.ends_with(b"\n") {
+            return Err(Error::format(
+                format!("{}:{number}", path.display()),
+                "a line of a megabyte or more: this is not a metrics file",
+            ));
+        }
         if n == 0 || !line.ends_with(b"\n") {
             return Ok(offset); // the end, or a line cut short by a crash
         }
-        number += 1;
         if !line.iter().all(u8::is_ascii_whitespace) {
             match serde_json::from_slice::<Step>(&line) {
                 Ok(record) if record.step > step => return Ok(offset),
@@ -162,8 +174,8 @@ fn kept_bytes(file: &File, path: &Path, step: u64) -> Result<u64> {
 /// Loads a metrics file. A last line without its newline (the process died mid-write) is
 /// ignored if it does not parse; a bad line anywhere else is an error naming its line number.
 pub fn read_metrics(path: &Path) -> Result<Vec<Record>> {
-    // A metrics line is about 200 bytes: 4 GiB is twenty million logged steps.
-    let bytes = crate::files::read_regular(path, 4 << 30, "a metrics file")?;
+    // A metrics line is about 200 bytes: 1 GiB is five million logged steps.
+    let bytes = crate::files::read_regular(path, 1 << 30, "a metrics file")?;
     let text = String::from_utf8_lossy(&bytes);
     let complete = text.ends_with('\n');
     let lines: Vec<&str> = text.lines().collect();
@@ -238,6 +250,21 @@ mod tests {
         fs::write(&path, format!("{good}\nnot json\n{good}\n")).unwrap();
         let err = read_metrics(&path).unwrap_err().to_string();
         assert!(err.contains("metrics.jsonl:2"), "{err}");
+
+        // A huge file of zeros is refused after its first megabyte, whatever its size...
+        File::create(&path).unwrap().set_len(1 << 40).unwrap();
+        let err = MetricsWriter::resume(&path, 3).err().unwrap().to_string();
+        assert!(err.contains("metrics.jsonl:1") && err.contains("not a metrics file"), "{err}");
+        assert!(read_metrics(&path).unwrap_err().to_string().contains("more than"));
+        // ...and a link is never written through.
+        fs::remove_file(&path).unwrap();
+        let target = dir.join("elsewhere");
+        fs::write(&target, "kept\n").unwrap();
+        std::os::unix::fs::symlink(&target, &path).unwrap();
+        let err = MetricsWriter::resume(&path, 3).err().unwrap().to_string();
+        assert!(err.contains("symbolic link"), "{err}");
+        assert!(MetricsWriter::create(&path).is_err());
+        assert_eq!(fs::read_to_string(&target).unwrap(), "kept\n");
         fs::remove_dir_all(&dir).unwrap();
     }
 }
