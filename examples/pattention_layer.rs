@@ -32,7 +32,7 @@ use common::{draw_curves, out_file, Curve, Result, BLUE, GREEN, GREY, ORANGE, RE
 use plotters::prelude::*;
 use tokenformer::autograd::{no_grad, Var};
 use tokenformer::core::{Device, Rng, Tensor};
-use tokenformer::models::{GrowInit, NormKind, Pattention};
+use tokenformer::models::{GrowInit, Pattention, Theta};
 use tokenformer::ops::adamw::{adamw_step, AdamW};
 use tokenformer::ops::layout::concat;
 use tokenformer::ops::matmul::matmul;
@@ -172,7 +172,7 @@ fn main() -> Result<()> {
         value_tokens: Var::param(Tensor::randn(&[args.tokens, DIM], VALUE_STD, &mut rng)),
         // τ = √n₀ is fixed when the layer is made; growth never changes it.
         scale_tokens: args.tokens,
-        norm: NormKind::L2NormGelu,
+        norm: Theta::L2NormGelu,
     };
     println!(
         "one Pattention layer (Θ = {}, τ = √{}) learns a random linear map of {DIM}-dimensional unit vectors ({POINTS} points)",

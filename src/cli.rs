@@ -8,6 +8,7 @@ use tokenformer_core::{Device, Error, Result};
 use tokenformer_models::bench::{bench_matmul, bench_train};
 use tokenformer_models::checkpoint::inspect_checkpoint;
 use tokenformer_models::checkpoint::{is_checkpoint_dir, save_checkpoint, Checkpoint};
+use tokenformer_models::config::{TokenGroup, LAYER_SLOTS};
 use tokenformer_models::data::{StreamDecoder, Tokenizer};
 use tokenformer_models::evaluate::{evaluate_tokens, parse_token_ids};
 use tokenformer_models::files::{bytes_text, open_regular, read_open};
@@ -19,7 +20,7 @@ use tokenformer_models::run_dir::{clear_unfinished, RunLock};
 use tokenformer_models::train::{
     check_new_run, load_model, saved_run, train_new, train_resume, TrainControl, TrainSettings,
 };
-use tokenformer_models::{GrowInit, ModelConfig, NormKind, TokenFormer};
+use tokenformer_models::{GrowInit, ModelConfig, Theta, TokenFormer};
 
 #[derive(Parser)]
 #[command(
@@ -452,16 +453,15 @@ fn grow(a: GrowArgs) -> Result<()> {
         _lock = Some(lock);
     }
     let report = grow_checkpoint(&a.checkpoint, &a.out, &spec, device)?;
+    let counts: Vec<String> = TokenGroup::ALL
+        .iter()
+        .map(|g| format!("{} {} -> {}", g.name(), g.counts(&report.from).0, g.counts(&report.to).0))
+        .collect();
     println!(
-        "grew {} -> {}: qkv {} -> {}, proj {} -> {}, ffn {} -> {}; parameters {} -> {}",
+        "grew {} -> {}: {}; parameters {} -> {}",
         a.checkpoint.display(),
         a.out.display(),
-        report.from.qkv_tokens,
-        report.to.qkv_tokens,
-        report.from.proj_tokens,
-        report.to.proj_tokens,
-        report.from.ffn_tokens,
-        report.to.ffn_tokens,
+        counts.join(", "),
         thousands(report.from.param_count()),
         thousands(report.to.param_count())
     );
@@ -487,7 +487,7 @@ fn init(a: InitArgs) -> Result<()> {
         config.vocab_size = v;
     }
     if let Some(norm) = &a.norm {
-        config.norm = norm.parse::<NormKind>()?;
+        config.norm = norm.parse::<Theta>()?;
     }
     config.validate()?;
     memory::check(
@@ -536,13 +536,13 @@ fn info(a: InfoArgs) -> Result<()> {
     let json = serde_json::to_string_pretty(&config).map_err(|e| Error::invalid(e.to_string()))?;
     println!("{json}");
     let (d, l) = (config.d_model, config.n_layers);
-    let kinds = [
-        ("embedding (tied)", config.vocab_size * d),
-        ("query/key/value tokens", 2 * d * l * 3 * config.qkv_tokens),
-        ("proj tokens", 2 * d * l * config.proj_tokens),
-        ("ffn tokens", 2 * d * l * config.ffn_tokens),
-        ("final norm", 2 * d),
-    ];
+    let mut kinds = vec![("embedding (tied)".to_string(), config.vocab_size * d)];
+    for group in TokenGroup::ALL {
+        let slots = LAYER_SLOTS.iter().filter(|s| s.group == group).count();
+        let tokens = group.counts(&config).0;
+        kinds.push((format!("{} tokens", group.describe()), 2 * d * l * slots * tokens));
+    }
+    kinds.push(("final norm".into(), 2 * d));
     for (name, n) in kinds {
         println!("{name:>24}: {:>15}", thousands(n));
     }

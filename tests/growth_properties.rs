@@ -7,7 +7,8 @@
 use proptest::prelude::*;
 use tokenformer::core::{Device, Rng, Tensor};
 use tokenformer::models::checkpoint::{load_checkpoint, save_checkpoint, Checkpoint};
-use tokenformer::models::{GrowInit, ModelConfig, NormKind, TokenFormer};
+use tokenformer::models::growth::GrowSpec;
+use tokenformer::models::{GrowInit, ModelConfig, Theta, TokenFormer};
 
 #[derive(Debug, Clone)]
 struct Case {
@@ -23,7 +24,7 @@ fn case() -> impl Strategy<Value = Case> {
     (
         1usize..=3,                                                     // layers
         prop::sample::select(vec![(16, 2), (24, 3), (16, 1), (32, 2)]), // (d_model, heads): d_h 8, 8, 16, 16
-        prop::sample::select(vec![NormKind::L2NormGelu, NormKind::GeluL2Norm]),
+        prop::sample::select(vec![Theta::L2NormGelu, Theta::GeluL2Norm]),
         (3usize..20, 3usize..20, 5usize..40), // qkv, proj, ffn tokens
         // vocab, seq, batch, seed. Two tokens at least: with one, attention ignores q and k, and
         // the loss does not depend on the query and key layers at all.
@@ -167,7 +168,7 @@ proptest! {
 #[test]
 fn softmax_growth_is_reported_as_changing_outputs() {
     let mut config = ModelConfig::preset("tiny").unwrap();
-    config.norm = NormKind::Softmax;
+    config.norm = Theta::Softmax;
     config.n_layers = 1;
     config.d_model = 16;
     config.n_heads = 2;
@@ -175,7 +176,8 @@ fn softmax_growth_is_reported_as_changing_outputs() {
     config.qkv_scale_tokens = 5;
     config.vocab_size = 20;
     let model = TokenFormer::init(&config, 0, Device::Cpu).unwrap();
-    assert!(!model.exact_growth_preserves_outputs());
+    let spec = GrowSpec { qkv: 3, proj: 0, ffn: 0, init: GrowInit::Exact, seed: 0 };
+    assert!(!spec.preserves_outputs(&config));
     let grown = model.grow(3, 0, 0, GrowInit::Exact, 0).unwrap();
     let ids = Tensor::from_vec(vec![1.0, 2.0, 3.0], &[1, 3]).unwrap();
     assert_ne!(

@@ -1,44 +1,99 @@
 //! The model's hyperparameters (SPEC §2, §6 `config.json`) and the presets of SPEC §3.
 
 use serde::{Deserialize, Serialize};
-use std::fmt;
-use std::str::FromStr;
 use tokenformer_core::{Error, Result};
 
-/// The Θ normalisation of every Pattention in a model (SPEC §1).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum NormKind {
-    L2NormGelu,
-    GeluL2Norm,
-    Softmax,
+pub use tokenformer_ops::pattention_norm::Theta;
+
+/// The groups of Pattentions that share a token count (SPEC §2): a layer's query, key and value
+/// Pattentions, its output projection, and its FFN.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenGroup {
+    Qkv,
+    Proj,
+    Ffn,
 }
 
-impl NormKind {
-    pub const ALL: [NormKind; 3] = [NormKind::L2NormGelu, NormKind::GeluL2Norm, NormKind::Softmax];
-    pub fn name(&self) -> &'static str {
+impl TokenGroup {
+    pub const ALL: [TokenGroup; 3] = [TokenGroup::Qkv, TokenGroup::Proj, TokenGroup::Ffn];
+
+    /// The short name used by growth specs and `grow` flags (`qkv=+64`, `--qkv 64`).
+    pub fn name(self) -> &'static str {
         match self {
-            NormKind::L2NormGelu => "l2_norm_gelu",
-            NormKind::GeluL2Norm => "gelu_l2_norm",
-            NormKind::Softmax => "softmax",
+            TokenGroup::Qkv => "qkv",
+            TokenGroup::Proj => "proj",
+            TokenGroup::Ffn => "ffn",
+        }
+    }
+
+    /// What the group's Pattentions are, in words.
+    pub fn describe(self) -> &'static str {
+        match self {
+            TokenGroup::Qkv => "query/key/value",
+            TokenGroup::Proj => "proj",
+            TokenGroup::Ffn => "ffn",
+        }
+    }
+
+    /// The `config.json` fields of the group: (token count n, creation count n₀ of τ = √n₀).
+    pub fn fields(self) -> (&'static str, &'static str) {
+        match self {
+            TokenGroup::Qkv => ("qkv_tokens", "qkv_scale_tokens"),
+            TokenGroup::Proj => ("proj_tokens", "proj_scale_tokens"),
+            TokenGroup::Ffn => ("ffn_tokens", "ffn_scale_tokens"),
+        }
+    }
+
+    /// (n, n₀) of the group in `config`.
+    pub fn counts(self, config: &ModelConfig) -> (usize, usize) {
+        let c = config;
+        match self {
+            TokenGroup::Qkv => (c.qkv_tokens, c.qkv_scale_tokens),
+            TokenGroup::Proj => (c.proj_tokens, c.proj_scale_tokens),
+            TokenGroup::Ffn => (c.ffn_tokens, c.ffn_scale_tokens),
+        }
+    }
+
+    /// The token count n of the group in `config`, to change.
+    pub fn tokens_mut(self, config: &mut ModelConfig) -> &mut usize {
+        match self {
+            TokenGroup::Qkv => &mut config.qkv_tokens,
+            TokenGroup::Proj => &mut config.proj_tokens,
+            TokenGroup::Ffn => &mut config.ffn_tokens,
         }
     }
 }
 
-impl fmt::Display for NormKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
+/// One of a layer's five projections: its name under `layers.{i}.` in a checkpoint (SPEC §6)
+/// and the group whose counts size it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Slot {
+    pub name: &'static str,
+    pub group: TokenGroup,
 }
 
-impl FromStr for NormKind {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        NormKind::ALL.into_iter().find(|k| k.name() == s).ok_or_else(|| {
-            Error::invalid(format!(
-                "unknown norm '{s}' (expected l2_norm_gelu, gelu_l2_norm or softmax)"
-            ))
-        })
+/// A layer's projections in checkpoint order. Every list of a layer's parameters (init,
+/// loading, saving, growth, the expected shapes of a checkpoint) walks this table.
+pub const LAYER_SLOTS: [Slot; 5] = [
+    Slot { name: "attention.query", group: TokenGroup::Qkv },
+    Slot { name: "attention.key", group: TokenGroup::Qkv },
+    Slot { name: "attention.value", group: TokenGroup::Qkv },
+    Slot { name: "attention.proj", group: TokenGroup::Proj },
+    Slot { name: "mlp", group: TokenGroup::Ffn },
+];
+
+/// `config.json` stores Θ under its name (`"l2_norm_gelu"`, ...).
+mod theta_by_name {
+    use super::Theta;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(theta: &Theta, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(theta.name())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Theta, D::Error> {
+        let name = String::deserialize(d)?;
+        name.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -56,7 +111,8 @@ pub struct ModelConfig {
     pub qkv_scale_tokens: usize,
     pub proj_scale_tokens: usize,
     pub ffn_scale_tokens: usize,
-    pub norm: NormKind,
+    #[serde(with = "theta_by_name")]
+    pub norm: Theta,
     pub rotary_pct: f64,
     pub rotary_base: f64,
     pub tokenizer: String,
@@ -104,7 +160,7 @@ impl ModelConfig {
             qkv_scale_tokens: qkv,
             proj_scale_tokens: proj,
             ffn_scale_tokens: ffn,
-            norm: NormKind::L2NormGelu,
+            norm: Theta::L2NormGelu,
             rotary_pct: 0.25,
             rotary_base: 10000.0,
             tokenizer: if v == 256 { "byte".into() } else { "gpt2".into() },
@@ -123,22 +179,19 @@ impl ModelConfig {
     /// Every rule SPEC §2 puts on a config; the message names the offending field.
     pub fn validate(&self) -> Result<()> {
         let fail = |m: String| Err(Error::invalid(format!("invalid model config: {m}")));
-        for (name, v) in [
+        let mut positive = vec![
             ("vocab_size", self.vocab_size),
             ("d_model", self.d_model),
             ("n_layers", self.n_layers),
             ("n_heads", self.n_heads),
             ("max_seq_len", self.max_seq_len),
-            ("qkv_tokens", self.qkv_tokens),
-            ("proj_tokens", self.proj_tokens),
-            ("ffn_tokens", self.ffn_tokens),
-            ("qkv_scale_tokens", self.qkv_scale_tokens),
-            ("proj_scale_tokens", self.proj_scale_tokens),
-            ("ffn_scale_tokens", self.ffn_scale_tokens),
-        ] {
-            if v == 0 {
-                return fail(format!("{name} must be positive"));
-            }
+        ];
+        for group in TokenGroup::ALL {
+            let ((n_field, n0_field), (n, n0)) = (group.fields(), group.counts(self));
+            positive.extend([(n_field, n), (n0_field, n0)]);
+        }
+        if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return fail(format!("{name} must be positive"));
         }
         if self.vocab_size > 1 << 24 {
             return fail(format!("vocab_size {} exceeds 2^24", self.vocab_size));
@@ -168,18 +221,21 @@ impl ModelConfig {
 
     /// 2·d·L·(3·n_qkv + n_proj + n_ffn) + V·d + 2·d (SPEC §2).
     pub fn param_count(&self) -> usize {
-        let tokens = 3 * self.qkv_tokens + self.proj_tokens + self.ffn_tokens;
-        2 * self.d_model * self.n_layers * tokens
+        2 * self.d_model * self.n_layers * self.tokens_per_layer()
             + self.vocab_size * self.d_model
             + 2 * self.d_model
+    }
+
+    /// 3·n_qkv + n_proj + n_ffn: the parameter tokens of one layer.
+    pub fn tokens_per_layer(&self) -> usize {
+        LAYER_SLOTS.iter().map(|slot| slot.group.counts(self).0).sum()
     }
 
     /// Training FLOPs per token at sequence length `seq` (SPEC §2; attention counted
     /// non-causally).
     pub fn train_flops_per_token(&self, seq: usize) -> f64 {
-        let tokens = 3 * self.qkv_tokens + self.proj_tokens + self.ffn_tokens;
-        let matmul_params =
-            2 * self.d_model * self.n_layers * tokens + self.vocab_size * self.d_model;
+        let matmul_params = 2 * self.d_model * self.n_layers * self.tokens_per_layer()
+            + self.vocab_size * self.d_model;
         6.0 * matmul_params as f64 + 12.0 * (self.n_layers * self.d_model * seq) as f64
     }
 }

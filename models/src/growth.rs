@@ -15,7 +15,7 @@
 use crate::checkpoint::{
     inspect_checkpoint, is_checkpoint_dir, load_checkpoint, save_checkpoint, Checkpoint,
 };
-use crate::config::{ModelConfig, NormKind};
+use crate::config::{ModelConfig, Theta, TokenGroup};
 use crate::files::copy_into;
 use crate::memory;
 use crate::model::TokenFormer;
@@ -52,25 +52,41 @@ impl GrowSpec {
         same("d_model", from.d_model, target.d_model)?;
         same("n_heads", from.n_heads, target.n_heads)?;
         same("max_seq_len", from.max_seq_len, target.max_seq_len)?;
-        let more = |what: &str, a: usize, b: usize| -> Result<usize> {
-            b.checked_sub(a).ok_or_else(|| {
+        let mut spec = GrowSpec { qkv: 0, proj: 0, ffn: 0, init, seed };
+        for group in TokenGroup::ALL {
+            let (field, (a, b)) =
+                (group.fields().0, (group.counts(from).0, group.counts(&target).0));
+            *spec.extra_mut(group) = b.checked_sub(a).ok_or_else(|| {
                 Error::invalid(format!(
-                    "cannot grow to preset {to}: its {what} {b} is fewer than the checkpoint's {a}"
+                    "cannot grow to preset {to}: its {field} {b} is fewer than the checkpoint's {a}"
                 ))
-            })
-        };
-        Ok(GrowSpec {
-            qkv: more("qkv_tokens", from.qkv_tokens, target.qkv_tokens)?,
-            proj: more("proj_tokens", from.proj_tokens, target.proj_tokens)?,
-            ffn: more("ffn_tokens", from.ffn_tokens, target.ffn_tokens)?,
-            init,
-            seed,
-        })
+            })?;
+        }
+        Ok(spec)
     }
 
-    /// Whether the grown model computes exactly what the original did.
-    pub fn preserves_outputs(&self, norm: NormKind) -> bool {
-        self.init == GrowInit::Exact && norm != NormKind::Softmax
+    /// The tokens added to each Pattention of `group`.
+    pub fn extra(&self, group: TokenGroup) -> usize {
+        match group {
+            TokenGroup::Qkv => self.qkv,
+            TokenGroup::Proj => self.proj,
+            TokenGroup::Ffn => self.ffn,
+        }
+    }
+
+    fn extra_mut(&mut self, group: TokenGroup) -> &mut usize {
+        match group {
+            TokenGroup::Qkv => &mut self.qkv,
+            TokenGroup::Proj => &mut self.proj,
+            TokenGroup::Ffn => &mut self.ffn,
+        }
+    }
+
+    /// Whether growing a model with this config computes exactly what the original did: with
+    /// zero keys, for the two L2 variants of Θ (with softmax, exp(0) = 1 changes every row's
+    /// denominator). The one place this rule is written.
+    pub fn preserves_outputs(&self, config: &ModelConfig) -> bool {
+        self.init == GrowInit::Exact && config.norm != Theta::Softmax
     }
 }
 
@@ -203,7 +219,7 @@ pub fn grow_checkpoint(
     let report = GrowReport {
         from: ckpt.config.clone(),
         to: grown.config.clone(),
-        preserves_outputs: spec.preserves_outputs(ckpt.config.norm),
+        preserves_outputs: spec.preserves_outputs(&ckpt.config),
         had_optimizer: optimizer.is_some(),
     };
     save_checkpoint(

@@ -22,6 +22,6 @@ pub mod progress;
 pub mod run_dir;
 pub mod train;
 
-pub use config::{ModelConfig, NormKind};
+pub use config::{ModelConfig, Theta};
 pub use model::TokenFormer;
 pub use pattention::{GrowInit, Pattention};

@@ -14,7 +14,7 @@
 //!
 //! Growth (SPEC §4) returns a new model with more parameter tokens; see [`TokenFormer::grow`].
 
-use crate::config::ModelConfig;
+use crate::config::{ModelConfig, TokenGroup, LAYER_SLOTS};
 use crate::pattention::{GrowInit, Pattention};
 use tokenformer_autograd::{causal_attention, embedding, Var};
 use tokenformer_core::{Device, Error, Result, Rng, Tensor};
@@ -23,6 +23,7 @@ use tokenformer_ops::rope::rope_tables;
 const LN_EPS: f32 = 1e-5;
 const KEY_STD: f32 = 0.02;
 
+/// One decoder layer: its five Pattentions, in the order of [`LAYER_SLOTS`].
 pub struct Layer {
     pub query: Pattention,
     pub key: Pattention,
@@ -32,16 +33,76 @@ pub struct Layer {
 }
 
 impl Layer {
-    /// The five Pattentions with their checkpoint names (SPEC §6), in checkpoint order.
-    fn pattentions(&self) -> [(&'static str, &Pattention); 5] {
-        [
-            ("attention.query", &self.query),
-            ("attention.key", &self.key),
-            ("attention.value", &self.value),
-            ("attention.proj", &self.proj),
-            ("mlp", &self.mlp),
-        ]
+    /// The Pattentions in [`LAYER_SLOTS`] order.
+    pub fn slots(&self) -> [&Pattention; 5] {
+        [&self.query, &self.key, &self.value, &self.proj, &self.mlp]
     }
+
+    fn slots_mut(&mut self) -> [&mut Pattention; 5] {
+        [&mut self.query, &mut self.key, &mut self.value, &mut self.proj, &mut self.mlp]
+    }
+
+    /// A layer from its Pattentions in [`LAYER_SLOTS`] order.
+    fn from_slots(slots: Vec<Pattention>) -> Layer {
+        let [query, key, value, proj, mlp] = <[Pattention; 5]>::try_from(slots)
+            .unwrap_or_else(|s| panic!("a layer has 5 projections, not {}", s.len()));
+        Layer { query, key, value, proj, mlp }
+    }
+}
+
+/// One parameter of a model, as a checkpoint stores it (SPEC §6).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ParamSpec {
+    pub name: String,
+    pub dims: Vec<usize>,
+    /// The config fields that fix the shape, for messages that say why a shape is expected.
+    pub because: String,
+    /// How `TokenFormer::init` draws it.
+    pub init: Init,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Init {
+    Normal(f32),
+    Zeros,
+    Ones,
+}
+
+/// Every parameter of a model with this config, in checkpoint order (SPEC §6): `embed.weight`,
+/// then each layer's Pattentions in [`LAYER_SLOTS`] order (keys before values), then the final
+/// LayerNorm's weight and bias. Init, loading, saving and checkpoint checks all follow it.
+pub fn parameter_layout(config: &ModelConfig) -> Vec<ParamSpec> {
+    let (v, d) = (config.vocab_size, config.d_model);
+    let spec = |name: String, dims: Vec<usize>, because: String, init: Init| ParamSpec {
+        name,
+        dims,
+        because,
+        init,
+    };
+    let mut out = vec![spec(
+        "embed.weight".into(),
+        vec![v, d],
+        format!("vocab_size = {v}, d_model = {d}"),
+        Init::Normal(KEY_STD),
+    )];
+    let sigma = value_std(config);
+    for i in 0..config.n_layers {
+        for slot in LAYER_SLOTS {
+            let (field, n) = (slot.group.fields().0, slot.group.counts(config).0);
+            for (side, init) in [("key", Init::Normal(KEY_STD)), ("value", Init::Normal(sigma))] {
+                out.push(spec(
+                    format!("layers.{i}.{}.{side}_param_tokens", slot.name),
+                    vec![n, d],
+                    format!("{field} = {n}, d_model = {d}"),
+                    init,
+                ));
+            }
+        }
+    }
+    for (leaf, init) in [("weight", Init::Ones), ("bias", Init::Zeros)] {
+        out.push(spec(format!("final_norm.{leaf}"), vec![d], format!("d_model = {d}"), init));
+    }
+    out
 }
 
 pub struct TokenFormer {
@@ -66,31 +127,16 @@ impl TokenFormer {
     pub fn init(config: &ModelConfig, seed: u64, device: Device) -> Result<TokenFormer> {
         config.validate()?;
         let mut rng = Rng::new(seed);
-        let d = config.d_model;
-        let sigma = value_std(config);
-        let mut params = vec![(
-            "embed.weight".to_string(),
-            Tensor::randn(&[config.vocab_size, d], KEY_STD, &mut rng),
-        )];
-        for i in 0..config.n_layers {
-            for (name, n) in [
-                ("attention.query", config.qkv_tokens),
-                ("attention.key", config.qkv_tokens),
-                ("attention.value", config.qkv_tokens),
-                ("attention.proj", config.proj_tokens),
-                ("mlp", config.ffn_tokens),
-            ] {
-                let keys = Tensor::randn(&[n, d], KEY_STD, &mut rng);
-                let values = Tensor::randn(&[n, d], sigma, &mut rng);
-                params.push((format!("layers.{i}.{name}.key_param_tokens"), keys));
-                params.push((format!("layers.{i}.{name}.value_param_tokens"), values));
-            }
-        }
-        params.push(("final_norm.weight".into(), Tensor::ones(&[d], Device::Cpu)?));
-        params.push(("final_norm.bias".into(), Tensor::zeros(&[d], Device::Cpu)?));
-        let params = params
+        let params = parameter_layout(config)
             .into_iter()
-            .map(|(n, t)| Ok((n, t.to_device(device)?)))
+            .map(|p| {
+                let t = match p.init {
+                    Init::Normal(std) => Tensor::randn(&p.dims, std, &mut rng),
+                    Init::Zeros => Tensor::zeros(&p.dims, Device::Cpu)?,
+                    Init::Ones => Tensor::ones(&p.dims, Device::Cpu)?,
+                };
+                Ok((p.name, t.to_device(device)?))
+            })
             .collect::<Result<Vec<_>>>()?;
         TokenFormer::from_named(config.clone(), params)
     }
@@ -100,45 +146,52 @@ impl TokenFormer {
     pub fn from_named(config: ModelConfig, params: Vec<(String, Tensor)>) -> Result<TokenFormer> {
         config.validate()?;
         let mut by_name: std::collections::HashMap<String, Tensor> = params.into_iter().collect();
-        let mut take = |name: &str, dims: &[usize]| -> Result<Var> {
+        let mut taken = parameter_layout(&config).into_iter().map(|spec| {
             let t = by_name
-                .remove(name)
-                .ok_or_else(|| Error::invalid(format!("model: missing parameter {name}")))?;
-            if t.dims() != dims {
+                .remove(&spec.name)
+                .ok_or_else(|| Error::invalid(format!("model: missing parameter {}", spec.name)))?;
+            if t.dims() != spec.dims {
                 return Err(Error::invalid(format!(
-                    "model: parameter {name} has shape {}, the config implies {:?}",
+                    "model: parameter {} has shape {}, the config implies {:?}",
+                    spec.name,
                     t.shape(),
-                    dims
+                    spec.dims
                 )));
             }
             Ok(Var::param(t))
-        };
-        let d = config.d_model;
-        let embed = take("embed.weight", &[config.vocab_size, d])?;
+        });
+        let mut take = || taken.next().expect("the layout lists every parameter");
+        let embed = take()?;
         let mut layers = Vec::with_capacity(config.n_layers);
-        for i in 0..config.n_layers {
-            let mut pattention = |name: &str, n: usize, n0: usize| -> Result<Pattention> {
-                Ok(Pattention {
-                    key_tokens: take(&format!("layers.{i}.{name}.key_param_tokens"), &[n, d])?,
-                    value_tokens: take(&format!("layers.{i}.{name}.value_param_tokens"), &[n, d])?,
-                    scale_tokens: n0,
+        for _ in 0..config.n_layers {
+            let mut slots = Vec::with_capacity(LAYER_SLOTS.len());
+            for slot in LAYER_SLOTS {
+                slots.push(Pattention {
+                    key_tokens: take()?,
+                    value_tokens: take()?,
+                    scale_tokens: slot.group.counts(&config).1,
                     norm: config.norm,
-                })
-            };
-            let (qkv, qkv0) = (config.qkv_tokens, config.qkv_scale_tokens);
-            layers.push(Layer {
-                query: pattention("attention.query", qkv, qkv0)?,
-                key: pattention("attention.key", qkv, qkv0)?,
-                value: pattention("attention.value", qkv, qkv0)?,
-                proj: pattention("attention.proj", config.proj_tokens, config.proj_scale_tokens)?,
-                mlp: pattention("mlp", config.ffn_tokens, config.ffn_scale_tokens)?,
-            });
+                });
+            }
+            layers.push(Layer::from_slots(slots));
         }
-        let final_norm_weight = take("final_norm.weight", &[d])?;
-        let final_norm_bias = take("final_norm.bias", &[d])?;
-        if let Some(extra) = by_name.keys().next() {
+        let final_norm_weight = take()?;
+        let final_norm_bias = take()?;
+        drop(taken);
+        if let Some(extra) = by_name.keys().min() {
             return Err(Error::invalid(format!("model: unexpected parameter {extra}")));
         }
+        TokenFormer::assemble(config, embed, layers, final_norm_weight, final_norm_bias)
+    }
+
+    /// The model from its parts, with the RoPE tables for its context on its device.
+    fn assemble(
+        config: ModelConfig,
+        embed: Var,
+        layers: Vec<Layer>,
+        final_norm_weight: Var,
+        final_norm_bias: Var,
+    ) -> Result<TokenFormer> {
         let device = embed.value().device();
         let (cos, sin) = rope_tables(config.max_seq_len, config.rotary_dims(), config.rotary_base)?;
         Ok(TokenFormer {
@@ -158,15 +211,19 @@ impl TokenFormer {
 
     /// Every parameter with its checkpoint name, in checkpoint order (SPEC §6).
     pub fn named_params(&self) -> Vec<(String, Var)> {
-        let mut out = vec![("embed.weight".to_string(), self.embed.clone())];
-        for (i, layer) in self.layers.iter().enumerate() {
-            for (name, p) in layer.pattentions() {
-                out.push((format!("layers.{i}.{name}.key_param_tokens"), p.key_tokens.clone()));
-                out.push((format!("layers.{i}.{name}.value_param_tokens"), p.value_tokens.clone()));
+        let names = parameter_layout(&self.config).into_iter().map(|p| p.name);
+        names.zip(self.params()).map(|(name, p)| (name, p.clone())).collect()
+    }
+
+    /// Every parameter, in checkpoint order.
+    fn params(&self) -> Vec<&Var> {
+        let mut out = vec![&self.embed];
+        for layer in &self.layers {
+            for p in layer.slots() {
+                out.extend([&p.key_tokens, &p.value_tokens]);
             }
         }
-        out.push(("final_norm.weight".into(), self.final_norm_weight.clone()));
-        out.push(("final_norm.bias".into(), self.final_norm_bias.clone()));
+        out.extend([&self.final_norm_weight, &self.final_norm_bias]);
         out
     }
 
@@ -179,19 +236,11 @@ impl TokenFormer {
     pub fn params_mut(&mut self) -> Vec<&mut Var> {
         let mut out = vec![&mut self.embed];
         for layer in &mut self.layers {
-            for p in [
-                &mut layer.query,
-                &mut layer.key,
-                &mut layer.value,
-                &mut layer.proj,
-                &mut layer.mlp,
-            ] {
-                out.push(&mut p.key_tokens);
-                out.push(&mut p.value_tokens);
+            for p in layer.slots_mut() {
+                out.extend([&mut p.key_tokens, &mut p.value_tokens]);
             }
         }
-        out.push(&mut self.final_norm_weight);
-        out.push(&mut self.final_norm_bias);
+        out.extend([&mut self.final_norm_weight, &mut self.final_norm_bias]);
         out
     }
 
@@ -264,7 +313,7 @@ impl TokenFormer {
     /// A larger model: `qkv` tokens appended to every query/key/value Pattention, `proj` to
     /// every output Pattention and `ffn` to every mlp Pattention (SPEC §4). τ keeps its n₀.
     /// New tokens are drawn from one RNG seeded with `seed`, layer by layer in checkpoint order.
-    /// With `GrowInit::Exact` and an L2 norm the new model computes the same outputs, bit for bit.
+    /// Whether the outputs stay the same is [`crate::growth::GrowSpec::preserves_outputs`].
     pub fn grow(
         &self,
         qkv: usize,
@@ -276,34 +325,28 @@ impl TokenFormer {
         let mut rng = Rng::new(seed);
         let sigma = value_std(&self.config);
         let mut config = self.config.clone();
-        config.qkv_tokens += qkv;
-        config.proj_tokens += proj;
-        config.ffn_tokens += ffn;
+        let extra = |group| match group {
+            TokenGroup::Qkv => qkv,
+            TokenGroup::Proj => proj,
+            TokenGroup::Ffn => ffn,
+        };
+        for group in TokenGroup::ALL {
+            *group.tokens_mut(&mut config) += extra(group);
+        }
         let mut layers = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {
-            let mut grow = |p: &Pattention, m: usize| p.grow(m, init, KEY_STD, sigma, &mut rng);
-            layers.push(Layer {
-                query: grow(&layer.query, qkv)?,
-                key: grow(&layer.key, qkv)?,
-                value: grow(&layer.value, qkv)?,
-                proj: grow(&layer.proj, proj)?,
-                mlp: grow(&layer.mlp, ffn)?,
-            });
+            let mut slots = Vec::with_capacity(LAYER_SLOTS.len());
+            for (slot, p) in LAYER_SLOTS.iter().zip(layer.slots()) {
+                slots.push(p.grow(extra(slot.group), init, KEY_STD, sigma, &mut rng)?);
+            }
+            layers.push(Layer::from_slots(slots));
         }
-        Ok(TokenFormer {
+        TokenFormer::assemble(
             config,
-            embed: Var::param(self.embed.value().clone()),
+            Var::param(self.embed.value().clone()),
             layers,
-            final_norm_weight: Var::param(self.final_norm_weight.value().clone()),
-            final_norm_bias: Var::param(self.final_norm_bias.value().clone()),
-            rope_cos: self.rope_cos.clone(),
-            rope_sin: self.rope_sin.clone(),
-        })
-    }
-
-    /// Whether exact growth of this model preserves its outputs (not for the softmax Θ, where
-    /// exp(0) = 1 changes every row's denominator).
-    pub fn exact_growth_preserves_outputs(&self) -> bool {
-        self.config.norm != crate::config::NormKind::Softmax
+            Var::param(self.final_norm_weight.value().clone()),
+            Var::param(self.final_norm_bias.value().clone()),
+        )
     }
 }

@@ -25,7 +25,6 @@
 //! 200 MB per layer. The recomputed S has the same bits as the forward's (the kernels are
 //! deterministic), so the gradients are exactly those of the plain chain.
 
-use crate::config::NormKind;
 use tokenformer_autograd::{ops::Theta, Var};
 use tokenformer_core::{Result, Rng, Tensor};
 use tokenformer_ops::{layout, matmul, pattention as fused, pattention_norm};
@@ -35,17 +34,7 @@ pub struct Pattention {
     pub value_tokens: Var,
     /// n₀, the token count the layer was created with; τ = √n₀ never changes with growth.
     pub scale_tokens: usize,
-    pub norm: NormKind,
-}
-
-impl From<NormKind> for Theta {
-    fn from(n: NormKind) -> Theta {
-        match n {
-            NormKind::L2NormGelu => Theta::L2NormGelu,
-            NormKind::GeluL2Norm => Theta::GeluL2Norm,
-            NormKind::Softmax => Theta::Softmax,
-        }
-    }
+    pub norm: Theta,
 }
 
 /// How new parameter tokens are initialised when a layer grows (SPEC §4).
@@ -107,13 +96,13 @@ impl Pattention {
 
     /// x [..., d_in] → [..., d_out].
     pub fn forward(&self, x: &Var) -> Result<Var> {
-        pattention(x, &self.key_tokens, &self.value_tokens, self.norm.into(), self.tau())
+        pattention(x, &self.key_tokens, &self.value_tokens, self.norm, self.tau())
     }
 
     /// The same layer as a chain of ops, the formula as written (the reference of `forward`).
     pub fn forward_plain(&self, x: &Var) -> Result<Var> {
         let scores = x.matmul_t(&self.key_tokens, false, true)?;
-        scores.pattention_norm(self.norm.into(), self.tau())?.matmul(&self.value_tokens)
+        scores.pattention_norm(self.norm, self.tau())?.matmul(&self.value_tokens)
     }
 
     /// The same layer with `extra` tokens appended. New key tokens are zero (`Exact`) or drawn
@@ -185,7 +174,7 @@ mod tests {
         let x = Tensor::randn(&[2, 53, 12], 1.0, &mut rng);
         let k = Tensor::randn(&[19, 12], 0.5, &mut rng);
         let v = Tensor::randn(&[19, 7], 0.5, &mut rng);
-        for norm in NormKind::ALL {
+        for norm in Theta::ALL {
             let layer = || Pattention {
                 key_tokens: Var::param(k.clone()),
                 value_tokens: Var::param(v.clone()),
@@ -215,7 +204,7 @@ mod tests {
                 Tensor::randn(&[5, 4], 1.0, &mut rng),
                 Tensor::randn(&[5, 3], 1.0, &mut rng),
             ];
-            let f = |t: &[Var]| pattention(&t[0], &t[1], &t[2], norm.into(), 2.0);
+            let f = |t: &[Var]| pattention(&t[0], &t[1], &t[2], norm, 2.0);
             gradcheck(f, &small, &GradcheckOptions::default()).unwrap();
         }
     }

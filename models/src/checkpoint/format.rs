@@ -16,38 +16,12 @@ pub(super) struct Expected {
     pub(super) because: String,
 }
 
+/// Every tensor a model with this config has, in SPEC order: the model's parameter layout.
 pub(super) fn expected(cfg: &ModelConfig) -> Vec<Expected> {
-    let d = cfg.d_model;
-    let mut out = Vec::with_capacity(5 * 2 * cfg.n_layers + 3);
-    let mut push = |name: String, dims: Vec<usize>, because: String| {
-        out.push(Expected { name, dims, because })
-    };
-    push(
-        "embed.weight".into(),
-        vec![cfg.vocab_size, d],
-        format!("vocab_size = {}, d_model = {d}", cfg.vocab_size),
-    );
-    for i in 0..cfg.n_layers {
-        let blocks = [
-            ("attention.query", cfg.qkv_tokens, "qkv_tokens"),
-            ("attention.key", cfg.qkv_tokens, "qkv_tokens"),
-            ("attention.value", cfg.qkv_tokens, "qkv_tokens"),
-            ("attention.proj", cfg.proj_tokens, "proj_tokens"),
-            ("mlp", cfg.ffn_tokens, "ffn_tokens"),
-        ];
-        for (block, n, field) in blocks {
-            for side in ["key", "value"] {
-                push(
-                    format!("layers.{i}.{block}.{side}_param_tokens"),
-                    vec![n, d],
-                    format!("{field} = {n}, d_model = {d}"),
-                );
-            }
-        }
-    }
-    push("final_norm.weight".into(), vec![d], format!("d_model = {d}"));
-    push("final_norm.bias".into(), vec![d], format!("d_model = {d}"));
-    out
+    crate::model::parameter_layout(cfg)
+        .into_iter()
+        .map(|p| Expected { name: p.name, dims: p.dims, because: p.because })
+        .collect()
 }
 
 /// `params` reordered into SPEC order, after checking names and shapes against the config.

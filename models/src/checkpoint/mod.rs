@@ -266,7 +266,7 @@ fn load_committed(view: &Committed) -> Result<Checkpoint> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::NormKind;
+    use crate::Theta;
     use std::collections::BTreeMap;
     use std::fs;
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -310,7 +310,7 @@ mod tests {
             qkv_scale_tokens: 3,
             proj_scale_tokens: 4,
             ffn_scale_tokens: 5,
-            norm: NormKind::L2NormGelu,
+            norm: Theta::L2NormGelu,
             rotary_pct: 0.5,
             rotary_base: 10000.0,
             tokenizer: "byte".into(),
@@ -730,7 +730,7 @@ mod tests {
         let cases = [
             ("{ not json".to_string(), "invalid JSON"),
             (with_typo.to_string(), "unknown field 'ffn_token'"),
-            (json_with(&cfg, "norm", "\"layer_norm\""), "unknown variant"),
+            (json_with(&cfg, "norm", "\"layer_norm\""), "unknown norm 'layer_norm'"),
             (no_field.to_string(), "n_heads"),
             (config_json(&odd_rotary), "even"),
             ("[1, 2]".to_string(), "JSON object"),

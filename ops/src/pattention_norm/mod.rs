@@ -21,15 +21,47 @@ mod cuda;
 use crate::{check_same_dims, rows_and_len, same_device};
 use tokenformer_core::{Device, Error, Result, Tensor};
 
-/// Which normalisation a Pattention layer applies to its scores.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// Which normalisation a Pattention layer applies to its scores. The one type for Θ in every
+/// crate: kernels dispatch on it, and a model config stores it under its `name` (SPEC §6).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Theta {
     /// S = GELU(τ·a/‖a‖): the default, and the released models' choice.
+    #[default]
     L2NormGelu,
     /// S = τ·GELU(a)/‖GELU(a)‖.
     GeluL2Norm,
     /// S = τ²·softmax(a).
     Softmax,
+}
+
+impl Theta {
+    pub const ALL: [Theta; 3] = [Theta::L2NormGelu, Theta::GeluL2Norm, Theta::Softmax];
+
+    /// The name used in `config.json` and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Theta::L2NormGelu => "l2_norm_gelu",
+            Theta::GeluL2Norm => "gelu_l2_norm",
+            Theta::Softmax => "softmax",
+        }
+    }
+}
+
+impl std::fmt::Display for Theta {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Theta {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Theta> {
+        Theta::ALL.into_iter().find(|t| t.name() == s).ok_or_else(|| {
+            Error::invalid(format!(
+                "unknown norm '{s}' (expected l2_norm_gelu, gelu_l2_norm or softmax)"
+            ))
+        })
+    }
 }
 
 fn check_tau(op: &'static str, tau: f32) -> Result<()> {
