@@ -51,7 +51,7 @@ enum Command {
     Bench(BenchArgs),
 }
 
-#[derive(Args, Default)]
+#[derive(Args)]
 struct TrainArgs {
     /// Model preset (tiny, small, 150M, 450M, ...)
     #[arg(long)]
@@ -176,15 +176,19 @@ struct EvalArgs {
     device: String,
 }
 
+/// The prompt and temperature of `generate`, also used for the sample at the end of `train`.
+const DEFAULT_PROMPT: &str = "\n";
+const DEFAULT_TEMPERATURE: f32 = 0.8;
+
 #[derive(Args)]
 struct GenerateArgs {
     #[arg(long)]
     checkpoint: PathBuf,
-    #[arg(long, default_value = "\n")]
+    #[arg(long, default_value = DEFAULT_PROMPT)]
     prompt: String,
     #[arg(long, default_value_t = 500)]
     max_tokens: usize,
-    #[arg(long, default_value_t = 0.8)]
+    #[arg(long, default_value_t = DEFAULT_TEMPERATURE)]
     temperature: f32,
     #[arg(long)]
     top_k: Option<usize>,
@@ -221,7 +225,8 @@ struct BenchArgs {
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        None => train(TrainArgs { device: "cpu".into(), sample_tokens: 400, ..Default::default() }),
+        // No subcommand: `train` with every flag at its default.
+        None => run(Cli::parse_from(["tokenformer", "train"])),
         Some(Command::Train(a)) => train(*a),
         Some(Command::Grow(a)) => grow(a),
         Some(Command::Init(a)) => init(a),
@@ -365,7 +370,7 @@ fn train(a: TrainArgs) -> Result<()> {
     if a.sample_tokens > 0 {
         let model = load_model(&dir, device)?;
         eprintln!("--- sample ---");
-        sample(&model, "\n", a.sample_tokens, 0.8, None, 0)?;
+        sample(&model, DEFAULT_PROMPT, a.sample_tokens, DEFAULT_TEMPERATURE, None, 0)?;
         println!();
     }
     Ok(())

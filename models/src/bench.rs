@@ -8,6 +8,7 @@
 use crate::config::ModelConfig;
 use crate::model::TokenFormer;
 use crate::optim::Optimizer;
+use crate::train::train_step;
 use serde::Serialize;
 use std::time::Instant;
 use tokenformer_autograd::profile;
@@ -232,31 +233,17 @@ pub fn bench_train(
         if timed {
             timer.mark()?;
         }
-        profile::mark();
-        let grads = {
-            let loss = model.loss(&inputs, &targets)?;
-            let grads = loss.backward()?;
-            let params = model
-                .named_params()
-                .iter()
-                .map(|(name, p)| {
-                    grads
-                        .get(p)
-                        .cloned()
-                        .ok_or_else(|| Error::invalid(format!("bench: no gradient for {name}")))
-                })
-                .collect::<Result<Vec<Tensor>>>()?;
-            // The graph is dropped here, as in training: the update may then work in place.
-            profile::time("free graph", || drop((loss, grads)));
-            params
+        let batch = || Ok((inputs.clone(), targets.clone()));
+        // The end of the backward pass, when this step is timed.
+        let mut marked = Ok(());
+        let after_backward = |_| {
+            if timed {
+                marked = timer.mark();
+            }
+            false
         };
-        if timed {
-            timer.mark()?;
-        }
-        profile::time("adamw + clip", || {
-            optimizer.clip_and_update(&mut model, grads, 1e-4, Some(1.0))
-        })?;
-        Ok(())
+        train_step(&mut model, &mut optimizer, 1, batch, 1.0, 1e-4, after_backward)?;
+        marked
     };
     step(&mut timer, false)?;
     step(&mut timer, false)?;

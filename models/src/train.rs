@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
-use tokenformer_autograd::no_grad;
+use tokenformer_autograd::{no_grad, profile};
 use tokenformer_core::{Device, Error, Result, Tensor};
 use tokenformer_ops::adamw::AdamW;
 use tokenformer_ops::binary;
@@ -375,182 +375,318 @@ fn redraw_plot(dir: &Path) -> Result<()> {
     plot_losses(&dir.join("loss.png"), &train, &val, "TokenFormer training loss")
 }
 
-fn run(
-    dir: &Path,
-    mut model: TokenFormer,
-    mut optimizer: Optimizer,
-    mut state: TrainState,
-    mut control: TrainControl,
-) -> Result<TrainSummary> {
-    let started = Instant::now();
-    let s = state.settings.clone();
-    let tokenizer = Tokenizer::from_name(&s.tokenizer)?;
-    let data = Dataset::load(tokenizer, &s.data_spec(), dir)?;
-    // Both checks up front, so a bad corpus fails before the first step, not at evaluation.
-    Batcher::new(0, s.batch, s.seq)?.next_batch(data.train())?;
-    val_windows(data.val(), s.batch, s.seq, s.eval_windows)?;
-    let mut batcher = Batcher::from_state(state.batcher_rng, s.batch, s.seq)?;
-    // Lines logged after this checkpoint by a run that died without saving would be repeated by
-    // the resumed run: `resume` drops them.
-    let mut metrics = MetricsWriter::resume(&dir.join("metrics.jsonl"), state.step)?;
-    let progress = Progress::new(s.steps, state.step);
-    let quiet = control.quiet;
-    let say = |msg: String| {
-        if !quiet {
-            progress.println(msg)
-        }
-    };
-    say(format!(
-        "training {} ({} parameters) on {}: {}; {} steps of {}×{}×{} tokens",
-        s.preset,
-        crate::progress::thousands(model.config.param_count()),
-        model.device(),
-        data.summary(),
-        s.steps,
-        s.grad_accum,
-        s.batch,
-        s.seq
-    ));
-    let device = model.device();
-    let n_params = model.named_params().len();
-    let mut last_loss = None;
-    let mut last_val = None;
+/// What one optimizer step leaves for the caller to read. The values stay on the model's
+/// device until read, so that reading them does not stall the queue of device work.
+pub struct StepResult {
+    /// The loss of every micro-batch.
+    pub losses: Vec<Tensor>,
+    /// The global gradient norm before clipping, when clipping is on.
+    pub grad_norm: Option<Tensor>,
+}
 
-    while state.step < s.steps {
-        let step_start = Instant::now();
-        let step = state.step;
-        let mut grads: Vec<Option<Tensor>> = vec![None; n_params];
-        // Loss values stay on the device until the step's work is queued: reading one earlier
-        // would make the host wait for the forward pass before it could launch the backward.
-        let mut micro_losses: Vec<Tensor> = Vec::with_capacity(s.grad_accum);
-        for micro in 0..s.grad_accum {
+impl StepResult {
+    /// The mean loss over the micro-batches (non-finite if any of them is).
+    pub fn mean_loss(&self) -> Result<f64> {
+        let mut sum = 0.0f64;
+        for loss in &self.losses {
+            sum += loss.to_scalar()? as f64;
+        }
+        Ok(sum / self.losses.len() as f64)
+    }
+
+    pub fn grad_norm(&self) -> Result<Option<f32>> {
+        self.grad_norm.as_ref().map(Tensor::to_scalar).transpose()
+    }
+}
+
+/// One optimizer step: forward and backward over `micro_batches` (inputs, targets) pairs drawn
+/// from `next_batch`, each loss scaled by 1/micro_batches and the gradients summed in a fixed
+/// order, then clipped to global norm `clip` (0: no clipping) and applied by AdamW at `lr`.
+///
+/// `after_micro_batch(i)` runs after micro-batch i's backward pass; when it returns true the
+/// step is abandoned before the update (the model and optimizer are left as they were) and
+/// `None` is returned.
+pub fn train_step(
+    model: &mut TokenFormer,
+    optimizer: &mut Optimizer,
+    micro_batches: usize,
+    mut next_batch: impl FnMut() -> Result<(Tensor, Tensor)>,
+    clip: f32,
+    lr: f32,
+    mut after_micro_batch: impl FnMut(usize) -> bool,
+) -> Result<Option<StepResult>> {
+    let params = model.named_params();
+    let mut grads: Vec<Option<Tensor>> = vec![None; params.len()];
+    let mut losses = Vec::with_capacity(micro_batches);
+    for micro in 0..micro_batches {
+        let (inputs, targets) = next_batch()?;
+        // `bench --profile` counts from here: drawing the batch is no op's forward time.
+        profile::mark();
+        let loss = model.loss(&inputs, &targets)?;
+        losses.push(loss.value().clone());
+        let step_grads = loss.scale(1.0 / micro_batches as f32)?.backward()?;
+        for (slot, (name, param)) in grads.iter_mut().zip(&params) {
+            let g = step_grads
+                .get(param)
+                .ok_or_else(|| Error::invalid(format!("no gradient reached {name}")))?;
+            *slot = Some(match slot.take() {
+                Some(acc) => binary::add(&acc, g)?,
+                None => g.clone(),
+            });
+        }
+        profile::time("free graph", || drop((loss, step_grads)));
+        if after_micro_batch(micro) {
+            return Ok(None);
+        }
+    }
+    // No clone of a parameter outlives the graph: the update may then work in place.
+    drop(params);
+    let grads = grads
+        .into_iter()
+        .collect::<Option<Vec<Tensor>>>()
+        .ok_or_else(|| Error::invalid("a step ran no micro-batch"))?;
+    let clip = (clip > 0.0).then_some(clip);
+    let grad_norm =
+        profile::time("adamw + clip", || optimizer.clip_and_update(model, grads, lr, clip))?;
+    Ok(Some(StepResult { losses, grad_norm }))
+}
+
+/// A run in progress: the model and optimizer, the data, and the files it writes.
+struct Run<'a> {
+    dir: &'a Path,
+    settings: TrainSettings,
+    model: TokenFormer,
+    optimizer: Optimizer,
+    state: TrainState,
+    data: Dataset,
+    batcher: Batcher,
+    metrics: MetricsWriter,
+    progress: Progress,
+    control: TrainControl,
+    started: Instant,
+    last_loss: Option<f64>,
+    last_val_loss: Option<f64>,
+}
+
+/// One completed step, as logged.
+struct Logged {
+    loss: f64,
+    lr: f32,
+    grad_norm: Option<f32>,
+    seconds: f64,
+}
+
+impl<'a> Run<'a> {
+    fn open(
+        dir: &'a Path,
+        model: TokenFormer,
+        optimizer: Optimizer,
+        state: TrainState,
+        control: TrainControl,
+    ) -> Result<Run<'a>> {
+        let settings = state.settings.clone();
+        let s = &settings;
+        let tokenizer = Tokenizer::from_name(&s.tokenizer)?;
+        let data = Dataset::load(tokenizer, &s.data_spec(), dir)?;
+        // Both checks up front, so a bad corpus fails before the first step, not at evaluation.
+        Batcher::new(0, s.batch, s.seq)?.next_batch(data.train())?;
+        val_windows(data.val(), s.batch, s.seq, s.eval_windows)?;
+        let batcher = Batcher::from_state(state.batcher_rng, s.batch, s.seq)?;
+        // Lines logged after this checkpoint by a run that died without saving would be
+        // repeated by the resumed run: `resume` drops them.
+        let metrics = MetricsWriter::resume(&dir.join("metrics.jsonl"), state.step)?;
+        let progress = Progress::new(s.steps, state.step);
+        let run = Run {
+            dir,
+            model,
+            optimizer,
+            data,
+            batcher,
+            metrics,
+            progress,
+            control,
+            started: Instant::now(),
+            last_loss: None,
+            last_val_loss: None,
+            settings,
+            state,
+        };
+        run.say(format!(
+            "training {} ({} parameters) on {}: {}; {} steps of {}×{}×{} tokens",
+            run.settings.preset,
+            crate::progress::thousands(run.model.config.param_count()),
+            run.model.device(),
+            run.data.summary(),
+            run.settings.steps,
+            run.settings.grad_accum,
+            run.settings.batch,
+            run.settings.seq
+        ));
+        Ok(run)
+    }
+
+    fn say(&self, msg: String) {
+        if !self.control.quiet {
+            self.progress.println(msg)
+        }
+    }
+
+    /// Computes step `state.step + 1` and advances the state, or returns `None` when a stop
+    /// request arrived in the middle of it (the partial step is dropped).
+    fn step(&mut self) -> Result<Option<Logged>> {
+        let start = Instant::now();
+        let s = &self.settings;
+        let step = self.state.step;
+        let lr = lr_at(step, s.warmup, s.steps, s.lr, s.min_lr);
+        let (device, vocab) = (self.model.device(), self.model.config.vocab_size);
+        let (batcher, data) = (&mut self.batcher, &self.data);
+        let next_batch = || -> Result<(Tensor, Tensor)> {
             let batch = batcher.next_batch(data.train())?;
             let dims = [batch.batch, batch.seq];
             // Checked here, on the host: the GPU kernels do not copy ids back to check them.
-            batch.check_ids(model.config.vocab_size)?;
+            batch.check_ids(vocab)?;
             let inputs = Tensor::from_vec(batch.inputs, &dims)?.to_device(device)?;
             let targets = Tensor::from_vec(batch.targets, &dims)?.to_device(device)?;
-            let loss = model.loss(&inputs, &targets)?;
-            micro_losses.push(loss.value().clone());
-            let step_grads = loss.scale(1.0 / s.grad_accum as f32)?.backward()?;
-            for (slot, (name, param)) in grads.iter_mut().zip(model.named_params()) {
-                let g = step_grads
-                    .get(&param)
-                    .ok_or_else(|| Error::invalid(format!("no gradient reached {name}")))?;
-                *slot = Some(match slot.take() {
-                    Some(acc) => binary::add(&acc, g)?,
-                    None => g.clone(),
-                });
-            }
+            Ok((inputs, targets))
+        };
+        let control = &mut self.control;
+        let after_micro_batch = |micro| {
             if let Some(hook) = control.after_micro_batch.as_mut() {
                 hook(step, micro);
             }
-            if control.stop.load(Ordering::SeqCst) {
-                // The partial step is dropped; the checkpoint holds the state as of its start.
-                save(dir, &model, &optimizer, &state)?;
-                progress.finish();
-                say(format!("stopped: saved the run at step {step} in {}", dir.display()));
-                return Ok(TrainSummary {
-                    step,
-                    steps: s.steps,
-                    interrupted: true,
-                    last_loss,
-                    last_val_loss: last_val,
-                    seconds: started.elapsed().as_secs_f64(),
-                });
-            }
+            control.stop.load(Ordering::SeqCst)
+        };
+        let Some(result) = train_step(
+            &mut self.model,
+            &mut self.optimizer,
+            s.grad_accum,
+            next_batch,
+            s.clip,
+            lr,
+            after_micro_batch,
+        )?
+        else {
+            return Ok(None);
+        };
+        let loss = result.mean_loss()?;
+        if !loss.is_finite() {
+            return Err(self.diverged(loss));
         }
-        let grads = grads
-            .into_iter()
-            .collect::<Option<Vec<Tensor>>>()
-            .ok_or_else(|| Error::invalid("a step ran no micro-batch"))?;
-        let lr = lr_at(step, s.warmup, s.steps, s.lr, s.min_lr);
-        let clip = (s.clip > 0.0).then_some(s.clip);
-        let grad_norm = optimizer.clip_and_update(&mut model, grads, lr, clip)?;
-        let mut loss_sum = 0.0f64;
-        for loss in &micro_losses {
-            let value = loss.to_scalar()?;
-            if !value.is_finite() {
-                // The update above already used the bad gradients: nothing from this step is
-                // saved, and the checkpoint on disk (if any) is the last good state.
-                progress.finish();
-                let advice = if s.clip > 0.0 {
-                    "a smaller --clip"
-                } else {
-                    "a gradient clip, e.g. --clip 1"
-                };
-                let kept = if is_checkpoint_dir(dir) {
-                    format!("the last good checkpoint in {} is kept", dir.display())
-                } else {
-                    format!("no checkpoint had been saved in {} yet", dir.display())
-                };
-                return Err(Error::invalid(format!(
-                    "the loss became non-finite ({value}) at step {}; stopping: {kept} (try a lower --lr or {advice})",
-                    step + 1
-                )));
-            }
-            loss_sum += value as f64;
-        }
-        let grad_norm = grad_norm.map(|n| n.to_scalar()).transpose()?;
+        self.state.step += 1;
+        self.state.tokens_seen += (s.grad_accum * s.batch * s.seq) as u64;
+        self.state.batcher_rng = self.batcher.state();
+        self.last_loss = Some(loss);
+        let grad_norm = result.grad_norm()?;
+        Ok(Some(Logged { loss, lr, grad_norm, seconds: start.elapsed().as_secs_f64() }))
+    }
 
-        let tokens = (s.grad_accum * s.batch * s.seq) as u64;
-        state.step += 1;
-        state.tokens_seen += tokens;
-        state.batcher_rng = batcher.state();
-        let loss = loss_sum / s.grad_accum as f64;
-        last_loss = Some(loss);
-        let seconds = step_start.elapsed().as_secs_f64();
-        let mut record = Record::new(state.step, loss, lr as f64, tokens as f64 / seconds)
-            .with("tokens_seen", state.tokens_seen)
-            .with("elapsed_sec", started.elapsed().as_secs_f64());
-        if let Some(norm) = grad_norm {
+    /// The error for a non-finite loss. The update already used the bad gradients: nothing from
+    /// this step is saved, and the checkpoint on disk (if any) is the last good state.
+    fn diverged(&self, loss: f64) -> Error {
+        self.progress.finish();
+        let advice = if self.settings.clip > 0.0 {
+            "a smaller --clip"
+        } else {
+            "a gradient clip, e.g. --clip 1"
+        };
+        let kept = if is_checkpoint_dir(self.dir) {
+            format!("the last good checkpoint in {} is kept", self.dir.display())
+        } else {
+            format!("no checkpoint had been saved in {} yet", self.dir.display())
+        };
+        Error::invalid(format!(
+            "the loss became non-finite ({loss}) at step {}; stopping: {kept} (try a lower --lr or {advice})",
+            self.state.step + 1
+        ))
+    }
+
+    /// Writes the metrics line of the step just completed, evaluating first when one is due.
+    fn evaluate_and_log(&mut self, logged: &Logged) -> Result<()> {
+        let s = &self.settings;
+        let step = self.state.step;
+        let tokens_per_sec = (s.grad_accum * s.batch * s.seq) as f64 / logged.seconds;
+        let mut record = Record::new(step, logged.loss, logged.lr as f64, tokens_per_sec)
+            .with("tokens_seen", self.state.tokens_seen)
+            .with("elapsed_sec", self.started.elapsed().as_secs_f64());
+        if let Some(norm) = logged.grad_norm {
             record = record.with("grad_norm", norm as f64);
         }
-        let evaluate = state.step.is_multiple_of(s.eval_every) || state.step == s.steps;
+        let evaluate = step.is_multiple_of(s.eval_every) || step == s.steps;
         if evaluate {
-            let val = validation_loss(&model, &data, &s)?;
+            let val = validation_loss(&self.model, &self.data, s)?;
             record.val_loss = Some(val);
-            last_val = Some(val);
+            self.last_val_loss = Some(val);
         }
-        metrics.write(&record)?;
-        progress.update(state.step, loss, lr as f64, tokens as f64 / seconds);
+        self.metrics.write(&record)?;
+        self.progress.update(step, logged.loss, logged.lr as f64, tokens_per_sec);
         if evaluate {
-            say(format!(
-                "step {:>6}: train loss {loss:.4}, val loss {:.4}",
-                state.step,
+            self.say(format!(
+                "step {step:>6}: train loss {:.4}, val loss {:.4}",
+                logged.loss,
                 record.val_loss.unwrap_or(f64::NAN)
             ));
-            redraw_plot(dir)?;
+            redraw_plot(self.dir)?;
         }
-        let finished = state.step == s.steps;
-        let stop = control.stop.load(Ordering::SeqCst);
-        if state.step.is_multiple_of(s.save_every) || finished || stop {
-            save(dir, &model, &optimizer, &state)?;
+        Ok(())
+    }
+
+    fn save(&self) -> Result<()> {
+        save(self.dir, &self.model, &self.optimizer, &self.state)
+    }
+
+    /// Closes the progress bar and says how the run ended.
+    fn finish(self, interrupted: bool) -> Result<TrainSummary> {
+        if read_metrics(&self.dir.join("metrics.jsonl")).is_ok_and(|m| !m.is_empty()) {
+            redraw_plot(self.dir)?;
+        }
+        self.progress.finish();
+        if interrupted {
+            self.say(format!(
+                "stopped: saved the run at step {} in {}",
+                self.state.step,
+                self.dir.display()
+            ));
+        }
+        Ok(TrainSummary {
+            step: self.state.step,
+            steps: self.settings.steps,
+            interrupted,
+            last_loss: self.last_loss,
+            last_val_loss: self.last_val_loss,
+            seconds: self.started.elapsed().as_secs_f64(),
+        })
+    }
+}
+
+fn run(
+    dir: &Path,
+    model: TokenFormer,
+    optimizer: Optimizer,
+    state: TrainState,
+    control: TrainControl,
+) -> Result<TrainSummary> {
+    let mut run = Run::open(dir, model, optimizer, state, control)?;
+    let steps = run.settings.steps;
+    let interrupted = loop {
+        if run.state.step >= steps {
+            break false;
+        }
+        let Some(logged) = run.step()? else {
+            // Stopped in the middle of a step: the checkpoint holds the state as of its start.
+            run.save()?;
+            break true;
+        };
+        run.evaluate_and_log(&logged)?;
+        let finished = run.state.step == steps;
+        let stop = run.control.stop.load(Ordering::SeqCst);
+        if run.state.step.is_multiple_of(run.settings.save_every) || finished || stop {
+            run.save()?;
         }
         if stop && !finished {
-            redraw_plot(dir)?;
-            progress.finish();
-            say(format!("stopped: saved the run at step {} in {}", state.step, dir.display()));
-            return Ok(TrainSummary {
-                step: state.step,
-                steps: s.steps,
-                interrupted: true,
-                last_loss,
-                last_val_loss: last_val,
-                seconds: started.elapsed().as_secs_f64(),
-            });
+            break true;
         }
-    }
-    progress.finish();
-    redraw_plot(dir)?;
-    Ok(TrainSummary {
-        step: state.step,
-        steps: s.steps,
-        interrupted: false,
-        last_loss,
-        last_val_loss: last_val,
-        seconds: started.elapsed().as_secs_f64(),
-    })
+    };
+    run.finish(interrupted)
 }
 
 /// Loads the model of a checkpoint directory (a run or a bare model) onto `device`.
