@@ -32,9 +32,10 @@ use std::time::Instant;
 use clap::Parser;
 use common::{byte_label, draw_heatmap, out_file, Corpus, Heatmap, Result, Trainer};
 use plotters::prelude::*;
-use tokenformer::autograd::{no_grad, ops::Theta};
+use tokenformer::autograd::no_grad;
 use tokenformer::core::Tensor;
-use tokenformer::models::{Pattention, TokenFormer};
+use tokenformer::models::model::Projection;
+use tokenformer::models::TokenFormer;
 use tokenformer::ops::{
     binary, embedding, layer_norm, layout, matmul, pattention_norm, rope, softmax,
 };
@@ -73,9 +74,10 @@ struct LayerView {
 }
 
 /// S = Θ(x·Kᵀ) and O = S·V of one Pattention, on plain tensors.
-fn pattention(p: &Pattention, x: &Tensor) -> Result<(Tensor, Tensor)> {
+fn pattention(p: &Projection, x: &Tensor) -> Result<(Tensor, Tensor)> {
+    let p = p.pattention().ok_or("this example looks inside a TokenFormer's Pattentions")?;
     let scores = matmul::matmul(x, p.key_tokens.value(), false, true)?;
-    let s = pattention_norm::pattention_norm(&scores, Theta::from(p.norm), p.tau())?;
+    let s = pattention_norm::pattention_norm(&scores, p.norm, p.tau())?;
     let out = matmul::matmul(&s, p.value_tokens.value(), false, false)?;
     Ok((s, out))
 }

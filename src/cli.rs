@@ -8,7 +8,7 @@ use tokenformer_core::{Device, Error, Result};
 use tokenformer_models::bench::{bench_matmul, bench_train};
 use tokenformer_models::checkpoint::inspect_checkpoint;
 use tokenformer_models::checkpoint::{is_checkpoint_dir, save_checkpoint, Checkpoint};
-use tokenformer_models::config::{TokenGroup, LAYER_SLOTS};
+use tokenformer_models::config::TokenGroup;
 use tokenformer_models::data::{StreamDecoder, Tokenizer};
 use tokenformer_models::evaluate::{evaluate_tokens, parse_token_ids};
 use tokenformer_models::files::{bytes_text, open_regular, read_open};
@@ -20,7 +20,7 @@ use tokenformer_models::run_dir::{clear_unfinished, RunLock};
 use tokenformer_models::train::{
     check_new_run, load_model, saved_run, train_new, train_resume, TrainControl, TrainSettings,
 };
-use tokenformer_models::{GrowInit, ModelConfig, Theta, TokenFormer};
+use tokenformer_models::{Arch, GrowInit, ModelConfig, Theta, TokenFormer};
 
 #[derive(Parser)]
 #[command(
@@ -90,6 +90,8 @@ struct TrainArgs {
     eval_every: Option<u64>,
     #[arg(long)]
     save_every: Option<u64>,
+    #[command(flatten)]
+    arch: ArchArgs,
     /// Run directory (default: runs/<preset>-N, the first free N)
     #[arg(long)]
     out: Option<PathBuf>,
@@ -105,6 +107,48 @@ struct TrainArgs {
     /// Characters (bytes or tokens) of text sampled at the end of the run
     #[arg(long, default_value_t = 400)]
     sample_tokens: usize,
+}
+
+/// The architecture flags of `train`, `init`, `info` and `bench`.
+#[derive(Args)]
+struct ArchArgs {
+    /// tokenformer (Pattentions over parameter tokens) or transformer (the same decoder with
+    /// linear layers: the baseline)
+    #[arg(long)]
+    arch: Option<String>,
+    /// A transformer's MLP width: a number, or `match` for the parameter count of the
+    /// TokenFormer preset (default: 4·d_model)
+    #[arg(long)]
+    d_ff: Option<String>,
+}
+
+impl ArchArgs {
+    fn arch(&self) -> Result<Option<Arch>> {
+        self.arch.as_deref().map(str::parse).transpose()
+    }
+
+    /// The MLP width asked for, `match` resolved against the TokenFormer `preset`.
+    fn d_ff(&self, arch: Arch, preset: &ModelConfig) -> Result<Option<usize>> {
+        let Some(text) = self.d_ff.as_deref() else { return Ok(None) };
+        if arch != Arch::Transformer {
+            return Err(Error::invalid("--d-ff is a transformer setting (add --arch transformer)"));
+        }
+        if text == "match" {
+            return Ok(Some(preset.matching_transformer().d_ff));
+        }
+        match text.parse::<usize>() {
+            Ok(n) if n > 0 => Ok(Some(n)),
+            _ => Err(Error::invalid(format!(
+                "--d-ff must be a positive number or 'match', got '{text}'"
+            ))),
+        }
+    }
+
+    /// `preset` in the architecture asked for.
+    fn apply(&self, preset: &ModelConfig) -> Result<ModelConfig> {
+        let arch = self.arch()?.unwrap_or_default();
+        preset.with_arch(arch, self.d_ff(arch, preset)?)
+    }
 }
 
 #[derive(Args)]
@@ -151,15 +195,19 @@ struct InitArgs {
     /// l2_norm_gelu, gelu_l2_norm or softmax
     #[arg(long)]
     norm: Option<String>,
+    #[command(flatten)]
+    arch: ArchArgs,
 }
 
 #[derive(Args)]
-#[group(required = true, multiple = false)]
 struct InfoArgs {
-    #[arg(long)]
+    #[arg(long, required_unless_present = "checkpoint", conflicts_with = "checkpoint")]
     preset: Option<String>,
     #[arg(long)]
     checkpoint: Option<PathBuf>,
+    /// With --preset
+    #[command(flatten)]
+    arch: ArchArgs,
 }
 
 #[derive(Args)]
@@ -204,6 +252,8 @@ struct BenchArgs {
     device: String,
     #[arg(long, default_value = "tiny")]
     preset: String,
+    #[command(flatten)]
+    arch: ArchArgs,
     #[arg(long, default_value_t = 8)]
     batch: usize,
     #[arg(long, default_value_t = 64)]
@@ -241,10 +291,15 @@ fn parse_device(s: &str) -> Result<Device> {
     s.parse()
 }
 
-/// The first `runs/<preset>-N` that does not exist yet.
-fn default_run_dir(preset: &str) -> PathBuf {
+/// The first `runs/<preset>-N` (`runs/<preset>-transformer-N` for the baseline) that does not
+/// exist yet.
+fn default_run_dir(settings: &TrainSettings) -> PathBuf {
+    let name = match settings.arch {
+        Arch::TokenFormer => settings.preset.clone(),
+        arch => format!("{}-{arch}", settings.preset),
+    };
     (1..)
-        .map(|n| PathBuf::from(format!("runs/{preset}-{n}")))
+        .map(|n| PathBuf::from(format!("runs/{name}-{n}")))
         .find(|p| !p.exists())
         .expect("unbounded")
 }
@@ -272,6 +327,10 @@ fn apply_train_flags(a: &TrainArgs, base: &mut TrainSettings, check: Option<&Pat
         }
     }
     set("preset", a.preset.clone(), &mut base.preset, check)?;
+    let arch = a.arch.arch()?;
+    set("arch", arch, &mut base.arch, check)?;
+    let d_ff = a.arch.d_ff(base.arch, &ModelConfig::preset(&base.preset)?)?;
+    set("d-ff", d_ff.map(Some), &mut base.d_ff, check)?;
     let data = (!a.data.is_empty()).then(|| a.data.clone());
     set("data", data, &mut base.data, check)?;
     let val_data = (!a.val_data.is_empty()).then(|| a.val_data.clone());
@@ -332,7 +391,7 @@ fn train(a: TrainArgs) -> Result<()> {
         None => {
             let mut settings = TrainSettings::default();
             apply_train_flags(&a, &mut settings, None)?;
-            let dir = a.out.clone().unwrap_or_else(|| default_run_dir(&settings.preset));
+            let dir = a.out.clone().unwrap_or_else(|| default_run_dir(&settings));
             // Held until the run has started (train_new takes it again, reentrantly).
             let mut _lock = None;
             if a.overwrite && dir.exists() {
@@ -446,7 +505,8 @@ fn grow(a: GrowArgs) -> Result<()> {
     let spec = match &a.to_preset {
         Some(name) => {
             let from = load_model(&a.checkpoint, Device::Cpu)?.config;
-            GrowSpec::to_preset(&from, name, init, a.seed)?
+            GrowSpec::to_preset(&from, name, init, a.seed)
+                .map_err(|e| Error::invalid(format!("grow: {}: {e}", a.checkpoint.display())))?
         }
         None => GrowSpec { qkv: a.qkv, proj: a.proj, ffn: a.ffn, init, seed: a.seed },
     };
@@ -487,11 +547,14 @@ fn grow(a: GrowArgs) -> Result<()> {
 }
 
 fn init(a: InitArgs) -> Result<()> {
-    let mut config = ModelConfig::preset(&a.preset)?;
+    let mut config = a.arch.apply(&ModelConfig::preset(&a.preset)?)?;
     if let Some(v) = a.vocab_size {
         config.vocab_size = v;
     }
     if let Some(norm) = &a.norm {
+        if config.arch != Arch::TokenFormer {
+            return Err(Error::invalid("--norm sets the Θ of Pattentions; a transformer has none"));
+        }
         config.norm = norm.parse::<Theta>()?;
     }
     config.validate()?;
@@ -522,8 +585,9 @@ fn init(a: InitArgs) -> Result<()> {
         },
     )?;
     println!(
-        "wrote {} ({} parameters, seed {}) to {}",
+        "wrote {} {} ({} parameters, seed {}) to {}",
         a.preset,
+        config.arch,
         thousands(config.param_count()),
         a.seed,
         a.out.display()
@@ -533,25 +597,32 @@ fn init(a: InitArgs) -> Result<()> {
 
 fn info(a: InfoArgs) -> Result<()> {
     let config = match (&a.preset, &a.checkpoint) {
-        (Some(p), _) => ModelConfig::preset(p)?,
-        // The config and the model file's header: counting needs no tensor.
-        (None, Some(dir)) => inspect_checkpoint(dir)?.config,
+        (Some(p), _) => a.arch.apply(&ModelConfig::preset(p)?)?,
+        (None, Some(dir)) => {
+            if a.arch.arch.is_some() || a.arch.d_ff.is_some() {
+                return Err(Error::invalid(
+                    "--arch and --d-ff go with --preset; a checkpoint's config.json has its arch",
+                ));
+            }
+            // The config and the model file's header: counting needs no tensor.
+            inspect_checkpoint(dir)?.config
+        }
         (None, None) => return Err(Error::invalid("give --preset NAME or --checkpoint DIR")),
     };
     let json = serde_json::to_string_pretty(&config).map_err(|e| Error::invalid(e.to_string()))?;
     println!("{json}");
-    let (d, l) = (config.d_model, config.n_layers);
-    let mut kinds = vec![("embedding (tied)".to_string(), config.vocab_size * d)];
-    for group in TokenGroup::ALL {
-        let slots = LAYER_SLOTS.iter().filter(|s| s.group == group).count();
-        let tokens = group.counts(&config).0;
-        kinds.push((format!("{} tokens", group.describe()), 2 * d * l * slots * tokens));
+    for (name, n) in config.param_breakdown() {
+        println!("{name:>26}: {:>15}", thousands(n));
     }
-    kinds.push(("final norm".into(), 2 * d));
-    for (name, n) in kinds {
-        println!("{name:>24}: {:>15}", thousands(n));
-    }
-    println!("{:>24}: {:>15}", "total parameters", thousands(config.param_count()));
+    println!("{:>26}: {:>15}", "total parameters", thousands(config.param_count()));
+    let t = config.max_seq_len;
+    let flops = config.train_flops_per_token(t);
+    println!("{:>26}: {:>15}", "training FLOPs per token", thousands(flops as usize));
+    println!(
+        "{:>26}  (6 x {} matmul parameters + 12·L·d·T at T = {t}, attention counted non-causally)",
+        "",
+        thousands(config.matmul_params())
+    );
     Ok(())
 }
 
@@ -612,7 +683,7 @@ fn print_profile(
 
 fn bench(a: BenchArgs) -> Result<()> {
     let device = parse_device(&a.device)?;
-    let config = ModelConfig::preset(&a.preset)?;
+    let config = a.arch.apply(&ModelConfig::preset(&a.preset)?)?;
     let n = a.matmul as u128;
     memory::check(
         &format!("bench --matmul {}", a.matmul),

@@ -231,7 +231,7 @@ fn exact_growth_on_the_gpu_keeps_the_logits() {
     let before = model.forward(&ids).unwrap();
     let grown = model.grow(5, 7, 130, GrowInit::Exact, 4).unwrap();
     assert_eq!(grown.device(), GPU);
-    assert_eq!(grown.layers[0].mlp.tokens(), config.ffn_tokens + 130);
+    assert_eq!(grown.layers[0].mlp.pattention().unwrap().tokens(), config.ffn_tokens + 130);
     let after = grown.forward(&ids).unwrap();
     // The row kernels keep every bit when zero scores are appended (their reduction tree does
     // not depend on the row length, and x + 0 = x), and the new scores are exact zeros (zero
@@ -247,7 +247,8 @@ fn exact_growth_on_the_gpu_keeps_the_logits() {
     // The new value tokens get exactly zero gradient at the first step (their scores are 0).
     let targets = token_ids(config.vocab_size, 2, 53, 5).to_device(GPU).unwrap();
     let grads = grown.loss(&ids, &targets).unwrap().backward().unwrap();
-    let g = values(grads.get(&grown.layers[1].mlp.value_tokens).unwrap());
+    let mlp = grown.layers[1].mlp.pattention().unwrap();
+    let g = values(grads.get(&mlp.value_tokens).unwrap());
     let d = config.d_model;
     assert!(g[config.ffn_tokens * d..].iter().all(|&v| v == 0.0), "new value tokens moved");
 }

@@ -193,6 +193,8 @@ fn tau_keeps_its_creation_value_through_growth() {
     let grown = model.grow(10, 20, 30, GrowInit::Exact, 0).unwrap();
     assert_eq!(grown.config.qkv_tokens, 138);
     assert_eq!(grown.config.qkv_scale_tokens, 128);
-    assert_eq!(grown.layers[0].mlp.tau(), model.layers[0].mlp.tau());
-    assert_eq!(grown.layers[0].mlp.tokens(), 542);
+    let (mlp, grown_mlp) =
+        (model.layers[0].mlp.pattention().unwrap(), grown.layers[0].mlp.pattention().unwrap());
+    assert_eq!(grown_mlp.tau(), mlp.tau());
+    assert_eq!(grown_mlp.tokens(), 542);
 }

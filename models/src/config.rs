@@ -1,6 +1,16 @@
 //! The model's hyperparameters (SPEC §2, §6 `config.json`) and the presets of SPEC §3.
+//!
+//! One config describes either architecture of the same decoder: a TokenFormer, whose
+//! projections are Pattentions over parameter tokens, or the Transformer baseline, whose
+//! projections are ordinary linear layers (q, k, v, o of d×d with bias, and an MLP d→d_ff→d).
+//! `config.json` holds only the fields of its architecture: token counts and Θ for a
+//! TokenFormer, `d_ff` for a Transformer. A file without `arch` is a TokenFormer (checkpoints
+//! written before the baseline existed).
 
-use serde::{Deserialize, Serialize};
+use serde::ser::SerializeMap;
+use serde::{Deserialize, Serialize, Serializer};
+use std::fmt;
+use std::str::FromStr;
 use tokenformer_core::{Error, Result};
 
 pub use tokenformer_ops::pattention_norm::Theta;
@@ -64,58 +74,136 @@ impl TokenGroup {
     }
 }
 
-/// One of a layer's five projections: its name under `layers.{i}.` in a checkpoint (SPEC §6)
-/// and the group whose counts size it.
+/// One of a layer's five projections: its name under `layers.{i}.` in a checkpoint (SPEC §6),
+/// the group whose counts size it in a TokenFormer, and whether its output is added to the
+/// residual stream (the attention output and the FFN; their value tokens are zero in a new
+/// layer of depth growth, their weights get the smaller residual init in a Transformer).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Slot {
     pub name: &'static str,
     pub group: TokenGroup,
+    pub writes_residual: bool,
 }
 
 /// A layer's projections in checkpoint order. Every list of a layer's parameters (init,
 /// loading, saving, growth, the expected shapes of a checkpoint) walks this table.
 pub const LAYER_SLOTS: [Slot; 5] = [
-    Slot { name: "attention.query", group: TokenGroup::Qkv },
-    Slot { name: "attention.key", group: TokenGroup::Qkv },
-    Slot { name: "attention.value", group: TokenGroup::Qkv },
-    Slot { name: "attention.proj", group: TokenGroup::Proj },
-    Slot { name: "mlp", group: TokenGroup::Ffn },
+    Slot { name: "attention.query", group: TokenGroup::Qkv, writes_residual: false },
+    Slot { name: "attention.key", group: TokenGroup::Qkv, writes_residual: false },
+    Slot { name: "attention.value", group: TokenGroup::Qkv, writes_residual: false },
+    Slot { name: "attention.proj", group: TokenGroup::Proj, writes_residual: true },
+    Slot { name: "mlp", group: TokenGroup::Ffn, writes_residual: true },
 ];
 
-/// `config.json` stores Θ under its name (`"l2_norm_gelu"`, ...).
-mod theta_by_name {
-    use super::Theta;
-    use serde::{Deserialize, Deserializer, Serializer};
+/// Which projections the decoder uses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Arch {
+    /// Pattentions over parameter tokens (SPEC §1-2).
+    #[default]
+    TokenFormer,
+    /// Ordinary linear layers: the baseline of the paper's comparisons.
+    Transformer,
+}
 
-    pub fn serialize<S: Serializer>(theta: &Theta, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(theta.name())
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Theta, D::Error> {
-        let name = String::deserialize(d)?;
-        name.parse().map_err(serde::de::Error::custom)
+impl Arch {
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::TokenFormer => "tokenformer",
+            Arch::Transformer => "transformer",
+        }
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+impl fmt::Display for Arch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Arch {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Arch> {
+        [Arch::TokenFormer, Arch::Transformer].into_iter().find(|a| a.name() == s).ok_or_else(
+            || Error::invalid(format!("unknown arch '{s}' (expected tokenformer or transformer)")),
+        )
+    }
+}
+
+impl Serialize for Arch {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+/// `config.json` stores Θ under its name (`"l2_norm_gelu"`, ...).
+fn theta_by_name<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Theta, D::Error> {
+    let name = String::deserialize(d)?;
+    name.parse().map_err(serde::de::Error::custom)
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 pub struct ModelConfig {
+    #[serde(default)]
+    pub arch: Arch,
     pub vocab_size: usize,
     pub d_model: usize,
     pub n_layers: usize,
     pub n_heads: usize,
     pub max_seq_len: usize,
+    /// Parameter tokens of each query/key/value Pattention (TokenFormer; 0 in a Transformer).
+    #[serde(default)]
     pub qkv_tokens: usize,
+    #[serde(default)]
     pub proj_tokens: usize,
+    #[serde(default)]
     pub ffn_tokens: usize,
     /// n₀ of τ = √n₀ for the query/key/value Pattentions: the count they were created with.
+    #[serde(default)]
     pub qkv_scale_tokens: usize,
+    #[serde(default)]
     pub proj_scale_tokens: usize,
+    #[serde(default)]
     pub ffn_scale_tokens: usize,
-    #[serde(with = "theta_by_name")]
+    /// Θ of every Pattention (TokenFormer; unused by a Transformer).
+    #[serde(default, deserialize_with = "theta_by_name")]
     pub norm: Theta,
+    /// Width of the MLP's hidden layer (Transformer; 0 in a TokenFormer).
+    #[serde(default)]
+    pub d_ff: usize,
     pub rotary_pct: f64,
     pub rotary_base: f64,
     pub tokenizer: String,
+}
+
+/// `config.json` holds the fields of the config's architecture only (see the module doc), in
+/// the SPEC §6 order.
+impl Serialize for ModelConfig {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(None)?;
+        map.serialize_entry("arch", &self.arch)?;
+        map.serialize_entry("vocab_size", &self.vocab_size)?;
+        map.serialize_entry("d_model", &self.d_model)?;
+        map.serialize_entry("n_layers", &self.n_layers)?;
+        map.serialize_entry("n_heads", &self.n_heads)?;
+        map.serialize_entry("max_seq_len", &self.max_seq_len)?;
+        match self.arch {
+            Arch::TokenFormer => {
+                for group in TokenGroup::ALL {
+                    map.serialize_entry(group.fields().0, &group.counts(self).0)?;
+                }
+                for group in TokenGroup::ALL {
+                    map.serialize_entry(group.fields().1, &group.counts(self).1)?;
+                }
+                map.serialize_entry("norm", self.norm.name())?;
+            }
+            Arch::Transformer => map.serialize_entry("d_ff", &self.d_ff)?,
+        }
+        map.serialize_entry("rotary_pct", &self.rotary_pct)?;
+        map.serialize_entry("rotary_base", &self.rotary_base)?;
+        map.serialize_entry("tokenizer", &self.tokenizer)?;
+        map.end()
+    }
 }
 
 /// (name, L, d, H, n_qkv, n_proj, n_ffn, T_max, V): SPEC §3.
@@ -149,6 +237,7 @@ impl ModelConfig {
                 ))
             })?;
         Ok(ModelConfig {
+            arch: Arch::TokenFormer,
             vocab_size: v,
             d_model: d,
             n_layers: l,
@@ -161,6 +250,7 @@ impl ModelConfig {
             proj_scale_tokens: proj,
             ffn_scale_tokens: ffn,
             norm: Theta::L2NormGelu,
+            d_ff: 0,
             rotary_pct: 0.25,
             rotary_base: 10000.0,
             tokenizer: if v == 256 { "byte".into() } else { "gpt2".into() },
@@ -186,9 +276,26 @@ impl ModelConfig {
             ("n_heads", self.n_heads),
             ("max_seq_len", self.max_seq_len),
         ];
+        let mut token_fields = Vec::new();
         for group in TokenGroup::ALL {
             let ((n_field, n0_field), (n, n0)) = (group.fields(), group.counts(self));
-            positive.extend([(n_field, n), (n0_field, n0)]);
+            token_fields.extend([(n_field, n), (n0_field, n0)]);
+        }
+        match self.arch {
+            Arch::TokenFormer => {
+                positive.extend(&token_fields);
+                if self.d_ff != 0 {
+                    return fail("d_ff is a transformer setting; a tokenformer has none".into());
+                }
+            }
+            Arch::Transformer => {
+                positive.push(("d_ff", self.d_ff));
+                if let Some((name, _)) = token_fields.iter().find(|(_, v)| *v != 0) {
+                    return fail(format!(
+                        "{name} is a tokenformer setting; a transformer has no parameter tokens"
+                    ));
+                }
+            }
         }
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return fail(format!("{name} must be positive"));
@@ -219,24 +326,93 @@ impl ModelConfig {
         Ok(())
     }
 
-    /// 2·d·L·(3·n_qkv + n_proj + n_ffn) + V·d + 2·d (SPEC §2).
+    /// TokenFormer: 2·d·L·(3·n_qkv + n_proj + n_ffn) + V·d + 2·d (SPEC §2).
+    /// Transformer: L·(4·(d² + d) + 2·d·d_ff + d_ff + d) + V·d + 2·d.
     pub fn param_count(&self) -> usize {
-        2 * self.d_model * self.n_layers * self.tokens_per_layer()
-            + self.vocab_size * self.d_model
-            + 2 * self.d_model
+        self.param_breakdown().iter().map(|(_, n)| n).sum()
     }
 
-    /// 3·n_qkv + n_proj + n_ffn: the parameter tokens of one layer.
+    /// The parameter count by kind, as `info` prints it.
+    pub fn param_breakdown(&self) -> Vec<(String, usize)> {
+        let (d, l) = (self.d_model, self.n_layers);
+        let mut kinds = vec![("embedding (tied)".to_string(), self.vocab_size * d)];
+        match self.arch {
+            Arch::TokenFormer => {
+                for group in TokenGroup::ALL {
+                    let slots = LAYER_SLOTS.iter().filter(|s| s.group == group).count();
+                    let tokens = group.counts(self).0;
+                    kinds
+                        .push((format!("{} tokens", group.describe()), 2 * d * l * slots * tokens));
+                }
+            }
+            Arch::Transformer => {
+                kinds.push(("q, k, v, o weights+biases".into(), l * 4 * (d * d + d)));
+                kinds.push(("mlp weights+biases".into(), l * (2 * d * self.d_ff + self.d_ff + d)));
+            }
+        }
+        kinds.push(("final norm".into(), 2 * d));
+        kinds
+    }
+
+    /// 3·n_qkv + n_proj + n_ffn: the parameter tokens of one layer (0 in a Transformer).
     pub fn tokens_per_layer(&self) -> usize {
         LAYER_SLOTS.iter().map(|slot| slot.group.counts(self).0).sum()
     }
 
-    /// Training FLOPs per token at sequence length `seq` (SPEC §2; attention counted
-    /// non-causally).
+    /// The entries of every matrix that multiplies activations, the tied embedding included:
+    /// 2·d·L·(3·n_qkv + n_proj + n_ffn) + V·d for a TokenFormer, L·(4·d² + 2·d·d_ff) + V·d
+    /// for a Transformer. Biases and norms are left out (O(d) work per token).
+    pub fn matmul_params(&self) -> usize {
+        let (d, l) = (self.d_model, self.n_layers);
+        let layers = match self.arch {
+            Arch::TokenFormer => 2 * d * l * self.tokens_per_layer(),
+            Arch::Transformer => l * (4 * d * d + 2 * d * self.d_ff),
+        };
+        layers + self.vocab_size * d
+    }
+
+    /// Training FLOPs per token at sequence length `seq` (SPEC §2): 6 per matmul parameter
+    /// (2 in the forward pass, 4 in the backward) plus 12·L·d·T for the attention scores and
+    /// their weighted sum, counted non-causally as llm.c and PaLM do (the causal mask skips
+    /// about half of that work, which is not subtracted).
     pub fn train_flops_per_token(&self, seq: usize) -> f64 {
-        let matmul_params = 2 * self.d_model * self.n_layers * self.tokens_per_layer()
-            + self.vocab_size * self.d_model;
-        6.0 * matmul_params as f64 + 12.0 * (self.n_layers * self.d_model * seq) as f64
+        6.0 * self.matmul_params() as f64 + 12.0 * (self.n_layers * self.d_model * seq) as f64
+    }
+
+    /// This config (a TokenFormer, as presets are) in architecture `arch`: for a Transformer,
+    /// with MLP width `d_ff`, by default 4·d. `d_ff` is refused for a TokenFormer.
+    pub fn with_arch(&self, arch: Arch, d_ff: Option<usize>) -> Result<ModelConfig> {
+        match (arch, d_ff) {
+            (Arch::TokenFormer, Some(_)) => Err(Error::invalid(
+                "d_ff is a transformer setting; a tokenformer's FFN width is its ffn_tokens",
+            )),
+            (Arch::TokenFormer, None) => Ok(self.clone()),
+            (Arch::Transformer, d_ff) => Ok(self.to_transformer(d_ff.unwrap_or(4 * self.d_model))),
+        }
+    }
+
+    /// The same decoder as a Transformer with an MLP of width `d_ff`: token counts and Θ
+    /// dropped, everything else kept.
+    pub fn to_transformer(&self, d_ff: usize) -> ModelConfig {
+        let mut config = self.clone();
+        config.arch = Arch::Transformer;
+        config.d_ff = d_ff;
+        config.norm = Theta::default();
+        for group in TokenGroup::ALL {
+            *group.tokens_mut(&mut config) = 0;
+        }
+        (config.qkv_scale_tokens, config.proj_scale_tokens, config.ffn_scale_tokens) = (0, 0, 0);
+        config
+    }
+
+    /// The Transformer with this TokenFormer's L, d, H, context and vocabulary whose parameter
+    /// count is nearest to this one's: the MLP width d_ff is what is solved for (at least 1).
+    pub fn matching_transformer(&self) -> ModelConfig {
+        let (d, l) = (self.d_model, self.n_layers);
+        let fixed = self.to_transformer(0).param_count();
+        let per_unit = l * (2 * d + 1); // each unit of d_ff: a column of up and down, and a bias
+        let want = self.param_count().saturating_sub(fixed) as f64 / per_unit as f64;
+        self.to_transformer((want.round() as usize).max(1))
     }
 }
 

@@ -15,10 +15,10 @@
 use crate::checkpoint::{
     inspect_checkpoint, is_checkpoint_dir, load_checkpoint, save_checkpoint, Checkpoint,
 };
-use crate::config::{ModelConfig, Theta, TokenGroup};
+use crate::config::{Arch, ModelConfig, Theta, TokenGroup};
 use crate::files::copy_into;
 use crate::memory;
-use crate::model::TokenFormer;
+use crate::model::{cannot_grow, TokenFormer};
 use crate::pattention::GrowInit;
 use crate::run_dir::{RunLock, RUN_FILES};
 use std::path::Path;
@@ -39,6 +39,7 @@ impl GrowSpec {
     /// The token counts that turn `from` into preset `to`, which may differ from it only in
     /// token counts (all at least as large).
     pub fn to_preset(from: &ModelConfig, to: &str, init: GrowInit, seed: u64) -> Result<GrowSpec> {
+        check_growable(from)?;
         let target = ModelConfig::preset(to)?;
         let same = |what: &str, a: usize, b: usize| -> Result<()> {
             if a != b {
@@ -87,6 +88,14 @@ impl GrowSpec {
     /// denominator). The one place this rule is written.
     pub fn preserves_outputs(&self, config: &ModelConfig) -> bool {
         self.init == GrowInit::Exact && config.norm != Theta::Softmax
+    }
+}
+
+/// Refuses a model that has no parameter tokens (a Transformer), in one line.
+pub fn check_growable(config: &ModelConfig) -> Result<()> {
+    match config.arch {
+        Arch::TokenFormer => Ok(()),
+        arch => Err(cannot_grow(arch)),
     }
 }
 
@@ -166,6 +175,8 @@ pub fn grow_checkpoint(
             "grow: nothing to add (give --qkv, --proj, --ffn or --to-preset)",
         ));
     }
+    check_growable(&inspect_checkpoint(src)?.config)
+        .map_err(|e| Error::invalid(format!("grow: {}: {e}", src.display())))?;
     check_fits(src, spec)?;
     let ckpt = load_checkpoint(src)?;
     let to_device = |named: Vec<(String, Tensor)>| -> Result<Vec<(String, Tensor)>> {

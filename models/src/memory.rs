@@ -9,7 +9,7 @@
 //! The ceiling is the machine's memory (RAM plus swap), read from `/proc/meminfo`; where that
 //! is unavailable, only arithmetic overflow is refused.
 
-use crate::config::ModelConfig;
+use crate::config::{Arch, ModelConfig};
 use crate::files::bytes_text;
 use std::sync::OnceLock;
 use tokenformer_core::{Error, Result};
@@ -51,22 +51,38 @@ pub fn check(what: &str, need: Option<u128>) -> Result<()> {
     }
 }
 
-/// Parameters of a model with this config, without overflowing.
+/// Parameters of a model with this config, without overflowing (the counts of
+/// `ModelConfig::param_count`, for either architecture).
 pub fn param_count(cfg: &ModelConfig) -> Option<u128> {
     let d = cfg.d_model as u128;
-    let tokens = (3 * cfg.qkv_tokens as u128)
-        .checked_add(cfg.proj_tokens as u128)?
-        .checked_add(cfg.ffn_tokens as u128)?;
-    (2 * d)
+    let per_layer = match cfg.arch {
+        Arch::TokenFormer => {
+            let tokens = (3 * cfg.qkv_tokens as u128)
+                .checked_add(cfg.proj_tokens as u128)?
+                .checked_add(cfg.ffn_tokens as u128)?;
+            (2 * d).checked_mul(tokens)?
+        }
+        // 4·(d² + d) for q, k, v, o, and d_ff·(2d + 1) + d for the MLP.
+        Arch::Transformer => {
+            let attention = d.checked_mul(d)?.checked_add(d)?.checked_mul(4)?;
+            let mlp = (cfg.d_ff as u128).checked_mul(2 * d + 1)?.checked_add(d)?;
+            attention.checked_add(mlp)?
+        }
+    };
+    per_layer
         .checked_mul(cfg.n_layers as u128)?
-        .checked_mul(tokens)?
         .checked_add((cfg.vocab_size as u128).checked_mul(d)?)?
         .checked_add(2 * d)
 }
 
-/// Tensors a model with this config has: the embedding, ten per layer, the final norm's two.
+/// Tensors a model with this config has: the embedding, ten per layer (twelve in a
+/// Transformer), the final norm's two.
 pub fn tensor_count(cfg: &ModelConfig) -> Option<u128> {
-    (cfg.n_layers as u128).checked_mul(10)?.checked_add(3)
+    let per_layer = match cfg.arch {
+        Arch::TokenFormer => 10,
+        Arch::Transformer => 12,
+    };
+    (cfg.n_layers as u128).checked_mul(per_layer)?.checked_add(3)
 }
 
 /// A model in memory: its parameters, their bookkeeping and the rotary tables (cos and sin,
@@ -88,8 +104,9 @@ pub fn checkpoint_bytes(cfg: &ModelConfig, with_optimizer: bool) -> Option<u128>
 
 /// A training step: the model with its gradients and both moments, and the activations of one
 /// micro-batch — at least the logits (V floats per token) and, per layer, the residual stream
-/// (d floats) and one score row per Pattention (3·n_qkv + n_proj + n_ffn floats) — and one loss
-/// value kept per micro-batch until the step completes.
+/// (d floats) and one score row per Pattention (3·n_qkv + n_proj + n_ffn floats; in a
+/// Transformer, the MLP's hidden row of d_ff floats) — and one loss value kept per micro-batch
+/// until the step completes.
 pub fn training_bytes(
     cfg: &ModelConfig,
     batch: usize,
@@ -101,6 +118,7 @@ pub fn training_bytes(
     let per_layer = (3 * cfg.qkv_tokens as u128)
         .checked_add(cfg.proj_tokens as u128)?
         .checked_add(cfg.ffn_tokens as u128)?
+        .checked_add(cfg.d_ff as u128)?
         .checked_add(cfg.d_model as u128)?;
     let per_token =
         (cfg.vocab_size as u128).checked_add(per_layer.checked_mul(cfg.n_layers as u128)?)?;
@@ -133,6 +151,11 @@ mod tests {
         let tiny = ModelConfig::preset("tiny").unwrap();
         assert_eq!(param_count(&tiny), Some(tiny.param_count() as u128));
         assert_eq!(tensor_count(&tiny), Some(43));
+        let transformer = tiny.to_transformer(300);
+        assert_eq!(param_count(&transformer), Some(transformer.param_count() as u128));
+        assert_eq!(tensor_count(&transformer), Some(51));
+        let e = check("a wide MLP", model_bytes(&tiny.to_transformer(1 << 50)));
+        assert!(e.unwrap_err().to_string().contains("would need at least"));
         // The default run fits any machine that can build this crate.
         check_training(&tiny, 16, 64, 1).unwrap();
         check("a small thing", checkpoint_bytes(&tiny, true)).unwrap();

@@ -1,5 +1,5 @@
-//! The TokenFormer language model (SPEC §2): a pre-norm decoder in which every projection is a
-//! Pattention.
+//! The language model (SPEC §2): a pre-norm decoder in which every projection is a
+//! Pattention, or, for the Transformer baseline, an ordinary linear layer.
 //!
 //! ```text
 //! x = E[tokens]
@@ -12,9 +12,15 @@
 //! logits = LN_final(x)·Eᵀ                      tied embedding
 //! ```
 //!
+//! The five P's of a layer are [`Projection`]s. In a TokenFormer each is a Pattention; in a
+//! Transformer (`arch: transformer`) Pq, Pk, Pv, Po are linear layers d→d with bias and Pffn is
+//! an MLP d→d_ff→d with GELU. Everything else — embedding, RoPE, attention, norms, head — is
+//! the same code for both, so the two differ exactly in how a projection holds its parameters.
+//!
 //! Growth (SPEC §4) returns a new model with more parameter tokens; see [`TokenFormer::grow`].
 
-use crate::config::{ModelConfig, TokenGroup, LAYER_SLOTS};
+use crate::config::{Arch, ModelConfig, TokenGroup, LAYER_SLOTS};
+use crate::linear::{Linear, Mlp};
 use crate::pattention::{GrowInit, Pattention};
 use tokenformer_autograd::{causal_attention, embedding, Var};
 use tokenformer_core::{Device, Error, Result, Rng, Tensor};
@@ -23,28 +29,76 @@ use tokenformer_ops::rope::rope_tables;
 const LN_EPS: f32 = 1e-5;
 const KEY_STD: f32 = 0.02;
 
-/// One decoder layer: its five Pattentions, in the order of [`LAYER_SLOTS`].
+/// One of a layer's five projections.
+pub enum Projection {
+    /// TokenFormer: attention over parameter tokens (SPEC §1).
+    Pattention(Pattention),
+    /// Transformer: q, k, v and the attention output, d→d with bias.
+    Linear(Linear),
+    /// Transformer: the feed-forward block.
+    Mlp(Mlp),
+}
+
+impl Projection {
+    /// x [..., d] → [..., d].
+    pub fn forward(&self, x: &Var) -> Result<Var> {
+        match self {
+            Projection::Pattention(p) => p.forward(x),
+            Projection::Linear(l) => l.forward(x),
+            Projection::Mlp(m) => m.forward(x),
+        }
+    }
+
+    /// The Pattention, in a TokenFormer.
+    pub fn pattention(&self) -> Option<&Pattention> {
+        match self {
+            Projection::Pattention(p) => Some(p),
+            _ => None,
+        }
+    }
+
+    /// The parameters, in the order of [`slot_layout`].
+    pub fn params(&self) -> Vec<&Var> {
+        match self {
+            Projection::Pattention(p) => vec![&p.key_tokens, &p.value_tokens],
+            Projection::Linear(l) => vec![&l.weight, &l.bias],
+            Projection::Mlp(m) => vec![&m.up.weight, &m.up.bias, &m.down.weight, &m.down.bias],
+        }
+    }
+
+    fn params_mut(&mut self) -> Vec<&mut Var> {
+        match self {
+            Projection::Pattention(p) => vec![&mut p.key_tokens, &mut p.value_tokens],
+            Projection::Linear(l) => vec![&mut l.weight, &mut l.bias],
+            Projection::Mlp(m) => {
+                vec![&mut m.up.weight, &mut m.up.bias, &mut m.down.weight, &mut m.down.bias]
+            }
+        }
+    }
+}
+
+/// One decoder layer: its five projections, in the order of [`LAYER_SLOTS`].
 pub struct Layer {
-    pub query: Pattention,
-    pub key: Pattention,
-    pub value: Pattention,
-    pub proj: Pattention,
-    pub mlp: Pattention,
+    pub query: Projection,
+    pub key: Projection,
+    pub value: Projection,
+    pub proj: Projection,
+    pub mlp: Projection,
 }
 
 impl Layer {
-    /// The Pattentions in [`LAYER_SLOTS`] order.
-    pub fn slots(&self) -> [&Pattention; 5] {
+    /// The projections in [`LAYER_SLOTS`] order.
+    pub fn slots(&self) -> [&Projection; 5] {
         [&self.query, &self.key, &self.value, &self.proj, &self.mlp]
     }
 
-    fn slots_mut(&mut self) -> [&mut Pattention; 5] {
+    fn slots_mut(&mut self) -> [&mut Projection; 5] {
         [&mut self.query, &mut self.key, &mut self.value, &mut self.proj, &mut self.mlp]
     }
 
-    /// A layer from its Pattentions in [`LAYER_SLOTS`] order.
-    fn from_slots(slots: Vec<Pattention>) -> Layer {
-        let [query, key, value, proj, mlp] = <[Pattention; 5]>::try_from(slots)
+    /// A layer from its projections in [`LAYER_SLOTS`] order.
+    fn from_slots(slots: Vec<Projection>) -> Layer {
+        let [query, key, value, proj, mlp] = <[Projection; 5]>::try_from(slots)
             .unwrap_or_else(|s| panic!("a layer has 5 projections, not {}", s.len()));
         Layer { query, key, value, proj, mlp }
     }
@@ -68,43 +122,100 @@ pub enum Init {
     Ones,
 }
 
-/// Every parameter of a model with this config, in checkpoint order (SPEC §6): `embed.weight`,
-/// then each layer's Pattentions in [`LAYER_SLOTS`] order (keys before values), then the final
-/// LayerNorm's weight and bias. Init, loading, saving and checkpoint checks all follow it.
-pub fn parameter_layout(config: &ModelConfig) -> Vec<ParamSpec> {
-    let (v, d) = (config.vocab_size, config.d_model);
-    let spec = |name: String, dims: Vec<usize>, because: String, init: Init| ParamSpec {
-        name,
+/// The parameters of slot `slot` (an index into [`LAYER_SLOTS`]) of layer `layer`, in order:
+///
+/// - TokenFormer: `key_param_tokens` [n, d] ~ N(0, 0.02²), `value_param_tokens` [n, d] ~
+///   N(0, σ²) with σ = 2/(L·√d) (SPEC §2).
+/// - Transformer: `weight` [d, d] and `bias` [d]; the mlp has `up.weight` [d_ff, d], `up.bias`,
+///   `down.weight` [d, d_ff], `down.bias`. Weights ~ N(0, 0.02²), those of projections that
+///   write into the residual stream ~ N(0, 0.02²/(2L)) (GPT-2's init), biases zero.
+pub fn slot_layout(config: &ModelConfig, layer: usize, slot: usize) -> Vec<ParamSpec> {
+    let d = config.d_model;
+    let info = LAYER_SLOTS[slot];
+    let prefix = format!("layers.{layer}.{}", info.name);
+    let spec = |leaf: &str, dims: Vec<usize>, because: String, init| ParamSpec {
+        name: format!("{prefix}.{leaf}"),
         dims,
         because,
         init,
     };
-    let mut out = vec![spec(
-        "embed.weight".into(),
-        vec![v, d],
-        format!("vocab_size = {v}, d_model = {d}"),
-        Init::Normal(KEY_STD),
-    )];
-    let sigma = value_std(config);
-    for i in 0..config.n_layers {
-        for slot in LAYER_SLOTS {
-            let (field, n) = (slot.group.fields().0, slot.group.counts(config).0);
-            for (side, init) in [("key", Init::Normal(KEY_STD)), ("value", Init::Normal(sigma))] {
-                out.push(spec(
-                    format!("layers.{i}.{}.{side}_param_tokens", slot.name),
-                    vec![n, d],
-                    format!("{field} = {n}, d_model = {d}"),
-                    init,
-                ));
+    match config.arch {
+        Arch::TokenFormer => {
+            let (field, n) = (info.group.fields().0, info.group.counts(config).0);
+            let because = format!("{field} = {n}, d_model = {d}");
+            vec![
+                spec("key_param_tokens", vec![n, d], because.clone(), Init::Normal(KEY_STD)),
+                spec("value_param_tokens", vec![n, d], because, Init::Normal(value_std(config))),
+            ]
+        }
+        Arch::Transformer => {
+            let out_std = if info.writes_residual {
+                KEY_STD / (2.0 * config.n_layers as f32).sqrt()
+            } else {
+                KEY_STD
+            };
+            let dd = format!("d_model = {d}");
+            if info.group != TokenGroup::Ffn {
+                return vec![
+                    spec("weight", vec![d, d], dd.clone(), Init::Normal(out_std)),
+                    spec("bias", vec![d], dd, Init::Zeros),
+                ];
             }
+            let (f, dff) = (config.d_ff, format!("d_ff = {}, d_model = {d}", config.d_ff));
+            vec![
+                spec("up.weight", vec![f, d], dff.clone(), Init::Normal(KEY_STD)),
+                spec("up.bias", vec![f], format!("d_ff = {f}"), Init::Zeros),
+                spec("down.weight", vec![d, f], dff, Init::Normal(out_std)),
+                spec("down.bias", vec![d], dd, Init::Zeros),
+            ]
+        }
+    }
+}
+
+/// Every parameter of a model with this config, in checkpoint order (SPEC §6): `embed.weight`,
+/// then each layer's projections in [`LAYER_SLOTS`] order (see [`slot_layout`]), then the final
+/// LayerNorm's weight and bias. Init, loading, saving and checkpoint checks all follow it.
+pub fn parameter_layout(config: &ModelConfig) -> Vec<ParamSpec> {
+    let (v, d) = (config.vocab_size, config.d_model);
+    let mut out = vec![ParamSpec {
+        name: "embed.weight".into(),
+        dims: vec![v, d],
+        because: format!("vocab_size = {v}, d_model = {d}"),
+        init: Init::Normal(KEY_STD),
+    }];
+    for layer in 0..config.n_layers {
+        for slot in 0..LAYER_SLOTS.len() {
+            out.extend(slot_layout(config, layer, slot));
         }
     }
     for (leaf, init) in [("weight", Init::Ones), ("bias", Init::Zeros)] {
-        out.push(spec(format!("final_norm.{leaf}"), vec![d], format!("d_model = {d}"), init));
+        out.push(ParamSpec {
+            name: format!("final_norm.{leaf}"),
+            dims: vec![d],
+            because: format!("d_model = {d}"),
+            init,
+        });
     }
     out
 }
 
+/// Draws the tensors of `specs` in order from `rng`, onto `device`.
+fn draw(specs: Vec<ParamSpec>, rng: &mut Rng, device: Device) -> Result<Vec<(String, Tensor)>> {
+    specs
+        .into_iter()
+        .map(|p| {
+            let t = match p.init {
+                Init::Normal(std) => Tensor::randn(&p.dims, std, rng),
+                Init::Zeros => Tensor::zeros(&p.dims, Device::Cpu)?,
+                Init::Ones => Tensor::ones(&p.dims, Device::Cpu)?,
+            };
+            Ok((p.name, t.to_device(device)?))
+        })
+        .collect()
+}
+
+/// The language model: a TokenFormer, or with `config.arch = Transformer` the baseline with
+/// linear projections (see the module doc).
 pub struct TokenFormer {
     pub config: ModelConfig,
     pub embed: Var,
@@ -120,24 +231,36 @@ fn value_std(cfg: &ModelConfig) -> f32 {
     (2.0 / (cfg.n_layers as f64 * (cfg.d_model as f64).sqrt())) as f32
 }
 
+/// Builds slot `slot`'s projection from its parameters, taken in [`slot_layout`] order.
+fn projection(
+    config: &ModelConfig,
+    slot: usize,
+    take: &mut impl FnMut() -> Result<Var>,
+) -> Result<Projection> {
+    let group = LAYER_SLOTS[slot].group;
+    Ok(match config.arch {
+        Arch::TokenFormer => Projection::Pattention(Pattention {
+            key_tokens: take()?,
+            value_tokens: take()?,
+            scale_tokens: group.counts(config).1,
+            norm: config.norm,
+        }),
+        Arch::Transformer if group == TokenGroup::Ffn => Projection::Mlp(Mlp {
+            up: Linear { weight: take()?, bias: take()? },
+            down: Linear { weight: take()?, bias: take()? },
+        }),
+        Arch::Transformer => Projection::Linear(Linear { weight: take()?, bias: take()? }),
+    })
+}
+
 impl TokenFormer {
-    /// A freshly initialised model (SPEC §2): E and every key-token matrix ~ N(0, 0.02²), every
-    /// value-token matrix ~ N(0, σ²) with σ = 2/(L·√d), LN_final weight 1 and bias 0. Draws are
-    /// taken in checkpoint order from one RNG seeded with `seed`.
+    /// A freshly initialised model (SPEC §2 for a TokenFormer): E and every key-token matrix
+    /// ~ N(0, 0.02²), every value-token matrix ~ N(0, σ²) with σ = 2/(L·√d), LN_final weight 1
+    /// and bias 0; a Transformer's weights as [`slot_layout`] says. Draws are taken in
+    /// checkpoint order from one RNG seeded with `seed`.
     pub fn init(config: &ModelConfig, seed: u64, device: Device) -> Result<TokenFormer> {
         config.validate()?;
-        let mut rng = Rng::new(seed);
-        let params = parameter_layout(config)
-            .into_iter()
-            .map(|p| {
-                let t = match p.init {
-                    Init::Normal(std) => Tensor::randn(&p.dims, std, &mut rng),
-                    Init::Zeros => Tensor::zeros(&p.dims, Device::Cpu)?,
-                    Init::Ones => Tensor::ones(&p.dims, Device::Cpu)?,
-                };
-                Ok((p.name, t.to_device(device)?))
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let params = draw(parameter_layout(config), &mut Rng::new(seed), device)?;
         TokenFormer::from_named(config.clone(), params)
     }
 
@@ -164,16 +287,8 @@ impl TokenFormer {
         let embed = take()?;
         let mut layers = Vec::with_capacity(config.n_layers);
         for _ in 0..config.n_layers {
-            let mut slots = Vec::with_capacity(LAYER_SLOTS.len());
-            for slot in LAYER_SLOTS {
-                slots.push(Pattention {
-                    key_tokens: take()?,
-                    value_tokens: take()?,
-                    scale_tokens: slot.group.counts(&config).1,
-                    norm: config.norm,
-                });
-            }
-            layers.push(Layer::from_slots(slots));
+            let slots = (0..LAYER_SLOTS.len()).map(|slot| projection(&config, slot, &mut take));
+            layers.push(Layer::from_slots(slots.collect::<Result<_>>()?));
         }
         let final_norm_weight = take()?;
         let final_norm_bias = take()?;
@@ -216,11 +331,11 @@ impl TokenFormer {
     }
 
     /// Every parameter, in checkpoint order.
-    fn params(&self) -> Vec<&Var> {
+    pub fn params(&self) -> Vec<&Var> {
         let mut out = vec![&self.embed];
         for layer in &self.layers {
             for p in layer.slots() {
-                out.extend([&p.key_tokens, &p.value_tokens]);
+                out.extend(p.params());
             }
         }
         out.extend([&self.final_norm_weight, &self.final_norm_bias]);
@@ -237,7 +352,7 @@ impl TokenFormer {
         let mut out = vec![&mut self.embed];
         for layer in &mut self.layers {
             for p in layer.slots_mut() {
-                out.extend([&mut p.key_tokens, &mut p.value_tokens]);
+                out.extend(p.params_mut());
             }
         }
         out.extend([&mut self.final_norm_weight, &mut self.final_norm_bias]);
@@ -314,6 +429,7 @@ impl TokenFormer {
     /// every output Pattention and `ffn` to every mlp Pattention (SPEC §4). τ keeps its n₀.
     /// New tokens are drawn from one RNG seeded with `seed`, layer by layer in checkpoint order.
     /// Whether the outputs stay the same is [`crate::growth::GrowSpec::preserves_outputs`].
+    /// A Transformer has no parameter tokens and cannot grow.
     pub fn grow(
         &self,
         qkv: usize,
@@ -322,6 +438,7 @@ impl TokenFormer {
         init: GrowInit,
         seed: u64,
     ) -> Result<TokenFormer> {
+        crate::growth::check_growable(&self.config)?;
         let mut rng = Rng::new(seed);
         let sigma = value_std(&self.config);
         let mut config = self.config.clone();
@@ -337,7 +454,9 @@ impl TokenFormer {
         for layer in &self.layers {
             let mut slots = Vec::with_capacity(LAYER_SLOTS.len());
             for (slot, p) in LAYER_SLOTS.iter().zip(layer.slots()) {
-                slots.push(p.grow(extra(slot.group), init, KEY_STD, sigma, &mut rng)?);
+                let p = p.pattention().ok_or_else(|| cannot_grow(self.config.arch))?;
+                let grown = p.grow(extra(slot.group), init, KEY_STD, sigma, &mut rng)?;
+                slots.push(Projection::Pattention(grown));
             }
             layers.push(Layer::from_slots(slots));
         }
@@ -349,4 +468,9 @@ impl TokenFormer {
             Var::param(self.final_norm_bias.value().clone()),
         )
     }
+}
+
+/// The one-line refusal to grow a model without parameter tokens.
+pub fn cannot_grow(arch: Arch) -> Error {
+    Error::invalid(format!("a {arch} has no parameter tokens to add; only tokenformer models grow"))
 }

@@ -14,7 +14,7 @@ use crate::checkpoint::{
     inspect_checkpoint, is_checkpoint_dir, load_checkpoint, read_train_state, save_checkpoint,
     Checkpoint,
 };
-use crate::config::ModelConfig;
+use crate::config::{Arch, ModelConfig};
 use crate::data::{val_windows, Batcher, DataSpec, Dataset, Tokenizer};
 use crate::files::entry_exists;
 use crate::memory;
@@ -39,6 +39,12 @@ use tokenformer_ops::binary;
 #[serde(deny_unknown_fields)]
 pub struct TrainSettings {
     pub preset: String,
+    /// The decoder's projections: Pattentions (TokenFormer) or linear layers (Transformer).
+    #[serde(default)]
+    pub arch: Arch,
+    /// A Transformer's MLP width; `None` means 4·d.
+    #[serde(default)]
+    pub d_ff: Option<usize>,
     /// Files and directories of text; empty means the built-in tiny shakespeare.
     pub data: Vec<PathBuf>,
     /// Validation files; empty means the last `val_fraction` of the data.
@@ -69,6 +75,8 @@ impl Default for TrainSettings {
     fn default() -> Self {
         TrainSettings {
             preset: "tiny".into(),
+            arch: Arch::TokenFormer,
+            d_ff: None,
             data: Vec::new(),
             val_data: Vec::new(),
             val_fraction: crate::data::DEFAULT_VAL_FRACTION,
@@ -133,10 +141,11 @@ impl TrainSettings {
         Ok(())
     }
 
-    /// The model config: the preset, with the vocabulary of the tokenizer.
+    /// The model config: the preset in the run's architecture, with the vocabulary of the
+    /// tokenizer.
     pub fn model_config(&self) -> Result<ModelConfig> {
         let tokenizer = Tokenizer::from_name(&self.tokenizer)?;
-        let mut config = ModelConfig::preset(&self.preset)?;
+        let mut config = ModelConfig::preset(&self.preset)?.with_arch(self.arch, self.d_ff)?;
         config.vocab_size = tokenizer.padded_vocab_size();
         config.tokenizer = tokenizer.name().into();
         config.validate()?;
@@ -512,8 +521,9 @@ impl<'a> Run<'a> {
             state,
         };
         run.say(format!(
-            "training {} ({} parameters) on {}: {}; {} steps of {}×{}×{} tokens",
+            "training {} {} ({} parameters) on {}: {}; {} steps of {}×{}×{} tokens",
             run.settings.preset,
+            run.settings.arch,
             crate::progress::thousands(run.model.config.param_count()),
             run.model.device(),
             run.data.summary(),

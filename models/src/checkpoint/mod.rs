@@ -266,7 +266,7 @@ fn load_committed(view: &Committed) -> Result<Checkpoint> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::Theta;
+    use crate::{Arch, Theta};
     use std::collections::BTreeMap;
     use std::fs;
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -299,6 +299,7 @@ mod tests {
     /// swapped count shows up as a shape error.
     fn small_config() -> ModelConfig {
         ModelConfig {
+            arch: Arch::TokenFormer,
             vocab_size: 11,
             d_model: 8,
             n_layers: 2,
@@ -311,6 +312,7 @@ mod tests {
             proj_scale_tokens: 4,
             ffn_scale_tokens: 5,
             norm: Theta::L2NormGelu,
+            d_ff: 0,
             rotary_pct: 0.5,
             rotary_base: 10000.0,
             tokenizer: "byte".into(),
