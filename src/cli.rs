@@ -13,7 +13,7 @@ use tokenformer_models::data::{StreamDecoder, Tokenizer};
 use tokenformer_models::evaluate::{evaluate_tokens, parse_token_ids};
 use tokenformer_models::files::{bytes_text, open_regular, read_open};
 use tokenformer_models::generate::{generate, SampleOptions};
-use tokenformer_models::growth::{grow_checkpoint, GrowSpec};
+use tokenformer_models::growth::{grow_checkpoint, GrowSpec, LayerPlacement};
 use tokenformer_models::memory;
 use tokenformer_models::progress::{thousands, Progress};
 use tokenformer_models::run_dir::{clear_unfinished, RunLock};
@@ -166,8 +166,14 @@ struct GrowArgs {
     /// Tokens added to every mlp Pattention
     #[arg(long, default_value_t = 0)]
     ffn: usize,
-    /// Grow to this preset (it may differ only in token counts)
-    #[arg(long, conflicts_with_all = ["qkv", "proj", "ffn"])]
+    /// New layers (their output values start at zero: outputs unchanged, for every Θ)
+    #[arg(long, default_value_t = 0)]
+    layers: usize,
+    /// Where new layers go: end, or interleave (spread among the old ones)
+    #[arg(long, default_value = "end")]
+    layer_at: String,
+    /// Grow to this preset (it may differ only in token counts and depth)
+    #[arg(long, conflicts_with_all = ["qkv", "proj", "ffn", "layers"])]
     to_preset: Option<String>,
     /// exact (zero keys: outputs unchanged) or random (the paper's: outputs change)
     #[arg(long, default_value = "exact")]
@@ -495,20 +501,24 @@ fn generate_text(a: GenerateArgs) -> Result<()> {
 
 fn grow(a: GrowArgs) -> Result<()> {
     let device = parse_device(&a.device)?;
-    let init = match a.init.as_str() {
-        "exact" => GrowInit::Exact,
-        "random" => GrowInit::Random,
-        other => {
-            return Err(Error::invalid(format!("--init must be exact or random, got '{other}'")))
-        }
-    };
+    let init: GrowInit = a.init.parse().map_err(|e| Error::invalid(format!("--init: {e}")))?;
+    let layer_at: LayerPlacement =
+        a.layer_at.parse().map_err(|e| Error::invalid(format!("--layer-at: {e}")))?;
     let spec = match &a.to_preset {
         Some(name) => {
             let from = load_model(&a.checkpoint, Device::Cpu)?.config;
-            GrowSpec::to_preset(&from, name, init, a.seed)
+            GrowSpec::to_preset(&from, name, layer_at, init, a.seed)
                 .map_err(|e| Error::invalid(format!("grow: {}: {e}", a.checkpoint.display())))?
         }
-        None => GrowSpec { qkv: a.qkv, proj: a.proj, ffn: a.ffn, init, seed: a.seed },
+        None => GrowSpec {
+            qkv: a.qkv,
+            proj: a.proj,
+            ffn: a.ffn,
+            layers: a.layers,
+            layer_at,
+            init,
+            seed: a.seed,
+        },
     };
     // Held through the grow (grow_checkpoint takes it again, reentrantly).
     let mut _lock = None;
@@ -518,10 +528,11 @@ fn grow(a: GrowArgs) -> Result<()> {
         _lock = Some(lock);
     }
     let report = grow_checkpoint(&a.checkpoint, &a.out, &spec, device)?;
-    let counts: Vec<String> = TokenGroup::ALL
+    let mut counts: Vec<String> = TokenGroup::ALL
         .iter()
         .map(|g| format!("{} {} -> {}", g.name(), g.counts(&report.from).0, g.counts(&report.to).0))
         .collect();
+    counts.push(format!("layers {} -> {}", report.from.n_layers, report.to.n_layers));
     println!(
         "grew {} -> {}: {}; parameters {} -> {}",
         a.checkpoint.display(),
@@ -533,13 +544,17 @@ fn grow(a: GrowArgs) -> Result<()> {
     if report.preserves_outputs {
         println!("exact growth: the grown model computes the same outputs as the original");
     } else if init == GrowInit::Random {
-        println!("random init: the new tokens change the model's outputs (not output-preserving)");
+        println!(
+            "random init: the new parameters change the model's outputs (not output-preserving)"
+        );
     } else {
-        println!("the softmax normalisation cannot grow exactly: the model's outputs change (not output-preserving)");
+        println!("the softmax normalisation cannot grow in width exactly: the model's outputs change (not output-preserving)");
     }
     if report.had_optimizer {
         match init {
-            GrowInit::Exact => println!("optimizer moments extended with zeros for the new tokens"),
+            GrowInit::Exact => {
+                println!("optimizer moments extended with zeros for the new tokens and layers")
+            }
             GrowInit::Random => println!("optimizer moments reset to zero"),
         }
     }

@@ -370,7 +370,7 @@ fn grow_preserves_outputs_and_never_touches_the_source() {
         "--to-preset",
         "150M",
     ]);
-    assert!(err.contains("150M") && err.contains("n_layers"), "{err}");
+    assert!(err.contains("150M") && err.contains("d_model"), "{err}");
     assert!(!t.path("big").exists(), "a refused grow left a directory behind");
     let err = t.fails(&["grow", "--checkpoint", s(&ck), "--out", s(&grown), "--qkv", "1"]);
     assert!(err.contains("already holds a checkpoint"), "{err}");

@@ -271,7 +271,7 @@ fn growing_a_checkpoint_on_the_gpu_writes_what_the_cpu_writes() {
         (&bare, &["model.safetensors"][..]),
     ] {
         for init in [GrowInit::Exact, GrowInit::Random] {
-            let spec = GrowSpec { qkv: 3, proj: 0, ffn: 17, init, seed: 9 };
+            let spec = GrowSpec { qkv: 3, ffn: 17, init, seed: 9, ..GrowSpec::default() };
             let (on_cpu, on_gpu) = (temp_dir("grown-cpu"), temp_dir("grown-gpu"));
             grow_checkpoint(source, &on_cpu, &spec, Device::Cpu).unwrap();
             grow_checkpoint(source, &on_gpu, &spec, GPU).unwrap();

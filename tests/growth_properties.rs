@@ -1,13 +1,15 @@
-//! Exact growth preserves the model (docs/SPEC.md §4), checked over random small configs,
-//! random token sequences and random growth amounts: logits, loss and the gradients of every old
-//! parameter are bit-identical; new value tokens get exactly zero gradient; new key tokens a
-//! non-zero one; growing by a then b equals growing by a+b; a saved and reloaded model is
-//! bit-identical.
+//! Exact growth preserves the model (docs/SPEC.md §4, docs/growth.md), checked over random
+//! small configs, random token sequences and random growth amounts: logits, loss and the
+//! gradients of every old parameter are bit-identical; new value tokens get exactly zero
+//! gradient; new key tokens a non-zero one; growing by a then b equals growing by a+b; a saved
+//! and reloaded model is bit-identical. Depth growth, for all three Θ and both placements of the
+//! new layers: the same identities, and at the first step only the new layers' output values
+//! learn.
 
 use proptest::prelude::*;
 use tokenformer::core::{Device, Rng, Tensor};
 use tokenformer::models::checkpoint::{load_checkpoint, save_checkpoint, Checkpoint};
-use tokenformer::models::growth::GrowSpec;
+use tokenformer::models::growth::{grow_model, GrowSpec, LayerPlacement};
 use tokenformer::models::{GrowInit, ModelConfig, Theta, TokenFormer};
 
 #[derive(Debug, Clone)]
@@ -176,7 +178,7 @@ fn softmax_growth_is_reported_as_changing_outputs() {
     config.qkv_scale_tokens = 5;
     config.vocab_size = 20;
     let model = TokenFormer::init(&config, 0, Device::Cpu).unwrap();
-    let spec = GrowSpec { qkv: 3, proj: 0, ffn: 0, init: GrowInit::Exact, seed: 0 };
+    let spec = GrowSpec { qkv: 3, ..GrowSpec::default() };
     assert!(!spec.preserves_outputs(&config));
     let grown = model.grow(3, 0, 0, GrowInit::Exact, 0).unwrap();
     let ids = Tensor::from_vec(vec![1.0, 2.0, 3.0], &[1, 3]).unwrap();
@@ -197,4 +199,124 @@ fn tau_keeps_its_creation_value_through_growth() {
         (model.layers[0].mlp.pattention().unwrap(), grown.layers[0].mlp.pattention().unwrap());
     assert_eq!(grown_mlp.tau(), mlp.tau());
     assert_eq!(grown_mlp.tokens(), 542);
+}
+
+#[derive(Debug, Clone)]
+struct DepthCase {
+    base: Case,
+    spec: GrowSpec,
+}
+
+/// Random models of all three Θ grown by 1-4 layers at either position; the L2 variants also
+/// grow in width at the same time (softmax cannot, exactly).
+fn depth_case() -> impl Strategy<Value = DepthCase> {
+    (
+        case(),
+        prop::sample::select(Theta::ALL.to_vec()),
+        1usize..=4,
+        prop::sample::select(vec![LayerPlacement::End, LayerPlacement::Interleave]),
+        any::<bool>(),
+    )
+        .prop_map(|(mut base, norm, layers, layer_at, widen)| {
+            base.config.norm = norm;
+            let (qkv, proj, ffn) =
+                if widen && norm != Theta::Softmax { base.grow_a } else { (0, 0, 0) };
+            let seed = base.seed.wrapping_add(3);
+            let spec = GrowSpec { qkv, proj, ffn, layers, layer_at, seed, ..GrowSpec::default() };
+            DepthCase { base, spec }
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn depth_growth_preserves_logits_loss_and_old_gradients(case in depth_case()) {
+        let DepthCase { base, spec } = &case;
+        let model = TokenFormer::init(&base.config, base.seed, Device::Cpu).unwrap();
+        prop_assert!(spec.preserves_outputs(&base.config));
+        let grown = grow_model(&model, spec).unwrap();
+        prop_assert_eq!(grown.model.config.n_layers, base.config.n_layers + spec.layers);
+        let ids = tokens(base, 1);
+        let targets = tokens(base, 2);
+        prop_assert_eq!(
+            bits(model.forward(&ids).unwrap().value()),
+            bits(grown.model.forward(&ids).unwrap().value())
+        );
+        let (loss, grads) = loss_and_grads(&model, &ids, &targets);
+        let (grown_loss, grown_grads) = loss_and_grads(&grown.model, &ids, &targets);
+        prop_assert_eq!(loss.to_bits(), grown_loss.to_bits());
+
+        let old: std::collections::HashMap<String, Tensor> = grads.into_iter().collect();
+        for ((name, g), origin) in grown_grads.iter().zip(&grown.origins) {
+            let values = g.to_vec().unwrap();
+            match origin {
+                Some((old_name, _)) => {
+                    // An old parameter: its old rows' gradient is unchanged, bit for bit.
+                    let want = bits(&old[old_name]);
+                    let got: Vec<u32> = values[..want.len()].iter().map(|x| x.to_bits()).collect();
+                    prop_assert_eq!(&got, &want, "gradient of {} (was {})", name, old_name);
+                }
+                None => {
+                    // A new layer: at the first step only the value tokens of its output
+                    // projection and FFN learn (their gradient is Sᵀ·g, every token non-zero);
+                    // everything else sees the zeros those values multiply.
+                    let outputs_value = name.ends_with("attention.proj.value_param_tokens")
+                        || name.ends_with("mlp.value_param_tokens");
+                    if outputs_value {
+                        for (r, token) in values.chunks(base.config.d_model).enumerate() {
+                            prop_assert!(token.iter().any(|&x| x != 0.0), "token {} of {} got no gradient", r, name);
+                        }
+                    } else {
+                        prop_assert!(values.iter().all(|&x| x == 0.0), "{} got a gradient", name);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn adding_zero_keeps_every_value_but_negative_zero() {
+    // The residual add of a new layer is x + y with y an exact zero. IEEE 754: x + (±0) = x for
+    // every x except x = −0 with y = +0, which gives +0. docs/growth.md says why that case does
+    // not arise in a model (x = −0 needs every term summed into it to be −0) and why it would
+    // not change the logits if it did.
+    let x = Tensor::from_vec(vec![1.5, -2.0, 0.0, -0.0, f32::MIN_POSITIVE, 1e-45], &[6]).unwrap();
+    for zero in [0.0f32, -0.0] {
+        let y = Tensor::from_vec(vec![zero; 6], &[6]).unwrap();
+        let sum = tokenformer::ops::binary::add(&x, &y).unwrap();
+        let (got, want) = (bits(&sum), bits(&x));
+        for i in 0..6 {
+            if i == 3 && zero.is_sign_positive() {
+                assert_eq!(got[i], 0.0f32.to_bits(), "-0 + +0 is +0");
+            } else {
+                assert_eq!(got[i], want[i], "element {i} + {zero:?}");
+            }
+        }
+    }
+}
+
+#[test]
+fn layer_placement_spreads_new_layers() {
+    let show = |old, new, at: LayerPlacement| -> String {
+        at.origins(old, new)
+            .iter()
+            .map(|o| o.map_or("n".to_string(), |i| i.to_string()))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    assert_eq!(show(4, 2, LayerPlacement::End), "0 1 2 3 n n");
+    assert_eq!(show(4, 2, LayerPlacement::Interleave), "0 1 n 2 3 n");
+    assert_eq!(show(4, 4, LayerPlacement::Interleave), "0 n 1 n 2 n 3 n");
+    assert_eq!(show(2, 3, LayerPlacement::Interleave), "0 n 1 n n");
+    assert_eq!(show(3, 1, LayerPlacement::Interleave), "0 1 2 n");
+}
+
+#[test]
+fn growing_a_transformer_is_refused() {
+    let config = ModelConfig::preset("tiny").unwrap().to_transformer(64);
+    let model = TokenFormer::init(&config, 0, Device::Cpu).unwrap();
+    let err = grow_model(&model, &GrowSpec { layers: 1, ..GrowSpec::default() }).err().unwrap();
+    assert!(err.to_string().contains("transformer has no parameter tokens"), "{err}");
 }

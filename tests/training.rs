@@ -121,7 +121,14 @@ fn grown_run_resumes_from_the_loss_the_smaller_model_had() {
     let stopped = temp_dir("grow-stopped");
     train_new(&stopped, settings(6, 1), Device::Cpu, stop_at(3, 0)).unwrap();
     let grown = temp_dir("grow-grown");
-    let spec = GrowSpec { qkv: 5, proj: 3, ffn: 17, init: GrowInit::Exact, seed: 9 };
+    let spec = GrowSpec {
+        qkv: 5,
+        proj: 3,
+        ffn: 17,
+        init: GrowInit::Exact,
+        seed: 9,
+        ..GrowSpec::default()
+    };
     let before = model_bytes(&stopped);
     let report = grow_checkpoint(&stopped, &grown, &spec, Device::Cpu).unwrap();
     assert!(report.preserves_outputs && report.had_optimizer);

@@ -14,6 +14,7 @@
 
 use crate::checkpoint::{
     inspect_checkpoint, is_checkpoint_dir, load_checkpoint, save_checkpoint, Checkpoint,
+    NamedTensors,
 };
 use crate::config::{Arch, ModelConfig, Theta, TokenGroup};
 use crate::files::copy_into;
@@ -21,49 +22,152 @@ use crate::memory;
 use crate::model::{cannot_grow, TokenFormer};
 use crate::pattention::GrowInit;
 use crate::run_dir::{RunLock, RUN_FILES};
+use std::collections::BTreeMap;
 use std::path::Path;
+use std::str::FromStr;
 use tokenformer_core::{Device, Error, Result, Tensor};
 use tokenformer_ops::layout::concat;
 
-#[derive(Clone, Debug)]
+impl GrowInit {
+    pub fn name(self) -> &'static str {
+        match self {
+            GrowInit::Exact => "exact",
+            GrowInit::Random => "random",
+        }
+    }
+}
+
+impl FromStr for GrowInit {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<GrowInit> {
+        [GrowInit::Exact, GrowInit::Random]
+            .into_iter()
+            .find(|i| i.name() == s)
+            .ok_or_else(|| Error::invalid(format!("init must be exact or random, got '{s}'")))
+    }
+}
+
+/// Where depth growth puts its new layers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LayerPlacement {
+    /// After the last layer.
+    #[default]
+    End,
+    /// Spread evenly among the old layers, each right after an old one: old layer i is
+    /// followed by ⌊(i+1)·N/L⌋ − ⌊i·N/L⌋ of the N new layers (the last new layer comes last).
+    Interleave,
+}
+
+impl LayerPlacement {
+    pub fn name(self) -> &'static str {
+        match self {
+            LayerPlacement::End => "end",
+            LayerPlacement::Interleave => "interleave",
+        }
+    }
+
+    /// For each layer of a model of `old + new` layers, the index of the old layer it is
+    /// (`None` for a new one).
+    pub fn origins(self, old: usize, new: usize) -> Vec<Option<usize>> {
+        let mut out = Vec::with_capacity(old + new);
+        match self {
+            LayerPlacement::End => {
+                out.extend((0..old).map(Some));
+                out.extend(std::iter::repeat_n(None, new));
+            }
+            LayerPlacement::Interleave if old == 0 => out.extend(std::iter::repeat_n(None, new)),
+            LayerPlacement::Interleave => {
+                for i in 0..old {
+                    out.push(Some(i));
+                    let after = (i + 1) * new / old - i * new / old;
+                    out.extend(std::iter::repeat_n(None, after));
+                }
+            }
+        }
+        out
+    }
+}
+
+impl FromStr for LayerPlacement {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<LayerPlacement> {
+        [LayerPlacement::End, LayerPlacement::Interleave]
+            .into_iter()
+            .find(|p| p.name() == s)
+            .ok_or_else(|| {
+                Error::invalid(format!("layer placement must be end or interleave, got '{s}'"))
+            })
+    }
+}
+
+/// One growth: tokens added to every Pattention of each group, and new layers.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct GrowSpec {
     pub qkv: usize,
     pub proj: usize,
     pub ffn: usize,
+    /// New layers, inserted where `layer_at` says.
+    pub layers: usize,
+    pub layer_at: LayerPlacement,
     pub init: GrowInit,
-    /// Seeds the draws of the new value tokens (and keys, for `Random`).
+    /// Seeds the draws of the new tokens and layers.
     pub seed: u64,
 }
 
 impl GrowSpec {
-    /// The token counts that turn `from` into preset `to`, which may differ from it only in
-    /// token counts (all at least as large).
-    pub fn to_preset(from: &ModelConfig, to: &str, init: GrowInit, seed: u64) -> Result<GrowSpec> {
+    /// The growth that turns `from` into preset `to`, which may differ from it only in token
+    /// counts and depth (each at least as large); new layers go where `layer_at` says.
+    pub fn to_preset(
+        from: &ModelConfig,
+        to: &str,
+        layer_at: LayerPlacement,
+        init: GrowInit,
+        seed: u64,
+    ) -> Result<GrowSpec> {
         check_growable(from)?;
         let target = ModelConfig::preset(to)?;
         let same = |what: &str, a: usize, b: usize| -> Result<()> {
             if a != b {
                 return Err(Error::invalid(format!(
-                    "cannot grow to preset {to}: it has {what} {b}, the checkpoint has {a} (growth changes only token counts)"
+                    "cannot grow to preset {to}: it has {what} {b}, the checkpoint has {a} (growth changes only token counts and depth)"
                 )));
             }
             Ok(())
         };
-        same("n_layers", from.n_layers, target.n_layers)?;
         same("d_model", from.d_model, target.d_model)?;
         same("n_heads", from.n_heads, target.n_heads)?;
         same("max_seq_len", from.max_seq_len, target.max_seq_len)?;
-        let mut spec = GrowSpec { qkv: 0, proj: 0, ffn: 0, init, seed };
-        for group in TokenGroup::ALL {
-            let (field, (a, b)) =
-                (group.fields().0, (group.counts(from).0, group.counts(&target).0));
-            *spec.extra_mut(group) = b.checked_sub(a).ok_or_else(|| {
+        let more = |field: &str, a: usize, b: usize| {
+            b.checked_sub(a).ok_or_else(|| {
                 Error::invalid(format!(
                     "cannot grow to preset {to}: its {field} {b} is fewer than the checkpoint's {a}"
                 ))
-            })?;
+            })
+        };
+        let mut spec = GrowSpec { layer_at, init, seed, ..GrowSpec::default() };
+        spec.layers = more("n_layers", from.n_layers, target.n_layers)?;
+        for group in TokenGroup::ALL {
+            let field = group.fields().0;
+            *spec.extra_mut(group) = more(field, group.counts(from).0, group.counts(&target).0)?;
         }
         Ok(spec)
+    }
+
+    /// True when the growth adds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.layers == 0 && TokenGroup::ALL.iter().all(|&g| self.extra(g) == 0)
+    }
+
+    /// The config of a model with config `config` grown by this spec (`None` when a count
+    /// overflows).
+    pub fn apply(&self, config: &ModelConfig) -> Option<ModelConfig> {
+        let mut grown = config.clone();
+        for group in TokenGroup::ALL {
+            let n = group.tokens_mut(&mut grown);
+            *n = n.checked_add(self.extra(group))?;
+        }
+        grown.n_layers = grown.n_layers.checked_add(self.layers)?;
+        Some(grown)
     }
 
     /// The tokens added to each Pattention of `group`.
@@ -83,11 +187,14 @@ impl GrowSpec {
         }
     }
 
-    /// Whether growing a model with this config computes exactly what the original did: with
-    /// zero keys, for the two L2 variants of Θ (with softmax, exp(0) = 1 changes every row's
-    /// denominator). The one place this rule is written.
+    /// Whether growing a model with this config computes exactly what the original did (the
+    /// one place this rule is written). Only `Exact` growth can: new tokens with zero keys
+    /// leave every output unchanged for the two L2 variants of Θ, not for softmax (exp(0) = 1
+    /// changes every row's denominator); new layers with zero output values add exact zeros to
+    /// the residual stream whatever Θ is.
     pub fn preserves_outputs(&self, config: &ModelConfig) -> bool {
-        self.init == GrowInit::Exact && config.norm != Theta::Softmax
+        let widens = TokenGroup::ALL.iter().any(|&g| self.extra(g) > 0);
+        self.init == GrowInit::Exact && (!widens || config.norm != Theta::Softmax)
     }
 }
 
@@ -111,28 +218,114 @@ pub struct GrowReport {
 fn check_fits(src: &Path, spec: &GrowSpec) -> Result<()> {
     let summary = inspect_checkpoint(src)?;
     let from = &summary.config;
-    let mut to = from.clone();
-    let add = |n: usize, more: usize| n.checked_add(more);
     let grown = (|| {
-        to.qkv_tokens = add(from.qkv_tokens, spec.qkv)?;
-        to.proj_tokens = add(from.proj_tokens, spec.proj)?;
-        to.ffn_tokens = add(from.ffn_tokens, spec.ffn)?;
+        let to = spec.apply(from)?;
         let opt = summary.has_training_state;
         memory::checkpoint_bytes(from, opt)?.checked_add(memory::checkpoint_bytes(&to, opt)?)
     })();
     memory::check(
-        &format!("growing by {} qkv, {} proj and {} ffn tokens", spec.qkv, spec.proj, spec.ffn),
+        &format!(
+            "growing by {} qkv, {} proj and {} ffn tokens and {} layers",
+            spec.qkv, spec.proj, spec.ffn, spec.layers
+        ),
         grown,
     )
 }
 
-/// Appends zero rows to `t` [n, d] until it has `rows` rows.
-fn pad_rows(t: &Tensor, rows: usize) -> Result<Tensor> {
-    let (n, d) = (t.dims()[0], t.dims()[1]);
-    if n == rows {
+/// A grown model, and where each of its parameters came from.
+pub struct Grown {
+    pub model: TokenFormer,
+    /// For each parameter of `model`, in checkpoint order: its name before the growth and the
+    /// number of leading rows it had then (the old tokens of a token matrix; all of any other
+    /// parameter), or `None` for a parameter of a new layer.
+    pub origins: Vec<Option<(String, usize)>>,
+}
+
+/// Grows `model` by `spec` (see [`TokenFormer::grow_with`]) and records where each parameter of
+/// the result came from.
+pub fn grow_model(model: &TokenFormer, spec: &GrowSpec) -> Result<Grown> {
+    let (grown, layer_origins) = model.grow_with(spec)?;
+    let old_rows: std::collections::HashMap<String, usize> = model
+        .named_params()
+        .into_iter()
+        .map(|(name, p)| (name, p.dims().first().copied().unwrap_or(1)))
+        .collect();
+    let origins = grown
+        .named_params()
+        .into_iter()
+        .map(|(name, _)| {
+            let old_name = match layer_of(&name) {
+                None => Some(name),
+                Some((layer, rest)) => layer_origins[layer].map(|i| format!("layers.{i}.{rest}")),
+            };
+            old_name.map(|n| {
+                let rows = old_rows[&n];
+                (n, rows)
+            })
+        })
+        .collect();
+    Ok(Grown { model: grown, origins })
+}
+
+/// (i, rest) of a parameter named `layers.{i}.{rest}`.
+fn layer_of(name: &str) -> Option<(usize, &str)> {
+    let (index, rest) = name.strip_prefix("layers.")?.split_once('.')?;
+    Some((index.parse().ok()?, rest))
+}
+
+impl Grown {
+    /// AdamW moments (one set, m or v, by parameter name) for the grown model. `Exact` growth
+    /// keeps every old row's moments and starts new rows and new layers at zero; `Random`
+    /// growth restarts the optimizer (every moment zero), as the paper's runs did.
+    pub fn moments(&self, old: Vec<(String, Tensor)>, init: GrowInit) -> Result<NamedTensors> {
+        let mut old: std::collections::HashMap<String, Tensor> = old.into_iter().collect();
+        self.model
+            .named_params()
+            .into_iter()
+            .zip(&self.origins)
+            .map(|((name, p), origin)| {
+                let device = p.value().device();
+                let moment = match (origin, init) {
+                    (Some((old_name, _)), GrowInit::Exact) => {
+                        let t = old.remove(old_name).ok_or_else(|| {
+                            Error::invalid(format!("grow: no optimizer moment for {old_name}"))
+                        })?;
+                        pad_rows(&t.to_device(device)?, p.dims())?
+                    }
+                    _ => Tensor::zeros(p.dims(), device)?,
+                };
+                Ok((name, moment))
+            })
+            .collect()
+    }
+
+    /// For each parameter (by name), the number of leading rows that existed before the growth:
+    /// what `--freeze-old` keeps fixed.
+    pub fn old_rows(&self) -> BTreeMap<String, usize> {
+        self.model
+            .named_params()
+            .into_iter()
+            .zip(&self.origins)
+            .map(|((name, _), origin)| (name, origin.as_ref().map_or(0, |(_, rows)| *rows)))
+            .collect()
+    }
+}
+
+/// `t` with zero rows appended until it has shape `dims` (only the first axis may differ).
+fn pad_rows(t: &Tensor, dims: &[usize]) -> Result<Tensor> {
+    if t.dims() == dims {
         return Ok(t.clone());
     }
-    concat(&[t.clone(), Tensor::zeros(&[rows - n, d], t.device())?], 0)
+    let n = t.dims()[0];
+    if t.dims()[1..] != dims[1..] || n > dims[0] {
+        return Err(Error::invalid(format!(
+            "grow: a moment of shape {} cannot grow to {dims:?}",
+            t.shape()
+        )));
+    }
+    let mut extra = dims.to_vec();
+    extra[0] -= n;
+    concat(&[t.clone(), Tensor::zeros(&extra, t.device())?], 0)
 }
 
 /// Grows the checkpoint in `src` into a new checkpoint in `dst` (`src` is only read), working on
@@ -170,9 +363,9 @@ pub fn grow_checkpoint(
             )));
         }
     }
-    if spec.qkv + spec.proj + spec.ffn == 0 {
+    if spec.is_empty() {
         return Err(Error::invalid(
-            "grow: nothing to add (give --qkv, --proj, --ffn or --to-preset)",
+            "grow: nothing to add (give --qkv, --proj, --ffn, --layers or --to-preset)",
         ));
     }
     check_growable(&inspect_checkpoint(src)?.config)
@@ -183,32 +376,10 @@ pub fn grow_checkpoint(
         named.into_iter().map(|(n, t)| Ok((n, t.to_device(device)?))).collect()
     };
     let model = TokenFormer::from_named(ckpt.config.clone(), to_device(ckpt.params)?)?;
-    let grown = model.grow(spec.qkv, spec.proj, spec.ffn, spec.init, spec.seed)?;
-    let shapes: std::collections::HashMap<String, Vec<usize>> =
-        grown.named_params().into_iter().map(|(n, v)| (n, v.dims().to_vec())).collect();
+    let grown = grow_model(&model, spec)?;
     let optimizer = match ckpt.optimizer {
         None => None,
-        Some((m, v)) => {
-            let extend = |moments: Vec<(String, Tensor)>| -> Result<Vec<(String, Tensor)>> {
-                to_device(moments)?
-                    .iter()
-                    .map(|(name, t)| {
-                        let dims = shapes.get(name).ok_or_else(|| {
-                            Error::invalid(format!(
-                                "grow: optimizer moment for unknown parameter {name}"
-                            ))
-                        })?;
-                        let t = match spec.init {
-                            GrowInit::Exact if t.rank() == 2 => pad_rows(t, dims[0])?,
-                            GrowInit::Exact => t.clone(),
-                            GrowInit::Random => Tensor::zeros(dims, device)?,
-                        };
-                        Ok((name.clone(), t))
-                    })
-                    .collect()
-            };
-            Some((extend(m)?, extend(v)?))
-        }
+        Some((m, v)) => Some((grown.moments(m, spec.init)?, grown.moments(v, spec.init)?)),
     };
     let _lock = RunLock::create_and_acquire(dst)?;
     if is_checkpoint_dir(dst) {
@@ -229,15 +400,15 @@ pub fn grow_checkpoint(
     }
     let report = GrowReport {
         from: ckpt.config.clone(),
-        to: grown.config.clone(),
+        to: grown.model.config.clone(),
         preserves_outputs: spec.preserves_outputs(&ckpt.config),
         had_optimizer: optimizer.is_some(),
     };
     save_checkpoint(
         dst,
         &Checkpoint {
-            config: grown.config.clone(),
-            params: grown.named_tensors(),
+            config: grown.model.config.clone(),
+            params: grown.model.named_tensors(),
             optimizer,
             train_state: ckpt.train_state,
         },

@@ -20,6 +20,7 @@
 //! Growth (SPEC §4) returns a new model with more parameter tokens; see [`TokenFormer::grow`].
 
 use crate::config::{Arch, ModelConfig, TokenGroup, LAYER_SLOTS};
+use crate::growth::GrowSpec;
 use crate::linear::{Linear, Mlp};
 use crate::pattention::{GrowInit, Pattention};
 use tokenformer_autograd::{causal_attention, embedding, Var};
@@ -428,8 +429,8 @@ impl TokenFormer {
     /// A larger model: `qkv` tokens appended to every query/key/value Pattention, `proj` to
     /// every output Pattention and `ffn` to every mlp Pattention (SPEC §4). τ keeps its n₀.
     /// New tokens are drawn from one RNG seeded with `seed`, layer by layer in checkpoint order.
-    /// Whether the outputs stay the same is [`crate::growth::GrowSpec::preserves_outputs`].
-    /// A Transformer has no parameter tokens and cannot grow.
+    /// Whether the outputs stay the same is [`GrowSpec::preserves_outputs`]; [`Self::grow_with`]
+    /// grows in depth too.
     pub fn grow(
         &self,
         qkv: usize,
@@ -438,35 +439,77 @@ impl TokenFormer {
         init: GrowInit,
         seed: u64,
     ) -> Result<TokenFormer> {
+        let spec = GrowSpec { qkv, proj, ffn, init, seed, ..GrowSpec::default() };
+        Ok(self.grow_with(&spec)?.0)
+    }
+
+    /// A larger model grown by `spec` (SPEC §4 and docs/growth.md): first every old layer gets
+    /// its extra tokens (the RNG draws of [`Self::grow`]), then `spec.layers` new layers are
+    /// inserted where `spec.layer_at` says, each initialised as the config's init would, except
+    /// that with `GrowInit::Exact` the value tokens of its attention-output and FFN
+    /// Pattentions are exactly zero: the new layer then adds zeros to the residual stream.
+    ///
+    /// Also returns, for each layer of the grown model, the index of the layer it was before
+    /// the growth (`None` for a new one).
+    pub fn grow_with(&self, spec: &GrowSpec) -> Result<(TokenFormer, Vec<Option<usize>>)> {
         crate::growth::check_growable(&self.config)?;
-        let mut rng = Rng::new(seed);
+        let mut rng = Rng::new(spec.seed);
         let sigma = value_std(&self.config);
         let mut config = self.config.clone();
-        let extra = |group| match group {
-            TokenGroup::Qkv => qkv,
-            TokenGroup::Proj => proj,
-            TokenGroup::Ffn => ffn,
-        };
         for group in TokenGroup::ALL {
-            *group.tokens_mut(&mut config) += extra(group);
+            *group.tokens_mut(&mut config) += spec.extra(group);
         }
-        let mut layers = Vec::with_capacity(self.layers.len());
+        let mut widened = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {
             let mut slots = Vec::with_capacity(LAYER_SLOTS.len());
             for (slot, p) in LAYER_SLOTS.iter().zip(layer.slots()) {
                 let p = p.pattention().ok_or_else(|| cannot_grow(self.config.arch))?;
-                let grown = p.grow(extra(slot.group), init, KEY_STD, sigma, &mut rng)?;
+                let grown = p.grow(spec.extra(slot.group), spec.init, KEY_STD, sigma, &mut rng)?;
                 slots.push(Projection::Pattention(grown));
             }
-            layers.push(Layer::from_slots(slots));
+            widened.push(Layer::from_slots(slots));
         }
-        TokenFormer::assemble(
+        config.n_layers += spec.layers;
+        let origins = spec.layer_at.origins(self.layers.len(), spec.layers);
+        let mut widened = widened.into_iter();
+        let mut layers = Vec::with_capacity(origins.len());
+        for (index, origin) in origins.iter().enumerate() {
+            layers.push(match origin {
+                Some(_) => widened.next().expect("one widened layer per old layer"),
+                None => self.new_layer(&config, index, spec.init, &mut rng)?,
+            });
+        }
+        let model = TokenFormer::assemble(
             config,
             Var::param(self.embed.value().clone()),
             layers,
             Var::param(self.final_norm_weight.value().clone()),
             Var::param(self.final_norm_bias.value().clone()),
-        )
+        )?;
+        Ok((model, origins))
+    }
+
+    /// Layer `index` of a model with config `config`, as depth growth inserts it.
+    fn new_layer(
+        &self,
+        config: &ModelConfig,
+        index: usize,
+        init: GrowInit,
+        rng: &mut Rng,
+    ) -> Result<Layer> {
+        let mut slots = Vec::with_capacity(LAYER_SLOTS.len());
+        for (slot, info) in LAYER_SLOTS.iter().enumerate() {
+            let mut specs = slot_layout(config, index, slot);
+            if init == GrowInit::Exact && info.writes_residual {
+                for spec in specs.iter_mut().filter(|s| s.name.ends_with(".value_param_tokens")) {
+                    spec.init = Init::Zeros;
+                }
+            }
+            let mut params = draw(specs, rng, self.device())?.into_iter();
+            let mut take = || Ok(Var::param(params.next().expect("one tensor per spec").1));
+            slots.push(projection(config, slot, &mut take)?);
+        }
+        Ok(Layer::from_slots(slots))
     }
 }
 

@@ -38,9 +38,10 @@ pub struct Pattention {
 }
 
 /// How new parameter tokens are initialised when a layer grows (SPEC §4).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum GrowInit {
     /// New keys exactly zero, new values from the value init: outputs unchanged (L2 variants).
+    #[default]
     Exact,
     /// New keys and values from the normal init, as the paper's runs did: outputs change.
     Random,
