@@ -13,12 +13,12 @@ use tokenformer_models::data::{StreamDecoder, Tokenizer};
 use tokenformer_models::evaluate::{evaluate_tokens, parse_token_ids};
 use tokenformer_models::files::{bytes_text, open_regular, read_open};
 use tokenformer_models::generate::{generate, SampleOptions};
-use tokenformer_models::growth::{grow_checkpoint, GrowSpec, LayerPlacement};
+use tokenformer_models::growth::{grow_checkpoint, GrowSpec, GrowthPoint, LayerPlacement};
 use tokenformer_models::memory;
 use tokenformer_models::progress::{thousands, Progress};
 use tokenformer_models::run_dir::{clear_unfinished, RunLock};
 use tokenformer_models::train::{
-    check_new_run, load_model, saved_run, train_new, train_resume, TrainControl, TrainSettings,
+    check_new_run, load_model, saved_run, train_new, train_resume_with, TrainControl, TrainSettings,
 };
 use tokenformer_models::{Arch, GrowInit, ModelConfig, Theta, TokenFormer};
 
@@ -90,6 +90,18 @@ struct TrainArgs {
     eval_every: Option<u64>,
     #[arg(long)]
     save_every: Option<u64>,
+    /// Grow the model after STEP steps (repeatable). SPEC: qkv=+64,proj=+64,ffn=+256,layers=+2
+    /// (+N adds, N grows to), or preset=NAME; optionally layer-at=interleave, init=random
+    #[arg(long, value_name = "STEP:SPEC")]
+    grow_at: Vec<String>,
+    /// The learning rate after a growth: restart (a new warmup and cosine per stage) or
+    /// continue (one schedule over the run)
+    #[arg(long)]
+    stage_lr: Option<String>,
+    /// After a growth, train only what it added (old tokens, embedding and norm stay fixed);
+    /// also on --resume of a run grown by `grow`
+    #[arg(long)]
+    freeze_old: bool,
     #[command(flatten)]
     arch: ArchArgs,
     /// Run directory (default: runs/<preset>-N, the first free N)
@@ -354,6 +366,14 @@ fn apply_train_flags(a: &TrainArgs, base: &mut TrainSettings, check: Option<&Pat
     set("seed", a.seed, &mut base.seed, check)?;
     set("eval-every", a.eval_every, &mut base.eval_every, check)?;
     set("save-every", a.save_every, &mut base.save_every, check)?;
+    let grow_at = a.grow_at.iter().map(|g| g.parse()).collect::<Result<Vec<GrowthPoint>>>()?;
+    set("grow-at", (!grow_at.is_empty()).then_some(grow_at), &mut base.grow_at, check)?;
+    let stage_lr = a.stage_lr.as_deref().map(str::parse).transpose()?;
+    set("stage-lr", stage_lr, &mut base.stage_lr, check)?;
+    // A resumed run may turn freezing on (train_resume_with), so it is no contradiction there.
+    if a.freeze_old && check.is_none() {
+        base.freeze_old = true;
+    }
     Ok(())
 }
 
@@ -392,7 +412,7 @@ fn train(a: TrainArgs) -> Result<()> {
                 saved.steps,
                 describe_data(&saved)
             );
-            (dir.clone(), step, train_resume(dir, device, control)?)
+            (dir.clone(), step, train_resume_with(dir, device, control, a.freeze_old)?)
         }
         None => {
             let mut settings = TrainSettings::default();

@@ -1,11 +1,16 @@
-//! Growing a checkpoint (SPEC §4): more parameter tokens, the same model function.
+//! Growth (SPEC §4, docs/growth.md): more parameter tokens or more layers, the same model
+//! function.
 //!
-//! `grow_checkpoint` loads a checkpoint, appends tokens to its Pattentions (see
-//! [`TokenFormer::grow`]) and writes the result to a new directory; the source is only read.
+//! `grow_checkpoint` loads a checkpoint, appends tokens to its Pattentions and layers to its
+//! depth (see [`TokenFormer::grow_with`] and docs/growth.md) and writes the result to a new
+//! directory; the source is only read.
 //! A training checkpoint stays resumable: exact growth extends each AdamW moment with zero rows
-//! for the new tokens (old rows keep theirs), paper-style random growth restarts the optimizer
-//! (every moment zero). The run's other files (metrics, plot, token cache) are copied so a
-//! resumed run continues its history in the new directory.
+//! for the new tokens and new layers (old rows keep theirs), paper-style random growth restarts
+//! the optimizer (every moment zero), and the run's state records a new stage and which rows
+//! are old (for `train --resume --freeze-old`). The run's other files (metrics, plot, token
+//! cache) are copied so a resumed run continues its history in the new directory.
+//!
+//! The same growth runs inside `train` at the steps of a growth schedule ([`GrowthPoint`]).
 //!
 //! The growth itself runs on the device the caller names: the parameters and moments are moved
 //! there, the new rows are appended there (a concat on the device), and the result is copied
@@ -22,7 +27,9 @@ use crate::memory;
 use crate::model::{cannot_grow, TokenFormer};
 use crate::pattention::GrowInit;
 use crate::run_dir::{RunLock, RUN_FILES};
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
 use tokenformer_core::{Device, Error, Result, Tensor};
@@ -206,6 +213,174 @@ pub fn check_growable(config: &ModelConfig) -> Result<()> {
     }
 }
 
+/// How much a scheduled growth adds to a token count or to the depth: `+N` more, or `N` in all.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Amount {
+    Add(usize),
+    To(usize),
+}
+
+impl Amount {
+    /// What to add to `current`.
+    fn extra(self, what: &str, current: usize) -> Result<usize> {
+        match self {
+            Amount::Add(n) => Ok(n),
+            Amount::To(n) => n.checked_sub(current).ok_or_else(|| {
+                Error::invalid(format!("{what}={n} is fewer than the model's {current}"))
+            }),
+        }
+    }
+}
+
+impl fmt::Display for Amount {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Amount::Add(n) => write!(f, "+{n}"),
+            Amount::To(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+/// What one growth of a schedule does, written as `preset=NAME` (grow to that preset) or as
+/// comma-separated amounts `qkv=+64,proj=+64,ffn=+256,layers=+2` (`+N` adds N, a bare `N`
+/// grows to N), either way optionally followed by `layer-at=end|interleave` and
+/// `init=exact|random`. It is resolved against the model as it is when the growth happens.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GrowthTarget {
+    pub preset: Option<String>,
+    /// (`qkv`, `proj`, `ffn` or `layers`, amount), in the order written.
+    pub amounts: Vec<(&'static str, Amount)>,
+    pub layer_at: LayerPlacement,
+    pub init: GrowInit,
+}
+
+/// The keys of a growth target's amounts: the token groups, then the depth.
+const AMOUNT_KEYS: [&str; 4] = ["qkv", "proj", "ffn", "layers"];
+
+impl GrowthTarget {
+    /// The growth this target asks of a model with config `config`, its draws seeded by `seed`.
+    pub fn resolve(&self, config: &ModelConfig, seed: u64) -> Result<GrowSpec> {
+        let (layer_at, init) = (self.layer_at, self.init);
+        let spec = match &self.preset {
+            Some(name) => GrowSpec::to_preset(config, name, layer_at, init, seed)?,
+            None => {
+                check_growable(config)?;
+                let mut spec = GrowSpec { layer_at, init, seed, ..GrowSpec::default() };
+                for &(key, amount) in &self.amounts {
+                    match TokenGroup::ALL.into_iter().find(|g| g.name() == key) {
+                        Some(group) => {
+                            *spec.extra_mut(group) = amount.extra(key, group.counts(config).0)?
+                        }
+                        None => spec.layers = amount.extra(key, config.n_layers)?,
+                    }
+                }
+                spec
+            }
+        };
+        if spec.is_empty() {
+            return Err(Error::invalid(format!("growth '{self}' adds nothing to the model")));
+        }
+        Ok(spec)
+    }
+}
+
+impl fmt::Display for GrowthTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut parts: Vec<String> = match &self.preset {
+            Some(name) => vec![format!("preset={name}")],
+            None => self.amounts.iter().map(|(k, a)| format!("{k}={a}")).collect(),
+        };
+        if self.layer_at != LayerPlacement::default() {
+            parts.push(format!("layer-at={}", self.layer_at.name()));
+        }
+        if self.init != GrowInit::default() {
+            parts.push(format!("init={}", self.init.name()));
+        }
+        f.write_str(&parts.join(","))
+    }
+}
+
+impl FromStr for GrowthTarget {
+    type Err = Error;
+    fn from_str(text: &str) -> Result<GrowthTarget> {
+        let bad = |why: String| {
+            Error::invalid(format!(
+                "growth spec '{text}': {why} (expected e.g. qkv=+64,ffn=+256,layers=+2 or preset=NAME)"
+            ))
+        };
+        let mut target = GrowthTarget::default();
+        for part in text.split(',') {
+            let (key, value) =
+                part.split_once('=').ok_or_else(|| bad(format!("'{part}' is not key=value")))?;
+            let (key, value) = (key.trim(), value.trim());
+            let seen = target.amounts.iter().any(|(k, _)| *k == key);
+            match key {
+                "preset" if target.preset.is_none() => target.preset = Some(value.to_string()),
+                "layer-at" => target.layer_at = value.parse().map_err(|e| bad(format!("{e}")))?,
+                "init" => target.init = value.parse().map_err(|e| bad(format!("{e}")))?,
+                _ => {
+                    let key = AMOUNT_KEYS
+                        .into_iter()
+                        .find(|k| *k == key && !seen)
+                        .ok_or_else(|| bad(format!("unknown or repeated key '{key}'")))?;
+                    let amount = match value.strip_prefix('+') {
+                        Some(n) => n.parse().map(Amount::Add),
+                        None => value.parse().map(Amount::To),
+                    }
+                    .map_err(|_| bad(format!("{key}={value} is not +N or N")))?;
+                    target.amounts.push((key, amount));
+                }
+            }
+        }
+        if target.preset.is_some() && !target.amounts.is_empty() {
+            return Err(bad("preset= and amounts do not go together".into()));
+        }
+        if target.preset.is_none() && target.amounts.is_empty() {
+            return Err(bad("nothing to grow".into()));
+        }
+        Ok(target)
+    }
+}
+
+/// One growth of a training run: `STEP:SPEC`, applied after `step` optimizer steps.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GrowthPoint {
+    pub step: u64,
+    pub target: GrowthTarget,
+}
+
+impl fmt::Display for GrowthPoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.step, self.target)
+    }
+}
+
+impl FromStr for GrowthPoint {
+    type Err = Error;
+    fn from_str(text: &str) -> Result<GrowthPoint> {
+        let (step, spec) = text.split_once(':').ok_or_else(|| {
+            Error::invalid(format!("--grow-at '{text}': expected STEP:SPEC, e.g. 500:ffn=+256"))
+        })?;
+        let step = step.trim().parse().map_err(|_| {
+            Error::invalid(format!("--grow-at '{text}': '{step}' is not a step number"))
+        })?;
+        Ok(GrowthPoint { step, target: spec.parse()? })
+    }
+}
+
+/// Saved in a run's settings as the text a user writes.
+impl Serialize for GrowthPoint {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for GrowthPoint {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 pub struct GrowReport {
     pub from: ModelConfig,
     pub to: ModelConfig,
@@ -381,6 +556,11 @@ pub fn grow_checkpoint(
         None => None,
         Some((m, v)) => Some((grown.moments(m, spec.init)?, grown.moments(v, spec.init)?)),
     };
+    // A run's state learns that a new stage begins, and what is old (for `--freeze-old`).
+    let train_state = match &ckpt.train_state {
+        Some(state) => Some(crate::train::record_growth(state, grown.old_rows())?),
+        None => None,
+    };
     let _lock = RunLock::create_and_acquire(dst)?;
     if is_checkpoint_dir(dst) {
         return Err(Error::invalid(format!(
@@ -410,8 +590,60 @@ pub fn grow_checkpoint(
             config: grown.model.config.clone(),
             params: grown.model.named_tensors(),
             optimizer,
-            train_state: ckpt.train_state,
+            train_state,
         },
     )?;
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn growth_points_parse_print_and_resolve() {
+        let tiny = ModelConfig::preset("tiny").unwrap();
+        for text in [
+            "100:qkv=+64,proj=+64,ffn=+256,layers=+2",
+            "5:ffn=600,layer-at=interleave",
+            "7:layers=+1,init=random",
+            "9:preset=tiny",
+        ] {
+            let point: GrowthPoint = text.parse().unwrap();
+            assert_eq!(point.to_string(), text);
+            let json = serde_json::to_string(&point).unwrap();
+            assert_eq!(serde_json::from_str::<GrowthPoint>(&json).unwrap(), point);
+        }
+        let point: GrowthPoint = "100:qkv=+64,proj=+64,ffn=+256,layers=+2".parse().unwrap();
+        let spec = point.target.resolve(&tiny, 3).unwrap();
+        assert_eq!((spec.qkv, spec.proj, spec.ffn, spec.layers, spec.seed), (64, 64, 256, 2, 3));
+        let grown = spec.apply(&tiny).unwrap();
+        assert_eq!((grown.qkv_tokens, grown.ffn_tokens, grown.n_layers), (192, 768, 6));
+        // A bare number grows to it; growing to what the model has adds nothing.
+        let to: GrowthTarget = "ffn=600,layer-at=interleave".parse().unwrap();
+        let spec = to.resolve(&tiny, 0).unwrap();
+        assert_eq!((spec.ffn, spec.layer_at), (88, LayerPlacement::Interleave));
+        let same: GrowthTarget = "preset=tiny".parse().unwrap();
+        assert!(same.resolve(&tiny, 0).unwrap_err().to_string().contains("adds nothing"));
+        for bad in
+            ["", "ffn", "ffn=+", "ffn=-3", "ffn=+1,ffn=+2", "preset=tiny,ffn=+1", "init=exact"]
+        {
+            assert!(bad.parse::<GrowthTarget>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn depth_growth_to_a_deeper_preset() {
+        let mut from = ModelConfig::preset("owt-124M").unwrap();
+        from.n_layers = 6;
+        let spec = GrowSpec::to_preset(&from, "owt-354M", LayerPlacement::End, GrowInit::Exact, 0)
+            .unwrap();
+        assert_eq!((spec.layers, spec.qkv, spec.ffn), (6, 2140 - 576, 8560 - 2304));
+        assert!(spec.preserves_outputs(&from));
+        let mut softmax = from.clone();
+        softmax.norm = Theta::Softmax;
+        assert!(!spec.preserves_outputs(&softmax));
+        let deeper_only = GrowSpec { layers: 2, ..GrowSpec::default() };
+        assert!(deeper_only.preserves_outputs(&softmax), "depth growth is exact for every Θ");
+    }
 }

@@ -9,6 +9,10 @@
 //!
 //! The update kernel is the `adamw` family in tokenformer-ops. Weight decay applies to the
 //! token matrices and the embedding, never to LayerNorm parameters (SPEC §3).
+//!
+//! Frozen rows (`--freeze-old` after a growth): the leading rows of a parameter that existed
+//! before the growth get no update at all — no step, no weight decay — and their moments stay
+//! as they were; their gradients are zeroed before clipping, so the clip sees only what trains.
 
 use crate::checkpoint::NamedTensors;
 use crate::model::TokenFormer;
@@ -73,6 +77,23 @@ pub struct Optimizer {
     pub v: Vec<Tensor>,
     /// Updates applied so far (the t of the bias corrections is `step + 1` for the next one).
     pub step: u64,
+    /// For each parameter, how many leading rows updates leave alone (0: none).
+    pub frozen_rows: Vec<usize>,
+}
+
+/// The rows of a parameter along its first axis (1 for a scalar).
+fn rows(t: &Tensor) -> usize {
+    t.dims().first().copied().unwrap_or(1)
+}
+
+/// Rows `from..` of `t`.
+fn tail(t: &Tensor, from: usize) -> Result<Tensor> {
+    layout::narrow(t, 0, from, rows(t) - from)
+}
+
+/// The first `to` rows of `t`.
+fn head(t: &Tensor, to: usize) -> Result<Tensor> {
+    layout::narrow(t, 0, 0, to)
 }
 
 /// Whether a parameter gets weight decay (everything but the final LayerNorm).
@@ -89,7 +110,51 @@ impl Optimizer {
             m: params.iter().map(|(_, v)| zeros(v)).collect::<Result<_>>()?,
             v: params.iter().map(|(_, v)| zeros(v)).collect::<Result<_>>()?,
             step: 0,
+            frozen_rows: vec![0; params.len()],
         })
+    }
+
+    /// Keeps the first `old_rows[name]` rows of each parameter of `model` fixed from now on
+    /// (a parameter's whole length freezes it entirely).
+    pub fn freeze(
+        &mut self,
+        model: &TokenFormer,
+        old_rows: &std::collections::BTreeMap<String, usize>,
+    ) -> Result<()> {
+        let params = model.named_params();
+        let mut frozen = Vec::with_capacity(params.len());
+        for (name, p) in &params {
+            let r = *old_rows.get(name).ok_or_else(|| {
+                Error::invalid(format!("freeze: the growth record has no entry for {name}"))
+            })?;
+            frozen.push(r.min(rows(p.value())));
+        }
+        if old_rows.len() != params.len() {
+            return Err(Error::invalid(format!(
+                "freeze: the growth record names {} parameters, the model has {}",
+                old_rows.len(),
+                params.len()
+            )));
+        }
+        self.frozen_rows = frozen;
+        Ok(())
+    }
+
+    /// Zeroes the gradient of every frozen row, so that clipping measures what trains.
+    pub fn mask_frozen(&self, grads: &mut [Tensor]) -> Result<()> {
+        for (g, &r) in grads.iter_mut().zip(&self.frozen_rows) {
+            if r == 0 {
+                continue;
+            }
+            let mut dims = g.dims().to_vec();
+            if r >= rows(g) {
+                *g = Tensor::zeros(&dims, g.device())?;
+            } else {
+                dims[0] = r;
+                *g = layout::concat(&[Tensor::zeros(&dims, g.device())?, tail(g, r)?], 0)?;
+            }
+        }
+        Ok(())
     }
 
     /// Applies one update with learning rate `lr` to every parameter of `model`.
@@ -111,8 +176,26 @@ impl Optimizer {
                 weight_decay: if decays(&names[i]) { self.hp.weight_decay } else { 0.0 },
                 ..self.hp
             };
-            let (p, m, v) =
-                adamw_step(slot.value(), &grads[i], &self.m[i], &self.v[i], &hp, self.step)?;
+            let frozen = self.frozen_rows.get(i).copied().unwrap_or(0);
+            let (p, m, v) = (slot.value(), &self.m[i], &self.v[i]);
+            let (p, m, v) = if frozen == 0 {
+                adamw_step(p, &grads[i], m, v, &hp, self.step)?
+            } else if frozen >= rows(p) {
+                continue;
+            } else {
+                // Only the rows after the frozen ones step; the frozen ones are copied.
+                let (new_p, new_m, new_v) = adamw_step(
+                    &tail(p, frozen)?,
+                    &tail(&grads[i], frozen)?,
+                    &tail(m, frozen)?,
+                    &tail(v, frozen)?,
+                    &hp,
+                    self.step,
+                )?;
+                let join =
+                    |old: &Tensor, new: Tensor| layout::concat(&[head(old, frozen)?, new], 0);
+                (join(p, new_p)?, join(m, new_m)?, join(v, new_v)?)
+            };
             *slot = Var::param(p);
             self.m[i] = m;
             self.v[i] = v;
@@ -136,7 +219,10 @@ impl Optimizer {
         clip: Option<f32>,
     ) -> Result<Option<Tensor>> {
         let on_gpu = grads.first().is_some_and(|g| g.device().is_cuda());
-        if !on_gpu || tokenformer_core::cuda::plain_kernels() {
+        // Frozen rows take the plain path, which updates parameters row-range by row-range.
+        let frozen = self.frozen_rows.iter().any(|&r| r > 0);
+        if !on_gpu || frozen || tokenformer_core::cuda::plain_kernels() {
+            self.mask_frozen(&mut grads)?;
             let norm = clip.map(|c| clip_global_norm(&mut grads, c)).transpose()?;
             self.update(model, &grads, lr)?;
             return Ok(norm);
@@ -220,7 +306,8 @@ impl Optimizer {
                 })
                 .collect()
         };
-        Ok(Optimizer { hp, m: pick(m, "first")?, v: pick(v, "second")?, step })
+        let frozen_rows = vec![0; params.len()];
+        Ok(Optimizer { hp, m: pick(m, "first")?, v: pick(v, "second")?, step, frozen_rows })
     }
 }
 

@@ -1,5 +1,5 @@
 //! The loss plot a run leaves next to its checkpoint: training and validation loss against
-//! step, as a PNG.
+//! step, as a PNG, with a dashed line at every step where the model grew.
 //!
 //! Text in a bitmap needs a font, and no font is guaranteed to be installed (containers, CI),
 //! so DejaVu Sans (Bitstream Vera licence, see `models/assets/DejaVuSans-LICENSE.txt`) is built
@@ -12,6 +12,8 @@ use crate::files::TempFile;
 use plotters::prelude::*;
 use plotters::style::{register_font, FontStyle};
 use tokenformer_core::{Error, Result};
+
+use crate::metrics::Record;
 
 const FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
 const SIZE: (u32, u32) = (1000, 600);
@@ -29,6 +31,13 @@ pub fn ensure_font() -> Result<()> {
     }
 }
 
+/// The steps after which a run's model grew: where the `stage` of its metrics rows changes
+/// (rows without a stage count as stage 0).
+pub fn growth_steps(records: &[Record]) -> Vec<u64> {
+    let stage = |r: &Record| r.extra.get("stage").and_then(|s| s.as_u64()).unwrap_or(0);
+    records.windows(2).filter(|w| stage(&w[1]) != stage(&w[0])).map(|w| w[0].step).collect()
+}
+
 /// Draws `train` and `val` (step, loss) points as two lines. Non-finite losses (a diverged step)
 /// are left out. The picture is drawn in memory, encoded as PNG into a new temporary file
 /// (created exclusively: never through a link planted in the run directory) and renamed over
@@ -37,6 +46,18 @@ pub fn plot_losses(
     path: &Path,
     train: &[(u64, f64)],
     val: &[(u64, f64)],
+    title: &str,
+) -> Result<()> {
+    plot_run(path, train, val, &[], title)
+}
+
+/// [`plot_losses`] with a vertical dashed line after each step of `growth` (the model grew
+/// there).
+pub fn plot_run(
+    path: &Path,
+    train: &[(u64, f64)],
+    val: &[(u64, f64)],
+    growth: &[u64],
     title: &str,
 ) -> Result<()> {
     ensure_font()?;
@@ -54,6 +75,7 @@ pub fn plot_losses(
     let pad = ((y_max - y_min) * 0.05).max(1e-3);
     let x_range = 0.0..x_max.max(1.0);
     let y_range = (y_min - pad).max(0.0)..y_max + pad;
+    let chart_y = y_range.clone();
 
     let mut pixels = vec![0u8; SIZE.0 as usize * SIZE.1 as usize * 3];
     let drawn = (|| -> std::result::Result<(), Box<dyn std::error::Error>> {
@@ -65,7 +87,7 @@ pub fn plot_losses(
             .margin_right(32)
             .x_label_area_size(48)
             .y_label_area_size(64)
-            .build_cartesian_2d(x_range, y_range)?;
+            .build_cartesian_2d(x_range, chart_y)?;
         chart
             .configure_mesh()
             .x_desc("step")
@@ -77,6 +99,19 @@ pub fn plot_losses(
             .draw()?;
         let blue = RGBColor(31, 119, 180);
         let orange = RGBColor(255, 127, 14);
+        let grey = RGBColor(110, 110, 110);
+        let (y_low, y_high) = (y_range.start, y_range.end);
+        for (i, &step) in growth.iter().enumerate() {
+            let x = step as f64;
+            let dashes =
+                DashedLineSeries::new([(x, y_low), (x, y_high)], 8, 6, grey.stroke_width(2));
+            let drawn = chart.draw_series(dashes)?;
+            if i == 0 {
+                drawn.label("growth").legend(move |(x, y)| {
+                    PathElement::new([(x, y), (x + 20, y)], grey.stroke_width(2))
+                });
+            }
+        }
         if !train.is_empty() {
             chart.draw_series(LineSeries::new(train, blue.stroke_width(2)))?.label("train").legend(
                 move |(x, y)| PathElement::new([(x, y), (x + 20, y)], blue.stroke_width(2)),

@@ -9,6 +9,12 @@
 //! (SIGINT, SIGTERM) that arrives in the middle of a step abandons the partial step and saves
 //! the state as it was when the last step completed; the resumed run recomputes that step from
 //! its start.
+//!
+//! A run can grow while it trains (`grow_at`, docs/growth.md): at the scheduled step the model
+//! grows exactly, AdamW's moments extend with zeros, the learning rate restarts its warmup and
+//! cosine over the new stage or continues (`stage_lr`), and with `freeze_old` only what the
+//! growth added is trained from then on. Every metrics row carries the model's parameter count,
+//! its stage (growths so far) and the training FLOPs spent so far (SPEC §2 per token).
 
 use crate::checkpoint::{
     inspect_checkpoint, is_checkpoint_dir, load_checkpoint, read_train_state, save_checkpoint,
@@ -17,14 +23,16 @@ use crate::checkpoint::{
 use crate::config::{Arch, ModelConfig};
 use crate::data::{val_windows, Batcher, DataSpec, Dataset, Tokenizer};
 use crate::files::entry_exists;
+use crate::growth::{grow_model, GrowSpec, GrowthPoint};
 use crate::memory;
 use crate::metrics::{loss_series, read_metrics, MetricsWriter, Record};
 use crate::model::TokenFormer;
 use crate::optim::{lr_at, Optimizer};
-use crate::plot::plot_losses;
+use crate::plot::{growth_steps, plot_run};
 use crate::progress::Progress;
 use crate::run_dir::RunLock;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -67,6 +75,45 @@ pub struct TrainSettings {
     /// Validation windows (of `seq` predicted tokens each) per evaluation.
     pub eval_windows: usize,
     pub save_every: u64,
+    /// Growths during the run, in step order (`STEP:SPEC`, see [`GrowthPoint`]).
+    #[serde(default)]
+    pub grow_at: Vec<GrowthPoint>,
+    /// The learning rate after a growth: a new warmup and cosine over the stage, or the one
+    /// schedule of the run going on. Runs saved before growth schedules existed continue.
+    #[serde(default = "StageLr::of_older_runs")]
+    pub stage_lr: StageLr,
+    /// After a growth, train only what it added: every parameter token (and the embedding and
+    /// final norm) that existed before stays fixed, its AdamW moments too.
+    #[serde(default)]
+    pub freeze_old: bool,
+}
+
+/// How the learning rate goes on after a growth.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StageLr {
+    /// Each stage (the steps between two growths) gets its own warmup and cosine decay, as the
+    /// paper's stagewise runs did.
+    Restart,
+    /// One warmup and cosine over the whole run, whatever grows.
+    Continue,
+}
+
+impl StageLr {
+    fn of_older_runs() -> StageLr {
+        StageLr::Continue
+    }
+}
+
+impl std::str::FromStr for StageLr {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<StageLr> {
+        match s {
+            "restart" => Ok(StageLr::Restart),
+            "continue" => Ok(StageLr::Continue),
+            _ => Err(Error::invalid(format!("--stage-lr must be restart or continue, got '{s}'"))),
+        }
+    }
 }
 
 impl Default for TrainSettings {
@@ -96,6 +143,9 @@ impl Default for TrainSettings {
             eval_every: 250,
             eval_windows: 128,
             save_every: 500,
+            grow_at: Vec::new(),
+            stage_lr: StageLr::Restart,
+            freeze_old: false,
         }
     }
 }
@@ -138,7 +188,44 @@ impl TrainSettings {
             return bad("the number of validation windows must be at least 1".into());
         }
         Tokenizer::from_name(&self.tokenizer)?;
+        let mut previous = 0;
+        for point in &self.grow_at {
+            if point.step <= previous || point.step >= self.steps {
+                return bad(format!(
+                    "--grow-at {point}: growth steps must increase and lie in 1..{} (--steps)",
+                    self.steps
+                ));
+            }
+            previous = point.step;
+        }
+        if !self.grow_at.is_empty() && self.arch != Arch::TokenFormer {
+            return Err(crate::model::cannot_grow(self.arch));
+        }
         Ok(())
+    }
+
+    /// The growth of each scheduled point and the config after it, resolved against the
+    /// configs the run will have: checks before training that every growth of the plan can
+    /// happen.
+    pub fn growth_plan(&self, config: &ModelConfig) -> Result<Vec<(GrowSpec, ModelConfig)>> {
+        let mut config = config.clone();
+        let mut plan = Vec::with_capacity(self.grow_at.len());
+        for (index, point) in self.grow_at.iter().enumerate() {
+            let fail = |e: String| Error::invalid(format!("--grow-at {point}: {e}"));
+            let spec = point
+                .target
+                .resolve(&config, self.growth_seed(index))
+                .map_err(|e| fail(e.to_string()))?;
+            config = spec.apply(&config).ok_or_else(|| fail("a count overflows".into()))?;
+            config.validate().map_err(|e| fail(e.to_string()))?;
+            plan.push((spec, config.clone()));
+        }
+        Ok(plan)
+    }
+
+    /// The seed of the new tokens of scheduled growth `index`.
+    fn growth_seed(&self, index: usize) -> u64 {
+        self.seed ^ (0x9E37_79B9_7F4A_7C15u64.wrapping_mul(index as u64 + 1))
     }
 
     /// The model config: the preset in the run's architecture, with the vocabulary of the
@@ -188,6 +275,36 @@ struct TrainState {
     batcher_rng: [u64; 4],
     /// Training tokens consumed so far.
     tokens_seen: u64,
+    /// Growths so far, scheduled or by `grow`: the stage of the next step.
+    #[serde(default)]
+    stage: u64,
+    /// The step the current stage began at.
+    #[serde(default)]
+    stage_start: u64,
+    /// Scheduled growths (`grow_at`) applied so far.
+    #[serde(default)]
+    scheduled: usize,
+    /// Training FLOPs so far; absent in runs saved before they were counted.
+    #[serde(default)]
+    flops: Option<f64>,
+    /// For each parameter, the leading rows that existed before the latest growth (what
+    /// `freeze_old` keeps fixed); absent before the first growth.
+    #[serde(default)]
+    old_rows: Option<BTreeMap<String, usize>>,
+}
+
+/// Records in a run's saved training state that its model was just grown (by `grow`): a new
+/// stage begins at the saved step, and `old_rows` says what existed before it.
+pub fn record_growth(
+    train_state: &serde_json::Value,
+    old_rows: BTreeMap<String, usize>,
+) -> Result<serde_json::Value> {
+    let mut state: TrainState = serde_json::from_value(train_state.clone())
+        .map_err(|e| Error::invalid(format!("train state: {e}")))?;
+    state.stage += 1;
+    state.stage_start = state.step;
+    state.old_rows = Some(old_rows);
+    serde_json::to_value(&state).map_err(|e| Error::invalid(format!("train state: {e}")))
 }
 
 /// How the caller can stop a run and watch it. `stop` is what the signal handlers set.
@@ -210,6 +327,19 @@ pub struct TrainSummary {
     pub last_loss: Option<f64>,
     pub last_val_loss: Option<f64>,
     pub seconds: f64,
+    /// Every evaluation this process ran, in order.
+    pub evaluations: Vec<Evaluation>,
+}
+
+/// One validation loss of a run, with what had been spent to reach it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Evaluation {
+    pub step: u64,
+    pub val_loss: f64,
+    /// Training FLOPs so far.
+    pub flops: f64,
+    pub params: usize,
+    pub stage: u64,
 }
 
 /// True when `dir` holds a training run (checkpoint or metrics).
@@ -222,7 +352,15 @@ pub fn is_run_dir(dir: &Path) -> bool {
 pub fn check_new_run(out: &Path, settings: &TrainSettings) -> Result<ModelConfig> {
     settings.validate()?;
     let config = settings.model_config()?;
-    memory::check_training(&config, settings.batch, settings.seq, settings.grad_accum)?;
+    // The largest model of the run is the one its last growth makes.
+    let plan = settings.growth_plan(&config)?;
+    let largest = plan.last().map_or(&config, |(_, grown)| grown);
+    memory::check_training(largest, settings.batch, settings.seq, settings.grad_accum)?;
+    if settings.freeze_old && settings.grow_at.is_empty() {
+        return Err(Error::invalid(
+            "--freeze-old keeps what existed before a growth fixed: give --grow-at too",
+        ));
+    }
     if is_checkpoint_dir(out) {
         return Err(Error::invalid(format!(
             "{} already holds a run; use --resume {0} to continue it, or choose another --out",
@@ -253,7 +391,17 @@ pub fn train_new(
     let model = TokenFormer::init(&config, settings.seed, device)?;
     let optimizer = Optimizer::new(&model, settings.adamw())?;
     let batcher = Batcher::new(settings.seed, settings.batch, settings.seq)?;
-    let state = TrainState { settings, step: 0, batcher_rng: batcher.state(), tokens_seen: 0 };
+    let state = TrainState {
+        settings,
+        step: 0,
+        batcher_rng: batcher.state(),
+        tokens_seen: 0,
+        stage: 0,
+        stage_start: 0,
+        scheduled: 0,
+        flops: Some(0.0),
+        old_rows: None,
+    };
     run(out, model, optimizer, state, control)
 }
 
@@ -327,9 +475,29 @@ fn load_run(dir: &Path) -> Result<(Checkpoint, TrainState)> {
 
 /// Continues the run in `dir` to its original number of steps, with its own settings.
 pub fn train_resume(dir: &Path, device: Device, control: TrainControl) -> Result<TrainSummary> {
+    train_resume_with(dir, device, control, false)
+}
+
+/// [`train_resume`], with `freeze_old` turned on from now if asked: for a run grown by `grow`,
+/// or one whose schedule grows later.
+pub fn train_resume_with(
+    dir: &Path,
+    device: Device,
+    control: TrainControl,
+    freeze_old: bool,
+) -> Result<TrainSummary> {
     check_run_dir(dir)?;
     let _lock = RunLock::acquire(dir)?;
-    let (ckpt, state) = load_run(dir)?;
+    let (ckpt, mut state) = load_run(dir)?;
+    if freeze_old && !state.settings.freeze_old {
+        if state.old_rows.is_none() && state.scheduled >= state.settings.grow_at.len() {
+            return Err(Error::invalid(format!(
+                "--freeze-old: the run in {} has not grown and has no growth ahead; nothing is old",
+                dir.display()
+            )));
+        }
+        state.settings.freeze_old = true;
+    }
     state.settings.validate()?;
     let s = &state.settings;
     memory::check_training(&ckpt.config, s.batch, s.seq, s.grad_accum)?;
@@ -379,9 +547,14 @@ fn validation_loss(model: &TokenFormer, data: &Dataset, s: &TrainSettings) -> Re
     Ok(total / count as f64)
 }
 
-fn redraw_plot(dir: &Path) -> Result<()> {
-    let (train, val) = loss_series(&read_metrics(&dir.join("metrics.jsonl"))?);
-    plot_losses(&dir.join("loss.png"), &train, &val, "TokenFormer training loss")
+fn redraw_plot(dir: &Path, arch: Arch) -> Result<()> {
+    let records = read_metrics(&dir.join("metrics.jsonl"))?;
+    let (train, val) = loss_series(&records);
+    let title = match arch {
+        Arch::TokenFormer => "TokenFormer training loss",
+        Arch::Transformer => "Transformer training loss",
+    };
+    plot_run(&dir.join("loss.png"), &train, &val, &growth_steps(&records), title)
 }
 
 /// What one optimizer step leaves for the caller to read. The values stay on the model's
@@ -462,6 +635,7 @@ pub fn train_step(
 
 /// A run in progress: the model and optimizer, the data, and the files it writes.
 struct Run<'a> {
+    evaluations: Vec<Evaluation>,
     dir: &'a Path,
     settings: TrainSettings,
     model: TokenFormer,
@@ -517,9 +691,18 @@ impl<'a> Run<'a> {
             started: Instant::now(),
             last_loss: None,
             last_val_loss: None,
+            evaluations: Vec::new(),
             settings,
             state,
         };
+        let mut run = run;
+        if run.state.flops.is_none() {
+            // A run saved before FLOPs were counted: as if every token so far had been seen by
+            // the model as it is now.
+            let per_token = run.model.config.train_flops_per_token(run.settings.seq);
+            run.state.flops = Some(run.state.tokens_seen as f64 * per_token);
+        }
+        run.apply_freeze()?;
         run.say(format!(
             "training {} {} ({} parameters) on {}: {}; {} steps of {}×{}×{} tokens",
             run.settings.preset,
@@ -535,6 +718,74 @@ impl<'a> Run<'a> {
         Ok(run)
     }
 
+    /// With `freeze_old` after a growth, tells the optimizer which rows to keep fixed.
+    fn apply_freeze(&mut self) -> Result<()> {
+        match (&self.state.old_rows, self.settings.freeze_old) {
+            (Some(old_rows), true) => self.optimizer.freeze(&self.model, old_rows),
+            _ => Ok(()),
+        }
+    }
+
+    /// Applies the scheduled growth due at this step, if any.
+    fn grow_if_due(&mut self) -> Result<()> {
+        let index = self.state.scheduled;
+        let Some(point) = self.settings.grow_at.get(index).cloned() else { return Ok(()) };
+        if point.step != self.state.step {
+            if point.step < self.state.step {
+                return Err(Error::invalid(format!(
+                    "the run is at step {} but its growth {point} has not happened",
+                    self.state.step
+                )));
+            }
+            return Ok(());
+        }
+        let fail = |e: Error| Error::invalid(format!("--grow-at {point}: {e}"));
+        let spec = point
+            .target
+            .resolve(&self.model.config, self.settings.growth_seed(index))
+            .map_err(fail)?;
+        let (m, v) = self.optimizer.named_moments(&self.model);
+        let grown = grow_model(&self.model, &spec).map_err(fail)?;
+        let (m, v) = (grown.moments(m, spec.init)?, grown.moments(v, spec.init)?);
+        let optimizer =
+            Optimizer::from_named(&grown.model, self.optimizer.hp, self.optimizer.step, m, v)?;
+        let before = self.model.config.param_count();
+        self.state.old_rows = Some(grown.old_rows());
+        self.model = grown.model;
+        self.optimizer = optimizer;
+        self.state.stage += 1;
+        self.state.stage_start = self.state.step;
+        self.state.scheduled += 1;
+        self.apply_freeze()?;
+        let exact = if spec.preserves_outputs(&self.model.config) {
+            "exact"
+        } else {
+            "not output-preserving"
+        };
+        self.say(format!(
+            "step {:>6}: grew ({}): {} -> {} parameters, stage {}",
+            self.state.step,
+            exact,
+            crate::progress::thousands(before),
+            crate::progress::thousands(self.model.config.param_count()),
+            self.state.stage
+        ));
+        Ok(())
+    }
+
+    /// The learning rate of step `step` (0-based).
+    fn lr_at(&self, step: u64) -> f32 {
+        let s = &self.settings;
+        match s.stage_lr {
+            StageLr::Continue => lr_at(step, s.warmup, s.steps, s.lr, s.min_lr),
+            StageLr::Restart => {
+                let start = self.state.stage_start;
+                let end = s.grow_at.get(self.state.scheduled).map_or(s.steps, |p| p.step);
+                lr_at(step - start, s.warmup, end.max(start + 1) - start, s.lr, s.min_lr)
+            }
+        }
+    }
+
     fn say(&self, msg: String) {
         if !self.control.quiet {
             self.progress.println(msg)
@@ -547,7 +798,7 @@ impl<'a> Run<'a> {
         let start = Instant::now();
         let s = &self.settings;
         let step = self.state.step;
-        let lr = lr_at(step, s.warmup, s.steps, s.lr, s.min_lr);
+        let lr = self.lr_at(step);
         let (device, vocab) = (self.model.device(), self.model.config.vocab_size);
         let (batcher, data) = (&mut self.batcher, &self.data);
         let next_batch = || -> Result<(Tensor, Tensor)> {
@@ -582,8 +833,11 @@ impl<'a> Run<'a> {
         if !loss.is_finite() {
             return Err(self.diverged(loss));
         }
+        let tokens = (s.grad_accum * s.batch * s.seq) as u64;
+        let flops = tokens as f64 * self.model.config.train_flops_per_token(s.seq);
         self.state.step += 1;
-        self.state.tokens_seen += (s.grad_accum * s.batch * s.seq) as u64;
+        self.state.tokens_seen += tokens;
+        self.state.flops = Some(self.state.flops.unwrap_or(0.0) + flops);
         self.state.batcher_rng = self.batcher.state();
         self.last_loss = Some(loss);
         let grad_norm = result.grad_norm()?;
@@ -615,9 +869,14 @@ impl<'a> Run<'a> {
         let s = &self.settings;
         let step = self.state.step;
         let tokens_per_sec = (s.grad_accum * s.batch * s.seq) as f64 / logged.seconds;
+        let flops = self.state.flops.unwrap_or(0.0);
+        let params = self.model.config.param_count();
         let mut record = Record::new(step, logged.loss, logged.lr as f64, tokens_per_sec)
             .with("tokens_seen", self.state.tokens_seen)
-            .with("elapsed_sec", self.started.elapsed().as_secs_f64());
+            .with("elapsed_sec", self.started.elapsed().as_secs_f64())
+            .with("params", params)
+            .with("stage", self.state.stage)
+            .with("flops", flops);
         if let Some(norm) = logged.grad_norm {
             record = record.with("grad_norm", norm as f64);
         }
@@ -626,6 +885,8 @@ impl<'a> Run<'a> {
             let val = validation_loss(&self.model, &self.data, s)?;
             record.val_loss = Some(val);
             self.last_val_loss = Some(val);
+            let stage = self.state.stage;
+            self.evaluations.push(Evaluation { step, val_loss: val, flops, params, stage });
         }
         self.metrics.write(&record)?;
         self.progress.update(step, logged.loss, logged.lr as f64, tokens_per_sec);
@@ -635,7 +896,7 @@ impl<'a> Run<'a> {
                 logged.loss,
                 record.val_loss.unwrap_or(f64::NAN)
             ));
-            redraw_plot(self.dir)?;
+            redraw_plot(self.dir, self.settings.arch)?;
         }
         Ok(())
     }
@@ -647,7 +908,7 @@ impl<'a> Run<'a> {
     /// Closes the progress bar and says how the run ended.
     fn finish(self, interrupted: bool) -> Result<TrainSummary> {
         if read_metrics(&self.dir.join("metrics.jsonl")).is_ok_and(|m| !m.is_empty()) {
-            redraw_plot(self.dir)?;
+            redraw_plot(self.dir, self.settings.arch)?;
         }
         self.progress.finish();
         if interrupted {
@@ -664,6 +925,7 @@ impl<'a> Run<'a> {
             last_loss: self.last_loss,
             last_val_loss: self.last_val_loss,
             seconds: self.started.elapsed().as_secs_f64(),
+            evaluations: self.evaluations,
         })
     }
 }
@@ -681,6 +943,7 @@ fn run(
         if run.state.step >= steps {
             break false;
         }
+        run.grow_if_due()?;
         let Some(logged) = run.step()? else {
             // Stopped in the middle of a step: the checkpoint holds the state as of its start.
             run.save()?;
