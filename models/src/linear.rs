@@ -15,9 +15,9 @@ use tokenformer_autograd::Var;
 use tokenformer_core::Result;
 
 pub struct Linear {
-    /// [d_out, d_in]
+    /// `[d_out, d_in]`
     pub weight: Var,
-    /// [d_out]
+    /// `[d_out]`
     pub bias: Var,
 }
 

@@ -125,10 +125,10 @@ pub enum Init {
 
 /// The parameters of slot `slot` (an index into [`LAYER_SLOTS`]) of layer `layer`, in order:
 ///
-/// - TokenFormer: `key_param_tokens` [n, d] ~ N(0, 0.02²), `value_param_tokens` [n, d] ~
+/// - TokenFormer: `key_param_tokens` `[n, d]` ~ N(0, 0.02²), `value_param_tokens` `[n, d]` ~
 ///   N(0, σ²) with σ = 2/(L·√d) (SPEC §2).
-/// - Transformer: `weight` [d, d] and `bias` [d]; the mlp has `up.weight` [d_ff, d], `up.bias`,
-///   `down.weight` [d, d_ff], `down.bias`. Weights ~ N(0, 0.02²), those of projections that
+/// - Transformer: `weight` `[d, d]` and `bias` `[d]`; the mlp has `up.weight` `[d_ff, d]`,
+///   `up.bias`, `down.weight` `[d, d_ff]`, `down.bias`. Weights ~ N(0, 0.02²), those of projections that
 ///   write into the residual stream ~ N(0, 0.02²/(2L)) (GPT-2's init), biases zero.
 pub fn slot_layout(config: &ModelConfig, layer: usize, slot: usize) -> Vec<ParamSpec> {
     let d = config.d_model;
