@@ -455,10 +455,9 @@ impl TokenFormer {
         crate::growth::check_growable(&self.config)?;
         let mut rng = Rng::new(spec.seed);
         let sigma = value_std(&self.config);
-        let mut config = self.config.clone();
-        for group in TokenGroup::ALL {
-            *group.tokens_mut(&mut config) += spec.extra(group);
-        }
+        let config = spec
+            .apply(&self.config)
+            .ok_or_else(|| Error::invalid("grow: a token count or the depth overflows"))?;
         let mut widened = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {
             let mut slots = Vec::with_capacity(LAYER_SLOTS.len());
@@ -469,7 +468,6 @@ impl TokenFormer {
             }
             widened.push(Layer::from_slots(slots));
         }
-        config.n_layers += spec.layers;
         let origins = spec.layer_at.origins(self.layers.len(), spec.layers);
         let mut widened = widened.into_iter();
         let mut layers = Vec::with_capacity(origins.len());

@@ -906,8 +906,10 @@ impl<'a> Run<'a> {
     }
 
     /// Closes the progress bar and says how the run ended.
-    fn finish(self, interrupted: bool) -> Result<TrainSummary> {
-        if read_metrics(&self.dir.join("metrics.jsonl")).is_ok_and(|m| !m.is_empty()) {
+    /// `redraw`: the plot is redrawn unless the run stopped in the middle of a step (its last
+    /// step's metrics line was drawn at its evaluation, if it had one).
+    fn finish(self, interrupted: bool, redraw: bool) -> Result<TrainSummary> {
+        if redraw {
             redraw_plot(self.dir, self.settings.arch)?;
         }
         self.progress.finish();
@@ -939,15 +941,16 @@ fn run(
 ) -> Result<TrainSummary> {
     let mut run = Run::open(dir, model, optimizer, state, control)?;
     let steps = run.settings.steps;
-    let interrupted = loop {
+    // (interrupted, redraw the plot)
+    let (interrupted, redraw) = loop {
         if run.state.step >= steps {
-            break false;
+            break (false, true);
         }
         run.grow_if_due()?;
         let Some(logged) = run.step()? else {
             // Stopped in the middle of a step: the checkpoint holds the state as of its start.
             run.save()?;
-            break true;
+            break (true, false);
         };
         run.evaluate_and_log(&logged)?;
         let finished = run.state.step == steps;
@@ -956,10 +959,10 @@ fn run(
             run.save()?;
         }
         if stop && !finished {
-            break true;
+            break (true, true);
         }
     };
-    run.finish(interrupted)
+    run.finish(interrupted, redraw)
 }
 
 /// Loads the model of a checkpoint directory (a run or a bare model) onto `device`.
