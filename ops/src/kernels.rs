@@ -45,6 +45,65 @@ pub const fn source(module: &str) -> &'static KernelSource {
     panic!("no kernel file is registered under this module name")
 }
 
+/// The value of the line `#define OP_<NAME> <code>` in `k`'s source, `NAME` being `op` in
+/// capitals: how an op code shared by a family's host code and its kernels is written once, in
+/// the kernel file. Meant for constants, so that a missing line fails the build.
+pub const fn op_code(k: &KernelSource, op: &str) -> i32 {
+    const DEFINE: &[u8] = b"#define OP_";
+    let (src, op) = (k.source.as_bytes(), op.as_bytes());
+    let mut start = 0;
+    while start + DEFINE.len() + op.len() < src.len() {
+        let mut matches = start == 0 || src[start - 1] == b'\n';
+        let mut i = 0;
+        while matches && i < DEFINE.len() {
+            matches = src[start + i] == DEFINE[i];
+            i += 1;
+        }
+        let mut j = 0;
+        while matches && j < op.len() {
+            matches = src[start + DEFINE.len() + j] == op[j].to_ascii_uppercase();
+            j += 1;
+        }
+        let mut at = start + DEFINE.len() + op.len();
+        if matches && src[at] == b' ' {
+            while at < src.len() && src[at] == b' ' {
+                at += 1;
+            }
+            let (mut code, mut digits) = (0i32, 0);
+            while at < src.len() && src[at].is_ascii_digit() {
+                code = code * 10 + (src[at] - b'0') as i32;
+                at += 1;
+                digits += 1;
+            }
+            if digits > 0 {
+                return code;
+            }
+        }
+        start += 1;
+    }
+    panic!("the kernel file has no `#define OP_<NAME> <code>` line for this op")
+}
+
+/// Checks that a family's op table (`names`, in declaration order) and its kernel file define
+/// the same ops, each with its own code: a `#define OP_` line the table lacks would be a kernel
+/// case the host can never reach.
+#[cfg(test)]
+pub(crate) fn check_op_table(module: &str, names: &[&str]) {
+    let k = source(module);
+    let defined = k.source.lines().filter(|line| line.starts_with("#define OP_")).count();
+    assert_eq!(
+        defined,
+        names.len(),
+        "{}: {defined} op codes, {} ops in the table",
+        k.file,
+        names.len()
+    );
+    let mut codes: Vec<i32> = names.iter().map(|name| op_code(k, name)).collect();
+    codes.sort_unstable();
+    codes.dedup();
+    assert_eq!(codes.len(), names.len(), "{}: two ops share a code", k.file);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -71,6 +130,19 @@ mod tests {
             assert_eq!(ALL.iter().filter(|k| k.module == module).count(), 1, "{module}");
         }
         assert!(ALL.iter().all(|k| k.source.starts_with(include_str!("common.cuh"))));
+    }
+
+    #[test]
+    fn op_codes_are_read_from_their_define_lines() {
+        let k = KernelSource {
+            module: "m",
+            file: "m.cu",
+            source: "#define OP_EXPM1 7\n// #define OP_EXP 9\n#define OP_EXP  12\n",
+        };
+        assert_eq!(op_code(&k, "exp"), 12);
+        assert_eq!(op_code(&k, "expm1"), 7);
+        let missing = std::panic::catch_unwind(|| op_code(&k, "log"));
+        assert!(missing.is_err(), "an op without a define line must not get a code");
     }
 
     #[test]

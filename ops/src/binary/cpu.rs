@@ -1,22 +1,18 @@
 //! CPU reference kernels for the broadcasting binary ops.
 
+use super::Binary;
 use crate::{cpu_tensor, for_each_row_mut, map1, map2, strided_row_offset};
 use tokenformer_core::{Result, Shape, Tensor};
 
-pub(crate) fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    zip_broadcast("add", a, b, |x, y| x + y)
-}
-
-pub(crate) fn sub(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    zip_broadcast("sub", a, b, |x, y| x - y)
-}
-
-pub(crate) fn mul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    zip_broadcast("mul", a, b, |x, y| x * y)
-}
-
-pub(crate) fn div(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    zip_broadcast("div", a, b, |x, y| x / y)
+/// a ∘ b for the op `op`, over the broadcast shape.
+pub(crate) fn forward(op: Binary, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let name = op.name();
+    match op {
+        Binary::Add => zip_broadcast(name, a, b, |x, y| x + y),
+        Binary::Sub => zip_broadcast(name, a, b, |x, y| x - y),
+        Binary::Mul => zip_broadcast(name, a, b, |x, y| x * y),
+        Binary::Div => zip_broadcast(name, a, b, |x, y| x / y),
+    }
 }
 
 /// out = f(a, b) over the broadcast shape. Equal shapes and a one-element operand take plain

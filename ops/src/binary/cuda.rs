@@ -3,6 +3,7 @@
 //! merging the axes both walk contiguously. The backward passes are products and sums built
 //! from the public ops, exactly as on the CPU.
 
+use super::Binary;
 use crate::kernels::KernelSource;
 use tokenformer_core::cuda::{
     count_u32, cuda_tensor, dims_arg, launch_1d, merge_axes, Arg, CudaStorage,
@@ -11,12 +12,22 @@ use tokenformer_core::{Result, Shape, Tensor};
 
 const KERNELS: &KernelSource = crate::kernels::source("binary");
 
-const OP_ADD: i32 = 0;
-const OP_SUB: i32 = 1;
-const OP_MUL: i32 = 2;
-const OP_DIV: i32 = 3;
+/// Each op's code, indexed by `Binary as usize`: the `#define OP_<NAME>` lines of kernels.cu,
+/// read when the crate is compiled.
+const CODES: [i32; Binary::ALL.len()] = {
+    let mut codes = [0; Binary::ALL.len()];
+    let mut i = 0;
+    while i < codes.len() {
+        assert!(Binary::ALL[i] as usize == i, "Binary::ALL lists the ops in declaration order");
+        codes[i] = crate::kernels::op_code(KERNELS, Binary::ALL[i].name());
+        i += 1;
+    }
+    codes
+};
 
-fn zip_broadcast(name: &'static str, code: i32, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+/// a ∘ b over the broadcast shape.
+pub(crate) fn forward(op: Binary, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (name, code) = (op.name(), CODES[op as usize]);
     let (sa, sb) = (CudaStorage::of(a, name)?, CudaStorage::of(b, name)?);
     let out_shape = Shape::broadcast(name, a.shape(), b.shape())?;
     let mut out = sa.backend.alloc(out_shape.numel())?;
@@ -55,20 +66,4 @@ fn zip_broadcast(name: &'static str, code: i32, a: &Tensor, b: &Tensor) -> Resul
         )
     }?;
     Ok(cuda_tensor(out, out_shape.dims()))
-}
-
-pub(crate) fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    zip_broadcast("add", OP_ADD, a, b)
-}
-
-pub(crate) fn sub(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    zip_broadcast("sub", OP_SUB, a, b)
-}
-
-pub(crate) fn mul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    zip_broadcast("mul", OP_MUL, a, b)
-}
-
-pub(crate) fn div(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    zip_broadcast("div", OP_DIV, a, b)
 }

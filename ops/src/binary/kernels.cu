@@ -6,6 +6,7 @@
 // the usual cases (same shape, a row vector, a scalar) have rank 1 or 2 here.
 // (The backward passes are sums of these products: see cuda.rs.)
 
+// The op codes; the host reads them from these lines by name (kernels::op_code).
 #define OP_ADD 0
 #define OP_SUB 1
 #define OP_MUL 2

@@ -41,32 +41,54 @@ fn check_grad(op: &'static str, a_dims: &[usize], b_dims: &[usize], g: &Tensor) 
     Ok(())
 }
 
-pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    match check_operands("add", a, b)? {
-        Device::Cpu => cpu::add(a, b),
-        Device::Cuda(_) => cuda::add(a, b),
+/// The elementwise binary ops: one table for the family. cpu.rs matches on it; on the GPU the
+/// op travels as the code kernels.cu gives it, `#define OP_<NAME>` (read by cuda.rs when the
+/// crate is compiled).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Binary {
+    Add,
+    Sub,
+    Mul,
+    Div,
+}
+
+impl Binary {
+    /// Every op, in the order of declaration.
+    pub(crate) const ALL: [Binary; 4] = [Binary::Add, Binary::Sub, Binary::Mul, Binary::Div];
+
+    /// The op's name: errors use it, and kernels.cu spells it in capitals after `OP_`.
+    pub(crate) const fn name(self) -> &'static str {
+        match self {
+            Binary::Add => "add",
+            Binary::Sub => "sub",
+            Binary::Mul => "mul",
+            Binary::Div => "div",
+        }
     }
+}
+
+/// a ∘ b over the broadcast shape of the two.
+fn forward(op: Binary, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    match check_operands(op.name(), a, b)? {
+        Device::Cpu => cpu::forward(op, a, b),
+        Device::Cuda(_) => cuda::forward(op, a, b),
+    }
+}
+
+pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    forward(Binary::Add, a, b)
 }
 
 pub fn sub(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    match check_operands("sub", a, b)? {
-        Device::Cpu => cpu::sub(a, b),
-        Device::Cuda(_) => cuda::sub(a, b),
-    }
+    forward(Binary::Sub, a, b)
 }
 
 pub fn mul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    match check_operands("mul", a, b)? {
-        Device::Cpu => cpu::mul(a, b),
-        Device::Cuda(_) => cuda::mul(a, b),
-    }
+    forward(Binary::Mul, a, b)
 }
 
 pub fn div(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    match check_operands("div", a, b)? {
-        Device::Cpu => cpu::div(a, b),
-        Device::Cuda(_) => cuda::div(a, b),
-    }
+    forward(Binary::Div, a, b)
 }
 
 /// (∂L/∂a, ∂L/∂b) of a + b, for operands shaped `a_dims` and `b_dims`.
@@ -142,6 +164,12 @@ mod tests {
         (&[1, 1, 3], &[3]),
         (&[5, 7, 3], &[5, 1, 3]),
     ];
+
+    #[test]
+    fn the_op_table_matches_the_kernel_file() {
+        let names: Vec<&str> = Binary::ALL.iter().map(|op| op.name()).collect();
+        crate::kernels::check_op_table("binary", &names);
+    }
 
     #[test]
     fn forward_matches_naive_broadcast() {

@@ -1,8 +1,9 @@
 //! CPU reference kernels for the elementwise unary ops.
 
+use super::Unary;
 use crate::{cpu_tensor, map1, map2};
 use std::f32::consts::FRAC_1_SQRT_2;
-use tokenformer_core::{Result, Tensor};
+use tokenformer_core::{Error, Result, Tensor};
 
 /// 1/√(2π), the peak of the standard normal density.
 const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
@@ -121,84 +122,42 @@ fn zip(
     Ok(cpu_tensor(map2(x.cpu_slice(op)?, g.cpu_slice(op)?, f), x.dims()))
 }
 
-pub(crate) fn neg(x: &Tensor) -> Result<Tensor> {
-    map("neg", x, |v| -v)
+/// y = f(x) for the op `op`, with the parameters of powf (p) and affine (p, q).
+pub(crate) fn forward(op: Unary, x: &Tensor, p: f32, q: f32) -> Result<Tensor> {
+    let name = op.names().0;
+    match op {
+        Unary::Neg => map(name, x, |v| -v),
+        Unary::Exp => map(name, x, f32::exp),
+        Unary::Log => map(name, x, f32::ln),
+        Unary::Sqrt => map(name, x, f32::sqrt),
+        Unary::Square => map(name, x, |v| v * v),
+        Unary::Gelu => map(name, x, gelu_scalar),
+        Unary::Powf => map(name, x, move |v| v.powf(p)),
+        Unary::Affine => map(name, x, move |v| v * p + q),
+        Unary::Relu => map(name, x, relu_scalar),
+        Unary::Tanh => map(name, x, f32::tanh),
+        Unary::Sigmoid => map(name, x, sigmoid_scalar),
+    }
 }
 
-pub(crate) fn exp(x: &Tensor) -> Result<Tensor> {
-    map("exp", x, f32::exp)
-}
-
-pub(crate) fn log(x: &Tensor) -> Result<Tensor> {
-    map("log", x, f32::ln)
-}
-
-pub(crate) fn sqrt(x: &Tensor) -> Result<Tensor> {
-    map("sqrt", x, f32::sqrt)
-}
-
-pub(crate) fn square(x: &Tensor) -> Result<Tensor> {
-    map("square", x, |v| v * v)
-}
-
-pub(crate) fn gelu(x: &Tensor) -> Result<Tensor> {
-    map("gelu", x, gelu_scalar)
-}
-
-pub(crate) fn relu(x: &Tensor) -> Result<Tensor> {
-    map("relu", x, relu_scalar)
-}
-
-pub(crate) fn tanh(x: &Tensor) -> Result<Tensor> {
-    map("tanh", x, f32::tanh)
-}
-
-pub(crate) fn sigmoid(x: &Tensor) -> Result<Tensor> {
-    map("sigmoid", x, sigmoid_scalar)
-}
-
-pub(crate) fn powf(x: &Tensor, p: f32) -> Result<Tensor> {
-    map("powf", x, move |v| v.powf(p))
-}
-
-pub(crate) fn affine(x: &Tensor, mul: f32, add: f32) -> Result<Tensor> {
-    map("affine", x, move |v| v * mul + add)
-}
-
-pub(crate) fn exp_backward(y: &Tensor, g: &Tensor) -> Result<Tensor> {
-    zip("exp_backward", y, g, |y, g| g * y)
-}
-
-pub(crate) fn log_backward(x: &Tensor, g: &Tensor) -> Result<Tensor> {
-    zip("log_backward", x, g, |x, g| g / x)
-}
-
-pub(crate) fn sqrt_backward(y: &Tensor, g: &Tensor) -> Result<Tensor> {
-    zip("sqrt_backward", y, g, |y, g| g / (2.0 * y))
-}
-
-pub(crate) fn square_backward(x: &Tensor, g: &Tensor) -> Result<Tensor> {
-    zip("square_backward", x, g, |x, g| 2.0 * x * g)
-}
-
-pub(crate) fn powf_backward(x: &Tensor, p: f32, g: &Tensor) -> Result<Tensor> {
-    zip("powf_backward", x, g, move |x, g| g * p * x.powf(p - 1.0))
-}
-
-pub(crate) fn gelu_backward(x: &Tensor, g: &Tensor) -> Result<Tensor> {
-    zip("gelu_backward", x, g, |x, g| g * gelu_grad_scalar(x))
-}
-
-pub(crate) fn relu_backward(x: &Tensor, g: &Tensor) -> Result<Tensor> {
-    zip("relu_backward", x, g, |x, g| if x > 0.0 { g } else { 0.0 })
-}
-
-pub(crate) fn tanh_backward(y: &Tensor, g: &Tensor) -> Result<Tensor> {
-    zip("tanh_backward", y, g, |y, g| g * (1.0 - y * y))
-}
-
-pub(crate) fn sigmoid_backward(y: &Tensor, g: &Tensor) -> Result<Tensor> {
-    zip("sigmoid_backward", y, g, |y, g| g * y * (1.0 - y))
+/// ∂L/∂x = g·f′ for the op `op`, from `v`: the input x or the output y, as the rule is
+/// written (see mod.rs).
+pub(crate) fn backward(op: Unary, v: &Tensor, g: &Tensor, p: f32) -> Result<Tensor> {
+    let name = op.names().1;
+    match op {
+        Unary::Exp => zip(name, v, g, |y, g| g * y),
+        Unary::Log => zip(name, v, g, |x, g| g / x),
+        Unary::Sqrt => zip(name, v, g, |y, g| g / (2.0 * y)),
+        Unary::Square => zip(name, v, g, |x, g| 2.0 * x * g),
+        Unary::Gelu => zip(name, v, g, |x, g| g * gelu_grad_scalar(x)),
+        Unary::Powf => zip(name, v, g, move |x, g| g * p * x.powf(p - 1.0)),
+        Unary::Relu => zip(name, v, g, |x, g| if x > 0.0 { g } else { 0.0 }),
+        Unary::Tanh => zip(name, v, g, |y, g| g * (1.0 - y * y)),
+        Unary::Sigmoid => zip(name, v, g, |y, g| g * y * (1.0 - y)),
+        Unary::Neg | Unary::Affine => Err(Error::invalid(format!(
+            "{name}: a linear op has no backward kernel; its backward is the op applied to g"
+        ))),
+    }
 }
 
 #[cfg(test)]

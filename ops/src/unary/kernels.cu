@@ -8,6 +8,7 @@
 //                     gelu g·(Φ(x) + x·φ(x)) with Φ, φ the standard normal cdf and density,
 //                     relu g·[x > 0] (0 at x = 0), tanh g·(1 − y²), sigmoid g·y·(1 − y).
 
+// The op codes; the host reads them from these lines by name (kernels::op_code).
 #define OP_NEG 0
 #define OP_EXP 1
 #define OP_LOG 2

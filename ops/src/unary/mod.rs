@@ -20,160 +20,167 @@ mod cuda;
 use crate::{check_same_dims, same_device};
 use tokenformer_core::{Device, Result, Tensor};
 
-pub fn neg(x: &Tensor) -> Result<Tensor> {
-    match x.device() {
-        Device::Cpu => cpu::neg(x),
-        Device::Cuda(_) => cuda::neg(x),
+/// The elementwise unary ops: one table for the whole family. cpu.rs matches on it for the
+/// reference loops; on the GPU the op travels as the code kernels.cu gives it,
+/// `#define OP_<NAME>` (cuda.rs reads the codes from there when the crate is compiled).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Unary {
+    Neg,
+    Exp,
+    Log,
+    Sqrt,
+    Square,
+    Gelu,
+    /// x^p, with the exponent p as the op's first parameter.
+    Powf,
+    /// x·mul + add, with mul and add as the op's two parameters.
+    Affine,
+    Relu,
+    Tanh,
+    Sigmoid,
+}
+
+impl Unary {
+    /// Every op, in the order of declaration.
+    pub(crate) const ALL: [Unary; 11] = [
+        Unary::Neg,
+        Unary::Exp,
+        Unary::Log,
+        Unary::Sqrt,
+        Unary::Square,
+        Unary::Gelu,
+        Unary::Powf,
+        Unary::Affine,
+        Unary::Relu,
+        Unary::Tanh,
+        Unary::Sigmoid,
+    ];
+
+    /// The forward op's name (errors use it; kernels.cu spells it in capitals after `OP_`) and
+    /// the backward op's.
+    pub(crate) const fn names(self) -> (&'static str, &'static str) {
+        match self {
+            Unary::Neg => ("neg", "neg_backward"),
+            Unary::Exp => ("exp", "exp_backward"),
+            Unary::Log => ("log", "log_backward"),
+            Unary::Sqrt => ("sqrt", "sqrt_backward"),
+            Unary::Square => ("square", "square_backward"),
+            Unary::Gelu => ("gelu", "gelu_backward"),
+            Unary::Powf => ("powf", "powf_backward"),
+            Unary::Affine => ("affine", "affine_backward"),
+            Unary::Relu => ("relu", "relu_backward"),
+            Unary::Tanh => ("tanh", "tanh_backward"),
+            Unary::Sigmoid => ("sigmoid", "sigmoid_backward"),
+        }
     }
+}
+
+/// y = f(x) elementwise, `p` and `q` being the parameters of powf (p) and affine (p, q).
+fn forward(op: Unary, x: &Tensor, p: f32, q: f32) -> Result<Tensor> {
+    match x.device() {
+        Device::Cpu => cpu::forward(op, x, p, q),
+        Device::Cuda(_) => cuda::forward(op, x, p, q),
+    }
+}
+
+/// ∂L/∂x = g·f′ elementwise, where `v` is x or y = f(x), whichever the op's rule reads.
+fn backward(op: Unary, v: &Tensor, g: &Tensor, p: f32) -> Result<Tensor> {
+    let name = op.names().1;
+    let device = same_device(name, &[v, g])?;
+    check_same_dims(name, v, g)?;
+    match device {
+        Device::Cpu => cpu::backward(op, v, g, p),
+        Device::Cuda(_) => cuda::backward(op, v, g, p),
+    }
+}
+
+pub fn neg(x: &Tensor) -> Result<Tensor> {
+    forward(Unary::Neg, x, 0.0, 0.0)
 }
 
 pub fn exp(x: &Tensor) -> Result<Tensor> {
-    match x.device() {
-        Device::Cpu => cpu::exp(x),
-        Device::Cuda(_) => cuda::exp(x),
-    }
+    forward(Unary::Exp, x, 0.0, 0.0)
 }
 
 pub fn log(x: &Tensor) -> Result<Tensor> {
-    match x.device() {
-        Device::Cpu => cpu::log(x),
-        Device::Cuda(_) => cuda::log(x),
-    }
+    forward(Unary::Log, x, 0.0, 0.0)
 }
 
 pub fn sqrt(x: &Tensor) -> Result<Tensor> {
-    match x.device() {
-        Device::Cpu => cpu::sqrt(x),
-        Device::Cuda(_) => cuda::sqrt(x),
-    }
+    forward(Unary::Sqrt, x, 0.0, 0.0)
 }
 
 pub fn square(x: &Tensor) -> Result<Tensor> {
-    match x.device() {
-        Device::Cpu => cpu::square(x),
-        Device::Cuda(_) => cuda::square(x),
-    }
+    forward(Unary::Square, x, 0.0, 0.0)
 }
 
 /// The exact (erf) GELU.
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
-    match x.device() {
-        Device::Cpu => cpu::gelu(x),
-        Device::Cuda(_) => cuda::gelu(x),
-    }
+    forward(Unary::Gelu, x, 0.0, 0.0)
 }
 
 /// max(x, 0); a NaN stays NaN, so a diverging network is seen rather than silently zeroed.
 pub fn relu(x: &Tensor) -> Result<Tensor> {
-    match x.device() {
-        Device::Cpu => cpu::relu(x),
-        Device::Cuda(_) => cuda::relu(x),
-    }
+    forward(Unary::Relu, x, 0.0, 0.0)
 }
 
 pub fn tanh(x: &Tensor) -> Result<Tensor> {
-    match x.device() {
-        Device::Cpu => cpu::tanh(x),
-        Device::Cuda(_) => cuda::tanh(x),
-    }
+    forward(Unary::Tanh, x, 0.0, 0.0)
 }
 
 /// The logistic function 1/(1 + e⁻ˣ).
 pub fn sigmoid(x: &Tensor) -> Result<Tensor> {
-    match x.device() {
-        Device::Cpu => cpu::sigmoid(x),
-        Device::Cuda(_) => cuda::sigmoid(x),
-    }
+    forward(Unary::Sigmoid, x, 0.0, 0.0)
 }
 
 pub fn powf(x: &Tensor, p: f32) -> Result<Tensor> {
-    match x.device() {
-        Device::Cpu => cpu::powf(x, p),
-        Device::Cuda(_) => cuda::powf(x, p),
-    }
+    forward(Unary::Powf, x, p, 0.0)
 }
 
 /// x·mul + add: scalar multiplication and scalar addition in one op.
 pub fn affine(x: &Tensor, mul: f32, add: f32) -> Result<Tensor> {
-    match x.device() {
-        Device::Cpu => cpu::affine(x, mul, add),
-        Device::Cuda(_) => cuda::affine(x, mul, add),
-    }
-}
-
-/// Checks that an operand and its incoming gradient match in shape and device.
-fn check_pair(op: &'static str, x: &Tensor, g: &Tensor) -> Result<Device> {
-    let device = same_device(op, &[x, g])?;
-    check_same_dims(op, x, g)?;
-    Ok(device)
+    forward(Unary::Affine, x, mul, add)
 }
 
 /// ∂L/∂x of y = eˣ, from the output y.
 pub fn exp_backward(y: &Tensor, g: &Tensor) -> Result<Tensor> {
-    match check_pair("exp_backward", y, g)? {
-        Device::Cpu => cpu::exp_backward(y, g),
-        Device::Cuda(_) => cuda::exp_backward(y, g),
-    }
+    backward(Unary::Exp, y, g, 0.0)
 }
 
 pub fn log_backward(x: &Tensor, g: &Tensor) -> Result<Tensor> {
-    match check_pair("log_backward", x, g)? {
-        Device::Cpu => cpu::log_backward(x, g),
-        Device::Cuda(_) => cuda::log_backward(x, g),
-    }
+    backward(Unary::Log, x, g, 0.0)
 }
 
 /// ∂L/∂x of y = √x, from the output y.
 pub fn sqrt_backward(y: &Tensor, g: &Tensor) -> Result<Tensor> {
-    match check_pair("sqrt_backward", y, g)? {
-        Device::Cpu => cpu::sqrt_backward(y, g),
-        Device::Cuda(_) => cuda::sqrt_backward(y, g),
-    }
+    backward(Unary::Sqrt, y, g, 0.0)
 }
 
 pub fn square_backward(x: &Tensor, g: &Tensor) -> Result<Tensor> {
-    match check_pair("square_backward", x, g)? {
-        Device::Cpu => cpu::square_backward(x, g),
-        Device::Cuda(_) => cuda::square_backward(x, g),
-    }
+    backward(Unary::Square, x, g, 0.0)
 }
 
 pub fn powf_backward(x: &Tensor, p: f32, g: &Tensor) -> Result<Tensor> {
-    match check_pair("powf_backward", x, g)? {
-        Device::Cpu => cpu::powf_backward(x, p, g),
-        Device::Cuda(_) => cuda::powf_backward(x, p, g),
-    }
+    backward(Unary::Powf, x, g, p)
 }
 
 pub fn gelu_backward(x: &Tensor, g: &Tensor) -> Result<Tensor> {
-    match check_pair("gelu_backward", x, g)? {
-        Device::Cpu => cpu::gelu_backward(x, g),
-        Device::Cuda(_) => cuda::gelu_backward(x, g),
-    }
+    backward(Unary::Gelu, x, g, 0.0)
 }
 
 /// ∂L/∂x of y = relu(x), from the input x: g where x > 0, and 0 elsewhere (also at x = 0).
 pub fn relu_backward(x: &Tensor, g: &Tensor) -> Result<Tensor> {
-    match check_pair("relu_backward", x, g)? {
-        Device::Cpu => cpu::relu_backward(x, g),
-        Device::Cuda(_) => cuda::relu_backward(x, g),
-    }
+    backward(Unary::Relu, x, g, 0.0)
 }
 
 /// ∂L/∂x of y = tanh(x), from the output y.
 pub fn tanh_backward(y: &Tensor, g: &Tensor) -> Result<Tensor> {
-    match check_pair("tanh_backward", y, g)? {
-        Device::Cpu => cpu::tanh_backward(y, g),
-        Device::Cuda(_) => cuda::tanh_backward(y, g),
-    }
+    backward(Unary::Tanh, y, g, 0.0)
 }
 
 /// ∂L/∂x of y = σ(x), from the output y.
 pub fn sigmoid_backward(y: &Tensor, g: &Tensor) -> Result<Tensor> {
-    match check_pair("sigmoid_backward", y, g)? {
-        Device::Cpu => cpu::sigmoid_backward(y, g),
-        Device::Cuda(_) => cuda::sigmoid_backward(y, g),
-    }
+    backward(Unary::Sigmoid, y, g, 0.0)
 }
 
 #[cfg(test)]
@@ -287,6 +294,12 @@ mod tests {
         let zero = tensor(vec![0.0], &[1]);
         let one = tensor(vec![1.0], &[1]);
         assert_eq!(values(&gelu_backward(&zero, &one).unwrap()), vec![0.5]);
+    }
+
+    #[test]
+    fn the_op_table_matches_the_kernel_file() {
+        let names: Vec<&str> = Unary::ALL.iter().map(|op| op.names().0).collect();
+        crate::kernels::check_op_table("unary", &names);
     }
 
     #[test]
