@@ -8,19 +8,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use tokenformer::autograd::{is_grad_enabled, no_grad, Gradients, Var};
 use tokenformer::core::{Device, Result, Rng, Tensor};
+use tokenformer::ops::testing::{bits, tensor, values};
 use tokenformer::ops::unary;
-
-fn tensor(data: Vec<f32>, dims: &[usize]) -> Tensor {
-    Tensor::from_vec(data, dims).unwrap()
-}
-
-fn values(t: &Tensor) -> Vec<f32> {
-    t.to_vec().unwrap()
-}
-
-fn bits(t: &Tensor) -> Vec<u32> {
-    values(t).iter().map(|x| x.to_bits()).collect()
-}
 
 /// The message of an error that `backward` must return.
 fn backward_error(r: Result<Gradients>) -> String {

@@ -41,6 +41,7 @@ use tokenformer::models::growth::{grow_checkpoint, GrowSpec};
 use tokenformer::models::metrics::read_metrics;
 use tokenformer::models::train::{train_new, TrainControl, TrainSettings};
 use tokenformer::models::{GrowInit, ModelConfig, TokenFormer};
+use tokenformer::ops::testing::{bits, values};
 
 const GPU: Device = Device::Cuda(0);
 
@@ -82,14 +83,6 @@ fn token_ids(vocab: usize, batch: usize, seq: usize, seed: u64) -> Tensor {
     let mut rng = Rng::new(seed);
     let ids = (0..batch * seq).map(|_| rng.below(vocab as u64) as f32).collect();
     Tensor::from_vec(ids, &[batch, seq]).unwrap()
-}
-
-fn values(t: &Tensor) -> Vec<f32> {
-    t.to_vec().unwrap()
-}
-
-fn bits(t: &Tensor) -> Vec<u32> {
-    values(t).iter().map(|v| v.to_bits()).collect()
 }
 
 /// Asserts |a − b| ≤ atol + rtol·|b| elementwise, and returns the largest error.

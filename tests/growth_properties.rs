@@ -11,6 +11,7 @@ use tokenformer::core::{Device, Rng, Tensor};
 use tokenformer::models::checkpoint::{load_checkpoint, save_checkpoint, Checkpoint};
 use tokenformer::models::growth::{grow_model, GrowSpec, LayerPlacement};
 use tokenformer::models::{GrowInit, ModelConfig, Theta, TokenFormer};
+use tokenformer::ops::testing::{bits, cases};
 
 #[derive(Debug, Clone)]
 struct Case {
@@ -61,10 +62,6 @@ fn tokens(case: &Case, salt: u64) -> Tensor {
     Tensor::from_vec(ids, &[case.batch, case.seq]).unwrap()
 }
 
-fn bits(t: &Tensor) -> Vec<u32> {
-    t.to_vec().unwrap().iter().map(|x| x.to_bits()).collect()
-}
-
 /// Loss and every parameter's gradient, by checkpoint name.
 fn loss_and_grads(
     model: &TokenFormer,
@@ -89,7 +86,7 @@ fn grow(model: &TokenFormer, (q, p, f): (usize, usize, usize), seed: u64) -> Tok
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 96, failure_persistence: None, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(96), failure_persistence: None, ..ProptestConfig::default() })]
 
     #[test]
     fn exact_growth_preserves_logits_loss_and_old_gradients(case in case()) {
@@ -228,7 +225,7 @@ fn depth_case() -> impl Strategy<Value = DepthCase> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 64, failure_persistence: None, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(64), failure_persistence: None, ..ProptestConfig::default() })]
 
     #[test]
     fn depth_growth_preserves_logits_loss_and_old_gradients(case in depth_case()) {

@@ -8,6 +8,7 @@ use proptest::prelude::*;
 use tokenformer::core::{Device, Rng, Tensor};
 use tokenformer::models::checkpoint::{load_checkpoint, save_checkpoint, Checkpoint};
 use tokenformer::models::{Arch, ModelConfig, Theta, TokenFormer};
+use tokenformer::ops::testing::{bits, cases};
 
 #[derive(Debug, Clone)]
 struct Case {
@@ -50,10 +51,6 @@ fn ids(case: &Case, salt: u64) -> Tensor {
     Tensor::from_vec(ids, &[case.batch, case.seq]).unwrap()
 }
 
-fn bits(t: &Tensor) -> Vec<u32> {
-    t.to_vec().unwrap().iter().map(|x| x.to_bits()).collect()
-}
-
 /// Logits, loss and every gradient (in checkpoint order) of `model`.
 fn outputs(model: &TokenFormer, ids: &Tensor, targets: &Tensor) -> (Vec<u32>, u32, Vec<Vec<u32>>) {
     let logits = bits(model.forward(ids).unwrap().value());
@@ -68,7 +65,7 @@ fn outputs(model: &TokenFormer, ids: &Tensor, targets: &Tensor) -> (Vec<u32>, u3
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 32, failure_persistence: None, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(32), failure_persistence: None, ..ProptestConfig::default() })]
 
     #[test]
     fn both_archs_share_every_op_but_the_projections(case in case()) {

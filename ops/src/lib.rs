@@ -155,5 +155,4 @@ pub(crate) fn strided_row_offset(
     offset
 }
 
-#[cfg(test)]
-pub(crate) mod testing;
+pub mod testing;

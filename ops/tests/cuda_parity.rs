@@ -45,6 +45,7 @@ use tokenformer_ops::softmax::{
     causal_softmax, causal_softmax_backward, log_softmax, log_softmax_backward, softmax,
     softmax_backward,
 };
+use tokenformer_ops::testing::randn;
 use tokenformer_ops::unary;
 
 #[derive(Clone, Copy)]
@@ -89,10 +90,6 @@ macro_rules! require_cuda {
             return;
         }
     };
-}
-
-fn randn(dims: &[usize], seed: u64) -> Tensor {
-    Tensor::randn(dims, 1.0, &mut Rng::new(seed))
 }
 
 fn uniform(dims: &[usize], low: f32, high: f32, seed: u64) -> Tensor {

@@ -128,31 +128,7 @@ pub fn div_backward(a: &Tensor, b: &Tensor, g: &Tensor) -> Result<(Tensor, Tenso
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{assert_close, check_grad as check, randn, values};
-
-    /// out[i] = f(a[ia], b[ib]) with the broadcast indices computed the slow, obvious way.
-    fn naive(a: &Tensor, b: &Tensor, f: impl Fn(f64, f64) -> f64) -> Vec<f64> {
-        let out = Shape::broadcast("naive", a.shape(), b.shape()).unwrap();
-        let (av, bv) = (values(a), values(b));
-        let index_into = |x: &Tensor, multi: &[usize]| -> usize {
-            let offset = multi.len() - x.rank();
-            let mut flat = 0;
-            for (axis, &d) in x.dims().iter().enumerate() {
-                flat = flat * d + if d == 1 { 0 } else { multi[axis + offset] };
-            }
-            flat
-        };
-        (0..out.numel())
-            .map(|mut flat| {
-                let mut multi = vec![0; out.rank()];
-                for axis in (0..out.rank()).rev() {
-                    multi[axis] = flat % out.dims()[axis];
-                    flat /= out.dims()[axis];
-                }
-                f(av[index_into(a, &multi)] as f64, bv[index_into(b, &multi)] as f64)
-            })
-            .collect()
-    }
+    use crate::testing::{bits, check_grad as check, naive_broadcast, randn};
 
     const SHAPE_PAIRS: &[(&[usize], &[usize])] = &[
         (&[3, 5], &[3, 5]),
@@ -171,40 +147,21 @@ mod tests {
         crate::kernels::check_op_table("binary", &names);
     }
 
+    /// The bits of f(a, b) element by element over the broadcast shape.
+    fn naive_bits(a: &Tensor, b: &Tensor, f: impl Fn(f32, f32) -> f32) -> Vec<u32> {
+        naive_broadcast(a, b, f).1.iter().map(|v| v.to_bits()).collect()
+    }
+
     #[test]
     fn forward_matches_naive_broadcast() {
         for (i, &(ad, bd)) in SHAPE_PAIRS.iter().enumerate() {
             let a = randn(ad, 10 + i as u64);
             let b = crate::unary::affine(&randn(bd, 20 + i as u64), 0.3, 2.0).unwrap();
             let what = format!("{ad:?} with {bd:?}");
-            assert_close(
-                &values(&add(&a, &b).unwrap()),
-                &naive(&a, &b, |x, y| x + y),
-                1e-6,
-                1e-6,
-                &what,
-            );
-            assert_close(
-                &values(&sub(&a, &b).unwrap()),
-                &naive(&a, &b, |x, y| x - y),
-                1e-6,
-                1e-6,
-                &what,
-            );
-            assert_close(
-                &values(&mul(&a, &b).unwrap()),
-                &naive(&a, &b, |x, y| x * y),
-                1e-6,
-                1e-6,
-                &what,
-            );
-            assert_close(
-                &values(&div(&a, &b).unwrap()),
-                &naive(&a, &b, |x, y| x / y),
-                1e-6,
-                1e-5,
-                &what,
-            );
+            assert_eq!(bits(&add(&a, &b).unwrap()), naive_bits(&a, &b, |x, y| x + y), "add {what}");
+            assert_eq!(bits(&sub(&a, &b).unwrap()), naive_bits(&a, &b, |x, y| x - y), "sub {what}");
+            assert_eq!(bits(&mul(&a, &b).unwrap()), naive_bits(&a, &b, |x, y| x * y), "mul {what}");
+            assert_eq!(bits(&div(&a, &b).unwrap()), naive_bits(&a, &b, |x, y| x / y), "div {what}");
         }
     }
 
@@ -212,21 +169,9 @@ mod tests {
     fn large_same_shape_and_row_broadcast_take_the_parallel_path() {
         let a = randn(&[301, 257], 1);
         let b = randn(&[257], 2);
-        assert_close(
-            &values(&mul(&a, &b).unwrap()),
-            &naive(&a, &b, |x, y| x * y),
-            0.0,
-            1e-7,
-            "row",
-        );
+        assert_eq!(bits(&mul(&a, &b).unwrap()), naive_bits(&a, &b, |x, y| x * y), "row");
         let c = randn(&[301, 257], 3);
-        assert_close(
-            &values(&add(&a, &c).unwrap()),
-            &naive(&a, &c, |x, y| x + y),
-            0.0,
-            1e-7,
-            "same",
-        );
+        assert_eq!(bits(&add(&a, &c).unwrap()), naive_bits(&a, &c, |x, y| x + y), "same");
     }
 
     #[test]

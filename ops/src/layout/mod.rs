@@ -146,20 +146,7 @@ pub fn concat_backward(g: &Tensor, sizes: &[usize], axis: usize) -> Result<Vec<T
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{check_grad, randn, values};
-
-    fn unravel(mut flat: usize, dims: &[usize]) -> Vec<usize> {
-        let mut index = vec![0; dims.len()];
-        for axis in (0..dims.len()).rev() {
-            index[axis] = flat % dims[axis];
-            flat /= dims[axis];
-        }
-        index
-    }
-
-    fn ravel(index: &[usize], dims: &[usize]) -> usize {
-        index.iter().zip(dims).fold(0, |acc, (&i, &d)| acc * d + i)
-    }
+    use crate::testing::{check_grad, randn, ravel, unravel, values};
 
     #[test]
     fn permute_matches_index_definition() {

@@ -141,27 +141,9 @@ mod tests {
     use super::*;
     use crate::testing::{assert_close, check_grad, randn, tensor, values};
 
-    /// The triple loop, in f64, reading the stored layouts directly.
+    /// The triple loop in f64 (the shared oracle), without its magnitudes.
     fn naive(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Vec<f64> {
-        let p = plan("naive", a, b, trans_a, trans_b).unwrap();
-        let (av, bv) = (values(a), values(b));
-        let mut out = Vec::new();
-        for batch in 0..p.batch {
-            let a0 = if p.a_shared { 0 } else { batch * p.m * p.k };
-            let b0 = if p.b_shared { 0 } else { batch * p.k * p.n };
-            for i in 0..p.m {
-                for j in 0..p.n {
-                    let mut acc = 0.0f64;
-                    for q in 0..p.k {
-                        let x = if trans_a { av[a0 + q * p.m + i] } else { av[a0 + i * p.k + q] };
-                        let y = if trans_b { bv[b0 + j * p.k + q] } else { bv[b0 + q * p.n + j] };
-                        acc += x as f64 * y as f64;
-                    }
-                    out.push(acc);
-                }
-            }
-        }
-        out
+        crate::testing::naive_matmul(a, b, trans_a, trans_b).0
     }
 
     /// Stored shape of an operand with `batch` dims, logical (rows × cols), maybe transposed.

@@ -189,28 +189,7 @@ pub fn max_backward(x: &Tensor, axis: usize, keepdim: bool, g: &Tensor) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{assert_close, check_grad, randn, tensor, values};
-
-    /// Σ over `axes` of x, computed by visiting every element and adding it to its output slot.
-    fn naive_sum(x: &Tensor, axes: &[usize]) -> Vec<f64> {
-        let dims = x.dims();
-        let kept = reduced_dims(dims, axes, true);
-        let mut out = vec![0.0f64; kept.iter().product()];
-        for (flat, &v) in values(x).iter().enumerate() {
-            let mut rest = flat;
-            let mut index = vec![0; dims.len()];
-            for axis in (0..dims.len()).rev() {
-                index[axis] = rest % dims[axis];
-                rest /= dims[axis];
-            }
-            let slot = index
-                .iter()
-                .zip(&kept)
-                .fold(0, |acc, (&i, &k)| acc * k + if k == 1 { 0 } else { i });
-            out[slot] += v as f64;
-        }
-        out
-    }
+    use crate::testing::{assert_close, check_grad, naive_sum, randn, tensor, values};
 
     #[test]
     fn sum_and_mean_match_naive() {
