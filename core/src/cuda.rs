@@ -73,7 +73,7 @@ pub struct CudaStorage {
 pub struct MemoryStats {
     /// Bytes held by tensors now.
     pub allocated_bytes: usize,
-    /// The most bytes held by tensors at once since the device was opened (or `reset_peak`).
+    /// The most bytes held by tensors at once since the device was opened.
     pub peak_bytes: usize,
     /// Free and total device memory as the driver reports them (all processes, all
     /// allocations, including cuBLAS workspaces and the memory pool's reserve).
@@ -396,10 +396,6 @@ impl CudaBackend {
     pub fn name(&self) -> Result<String> {
         self.context.name().map_err(|e| cuda_err("device name", e))
     }
-    /// The device's memory in bytes.
-    pub fn total_memory(&self) -> Result<usize> {
-        self.context.total_mem().map_err(|e| cuda_err("device memory", e))
-    }
     /// (major, minor), e.g. (9, 0) for an H100.
     pub fn compute_capability(&self) -> Result<(i32, i32)> {
         self.context.compute_capability().map_err(|e| cuda_err("compute capability", e))
@@ -415,10 +411,6 @@ impl CudaBackend {
             free_bytes,
             total_bytes,
         })
-    }
-    /// Starts a new peak measurement from what is allocated now.
-    pub fn reset_peak(&self) {
-        self.peak_bytes.store(self.allocated_bytes.load(Ordering::Relaxed), Ordering::Relaxed);
     }
 
     /// Runs `call` (named `what` in errors) with the cuBLAS handle of this backend's stream, its
@@ -626,7 +618,7 @@ impl CudaStorage {
     /// The CUDA storage of `t`, or an error naming `op` when `t` lives elsewhere.
     pub fn of<'t>(t: &'t Tensor, op: &'static str) -> Result<&'t CudaStorage> {
         t.cuda_storage().ok_or_else(|| {
-            Error::shape(op, format!("expected a CUDA tensor, got one on {}", t.device()))
+            Error::device(op, format!("expected a CUDA tensor, got one on {}", t.device()))
         })
     }
 

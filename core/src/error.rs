@@ -11,6 +11,15 @@ pub enum Error {
     /// Operands that live on different devices.
     #[error("{op}: operands are on different devices ({lhs} and {rhs})")]
     DeviceMismatch { op: &'static str, lhs: String, rhs: String },
+    /// A tensor on a device the code at hand cannot read (a CPU kernel given a GPU tensor).
+    #[error("{op}: {msg}")]
+    Device { op: &'static str, msg: String },
+    /// A value an op cannot take that is not a shape: a step of 0, a τ that is not positive.
+    #[error("{op}: {msg}")]
+    Argument { op: &'static str, msg: String },
+    /// An id outside its range: a token id or target that is not an integer in [0, vocab).
+    #[error("{op}: {msg}")]
+    Index { op: &'static str, msg: String },
     /// A CUDA library, driver call, kernel compilation or launch that failed.
     #[error("cuda: {0}")]
     Cuda(String),
@@ -31,6 +40,15 @@ impl Error {
     pub fn shape(op: &'static str, msg: impl Into<String>) -> Self {
         Error::Shape { op, msg: msg.into() }
     }
+    pub fn device(op: &'static str, msg: impl Into<String>) -> Self {
+        Error::Device { op, msg: msg.into() }
+    }
+    pub fn argument(op: &'static str, msg: impl Into<String>) -> Self {
+        Error::Argument { op, msg: msg.into() }
+    }
+    pub fn index(op: &'static str, msg: impl Into<String>) -> Self {
+        Error::Index { op, msg: msg.into() }
+    }
     pub fn io(path: impl std::fmt::Display, err: impl std::fmt::Display) -> Self {
         Error::Io { path: path.to_string(), msg: err.to_string() }
     }
@@ -40,12 +58,4 @@ impl Error {
     pub fn invalid(msg: impl Into<String>) -> Self {
         Error::Invalid(msg.into())
     }
-}
-
-/// `bail!(Error::shape(...))`-style early return, kept tiny on purpose.
-#[macro_export]
-macro_rules! shape_err {
-    ($op:expr, $($arg:tt)*) => {
-        return Err($crate::Error::shape($op, format!($($arg)*)))
-    };
 }

@@ -76,11 +76,6 @@ impl Tensor {
         Tensor::full(dims, 1.0, device)
     }
 
-    /// 0, 1, …, n−1 as a 1-D CPU tensor.
-    pub fn arange(n: usize) -> Tensor {
-        Tensor::from_storage(Storage::Cpu((0..n).map(|i| i as f32).collect()), Shape::new(&[n]))
-    }
-
     /// Samples from N(0, std²), drawn in row-major order from `rng` on the CPU.
     pub fn randn(dims: &[usize], std: f32, rng: &mut Rng) -> Tensor {
         let shape = Shape::new(dims);
@@ -128,7 +123,7 @@ impl Tensor {
     /// The CPU data, or an error naming `op` for a tensor on another device.
     pub fn cpu_slice(&self, op: &'static str) -> Result<&[f32]> {
         self.cpu_data().ok_or_else(|| {
-            Error::shape(op, format!("expected a CPU tensor, got one on {}", self.device()))
+            Error::device(op, format!("expected a CPU tensor, got one on {}", self.device()))
         })
     }
 
@@ -266,7 +261,6 @@ mod tests {
             "{err}"
         );
         assert!(Tensor::from_vec(vec![1.0; 5], &[2, 3]).is_err());
-        assert_eq!(Tensor::arange(4).to_vec().unwrap(), vec![0.0, 1.0, 2.0, 3.0]);
         let a = Tensor::randn(&[3, 4], 1.0, &mut Rng::new(3));
         let b = Tensor::randn(&[3, 4], 1.0, &mut Rng::new(3));
         assert_eq!(a.to_vec().unwrap(), b.to_vec().unwrap());

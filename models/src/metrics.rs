@@ -195,10 +195,10 @@ pub fn read_metrics(path: &Path) -> Result<Vec<Record>> {
     Ok(records)
 }
 
-/// (step, loss) points, as `plot_losses` takes them.
+/// (step, loss) points, as `plot_run` takes them.
 pub type Series = Vec<(u64, f64)>;
 
-/// The (step, loss) and (step, val_loss) series of a metrics file, ready for `plot_losses`.
+/// The (step, loss) and (step, val_loss) series of a metrics file, ready for `plot_run`.
 pub fn loss_series(records: &[Record]) -> (Series, Series) {
     let train = records.iter().map(|r| (r.step, r.loss)).collect();
     let val = records.iter().filter_map(|r| Some((r.step, r.val_loss?))).collect();

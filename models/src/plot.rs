@@ -19,7 +19,7 @@ const FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
 const SIZE: (u32, u32) = (1000, 600);
 
 /// Registers the built-in font as plotters' `sans-serif` family (once per process). Call it
-/// before drawing any text with plotters; `plot_losses` does.
+/// before drawing any text with plotters; `plot_run` does.
 pub fn ensure_font() -> Result<()> {
     static REGISTERED: OnceLock<bool> = OnceLock::new();
     let ok =
@@ -42,17 +42,8 @@ pub fn growth_steps(records: &[Record]) -> Vec<u64> {
 /// are left out. The picture is drawn in memory, encoded as PNG into a new temporary file
 /// (created exclusively: never through a link planted in the run directory) and renamed over
 /// `path`, so a reader (or a crash) never sees half a PNG.
-pub fn plot_losses(
-    path: &Path,
-    train: &[(u64, f64)],
-    val: &[(u64, f64)],
-    title: &str,
-) -> Result<()> {
-    plot_run(path, train, val, &[], title)
-}
-
-/// [`plot_losses`] with a vertical dashed line after each step of `growth` (the model grew
-/// there).
+///
+/// A vertical dashed line marks each step of `growth` (the model grew there).
 pub fn plot_run(
     path: &Path,
     train: &[(u64, f64)],
@@ -193,11 +184,11 @@ mod tests {
         let mut val: Vec<(u64, f64)> =
             (0..=5).map(|i| (i * 100, 1.6 + 3.0 * (-(i as f64) * 100.0 / 80.0).exp())).collect();
         val.push((550, f64::NAN));
-        plot_losses(&path, &train, &val, "tiny on tinyshakespeare").unwrap();
+        plot_run(&path, &train, &val, &[], "tiny on tinyshakespeare").unwrap();
         let bytes = std::fs::read(&path).unwrap();
         assert!(bytes.len() > 1000);
         assert_eq!(&bytes[1..4], b"PNG");
-        assert!(plot_losses(&dir.join("none.png"), &[], &[(1, f64::NAN)], "x").is_err());
+        assert!(plot_run(&dir.join("none.png"), &[], &[(1, f64::NAN)], &[], "x").is_err());
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1, "temporary file left behind");
         // A full disk is one plain sentence, not debug text.
         let full = std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();

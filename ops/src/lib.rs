@@ -32,7 +32,7 @@ pub mod unary;
 /// The device every operand lives on, or `Error::DeviceMismatch` naming `op`.
 pub fn same_device(op: &'static str, tensors: &[&Tensor]) -> Result<Device> {
     let Some(first) = tensors.first() else {
-        return Err(Error::shape(op, "no operands"));
+        return Err(Error::argument(op, "no operands"));
     };
     let device = first.device();
     for t in &tensors[1..] {
@@ -90,7 +90,7 @@ pub(crate) fn check_ids(op: &'static str, ids: &Tensor, bound: usize) -> Result<
         // Written so that NaN fails the test; `fract` of ±inf is NaN, so it fails too.
         let valid = id >= 0.0 && id.fract() == 0.0 && (id as usize) < bound;
         if !valid {
-            return Err(Error::shape(
+            return Err(Error::index(
                 op,
                 format!("id {id} at position {position} is not an integer in [0, {bound})"),
             ));
@@ -156,3 +156,23 @@ pub(crate) fn strided_row_offset(
 }
 
 pub mod testing;
+
+#[cfg(test)]
+mod tests {
+    use crate::testing::{randn, tensor};
+    use tokenformer_core::Error;
+
+    #[test]
+    fn errors_say_what_kind_of_mistake_they_are() {
+        let table = randn(&[4, 2], 1);
+        let bad_id = crate::embedding::embedding(&table, &tensor(vec![0.0, 4.0], &[2]));
+        assert!(matches!(bad_id, Err(Error::Index { op: "embedding", .. })), "{bad_id:?}");
+        let bad_tau = crate::pattention_norm::pattention_norm(&table, Default::default(), 0.0);
+        assert!(matches!(bad_tau, Err(Error::Argument { op: "pattention_norm", .. })));
+        let bad_base = crate::rope::rope_tables(4, 2, -1.0);
+        assert!(matches!(bad_base, Err(Error::Argument { op: "rope_tables", .. })));
+        assert!(matches!(super::same_device("concat", &[]), Err(Error::Argument { .. })));
+        let bad_shape = crate::binary::add(&table, &randn(&[3], 2));
+        assert!(matches!(bad_shape, Err(Error::Shape { op: "add", .. })), "{bad_shape:?}");
+    }
+}

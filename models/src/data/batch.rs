@@ -153,11 +153,6 @@ impl ValWindows<'_> {
     pub fn num_windows(&self) -> usize {
         self.count
     }
-
-    /// Number of predicted tokens in the full pass (windows × seq).
-    pub fn num_tokens(&self) -> usize {
-        self.count * self.seq
-    }
 }
 
 impl Iterator for ValWindows<'_> {
@@ -239,7 +234,7 @@ mod tests {
         let data = ramp(100);
         // 99 / 10 = 9 windows available; ask for 5 in batches of 2 → 2 + 2 + 1.
         let v = val_windows(&data, 2, 10, 5).unwrap();
-        assert_eq!((v.num_windows(), v.num_tokens()), (5, 50));
+        assert_eq!(v.num_windows(), 5);
         let batches: Vec<Batch> = v.collect();
         assert_eq!(batches.iter().map(|b| b.batch).collect::<Vec<_>>(), [2, 2, 1]);
         let targets: Vec<f32> = batches.iter().flat_map(|b| b.targets.clone()).collect();

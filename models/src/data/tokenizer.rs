@@ -74,15 +74,6 @@ impl Tokenizer {
         self.vocab_size().div_ceil(128) * 128
     }
 
-    /// The end-of-text token, if the tokenizer has one.
-    pub fn eot(self) -> Option<u32> {
-        match self {
-            Tokenizer::Byte => None,
-            Tokenizer::Gpt2 => Some(50_256),
-            Tokenizer::NeoX => Some(0),
-        }
-    }
-
     /// Encodes text. Special-token strings such as `<|endoftext|>` in the text are encoded as
     /// ordinary text by `gpt2`; `neox` (like the reference implementation) matches its added
     /// tokens wherever they occur.

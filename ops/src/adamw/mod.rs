@@ -78,7 +78,7 @@ pub fn adamw_step(
         ));
     }
     if step == 0 {
-        return Err(Error::shape("adamw_step", "step counts from 1, got 0"));
+        return Err(Error::argument("adamw_step", "step counts from 1, got 0"));
     }
     match device {
         Device::Cpu => cpu::adamw_step(param, grad, m, v, hp, step),
@@ -114,7 +114,7 @@ pub fn clip_factor(sum_of_squares: &Tensor, max_norm: f32) -> Result<(Tensor, Te
         ));
     }
     if !(max_norm.is_finite() && max_norm > 0.0) {
-        return Err(Error::shape(
+        return Err(Error::argument(
             "clip_factor",
             format!("max_norm must be positive, got {max_norm}"),
         ));
@@ -157,7 +157,7 @@ pub fn adamw_step_many(
         ));
     }
     if step == 0 {
-        return Err(Error::shape(op, "step counts from 1, got 0"));
+        return Err(Error::argument(op, "step counts from 1, got 0"));
     }
     if let Some(scale) = grad_scale {
         if scale.numel() != 1 {

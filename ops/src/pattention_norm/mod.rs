@@ -66,7 +66,7 @@ impl std::str::FromStr for Theta {
 
 fn check_tau(op: &'static str, tau: f32) -> Result<()> {
     if !(tau.is_finite() && tau > 0.0) {
-        return Err(Error::shape(op, format!("tau must be finite and positive, got {tau}")));
+        return Err(Error::argument(op, format!("tau must be finite and positive, got {tau}")));
     }
     Ok(())
 }

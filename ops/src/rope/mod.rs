@@ -16,10 +16,13 @@ use tokenformer_core::{Device, Error, Result, Tensor};
 /// (cos, sin), each [seq, rotary_dims/2], on the CPU.
 pub fn rope_tables(seq: usize, rotary_dims: usize, base: f64) -> Result<(Tensor, Tensor)> {
     if !rotary_dims.is_multiple_of(2) {
-        return Err(Error::shape("rope_tables", format!("rotary_dims {rotary_dims} is odd")));
+        return Err(Error::argument("rope_tables", format!("rotary_dims {rotary_dims} is odd")));
     }
     if !(base.is_finite() && base > 0.0) {
-        return Err(Error::shape("rope_tables", format!("base {base} is not a positive number")));
+        return Err(Error::argument(
+            "rope_tables",
+            format!("base {base} is not a positive number"),
+        ));
     }
     let half = rotary_dims / 2;
     let inv_freq: Vec<f64> =

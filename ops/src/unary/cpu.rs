@@ -154,9 +154,10 @@ pub(crate) fn backward(op: Unary, v: &Tensor, g: &Tensor, p: f32) -> Result<Tens
         Unary::Relu => zip(name, v, g, |x, g| if x > 0.0 { g } else { 0.0 }),
         Unary::Tanh => zip(name, v, g, |y, g| g * (1.0 - y * y)),
         Unary::Sigmoid => zip(name, v, g, |y, g| g * y * (1.0 - y)),
-        Unary::Neg | Unary::Affine => Err(Error::invalid(format!(
-            "{name}: a linear op has no backward kernel; its backward is the op applied to g"
-        ))),
+        Unary::Neg | Unary::Affine => Err(Error::argument(
+            name,
+            "a linear op has no backward kernel; its backward is the op applied to g",
+        )),
     }
 }
 
