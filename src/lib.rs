@@ -3,11 +3,11 @@
 //!
 //! The crates, in the order a reader should take them (each depends only on those before it):
 //!
-//! - [`core`](crate::core): tensors (shape, CPU and CUDA storage, devices, errors, seeded RNG, safetensors)
-//! - [`ops`](crate::ops): kernels, one family per module, CPU reference and CUDA side by side, forward and
+//! - [`core`] — tensors (shape, CPU and CUDA storage, devices, errors, seeded RNG, safetensors)
+//! - [`ops`] — kernels, one family per module, CPU reference and CUDA side by side, forward and
 //!   backward
-//! - [`autograd`](crate::autograd): the dynamic graph (`Var`, `backward`, `no_grad`, `gradcheck`)
-//! - [`models`](crate::models): Pattention, the language model, presets, growth, AdamW, data, training,
+//! - [`autograd`] — the dynamic graph (`Var`, `backward`, `no_grad`, `gradcheck`)
+//! - [`models`] — Pattention, the language model, presets, growth, AdamW, data, training,
 //!   checkpoints
 //!
 //! The model, its growth rules and its file formats are specified in `docs/SPEC.md`; comments

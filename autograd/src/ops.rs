@@ -369,7 +369,7 @@ impl Var {
 
     // ---- language-model pieces ----
 
-    /// Mean cross-entropy of these logits [N, V] against integer targets [N].
+    /// Mean cross-entropy of these logits `[N, V]` against integer targets `[N]`.
     pub fn cross_entropy(&self, targets: &Tensor) -> Result<Var> {
         let (loss, lse) = cross_entropy::cross_entropy(self.value(), targets)?;
         let (logits, targets) = (self.value().clone(), targets.clone());

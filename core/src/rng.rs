@@ -1,4 +1,4 @@
-//! A seeded random generator of our own (xoshiro256** seeded by SplitMix64), so the same seed
+//! A seeded random generator of our own (`xoshiro256**` seeded by SplitMix64), so the same seed
 //! gives the same numbers on every machine and every build. Normals use Box–Muller with libm's
 //! pure-Rust `log`/`cos`/`sin`, not the platform's math library, for the same reason.
 

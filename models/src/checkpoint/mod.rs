@@ -11,8 +11,8 @@
 //! ```
 //!
 //! How a save stays safe when the process dies halfway, and how a reader gets the last
-//! committed checkpoint while a run keeps saving, is the business of [`commit`]; what a config
-//! implies for the tensors (names, shapes, order) and how `config.json` is read, of [`format`].
+//! committed checkpoint while a run keeps saving, is the business of `commit`; what a config
+//! implies for the tensors (names, shapes, order) and how `config.json` is read, of `format`.
 //!
 //! Loading never writes: `info`, `eval`, `generate` and `grow` can read a directory another
 //! process is training into, or one they may not write to. Saving takes the directory's lock

@@ -1,15 +1,23 @@
 //! AdamW, one fused elementwise step, and the sum of squares used for global-norm clipping.
 //!
 //! With gradient g at step t (1-based):
-//!   m ← β1·m + (1 − β1)·g,   v ← β2·v + (1 − β2)·g²,
-//!   m̂ = m/(1 − β1ᵗ),   v̂ = v/(1 − β2ᵗ),
-//!   p ← p·(1 − lr·wd) − lr·m̂/(√v̂ + eps)
+//!
+//! ```text
+//! m ← β1·m + (1 − β1)·g,   v ← β2·v + (1 − β2)·g²,
+//! m̂ = m/(1 − β1ᵗ),   v̂ = v/(1 − β2ᵗ),
+//! p ← p·(1 − lr·wd) − lr·m̂/(√v̂ + eps)
+//! ```
+//!
 //! Weight decay is decoupled and applied first, as in PyTorch's AdamW; the bias corrections
 //! are computed in f64, and the update is applied as PyTorch does:
-//! p − (lr/(1 − β1ᵗ))·m/(√v/√(1 − β2ᵗ) + eps). An optimizer step has no backward.
+//! `p − (lr/(1 − β1ᵗ))·m/(√v/√(1 − β2ᵗ) + eps)`. An optimizer step has no backward.
 //!
 //! Global-norm clipping scales every gradient by
-//!   factor = max_norm / max(√(Σ_tensors Σ g²) + 1e-6, max_norm)      (exactly 1 when unclipped)
+//!
+//! ```text
+//! factor = max_norm / max(√(Σ_tensors Σ g²) + 1e-6, max_norm)      (exactly 1 when unclipped)
+//! ```
+//!
 //! The one-tensor ops (`adamw_step`, `sum_squares`) cost a few kernels and buffers per
 //! parameter; the multi-tensor ones (`sum_squares_many`, `clip_factor`, `adamw_step_many`) do a
 //! whole model's step in a handful of launches, updating the moments (and the parameters, when

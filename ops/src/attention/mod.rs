@@ -1,5 +1,6 @@
 //! Causal scaled dot-product attention per head, in two versions of the same function.
 //!
+//! ```text
 //! Forward, per (batch, head), with q, k, v [T, d_h] and s = 1/√d_h:
 //!   S = s·q·kᵀ                       [T, T]
 //!   P = causal_softmax(S)            row i over the keys j ≤ i, zero beyond
@@ -7,6 +8,7 @@
 //! Backward, with G = ∂L/∂out:
 //!   gv = Pᵀ·G,   gP = G·vᵀ,   gS = P ⊙ (gP − D),  D_i = Σ_j P_ij·gP_ij   (softmax's Jacobian)
 //!   gq = s·gS·k,   gk = s·gSᵀ·q.
+//! ```
 //!
 //! **Plain** (`causal_attention`, `causal_attention_backward`): the lines above as ops of the
 //! matmul and softmax families, each dispatching on the device itself (GEMMs through cuBLAS on
@@ -25,12 +27,21 @@
 //! The fused kernels walk key tiles in order for each tile of query rows, skip the tiles that
 //! lie wholly after the row tile (masked), and keep per row a running maximum m, a running sum
 //! l and an unnormalised output o (the online softmax). For each key tile J:
-//!   m′ = max(m, max_{j∈J} S_ij),   c = e^(m − m′)
-//!   l′ = c·l + Σ_{j∈J} e^(S_ij − m′),   o′ = c·o + Σ_{j∈J} e^(S_ij − m′)·v_j
-//! and at the end out_i = o/l = Σ_j e^(S_ij)·v_j / Σ_j e^(S_ij) (the factors e^−m cancel), and
-//! lse_i = m + ln l = ln Σ_j e^(S_ij), the only thing kept for the backward pass besides out.
-//! The backward pass recomputes each tile of P as P_ij = e^(S_ij − lse_i) and takes D from out:
-//!   D_i = Σ_j P_ij·(G_i·v_j) = G_i·(Σ_j P_ij·v_j) = G_i·out_i,
+//!
+//! ```text
+//! m′ = max(m, max_{j∈J} S_ij),   c = e^(m − m′)
+//! l′ = c·l + Σ_{j∈J} e^(S_ij − m′),   o′ = c·o + Σ_{j∈J} e^(S_ij − m′)·v_j
+//! ```
+//!
+//! and at the end `out_i = o/l = Σ_j e^(S_ij)·v_j / Σ_j e^(S_ij)` (the factors `e^−m` cancel),
+//! and `lse_i = m + ln l = ln Σ_j e^(S_ij)`, the only thing kept for the backward pass besides
+//! out. The backward pass recomputes each tile of P as `P_ij = e^(S_ij − lse_i)` and takes D
+//! from out:
+//!
+//! ```text
+//! D_i = Σ_j P_ij·(G_i·v_j) = G_i·(Σ_j P_ij·v_j) = G_i·out_i,
+//! ```
+//!
 //! so no row of P is needed whole; then gv, gk, gq gather their tile terms as above.
 //!
 //! Which one runs is chosen at run time by the autograd op (`fused_enabled`); both stay

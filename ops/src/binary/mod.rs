@@ -4,7 +4,11 @@
 //! broadcast shape of the two.
 //!
 //! Backward, with g = ∂L/∂out, the local derivatives give
-//!   add: (g, g)    sub: (g, −g)    mul: (g·b, g·a)    div: (g/b, −g·a/b²),
+//!
+//! ```text
+//! add: (g, g)    sub: (g, −g)    mul: (g·b, g·a)    div: (g/b, −g·a/b²),
+//! ```
+//!
 //! and an operand that was stretched along an axis receives the sum of its gradient along that
 //! axis (`reduce::sum_to_shape`): each of its elements fed every position it was copied to.
 //! The backward rules are written with these ops themselves, so one version serves every device.

@@ -1,13 +1,16 @@
 //! Mean cross-entropy of logits against integer targets, fused with the log-softmax.
 //!
-//! Forward, for row i with target t_i: lse_i = m_i + ln Σ_j e^(x_ij − m_i) (m_i the row max,
-//! for stability), loss = (1/N)·Σ_i (lse_i − x_{i,t_i}). The per-row lse is returned for the
-//! backward pass.
+//! ```text
+//! Forward, for row i with target t_i (m_i the row max, for stability):
+//!   lse_i = m_i + ln Σ_j e^(x_ij − m_i),   loss = (1/N)·Σ_i (lse_i − x_{i,t_i})
+//! Backward, with g = ∂L/∂loss and [j = t_i] the indicator:
+//!   ∂lse_i/∂x_ij = softmax(x_i)_j = e^(x_ij − lse_i),   ∂x_{i,t_i}/∂x_ij = [j = t_i],
+//!   ∂L/∂x_ij = g·(softmax(x_i)_j − [j = t_i])/N
+//! ```
 //!
-//! Backward: ∂lse_i/∂x_ij = softmax(x_i)_j = e^(x_ij − lse_i), and ∂x_{i,t_i}/∂x_ij = [j = t_i],
-//! so with g = ∂L/∂loss: ∂L/∂x_ij = g·(softmax(x_i)_j − [j = t_i])/N.
+//! The per-row lse is returned for the backward pass.
 //!
-//! Targets: on the CPU a target that is not an integer in [0, V) is an error naming it. On a
+//! Targets: on the CPU a target that is not an integer in `[0, V)` is an error naming it. On a
 //! GPU the targets are not copied back to be checked (that would stall every training step);
 //! they are checked where they are made — the trainer, `eval` and `generate` check ids on the
 //! host before the upload. An invalid target that reaches the GPU kernels anyway makes that
@@ -39,7 +42,7 @@ fn check_logits_targets(op: &'static str, logits: &Tensor, targets: &Tensor) -> 
     check_ids(op, targets, logits.dims()[1])
 }
 
-/// (mean loss as a scalar tensor, logsumexp of every row [N]).
+/// (mean loss as a scalar tensor, logsumexp of every row `[N]`).
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<(Tensor, Tensor)> {
     let device = same_device("cross_entropy", &[logits, targets])?;
     check_logits_targets("cross_entropy", logits, targets)?;

@@ -1,11 +1,14 @@
-//! Embedding lookup: row `id` of a [V, d] table for every id.
+//! Embedding lookup: row `id` of a `[V, d]` table for every id.
 //!
-//! Forward: out[p, :] = weight[ids[p], :].
-//! Backward: each table row receives the sum of the gradients of the positions that read it,
-//! gW[v, :] = Σ_{p : ids[p] = v} g[p, :] (a scatter-add, done in position order so that the
-//! result is deterministic).
+//! ```text
+//! Forward:   out[p, :] = weight[ids[p], :]
+//! Backward:  gW[v, :] = Σ_{p : ids[p] = v} g[p, :]
+//! ```
 //!
-//! Ids: on the CPU an id that is not an integer in [0, V) is an error naming it. On a GPU the
+//! Each table row receives the sum of the gradients of the positions that read it (a
+//! scatter-add, done in position order so that the result is deterministic).
+//!
+//! Ids: on the CPU an id that is not an integer in `[0, V)` is an error naming it. On a GPU the
 //! ids are not copied back to be checked (that would stall every training step); they are
 //! checked where they are made — the trainer, `eval` and `generate` check them on the host
 //! before the upload. An invalid id that reaches the GPU kernels anyway gives a NaN row in the

@@ -1,11 +1,15 @@
 //! Layer normalisation over the last axis (biased variance), with optional weight and bias.
 //!
-//! Forward, for a row x of length d: μ = Σx/d, σ² = Σ(x − μ)²/d, r = 1/√(σ² + eps),
-//! x̂ = (x − μ)·r, y = x̂ ⊙ w + b (w = 1, b = 0 when absent). μ and r are kept for backward.
+//! ```text
+//! Forward, for a row x of length d (w = 1, b = 0 when absent):
+//!   μ = Σx/d,   σ² = Σ(x − μ)²/d,   r = 1/√(σ² + eps),   x̂ = (x − μ)·r,   y = x̂ ⊙ w + b
+//! Backward, with g = ∂L/∂y and ĝ = g ⊙ w:
+//!   gb = Σ_rows g,   gw = Σ_rows g ⊙ x̂,
+//!   and, since ∂x̂_j/∂x_l = r(δ_jl − 1/d − x̂_j x̂_l/d),
+//!   gx = r·(ĝ − mean(ĝ) − x̂ ⊙ mean(ĝ ⊙ x̂))
+//! ```
 //!
-//! Backward, with g = ∂L/∂y and ĝ = g ⊙ w: gb = Σ_rows g, gw = Σ_rows g ⊙ x̂, and, since
-//! ∂x̂_j/∂x_l = r(δ_jl − 1/d − x̂_j x̂_l/d),
-//!   gx = r·(ĝ − mean(ĝ) − x̂ ⊙ mean(ĝ ⊙ x̂)).
+//! μ and r are kept for the backward pass.
 
 mod cpu;
 mod cuda;
@@ -20,7 +24,7 @@ pub struct LayerNormStats {
     pub rstd: Tensor,
 }
 
-/// Checks an optional per-feature parameter: shape [d], on x's device.
+/// Checks an optional per-feature parameter: shape `[d]`, on x's device.
 fn check_param(op: &'static str, x: &Tensor, p: Option<&Tensor>, name: &str) -> Result<()> {
     let Some(p) = p else { return Ok(()) };
     same_device(op, &[x, p])?;

@@ -19,7 +19,7 @@ pub(crate) fn permute(x: &Tensor, perm: &[usize]) -> Result<Tensor> {
     strided_gather("permute", x, &out_dims, &read_strides)
 }
 
-/// out[c] = x[Σ_k c_k·read_strides[k]] for every coordinate c of `out_dims`. Every stride must
+/// `out[c] = x[Σ_k c_k·read_strides[k]]` for every coordinate c of `out_dims`. Every stride must
 /// keep the offsets inside x: x's own strides, permuted, or 0 on an axis x is stretched along.
 pub(crate) fn strided_gather(
     name: &'static str,

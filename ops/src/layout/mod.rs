@@ -1,7 +1,7 @@
 //! Moving data without arithmetic: permute (and transpose), narrow, concat.
 //!
-//! Forward: permute gives out[i₀, …] = x[i_perm⁻¹…], i.e. out.dims[k] = x.dims[perm[k]];
-//! narrow keeps indices start..start+len of one axis; concat joins tensors along one axis.
+//! Forward: permute moves axis `perm[k]` of x to position k (`out.dims[k] = x.dims[perm[k]]`);
+//! narrow keeps indices `start..start+len` of one axis; concat joins tensors along one axis.
 //!
 //! Backward: each op only moves elements, so the gradient moves them back: permute by the
 //! inverse permutation, narrow by writing g into zeros at the same offset, concat by narrowing
@@ -27,7 +27,7 @@ fn check_perm(op: &'static str, dims: &[usize], perm: &[usize]) -> Result<()> {
     Ok(())
 }
 
-/// Reorders the axes: out.dims[k] = x.dims[perm[k]].
+/// Reorders the axes: `out.dims[k] = x.dims[perm[k]]`.
 pub fn permute(x: &Tensor, perm: &[usize]) -> Result<Tensor> {
     check_perm("permute", x.dims(), perm)?;
     match x.device() {
@@ -92,7 +92,7 @@ pub fn permute_backward(g: &Tensor, perm: &[usize]) -> Result<Tensor> {
     permute(g, &inverse)
 }
 
-/// ∂L/∂x of narrow(x, axis, start, g.dims[axis]) for x shaped `input_dims`.
+/// ∂L/∂x of `narrow(x, axis, start, g.dims[axis])` for x shaped `input_dims`.
 pub fn narrow_backward(
     g: &Tensor,
     input_dims: &[usize],

@@ -1,15 +1,16 @@
 //! Matrix multiplication with transpose flags, batched or with one operand shared.
 //!
-//! Forward: C = op(A)·op(B), op(X) = Xᵀ when its flag is set, so C[i,j] = Σ_p op(A)[i,p]·op(B)[p,j].
-//! A is [..., m, k] ([..., k, m] when trans_a), B is [..., k, n] ([..., n, k] when trans_b);
-//! the batch dims agree, or one operand is a rank-2 matrix shared by every batch of the other.
-//! Transposes are read through strides, never copied.
-//!
-//! Backward, with G = ∂L/∂C: ∂L/∂op(A) = G·op(B)ᵀ and ∂L/∂op(B) = op(A)ᵀ·G, transposed back
-//! when the operand itself was stored transposed. Written again as products with flags:
+//! ```text
+//! Forward:   C = op(A)·op(B),   op(X) = Xᵀ when its flag is set,
+//!            C[i,j] = Σ_p op(A)[i,p]·op(B)[p,j]
+//! Backward, with G = ∂L/∂C (transposed back when the operand was stored transposed):
 //!   gA = G·op(B)ᵀ          (trans_a: gA = op(B)·Gᵀ)
 //!   gB = op(A)ᵀ·G          (trans_b: gB = Gᵀ·op(A))
-//! A shared operand was used by every batch, so its gradient sums over the batch; when A's
+//! ```
+//!
+//! A is `[..., m, k]` (`[..., k, m]` when trans_a), B is `[..., k, n]` (`[..., n, k]` when
+//! trans_b); the batch dims agree, or one operand is a rank-2 matrix shared by every batch of
+//! the other. Transposes are read through strides, never copied. A shared operand was used by every batch, so its gradient sums over the batch; when A's
 //! batch can be folded into its rows, that sum is one GEMM over the folded rows.
 
 mod cpu;

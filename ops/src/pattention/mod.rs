@@ -1,14 +1,16 @@
 //! Pattention as one op (SPEC §1): attention from input rows X to n parameter tokens.
 //!
+//! ```text
 //! Forward, for X [..., d_in], keys K [n, d_in], values V [n, d_out]:
 //!   A = X·Kᵀ      [..., n]     the scores, returned for the backward pass
 //!   S = Θ(A)      row-wise     (the pattention_norm family)
 //!   O = S·V       [..., d_out]
 //! Backward, with g_O = ∂L/∂O and S recomputed from A (so S is never kept):
 //!   g_V = Sᵀ·g_O,   g_S = g_O·Vᵀ,   g_A = Θ′(A; g_S),   g_K = g_Aᵀ·X,   g_X = g_A·K
+//! ```
 //!
 //! What is fused, and why. Written as a chain of ops (`composed` below: two matmuls and Θ,
-//! then their backward rules), every step is a full pass over a [rows, n] array in memory, its
+//! then their backward rules), every step is a full pass over a `[rows, n]` array in memory, its
 //! own parallel region and its own allocation, and the Pattentions are where a step spends its
 //! time (90% of a `tiny` 8 × 64 step in `bench --profile`). The CPU kernel instead walks the
 //! rows in blocks that stay in cache: per block it computes the scores, Θ and the value product

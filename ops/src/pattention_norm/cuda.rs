@@ -8,7 +8,7 @@ use tokenformer_core::{Result, Tensor};
 
 const KERNELS: &KernelSource = crate::kernels::source("pattention_norm");
 
-/// The kernel's code for each variant (the THETA_* defines of kernels.cu).
+/// The kernel's code for each variant (the `THETA_*` defines of kernels.cu).
 fn theta_code(theta: Theta) -> i32 {
     match theta {
         Theta::L2NormGelu => 0,

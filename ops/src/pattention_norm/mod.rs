@@ -1,18 +1,25 @@
 //! Θ, the normalisation of Pattention scores (SPEC §1), row-wise over the last axis (the n
 //! parameter tokens), with τ a constant of the layer.
 //!
+//! ```text
 //! Forward, for one row a:
 //!   L2NormGelu:  r = ‖a‖,  z = τ·a/r,  S = GELU(z)
 //!   GeluL2Norm:  h = GELU(a),  ρ = ‖h‖,  S = τ·h/ρ
 //!   Softmax:     S = τ²·softmax(a)
+//! ```
+//!
 //! A row whose norm is 0 gives S = 0 (and gradient 0), never NaN.
 //!
-//! Backward, g = ∂L/∂S. The map u ↦ τ·u/‖u‖ has Jacobian (τ/‖u‖)(I − ûûᵀ) with û = u/‖u‖,
-//! and ûûᵀ = yyᵀ/τ² for its output y = τû. Hence
-//!   L2NormGelu:  g_z = g ⊙ GELU′(z),  g_a = (τ/r)·(g_z − z·(z·g_z)/τ²)
-//!   GeluL2Norm:  g_h = (τ/ρ)·(g − S·(S·g)/τ²),  g_a = g_h ⊙ GELU′(a)
-//!   Softmax:     g_a = τ²·p ⊙ (g − p·g),  p = softmax(a)
-//! with GELU′(u) = Φ(u) + u·φ(u). Every row sum runs left to right, so appending tokens whose
+//! Backward, g = ∂L/∂S. The map `u ↦ τ·u/‖u‖` has Jacobian `(τ/‖u‖)(I − ûûᵀ)` with
+//! `û = u/‖u‖`, and `ûûᵀ = yyᵀ/τ²` for its output `y = τû`. Hence
+//!
+//! ```text
+//! L2NormGelu:  g_z = g ⊙ GELU′(z),  g_a = (τ/r)·(g_z − z·(z·g_z)/τ²)
+//! GeluL2Norm:  g_h = (τ/ρ)·(g − S·(S·g)/τ²),  g_a = g_h ⊙ GELU′(a)
+//! Softmax:     g_a = τ²·p ⊙ (g − p·g),  p = softmax(a)
+//! ```
+//!
+//! with `GELU′(u) = Φ(u) + u·φ(u)`. Every row sum runs left to right, so appending tokens whose
 //! scores are exact zeros (growth) changes neither S nor the gradients of the old scores.
 
 pub(crate) mod cpu;

@@ -1,11 +1,14 @@
 //! Rotary position embedding, GPT-NeoX style (SPEC §2), on the first r dims of each head.
 //!
-//! Tables: inv_freq_i = base^(−2i/r) for i < r/2, θ_{t,i} = t·inv_freq_i, computed in f64 and
-//! rounded to f32 as cos θ and sin θ, each [seq, r/2].
+//! ```text
+//! Tables:    inv_freq_i = base^(−2i/r) for i < r/2,   θ_{t,i} = t·inv_freq_i
+//!            (computed in f64, rounded to f32 as cos θ and sin θ, each [seq, r/2])
 //! Forward, for the row of position t with x₁ = x[..r/2] and x₂ = x[r/2..r]:
-//!   out₁ = x₁·cos θ − x₂·sin θ,   out₂ = x₂·cos θ + x₁·sin θ,   out[r..] = x[r..].
-//! Backward: each pair (x₁_i, x₂_i) is rotated by θ_i, an orthogonal map whose transpose is
-//! the rotation by −θ_i: g₁ = g_out₁·cos θ + g_out₂·sin θ, g₂ = g_out₂·cos θ − g_out₁·sin θ.
+//!   out₁ = x₁·cos θ − x₂·sin θ,   out₂ = x₂·cos θ + x₁·sin θ,   out[r..] = x[r..]
+//! Backward (each pair (x₁_i, x₂_i) is rotated by θ_i, an orthogonal map whose transpose is
+//! the rotation by −θ_i):
+//!   g₁ = g_out₁·cos θ + g_out₂·sin θ,   g₂ = g_out₂·cos θ − g_out₁·sin θ
+//! ```
 
 mod cpu;
 mod cuda;
@@ -61,7 +64,7 @@ fn check(op: &'static str, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Dev
     Ok(device)
 }
 
-/// Rotates the first 2·cos.dims[1] dims of every row of x by its position's angles.
+/// Rotates the first `2·cos.dims[1]` dims of every row of x by its position's angles.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     match check("rope", x, cos, sin)? {
         Device::Cpu => cpu::rope(x, cos, sin),

@@ -1,13 +1,18 @@
 //! Softmax and log-softmax over the last axis, and the causal softmax of attention scores.
 //!
-//! Forward, for a row x: p_j = e^(x_j − m) / Σ_l e^(x_l − m) with m = max_l x_l (subtracting
-//! the max changes nothing mathematically and keeps every exponent ≤ 0); log_softmax is
-//! x_j − m − ln Σ_l e^(x_l − m). The causal softmax of a [..., T, T] score block keeps, in row
-//! i, the columns j ≤ i of scale·scores, takes their softmax, and writes 0 for j > i.
+//! ```text
+//! Forward, for a row x, with m = max_l x_l:
+//!   softmax:       p_j = e^(x_j − m) / Σ_l e^(x_l − m)
+//!   log_softmax:   y_j = x_j − m − ln Σ_l e^(x_l − m)
+//! Backward:
+//!   softmax:       ∂p_j/∂x_l = p_j(δ_jl − p_l),   so g_x = p ⊙ (g − Σ_l g_l p_l)
+//!   log_softmax:   ∂y_j/∂x_l = δ_jl − p_l,        so g_x = g − p·Σ_l g_l, with p = e^y
+//! ```
 //!
-//! Backward: ∂p_j/∂x_l = p_j(δ_jl − p_l), so g_x = p ⊙ (g − Σ_l g_l p_l). For log-softmax
-//! ∂y_j/∂x_l = δ_jl − p_l, so g_x = g − p·Σ_l g_l with p = e^y. The causal version is the same
-//! over the kept columns (p = 0 elsewhere makes that automatic), times `scale`.
+//! Subtracting the max changes nothing mathematically and keeps every exponent ≤ 0. The causal
+//! softmax of a `[..., T, T]` score block keeps, in row i, the columns j ≤ i of scale·scores,
+//! takes their softmax and writes 0 for j > i; its backward pass is the same over the kept
+//! columns (p = 0 elsewhere makes that automatic), times `scale`.
 
 pub(crate) mod cpu;
 mod cuda;

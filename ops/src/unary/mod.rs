@@ -1,18 +1,22 @@
 //! Elementwise unary ops.
 //!
-//! Forward, elementwise: −x, eˣ, ln x, √x, x², x^p, x·mul + add, the exact GELU
-//! GELU(x) = x·Φ(x) = ½x(1 + erf(x/√2)), and the classic activations
-//! relu(x) = max(x, 0), tanh(x) and sigmoid σ(x) = 1/(1 + e⁻ˣ).
+//! ```text
+//! Forward y = f(x)                        Backward g·f′, from x or y = f(x), whichever is cheaper
+//!   neg      −x                             neg(g)  (linear: the op applied to g)
+//!   exp      eˣ                             g·y
+//!   log      ln x                           g/x
+//!   sqrt     √x                             g/(2y)
+//!   square   x²                             g·2x
+//!   powf     x^p                            g·p·x^(p−1)
+//!   affine   x·mul + add                    affine(g, mul, 0)  (linear)
+//!   gelu     x·Φ(x) = ½x(1 + erf(x/√2))     g·(Φ(x) + x·φ(x)), φ the standard normal density
+//!   relu     max(x, 0)                      g·[x > 0]
+//!   tanh     tanh x                         g·(1 − y²), since tanh′ = 1 − tanh²
+//!   sigmoid  σ(x) = 1/(1 + e⁻ˣ)             g·y·(1 − y), since σ′ = σ·(1 − σ)
+//! ```
 //!
-//! Backward, g = ∂L/∂y times the local derivative (written in terms of whichever of x or
-//! y = f(x) is cheaper): exp: g·y; log: g/x; sqrt: g/(2y); square: g·2x; powf: g·p·x^(p−1);
-//! gelu: g·(Φ(x) + x·φ(x)) with φ the standard normal density; relu: g·[x > 0]; tanh:
-//! g·(1 − y²), since tanh′ = 1 − tanh²; sigmoid: g·y·(1 − y), since σ′ = σ·(1 − σ).
-//! Negation and affine maps are linear, so their backward is the op itself applied to g:
-//! neg(g) and affine(g, mul, 0).
-//!
-//! relu has no derivative at exactly 0; like PyTorch and JAX we take 0 there (the indicator
-//! [x > 0]), so a unit sitting exactly at 0 passes no gradient.
+//! GELU is the exact (erf) one. relu has no derivative at exactly 0; like PyTorch and JAX we
+//! take 0 there (the indicator `[x > 0]`), so a unit sitting exactly at 0 passes no gradient.
 
 pub(crate) mod cpu;
 mod cuda;
