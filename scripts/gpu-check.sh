@@ -25,12 +25,13 @@
 #   1. the card and the libraries: one toolkit folder on the library path;
 #   2. every test executable, once with TOKENFORMER_CUDA_SYNC=1 and one test thread (a fault is
 #      reported at the kernel that made it, and a sticky context error cannot fail unrelated
-#      tests), then the parity tests again with TOKENFORMER_PLAIN_KERNELS=1 (the plain kernels
-#      the faster ones replaced); TOKENFORMER_REQUIRE_CUDA=1 throughout, so a skip is a failure;
+#      tests), then the parity tests again with TOKENFORMER_FUSED=0 (every plain reference path
+#      the faster kernels replaced); TOKENFORMER_REQUIRE_CUDA=1 throughout, so a skip is a
+#      failure;
 #   3. the medium model (preset 150M, seq 512) trained for two and a half minutes, interrupted
 #      (it saves a checkpoint), resumed for about 40 s, and its checkpoint evaluated on the GPU;
 #   4. tokenformer bench against the PyTorch reference: 150M at 8 × 1024 in fp32 and TF32,
-#      tiny at 64 × 256 in fp32 (and again with the plain kernels), with the ratios of tokens/s
+#      tiny at 64 × 256 in fp32 (and again with TOKENFORMER_FUSED=0), with the ratios of tokens/s
 #      and of peak memory.
 set -u
 
@@ -150,11 +151,12 @@ run_tests() {
 }
 
 bench_ours() {
-  # $1: label, $2: preset, $3: batch, $4: seq, $5: plain kernels (0 or 1); the rest: flags.
-  local label=$1 preset=$2 batch=$3 seq=$4 plain=$5
+  # $1: label, $2: preset, $3: batch, $4: seq, $5: TOKENFORMER_FUSED (1: the faster kernels,
+  # 0: every plain path); the rest: flags.
+  local label=$1 preset=$2 batch=$3 seq=$4 fused=$5
   shift 5
   say "=== ours: $label"
-  TOKENFORMER_PLAIN_KERNELS=$plain timeout 150 .gpu/bin/tokenformer bench --device cuda --preset "$preset" --batch "$batch" \
+  TOKENFORMER_FUSED=$fused timeout 150 .gpu/bin/tokenformer bench --device cuda --preset "$preset" --batch "$batch" \
     --seq "$seq" --steps 10 --matmul 0 --json "$@" >"$OUT/bench-$label.json" 2>"$OUT/bench-$label.log" || {
     status=1
     say "bench $label failed:"
@@ -198,7 +200,7 @@ run() {
   say "=== tests"
   total_passed=0 total_failed=0 total_skipped=0
   run_tests sync TOKENFORMER_CUDA_SYNC=1
-  run_tests plain TOKENFORMER_PLAIN_KERNELS=1
+  run_tests plain TOKENFORMER_FUSED=0
   say "tests in all: passed $total_passed, failed $total_failed, skipped $total_skipped"
   grep -hE 'max error|loss: cuda|bit-identical|max logit change|bench tiny|GPU-trained' \
     "$OUT"/tests/*.log >"$OUT/measured-errors.txt" 2>/dev/null
@@ -257,11 +259,11 @@ EOF
   timeout 60 .gpu/bin/tokenformer info --checkpoint "$run_dir" >>"$OUT/medium-train.log" 2>&1
 
   # ---- 4. speed against PyTorch
-  bench_ours 150M-fp32 150M 8 1024 0
-  bench_ours 150M-tf32 150M 8 1024 0 --tf32
-  bench_ours tiny-fp32 tiny 64 256 0
-  # The plain kernels, for an A/B of the faster ones where launches dominate.
-  bench_ours tiny-fp32-plain tiny 64 256 1
+  bench_ours 150M-fp32 150M 8 1024 1
+  bench_ours 150M-tf32 150M 8 1024 1 --tf32
+  bench_ours tiny-fp32 tiny 64 256 1
+  # The plain paths, for an A/B of the faster kernels where launches dominate.
+  bench_ours tiny-fp32-plain tiny 64 256 0
   if [[ -f .gpu/torch_reference.py ]]; then
     say "=== PyTorch reference"
     timeout 150 python3 .gpu/torch_reference.py --cfg 150M --B 8 --T 1024 --modes fp32,tf32 \

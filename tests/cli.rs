@@ -458,6 +458,42 @@ fn training_gives_the_same_bits_with_one_thread_or_two() {
 }
 
 #[test]
+fn tokenformer_fused_selects_the_plain_paths() {
+    let t = Scratch::new("fused");
+    let losses = |name: &str, fused: Option<&str>| -> Vec<f64> {
+        let dir = t.path(name);
+        let args = [&["train", "--out", s(&dir)][..], &SHORT].concat();
+        let mut cmd = t.command(&args);
+        cmd.env_remove("TOKENFORMER_FUSED");
+        if let Some(value) = fused {
+            cmd.env("TOKENFORMER_FUSED", value);
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{fused:?}: {}", String::from_utf8_lossy(&out.stderr));
+        std::fs::read_to_string(dir.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64())
+            .collect()
+    };
+    let fast = losses("fast", None);
+    assert!(!fast.is_empty());
+    // The fused Pattention gives the bits of the composition it replaces.
+    assert_eq!(losses("pattention", Some("pattention:0")), fast);
+    // Every plain path: other GEMM and attention kernels, so other rounding, the same losses.
+    let plain = losses("plain", Some("0"));
+    assert_eq!(plain.len(), fast.len());
+    for (p, f) in plain.iter().zip(&fast) {
+        assert!((p - f).abs() <= 1e-4 * f.abs(), "plain {plain:?} vs fused {fast:?}");
+    }
+    let mut cmd = t.command(&["train", "--out", "bad", "--steps", "1"]);
+    let out = cmd.env("TOKENFORMER_FUSED", "matmul:2").output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("TOKENFORMER_FUSED") && !stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
 fn bench_profile_prints_a_table_of_ops() {
     let t = Scratch::new("bench-profile");
     let flags = ["--steps", "1", "--batch", "2", "--seq", "8", "--matmul", "0", "--profile"];

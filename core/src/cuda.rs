@@ -162,16 +162,6 @@ fn check_versions_compatible(driver: (i32, i32), nvrtc: (i32, i32)) -> Result<()
     Ok(())
 }
 
-/// Whether `TOKENFORMER_PLAIN_KERNELS=1` is set: then the ops take their plain GPU kernels
-/// (one thread per column sum, separate weight and bias gradients, one-tensor optimizer steps,
-/// three-pass row kernels) instead of the faster ones that replaced them. Both are tested
-/// against the CPU reference; the switch lets one GPU run time both, and keeps a faster kernel
-/// that fails on a card from blocking the rest. Read once per process.
-pub fn plain_kernels() -> bool {
-    static PLAIN: OnceLock<bool> = OnceLock::new();
-    *PLAIN.get_or_init(|| std::env::var("TOKENFORMER_PLAIN_KERNELS").is_ok_and(|v| v == "1"))
-}
-
 /// Whether `TOKENFORMER_CUDA_SYNC=1` is set (see the module's documentation).
 fn sync_each_launch_requested() -> bool {
     std::env::var("TOKENFORMER_CUDA_SYNC").is_ok_and(|v| v == "1")
@@ -205,14 +195,13 @@ pub fn launch_rows(rows: u32) -> LaunchConfig {
 /// (as block_sum needs), about four values per thread, at most `BLOCK` (256 threads on a
 /// 128-wide row would leave half of them idle). For row kernels whose reduction tree may
 /// depend on the row length; the Θ kernels keep `launch_rows`, whose tree must not (exact
-/// growth). With `TOKENFORMER_PLAIN_KERNELS=1`, `BLOCK` threads as before.
-pub fn launch_rows_fitted(rows: u32, len: usize) -> LaunchConfig {
-    let threads = if plain_kernels() {
-        BLOCK
-    } else {
-        let wanted = len.div_ceil(4).div_ceil(32) * 32;
-        wanted.clamp(32, BLOCK as usize) as u32
-    };
+/// growth). With `fitted` false, `launch_rows`: the plain kernels' `BLOCK` threads.
+pub fn launch_rows_fitted(rows: u32, len: usize, fitted: bool) -> LaunchConfig {
+    if !fitted {
+        return launch_rows(rows);
+    }
+    let threads = len.div_ceil(4).div_ceil(32) * 32;
+    let threads = threads.clamp(32, BLOCK as usize) as u32;
     LaunchConfig { grid_dim: (rows, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
 }
 

@@ -209,7 +209,7 @@ impl Optimizer {
     /// On a GPU this is the multi-tensor path: the sum of squares, the clip factor and the
     /// update of every parameter in a handful of launches, the factor read on the device, and
     /// parameters and moments that nothing else holds updated in place. On the CPU, or with
-    /// `TOKENFORMER_PLAIN_KERNELS=1`, it is `clip_global_norm` then `update`. Both compute the
+    /// `TOKENFORMER_FUSED=adamw:0`, it is `clip_global_norm` then `update`. Both compute the
     /// same step.
     pub fn clip_and_update(
         &mut self,
@@ -221,7 +221,7 @@ impl Optimizer {
         let on_gpu = grads.first().is_some_and(|g| g.device().is_cuda());
         // Frozen rows take the plain path, which updates parameters row-range by row-range.
         let frozen = self.frozen_rows.iter().any(|&r| r > 0);
-        if !on_gpu || frozen || tokenformer_core::cuda::plain_kernels() {
+        if !on_gpu || frozen || !tokenformer_ops::fused::enabled("adamw")? {
             self.mask_frozen(&mut grads)?;
             let norm = clip.map(|c| clip_global_norm(&mut grads, c)).transpose()?;
             self.update(model, &grads, lr)?;

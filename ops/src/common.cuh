@@ -73,7 +73,7 @@ __device__ float block_max(float v) {
 // whenever m grows; the block then takes M = max m and S = Σ s·e^(m − M) with the fixed trees
 // of block_max and block_sum. Three reads of a row (max, sum, write) become two (this and the
 // write). The result is the two-pass one up to rounding; the two-pass loops stay as the plain
-// path (single_pass = 0, TOKENFORMER_PLAIN_KERNELS=1).
+// path (single_pass = 0, TOKENFORMER_FUSED=softmax:0 or cross_entropy:0).
 __device__ void row_max_and_sum_exp(const float* x, unsigned int count, float scale,
                                     int single_pass, float* max_out, float* sum_out) {
     if (!single_pass) {

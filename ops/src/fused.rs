@@ -1,10 +1,25 @@
-//! The run-time switch between a fused kernel and the plain composition of ops it replaces.
+//! The one run-time switch between the faster kernels and the plain reference paths they
+//! replaced and are tested against: the environment variable `TOKENFORMER_FUSED`.
 //!
-//! Fused kernels are on by default. The environment variable `TOKENFORMER_FUSED` turns them off:
-//! `0` turns every one off, `1` turns every one on, and a comma-separated list sets ops one by
-//! one, as in `attention:0`; an op the list does not name follows a bare `0` or `1` in the list,
-//! or is on. So one run can test and time both versions of an op on the same device, and a fused
-//! kernel that misbehaves on some machine never blocks the rest.
+//! The faster versions run by default. `0` selects every plain path, `1` every faster one, and
+//! a comma-separated list sets ops one by one, as in `attention:0` or `0,matmul:1`; an op the
+//! list does not name follows a bare `0` or `1` in the list, or is on. So one run can time both
+//! versions of an op on the same device, and a faster kernel that misbehaves on some machine
+//! never blocks the rest. The variable is read once per process.
+//!
+//! | op | device | faster (on) | plain (off) |
+//! |---|---|---|---|
+//! | `attention` | CPU, CUDA | one fused kernel: row tiles, online softmax, no T×T matrix | two matmuls around a causal softmax |
+//! | `pattention` | CPU | the layer fused over blocks of rows | two matmuls and Θ |
+//! | `matmul` | CPU | the packed AVX-512 or AVX2 GEMM (the fused Pattention is built on it) | the reference GEMM (matrixmultiply) |
+//! | `softmax` | CUDA | rows read once for their max and sum, blocks fitted to the row | three passes over a row, 256-thread blocks |
+//! | `cross_entropy` | CUDA | as `softmax` | as `softmax` |
+//! | `layer_norm` | CUDA | blocks fitted to the row; weight and bias gradients in one two-level pass | 256-thread blocks, a kernel per feature and a column sum |
+//! | `reduce` | CUDA | two-level column sums | one thread per column |
+//! | `adamw` | CUDA | multi-tensor clipping and AdamW in a handful of launches | one tensor at a time |
+//!
+//! Each pair gives the same values up to rounding, and `pattention` the same bits, and is tested
+//! that way.
 
 use std::sync::OnceLock;
 use tokenformer_core::{Error, Result};
@@ -12,10 +27,19 @@ use tokenformer_core::{Error, Result};
 /// The name of the variable.
 pub const VAR: &str = "TOKENFORMER_FUSED";
 
-/// The ops that have a fused kernel, by the name the switch uses.
-pub const OPS: &[&str] = &["attention"];
+/// The ops the switch sets, by the name it uses.
+pub const OPS: &[&str] = &[
+    "attention",
+    "pattention",
+    "matmul",
+    "softmax",
+    "cross_entropy",
+    "layer_norm",
+    "reduce",
+    "adamw",
+];
 
-/// Whether `op` runs its fused kernel in this process (the variable is read once).
+/// Whether `op` runs its faster version in this process (the variable is read once).
 pub fn enabled(op: &str) -> Result<bool> {
     static SPEC: OnceLock<Option<String>> = OnceLock::new();
     let spec = SPEC.get_or_init(|| std::env::var(VAR).ok());
@@ -77,6 +101,19 @@ mod tests {
         ] {
             assert_eq!(parse(spec, "attention").unwrap(), on, "{spec:?}");
         }
+    }
+
+    #[test]
+    fn every_op_can_be_set_alone() {
+        for &op in OPS {
+            let alone = format!("{op}:0");
+            assert!(!parse(&alone, op).unwrap(), "{alone}");
+            for &other in OPS.iter().filter(|&&o| o != op) {
+                assert!(parse(&alone, other).unwrap(), "{alone} turns {other} off");
+                assert!(!parse("0", other).unwrap());
+            }
+        }
+        assert!(parse("0,matmul:1", "matmul").unwrap() && !parse("0,matmul:1", "adamw").unwrap());
     }
 
     #[test]

@@ -28,7 +28,7 @@ extern "C" __global__ void adamw_step(const float* p, const float* g, const floa
 // chunk b of the launch, finding its tensor by a scan of at most MULTI_MAX entries. So one
 // launch replaces a square, a sum, a multiply and an AdamW kernel per parameter, and needs no
 // buffer per parameter. The one-tensor kernels above stay as the plain path
-// (TOKENFORMER_PLAIN_KERNELS=1); both are tested against the CPU reference.
+// (TOKENFORMER_FUSED=adamw:0); both are tested against the CPU reference.
 #define MULTI_MAX 32
 #define MULTI_CHUNK 4096
 

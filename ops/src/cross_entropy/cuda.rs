@@ -5,7 +5,7 @@ use crate::kernels::KernelSource;
 use crate::reduce::sum_all;
 use crate::unary::affine;
 use tokenformer_core::cuda::{
-    count_u32, cuda_tensor, launch_1d, launch_rows_fitted, plain_kernels, Arg, CudaStorage,
+    count_u32, cuda_tensor, launch_1d, launch_rows_fitted, Arg, CudaStorage,
 };
 use tokenformer_core::{Result, Tensor};
 
@@ -17,6 +17,7 @@ pub(crate) fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<(Tensor
     let (n, v) = (logits.dims()[0], logits.dims()[1]);
     count_u32(op, logits.numel())?;
     let (mut lse, mut row_loss) = (xs.backend.alloc(n)?, xs.backend.alloc(n)?);
+    let fast = crate::fused::enabled("cross_entropy")?;
     // SAFETY: matches cross_entropy_rows(logits, targets, lse, loss, V, single_pass); block i
     // reads row i and target i and writes entry i of lse and loss.
     unsafe {
@@ -24,10 +25,10 @@ pub(crate) fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<(Tensor
             KERNELS.module,
             KERNELS.source,
             "cross_entropy_rows",
-            launch_rows_fitted(count_u32(op, n)?, v),
+            launch_rows_fitted(count_u32(op, n)?, v, fast),
             &[&xs.slice, &ts.slice],
             &mut [&mut lse.slice, &mut row_loss.slice],
-            &[Arg::U32(count_u32(op, v)?), Arg::I32(!plain_kernels() as i32)],
+            &[Arg::U32(count_u32(op, v)?), Arg::I32(fast as i32)],
         )
     }?;
     let loss = affine(&sum_all(&cuda_tensor(row_loss, &[n]))?, 1.0 / n as f32, 0.0)?;

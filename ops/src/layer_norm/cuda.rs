@@ -1,7 +1,7 @@
 //! CUDA glue for layer norm: a row kernel for the forward pass, one for the input gradient,
 //! and one two-level pass for the weight and bias gradients together (with
-//! `TOKENFORMER_PLAIN_KERNELS=1`: a per-feature kernel for the weight gradient and a column sum
-//! for the bias gradient).
+//! `TOKENFORMER_FUSED=layer_norm:0`: blocks of `BLOCK` threads, a per-feature kernel for the
+//! weight gradient and a column sum for the bias gradient).
 
 use super::LayerNormStats;
 use crate::kernels::KernelSource;
@@ -10,7 +10,7 @@ use crate::reduce::{sum, sum_to_shape};
 use crate::rows_and_len;
 use cudarc::driver::LaunchConfig;
 use tokenformer_core::cuda::{
-    count_u32, cuda_tensor, launch_1d, launch_rows_fitted, plain_kernels, Arg, CudaStorage,
+    count_u32, cuda_tensor, launch_1d, launch_rows_fitted, Arg, CudaStorage,
 };
 use tokenformer_core::{Result, Tensor};
 
@@ -54,7 +54,7 @@ pub(crate) fn layer_norm(
                 KERNELS.module,
                 KERNELS.source,
                 "layer_norm_forward",
-                launch_rows_fitted(count_u32(op, rows)?, d),
+                launch_rows_fitted(count_u32(op, rows)?, d, crate::fused::enabled("layer_norm")?),
                 &[&xs.slice, &ws.slice, &bs.slice],
                 &mut [&mut y.slice, &mut mean.slice, &mut rstd.slice],
                 &scalars,
@@ -83,6 +83,7 @@ pub(crate) fn layer_norm_backward(
     count_u32(op, x.numel())?;
     let backend = &xs.backend;
     let (rows32, d32) = (count_u32(op, rows)?, count_u32(op, d)?);
+    let fast = crate::fused::enabled("layer_norm")?;
 
     let mut gx = backend.alloc(x.numel())?;
     if rows > 0 {
@@ -94,7 +95,7 @@ pub(crate) fn layer_norm_backward(
                 KERNELS.module,
                 KERNELS.source,
                 "layer_norm_backward_input",
-                launch_rows_fitted(rows32, d),
+                launch_rows_fitted(rows32, d, fast),
                 &[&xs.slice, &ws.slice, &ms.slice, &rs.slice, &gs.slice],
                 &mut [&mut gx.slice],
                 &scalars,
@@ -105,7 +106,7 @@ pub(crate) fn layer_norm_backward(
     let has_weight = weight.is_some();
     let (gweight, gbias) = if !has_weight && !has_bias {
         (None, None)
-    } else if plain_kernels() || rows > MAX_GRID_Y * CHUNK_ROWS {
+    } else if !fast || rows > MAX_GRID_Y * CHUNK_ROWS {
         let gweight = match weight {
             None => None,
             Some(_) => {

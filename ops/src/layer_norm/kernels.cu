@@ -99,7 +99,7 @@ extern "C" __global__ void layer_norm_param_grad_chunks(const float* x, const fl
     }
 }
 
-// The plain path (TOKENFORMER_PLAIN_KERNELS=1): gw[j] = Σ_rows g·x̂, one thread per feature j
+// The plain path (TOKENFORMER_FUSED=layer_norm:0): gw[j] = Σ_rows g·x̂, one thread per feature j
 // adding the rows in order (coalesced: the threads of a warp read neighbouring features of the
 // same row).
 extern "C" __global__ void layer_norm_weight_grad(const float* x, const float* mean,

@@ -23,7 +23,7 @@ use tokenformer_core::{Error, Result, Tensor};
 const PARALLEL_MIN_MACS: usize = 1 << 18;
 
 pub(crate) fn matmul(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Result<Tensor> {
-    match packed::isa() {
+    match packed::isa()? {
         Some(isa) => fast_matmul(isa, a, b, trans_a, trans_b),
         None => reference_matmul(a, b, trans_a, trans_b),
     }

@@ -23,6 +23,7 @@
 
 use rayon::prelude::*;
 use std::sync::OnceLock;
+use tokenformer_core::Result;
 
 /// A logical matrix read through strides: element (i, j) is `data[i·row_stride + j·col_stride]`.
 #[derive(Clone, Copy)]
@@ -94,18 +95,22 @@ impl Isa {
     }
 }
 
-/// The kernel this processor runs, or `None` where only the reference path is available.
-/// `TOKENFORMER_GEMM=reference` forces the reference, `=avx2` the AVX2 kernel (for comparing).
-pub(crate) fn isa() -> Option<Isa> {
+/// The kernel this process runs: `None` where the processor has neither AVX-512 nor AVX2 and
+/// FMA, or where `TOKENFORMER_FUSED` turns `matmul` off (then the reference path runs).
+pub(crate) fn isa() -> Result<Option<Isa>> {
+    if !crate::fused::enabled("matmul")? {
+        return Ok(None);
+    }
+    Ok(detected_isa())
+}
+
+/// The best kernel this processor can run.
+fn detected_isa() -> Option<Isa> {
     static ISA: OnceLock<Option<Isa>> = OnceLock::new();
     *ISA.get_or_init(|| {
-        let wanted = std::env::var("TOKENFORMER_GEMM").unwrap_or_default();
-        if wanted == "reference" {
-            return None;
-        }
         #[cfg(target_arch = "x86_64")]
         {
-            if wanted != "avx2" && std::arch::is_x86_feature_detected!("avx512f") {
+            if std::arch::is_x86_feature_detected!("avx512f") {
                 return Some(Isa::Avx512);
             }
             if std::arch::is_x86_feature_detected!("avx2")

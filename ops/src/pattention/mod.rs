@@ -56,6 +56,15 @@ fn check(op: &'static str, x: &Tensor, keys: &Tensor, values: &Tensor) -> Result
     Ok([x.numel() / d_in.max(1), d_in, n, d_out])
 }
 
+/// The packed GEMM the fused CPU kernel runs on, or `None` where the composition runs instead
+/// (no packed GEMM, or `TOKENFORMER_FUSED` turns `pattention` or `matmul` off).
+fn fused_isa() -> Result<Option<crate::matmul::packed::Isa>> {
+    if !crate::fused::enabled("pattention")? {
+        return Ok(None);
+    }
+    crate::matmul::packed::isa()
+}
+
 /// x's leading dims followed by `last`.
 fn with_last(x: &Tensor, last: usize) -> Vec<usize> {
     let mut dims = x.dims().to_vec();
@@ -75,7 +84,7 @@ pub fn pattention(
     if d_in == 0 || n == 0 {
         return composed(x, keys, values, theta, tau);
     }
-    match (x.device(), crate::matmul::packed::isa()) {
+    match (x.device(), fused_isa()?) {
         (Device::Cpu, Some(isa)) => cpu::pattention(isa, x, keys, values, theta, tau, d_out),
         _ => composed(x, keys, values, theta, tau),
     }
@@ -111,7 +120,7 @@ pub fn pattention_backward(
     if d_in == 0 || n == 0 {
         return composed_backward(x, keys, values, scores, theta, tau, g_out);
     }
-    match (x.device(), crate::matmul::packed::isa()) {
+    match (x.device(), fused_isa()?) {
         (Device::Cpu, Some(isa)) => {
             cpu::pattention_backward(isa, x, keys, values, scores, theta, tau, g_out)
         }

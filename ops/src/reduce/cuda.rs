@@ -6,9 +6,7 @@ use super::reduced_dims;
 use crate::kernels::KernelSource;
 use crate::unary::affine;
 use cudarc::driver::LaunchConfig;
-use tokenformer_core::cuda::{
-    count_u32, cuda_tensor, launch_1d, plain_kernels, Arg, CudaStorage, BLOCK,
-};
+use tokenformer_core::cuda::{count_u32, cuda_tensor, launch_1d, Arg, CudaStorage, BLOCK};
 use tokenformer_core::{Result, Shape, Tensor};
 
 const KERNELS: &KernelSource = crate::kernels::source("reduce");
@@ -42,7 +40,7 @@ fn sum_axis(
     if n_out == 0 || dim == 0 {
         return Ok(cuda_tensor(backend.zeros(n_out)?, &[n_out]));
     }
-    if inner > 1 && !plain_kernels() && outer <= MAX_GRID_YZ {
+    if inner > 1 && outer <= MAX_GRID_YZ && crate::fused::enabled("reduce")? {
         return sum_columns(name, x, outer, dim, inner);
     }
     if inner > 1 || dim <= SHORT_ROW {

@@ -2,16 +2,15 @@
 
 use crate::kernels::KernelSource;
 use crate::rows_and_len;
-use tokenformer_core::cuda::{
-    count_u32, cuda_tensor, launch_rows_fitted, plain_kernels, Arg, CudaStorage,
-};
+use tokenformer_core::cuda::{count_u32, cuda_tensor, launch_rows_fitted, Arg, CudaStorage};
 use tokenformer_core::{Result, Tensor};
 
 const KERNELS: &KernelSource = crate::kernels::source("softmax");
 
 /// Runs the row kernel `kernel` over the rows of `inputs[0]` (all inputs share its shape) and
 /// returns its output, shaped like the inputs. The kernel takes the inputs, the output, the row
-/// length and then `params`.
+/// length and then `params`. Blocks are fitted to the row unless `TOKENFORMER_FUSED` turns
+/// `softmax` off.
 fn over_rows(
     name: &'static str,
     kernel: &str,
@@ -35,7 +34,7 @@ fn over_rows(
                 KERNELS.module,
                 KERNELS.source,
                 kernel,
-                launch_rows_fitted(count_u32(name, rows)?, len),
+                launch_rows_fitted(count_u32(name, rows)?, len, crate::fused::enabled("softmax")?),
                 &slices,
                 &mut [&mut out.slice],
                 &scalars,
@@ -45,17 +44,18 @@ fn over_rows(
     Ok(cuda_tensor(out, first.dims()))
 }
 
-/// The kernels' `single_pass` flag: one read for the row's max and sum (see common.cuh).
-fn single_pass() -> Arg {
-    Arg::I32(!plain_kernels() as i32)
+/// The kernels' `single_pass` flag: one read for the row's max and sum (see common.cuh), unless
+/// `TOKENFORMER_FUSED` turns `softmax` off.
+fn single_pass() -> Result<Arg> {
+    Ok(Arg::I32(crate::fused::enabled("softmax")? as i32))
 }
 
 pub(crate) fn softmax(x: &Tensor) -> Result<Tensor> {
-    over_rows("softmax", "softmax_rows", &[x], &[Arg::I32(0), single_pass()])
+    over_rows("softmax", "softmax_rows", &[x], &[Arg::I32(0), single_pass()?])
 }
 
 pub(crate) fn log_softmax(x: &Tensor) -> Result<Tensor> {
-    over_rows("log_softmax", "softmax_rows", &[x], &[Arg::I32(1), single_pass()])
+    over_rows("log_softmax", "softmax_rows", &[x], &[Arg::I32(1), single_pass()?])
 }
 
 pub(crate) fn softmax_backward(y: &Tensor, g: &Tensor) -> Result<Tensor> {
@@ -67,7 +67,12 @@ pub(crate) fn log_softmax_backward(y: &Tensor, g: &Tensor) -> Result<Tensor> {
 }
 
 pub(crate) fn causal_softmax(scores: &Tensor, scale: f32) -> Result<Tensor> {
-    over_rows("causal_softmax", "causal_softmax_rows", &[scores], &[Arg::F32(scale), single_pass()])
+    over_rows(
+        "causal_softmax",
+        "causal_softmax_rows",
+        &[scores],
+        &[Arg::F32(scale), single_pass()?],
+    )
 }
 
 pub(crate) fn causal_softmax_backward(p: &Tensor, g: &Tensor, scale: f32) -> Result<Tensor> {
