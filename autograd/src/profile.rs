@@ -68,6 +68,16 @@ pub fn mark() {
 
 /// Runs `f` and counts its time as forward work of `name` (for work outside the graph).
 pub fn time<R>(name: &'static str, f: impl FnOnce() -> R) -> R {
+    timed(name, |e| &mut e.forward, f)
+}
+
+/// Runs `f` and adds its time to the column `column` picks of `name`'s entry; restarts the
+/// forward clock when `f` ends.
+fn timed<R>(
+    name: &'static str,
+    column: impl FnOnce(&mut OpTime) -> &mut Duration,
+    f: impl FnOnce() -> R,
+) -> R {
     if !is_enabled() {
         return f();
     }
@@ -77,7 +87,7 @@ pub fn time<R>(name: &'static str, f: impl FnOnce() -> R) -> R {
     PROFILE.with(|p| {
         if let Some(p) = p.borrow_mut().as_mut() {
             let e = p.entry(name);
-            e.forward += end - start;
+            *column(e) += end - start;
             e.calls += 1;
             p.last = end;
         }
@@ -101,21 +111,7 @@ pub(crate) fn forward_recorded(name: &'static str) {
 
 /// Runs the backward rule `f` of `name`, counting its time.
 pub(crate) fn backward<R>(name: &'static str, f: impl FnOnce() -> R) -> R {
-    if !is_enabled() {
-        return f();
-    }
-    let start = Instant::now();
-    let out = f();
-    let end = Instant::now();
-    PROFILE.with(|p| {
-        if let Some(p) = p.borrow_mut().as_mut() {
-            let e = p.entry(name);
-            e.backward += end - start;
-            e.calls += 1;
-            p.last = end;
-        }
-    });
-    out
+    timed(name, |e| &mut e.backward, f)
 }
 
 #[cfg(test)]

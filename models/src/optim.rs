@@ -157,18 +157,22 @@ impl Optimizer {
         Ok(())
     }
 
+    /// An error unless there is one gradient and one pair of moments per parameter.
+    fn check_counts(&self, grads: usize, params: usize) -> Result<()> {
+        if grads != params || self.m.len() != params {
+            return Err(Error::invalid(format!(
+                "optimizer: {grads} gradients and {} moment pairs for {params} parameters",
+                self.m.len()
+            )));
+        }
+        Ok(())
+    }
+
     /// Applies one update with learning rate `lr` to every parameter of `model`.
     pub fn update(&mut self, model: &mut TokenFormer, grads: &[Tensor], lr: f32) -> Result<()> {
         let names: Vec<String> = model.named_params().into_iter().map(|(n, _)| n).collect();
         let slots = model.params_mut();
-        if grads.len() != slots.len() || self.m.len() != slots.len() {
-            return Err(Error::invalid(format!(
-                "optimizer: {} gradients and {} moment pairs for {} parameters",
-                grads.len(),
-                self.m.len(),
-                slots.len()
-            )));
-        }
+        self.check_counts(grads.len(), slots.len())?;
         self.step += 1;
         for (i, slot) in slots.into_iter().enumerate() {
             let hp = AdamW {
@@ -240,14 +244,7 @@ impl Optimizer {
             .map(|(name, _)| if decays(name) { self.hp.weight_decay } else { 0.0 })
             .collect();
         let mut slots = model.params_mut();
-        if grads.len() != slots.len() || self.m.len() != slots.len() {
-            return Err(Error::invalid(format!(
-                "optimizer: {} gradients and {} moment pairs for {} parameters",
-                grads.len(),
-                self.m.len(),
-                slots.len()
-            )));
-        }
+        self.check_counts(grads.len(), slots.len())?;
         self.step += 1;
         // The parameters are taken out of the model, so that those nothing else holds (no
         // graph of the last step is alive) are updated in their own buffers.
