@@ -83,7 +83,7 @@ fn pattention(p: &Projection, x: &Tensor) -> Result<(Tensor, Tensor)> {
 }
 
 /// The model's forward pass on one sequence, written out with the kernels (see
-/// `models/src/model.rs` for the same in `Var`s), keeping what each layer computed.
+/// `models/src/model/language_model.rs` for the same in `Var`s), keeping what each layer computed.
 /// Returns the logits [1, T, V] and one view per layer.
 fn forward_written_out(model: &TokenFormer, ids: &[u32]) -> Result<(Tensor, Vec<LayerView>)> {
     let cfg = &model.config;

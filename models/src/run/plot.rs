@@ -15,7 +15,7 @@ use tokenformer_core::{Error, Result};
 
 use crate::metrics::Record;
 
-const FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
+const FONT: &[u8] = include_bytes!("../../assets/DejaVuSans.ttf");
 const SIZE: (u32, u32) = (1000, 600);
 
 /// Registers the built-in font as plotters' `sans-serif` family (once per process). Call it

@@ -17,7 +17,7 @@ use std::sync::OnceLock;
 use tokenformer_core::{Error, Result};
 
 /// The embedded GPT-NeoX-20B `tokenizer.json` (2.5 MB; small enough to carry in the binary).
-const NEOX_JSON: &[u8] = include_bytes!("../../../data/tokenizers/gpt-neox-20b/tokenizer.json");
+const NEOX_JSON: &[u8] = include_bytes!("../../../../data/tokenizers/gpt-neox-20b/tokenizer.json");
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Tokenizer {

@@ -26,7 +26,7 @@ pub use corpus::{list_files, read_documents, read_files, Document};
 pub use tokenizer::{StreamDecoder, Tokenizer};
 
 /// Tiny shakespeare (1.1 MB, public domain; see data/README.md), the default corpus.
-pub const DEFAULT_CORPUS: &[u8] = include_bytes!("../../../data/tinyshakespeare.txt");
+pub const DEFAULT_CORPUS: &[u8] = include_bytes!("../../../../data/tinyshakespeare.txt");
 
 /// The share of the token stream held out for validation when no validation files are named.
 pub const DEFAULT_VAL_FRACTION: f64 = 0.1;
