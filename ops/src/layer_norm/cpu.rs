@@ -1,10 +1,48 @@
 //! CPU reference kernels for layer norm: one pass over each row for the statistics and the
 //! output, one for its gradient; the parameter gradients add the rows in order.
+//!
+//! The sums along a row (mean, variance, the two means of the backward pass) run in LANES
+//! interleaved partial sums, element j into lane j mod LANES, combined in a fixed pairwise
+//! order: the same bits every time, and independent additions that vectorise. Added as one
+//! running sum, each addition waits for the previous one, and those chains were most of the
+//! op's time.
 
 use super::LayerNormStats;
 use crate::{cpu_tensor, PARALLEL_MIN_ELEMS};
 use rayon::prelude::*;
 use tokenformer_core::{Result, Tensor};
+
+const LANES: usize = 16;
+
+/// The lanes added pairwise: (0+8, 1+9, …), then (0+4, …), and so on.
+#[inline(always)]
+fn combine(mut lanes: [f32; LANES]) -> f32 {
+    let mut width = LANES / 2;
+    while width > 0 {
+        for j in 0..width {
+            lanes[j] += lanes[j + width];
+        }
+        width /= 2;
+    }
+    lanes[0]
+}
+
+/// Σ_j f(x[j], y[j]) in LANES partial sums (x and y of the same length).
+#[inline(always)]
+fn row_sum(x: &[f32], y: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut lanes = [0.0f32; LANES];
+    let (xc, yc) = (x.chunks_exact(LANES), y.chunks_exact(LANES));
+    let (x_tail, y_tail) = (xc.remainder(), yc.remainder());
+    for (cx, cy) in xc.zip(yc) {
+        for ((lane, &a), &b) in lanes.iter_mut().zip(cx).zip(cy) {
+            *lane += f(a, b);
+        }
+    }
+    for ((lane, &a), &b) in lanes.iter_mut().zip(x_tail).zip(y_tail) {
+        *lane += f(a, b);
+    }
+    combine(lanes)
+}
 
 pub(crate) fn layer_norm(
     x: &Tensor,
@@ -23,8 +61,8 @@ pub(crate) fn layer_norm(
 
     let normalise_row = |((r, y), (mu, rs)): ((usize, &mut [f32]), (&mut f32, &mut f32))| {
         let row = &src[r * d..][..d];
-        let m = row.iter().fold(0.0f32, |acc, &v| acc + v) / d as f32;
-        let var = row.iter().fold(0.0f32, |acc, &v| acc + (v - m) * (v - m)) / d as f32;
+        let m = row_sum(row, row, |v, _| v) / d as f32;
+        let var = row_sum(row, row, |v, _| (v - m) * (v - m)) / d as f32;
         let r_std = 1.0 / (var + eps).sqrt();
         for (j, (o, &v)) in y.iter_mut().zip(row).enumerate() {
             let scale = weight.map_or(1.0, |w| w[j]);
@@ -65,14 +103,13 @@ pub(crate) fn layer_norm_backward(
 
     crate::for_each_row_mut(&mut gx, d, |r, dst| {
         let (row, g_row, m, r_std) = (&src[r * d..][..d], &grad[r * d..][..d], mean[r], rstd[r]);
-        // ĝ = g ⊙ w is staged in dst; its mean and its mean against x̂ are summed in order.
-        let (mut sum_g, mut sum_gx) = (0.0f32, 0.0f32);
-        for (j, (o, (&v, &gv))) in dst.iter_mut().zip(row.iter().zip(g_row)).enumerate() {
-            let g_hat = gv * weight.map_or(1.0, |w| w[j]);
-            *o = g_hat;
-            sum_g += g_hat;
-            sum_gx += g_hat * (v - m) * r_std;
+        // ĝ = g ⊙ w is staged in dst; then its mean and its mean against x̂.
+        match weight {
+            Some(w) => dst.iter_mut().zip(g_row.iter().zip(w)).for_each(|(o, (&g, &w))| *o = g * w),
+            None => dst.copy_from_slice(g_row),
         }
+        let sum_g = row_sum(dst, dst, |g_hat, _| g_hat);
+        let sum_gx = row_sum(dst, row, |g_hat, v| g_hat * (v - m) * r_std);
         let (mean_g, mean_gx) = (sum_g / d as f32, sum_gx / d as f32);
         for (o, &v) in dst.iter_mut().zip(row) {
             *o = r_std * (*o - mean_g - (v - m) * r_std * mean_gx);

@@ -1,19 +1,38 @@
 //! The fused CPU Pattention: rows in blocks that stay in cache, each block through the scores,
 //! Θ and the value product (forward) or Θ, g_S, g_A and g_X (backward) in turn, on the packed
 //! GEMM with K and V packed once per call and shared by the blocks.
+//!
+//! The backward pass walks the rows in chunks of a few hundred. Each chunk's blocks leave S and
+//! g_A in a chunk-sized workspace, and the two sums over rows, g_V = Sᵀ·g_O and g_K = g_Aᵀ·X,
+//! then continue their chains with that chunk's rows while the next chunk's blocks run (two
+//! workspaces, used in turn). Compared with S and g_A built for all rows and summed at the
+//! end, that keeps them in cache between being written and read, and never allocates two
+//! [rows, n] arrays.
+//! The chunks run in row order, so every element of g_V and g_K is still one FMA chain over
+//! the rows in order: the bits of the plain product.
+//!
+//! Outputs are not zero-filled before the kernels overwrite them: each block zeroes its own
+//! part just before computing it, in parallel and while it is in cache, where a `vec![0.0; _]`
+//! would be one more serial pass over memory (several MB per call).
 
 use crate::cpu_tensor;
-use crate::matmul::packed::{self, gemm_rows, pack_b, Isa, View};
+use crate::matmul::packed::{self, gemm_rows, pack_b, Isa, PackedB, View};
 use crate::pattention_norm::cpu::{forward_backward_rows, forward_rows};
 use crate::pattention_norm::Theta;
 use rayon::prelude::*;
 use std::cell::RefCell;
+use std::mem::MaybeUninit;
 use tokenformer_core::{Result, Tensor};
 
 /// Rows per block: a multiple of both GEMM tiles' heights (6 and 8), small enough that the
 /// blocks share out evenly between threads (512 rows make 22 blocks) and that a block's
 /// [rows, n] arrays stay in a core's L2 cache.
 const BLOCK_ROWS: usize = 24;
+
+/// Rows per chunk of the backward pass: a multiple of BLOCK_ROWS with enough blocks (16) to
+/// share out between threads, and of the AVX-512 GEMM's k-block (192), so that the row sums
+/// run in whole k-blocks.
+const CHUNK_ROWS: usize = 384;
 
 /// Below this many multiply-adds the blocks run on the calling thread.
 const PARALLEL_MIN_MACS: usize = 1 << 18;
@@ -50,6 +69,40 @@ fn for_each_block<T: Send>(items: Vec<T>, macs: usize, f: impl Fn(usize, T) + Sy
     }
 }
 
+/// An output buffer of `len` floats that is filled block by block: [`Self::blocks`] hands out
+/// its parts uninitialised, every part must go through [`zeroed`] before being written, and
+/// [`Self::finish`] gives the buffer once all of them have.
+struct BlockOutput {
+    data: Vec<f32>,
+    len: usize,
+}
+
+impl BlockOutput {
+    fn new(len: usize) -> BlockOutput {
+        BlockOutput { data: Vec::with_capacity(len), len }
+    }
+
+    /// The buffer in parts of `part` floats (the last one shorter).
+    fn blocks(&mut self, part: usize) -> std::slice::ChunksMut<'_, MaybeUninit<f32>> {
+        self.data.spare_capacity_mut()[..self.len].chunks_mut(part.max(1))
+    }
+
+    /// # Safety
+    /// Every part handed out by one call of [`Self::blocks`] went through [`zeroed`].
+    unsafe fn finish(mut self) -> Vec<f32> {
+        // SAFETY: the caller vouches that all `len` values were initialised.
+        unsafe { self.data.set_len(self.len) };
+        self.data
+    }
+}
+
+/// Zeroes `part` and returns it as initialised floats.
+fn zeroed(part: &mut [MaybeUninit<f32>]) -> &mut [f32] {
+    part.fill(MaybeUninit::new(0.0));
+    // SAFETY: every element was just initialised, and MaybeUninit<f32> has f32's layout.
+    unsafe { &mut *(part as *mut [MaybeUninit<f32>] as *mut [f32]) }
+}
+
 pub(crate) fn pattention(
     isa: Isa,
     x: &Tensor,
@@ -66,12 +119,13 @@ pub(crate) fn pattention(
     // Kᵀ [d_in, n] and V [n, d_out], packed once for every block.
     let keys_t = pack_b(isa, View::new(ks, n, d_in, true), d_in, n);
     let vals = pack_b(isa, View::new(vs, d_out, n, false), n, d_out);
-    let mut scores = vec![0.0f32; rows * n];
-    let mut out = vec![0.0f32; rows * d_out];
+    let mut scores = BlockOutput::new(rows * n);
+    let mut out = BlockOutput::new(rows * d_out);
     let blocks: Vec<_> =
-        scores.chunks_mut(BLOCK_ROWS * n).zip(out.chunks_mut(BLOCK_ROWS * d_out)).collect();
+        scores.blocks(BLOCK_ROWS * n).zip(out.blocks(BLOCK_ROWS * d_out)).collect();
     let x_view = View::new(xs, d_in, rows, false);
     for_each_block(blocks, rows * n * (d_in + d_out), |i, (a_block, o_block)| {
+        let (a_block, o_block) = (zeroed(a_block), zeroed(o_block));
         let block_rows = a_block.len() / n;
         gemm_rows(x_view.rows_from(i * BLOCK_ROWS), block_rows, &keys_t, a_block, n, false);
         with_scratch(block_rows * n, |s| {
@@ -79,7 +133,80 @@ pub(crate) fn pattention(
             gemm_rows(View::new(s, n, block_rows, false), block_rows, &vals, o_block, d_out, false);
         });
     });
+    // SAFETY: `for_each_block` ran on every part of both buffers, and zeroed each.
+    let (scores, out) = unsafe { (scores.finish(), out.finish()) };
     Ok((cpu_tensor(out, &super::with_last(x, d_out)), cpu_tensor(scores, &super::with_last(x, n))))
+}
+
+/// What the blocks of a backward pass read: the operands and Vᵀ and K, packed.
+struct Backward<'a> {
+    theta: Theta,
+    tau: f32,
+    x: &'a [f32],
+    scores: &'a [f32],
+    g_out: &'a [f32],
+    vals_t: PackedB,
+    keys: PackedB,
+    n: usize,
+    d_in: usize,
+    d_out: usize,
+}
+
+impl Backward<'_> {
+    /// For the rows first.. of one chunk: S and g_A into `weights` and `g_scores` (chunk-sized
+    /// workspaces) and g_X into `g_x`, block by block.
+    fn chunk_blocks(
+        &self,
+        first: usize,
+        weights: &mut [f32],
+        g_scores: &mut [f32],
+        g_x: &mut [MaybeUninit<f32>],
+    ) {
+        let (n, d_in, d_out) = (self.n, self.d_in, self.d_out);
+        let rows = g_x.len() / d_in;
+        let blocks: Vec<_> = weights[..rows * n]
+            .chunks_mut(BLOCK_ROWS * n)
+            .zip(g_scores[..rows * n].chunks_mut(BLOCK_ROWS * n))
+            .zip(g_x.chunks_mut(BLOCK_ROWS * d_in))
+            .collect();
+        for_each_block(blocks, rows * n * (d_in + d_out), |i, ((s_block, ga_block), gx_block)| {
+            let gx_block = zeroed(gx_block);
+            let block_rows = s_block.len() / n;
+            let block_first = first + i * BLOCK_ROWS;
+            let a_block = &self.scores[block_first * n..][..block_rows * n];
+            let g_block = View::new(self.g_out, d_out, block_first + block_rows, false);
+            // g_S = g_O·Vᵀ; then S = Θ(A) and, in place, g_A by Θ's backward rule; g_X = g_A·K.
+            gemm_rows(g_block.rows_from(block_first), block_rows, &self.vals_t, ga_block, n, false);
+            forward_backward_rows(self.theta, self.tau, n, a_block, s_block, ga_block);
+            let ga_view = View::new(ga_block, n, block_rows, false);
+            gemm_rows(ga_view, block_rows, &self.keys, gx_block, d_in, false);
+        });
+    }
+
+    /// g_V += Sᵀ·g_O and g_K += g_Aᵀ·X over the `rows` rows first.. of one chunk (`=` for the
+    /// first chunk), from the chunk's S and g_A.
+    #[allow(clippy::too_many_arguments)]
+    fn chunk_sums(
+        &self,
+        isa: Isa,
+        first: usize,
+        rows: usize,
+        weights: &[f32],
+        g_scores: &[f32],
+        g_values: &mut [f32],
+        g_keys: &mut [f32],
+    ) {
+        let (n, d_in, d_out) = (self.n, self.d_in, self.d_out);
+        let s_t = View::new(&weights[..rows * n], rows, n, true);
+        let ga_t = View::new(&g_scores[..rows * n], rows, n, true);
+        let g_chunk = View::new(&self.g_out[first * d_out..], d_out, rows, false);
+        let x_chunk = View::new(&self.x[first * d_in..], d_in, rows, false);
+        let more = first > 0;
+        rayon::join(
+            || packed::gemm(isa, s_t, g_chunk, n, rows, d_out, g_values, more),
+            || packed::gemm(isa, ga_t, x_chunk, n, rows, d_in, g_keys, more),
+        );
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -95,45 +222,52 @@ pub(crate) fn pattention_backward(
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let op = "pattention_backward";
     let (xs, ks, vs) = (x.cpu_slice(op)?, keys.cpu_slice(op)?, values.cpu_slice(op)?);
-    let (a, g) = (scores.cpu_slice(op)?, g_out.cpu_slice(op)?);
     let (n, d_in, d_out) = (keys.dims()[0], keys.dims()[1], values.dims()[1]);
     let rows = xs.len() / d_in;
-    // Vᵀ [d_out, n] and K [n, d_in], packed once for every block.
-    let vals_t = pack_b(isa, View::new(vs, n, d_out, true), d_out, n);
-    let keys_p = pack_b(isa, View::new(ks, d_in, n, false), n, d_in);
-    let mut weights = vec![0.0f32; rows * n];
-    let mut g_scores = vec![0.0f32; rows * n];
-    let mut g_x = vec![0.0f32; rows * d_in];
-    let blocks: Vec<_> = weights
-        .chunks_mut(BLOCK_ROWS * n)
-        .zip(g_scores.chunks_mut(BLOCK_ROWS * n))
-        .zip(g_x.chunks_mut(BLOCK_ROWS * d_in))
-        .collect();
-    let g_view = View::new(g, d_out, rows, false);
-    for_each_block(blocks, rows * n * (d_in + d_out), |i, ((s_block, ga_block), gx_block)| {
-        let block_rows = s_block.len() / n;
-        let first = i * BLOCK_ROWS;
-        let a_block = &a[first * n..][..block_rows * n];
-        // g_S = g_O·Vᵀ; then S = Θ(A) and, in place, g_A by Θ's backward rule; g_X = g_A·K.
-        gemm_rows(g_view.rows_from(first), block_rows, &vals_t, ga_block, n, false);
-        forward_backward_rows(theta, tau, n, a_block, s_block, ga_block);
-        gemm_rows(
-            View::new(ga_block, n, block_rows, false),
-            block_rows,
-            &keys_p,
-            gx_block,
-            d_in,
-            false,
-        );
-    });
-    // The two sums over rows: g_V = Sᵀ·g_O and g_K = g_Aᵀ·X.
+    let bw = Backward {
+        theta,
+        tau,
+        x: xs,
+        scores: scores.cpu_slice(op)?,
+        g_out: g_out.cpu_slice(op)?,
+        // Vᵀ [d_out, n] and K [n, d_in], packed once for every block.
+        vals_t: pack_b(isa, View::new(vs, n, d_out, true), d_out, n),
+        keys: pack_b(isa, View::new(ks, d_in, n, false), n, d_in),
+        n,
+        d_in,
+        d_out,
+    };
+    let mut g_x = BlockOutput::new(rows * d_in);
     let mut g_values = vec![0.0f32; n * d_out];
-    let s_t = View::new(&weights, rows, n, true);
-    packed::gemm(isa, s_t, g_view, n, rows, d_out, &mut g_values, false);
-    drop(weights);
     let mut g_keys = vec![0.0f32; n * d_in];
-    let ga_t = View::new(&g_scores, rows, n, true);
-    packed::gemm(isa, ga_t, View::new(xs, d_in, rows, false), n, rows, d_in, &mut g_keys, false);
+    // Two workspaces for S and g_A of a chunk: one being summed, one being filled.
+    let chunk_len = CHUNK_ROWS.min(rows) * n;
+    let mut work = [vec![0.0f32; 2 * chunk_len], vec![0.0f32; 2 * chunk_len]];
+    let chunks: Vec<_> = g_x.blocks(CHUNK_ROWS * d_in).collect();
+    let chunk_count = chunks.len();
+    let mut chunks = chunks.into_iter();
+    let (w, ga) = work[0].split_at_mut(chunk_len);
+    bw.chunk_blocks(0, w, ga, chunks.next().expect("rows > 0"));
+    for c in 0..chunk_count {
+        let (done, next) = work.split_at_mut(1);
+        let (done, next) =
+            if c % 2 == 0 { (&done[0], &mut next[0]) } else { (&next[0], &mut done[0]) };
+        let first = c * CHUNK_ROWS;
+        let rows_c = CHUNK_ROWS.min(rows - first);
+        let (s_done, ga_done) = done.split_at(chunk_len);
+        rayon::join(
+            || bw.chunk_sums(isa, first, rows_c, s_done, ga_done, &mut g_values, &mut g_keys),
+            || {
+                if let Some(gx_next) = chunks.next() {
+                    let (s_next, ga_next) = next.split_at_mut(chunk_len);
+                    bw.chunk_blocks(first + CHUNK_ROWS, s_next, ga_next, gx_next);
+                }
+            },
+        );
+    }
+    // SAFETY: `chunk_blocks` ran on every chunk of g_x (the first before the loop, the others
+    // inside it), and zeroed each of its parts.
+    let g_x = unsafe { g_x.finish() };
     Ok((
         cpu_tensor(g_x, x.dims()),
         cpu_tensor(g_keys, keys.dims()),

@@ -173,12 +173,15 @@ mod tests {
 
     #[test]
     fn fused_kernel_gives_the_bits_of_the_composition() {
-        // Row counts across several row blocks and not multiples of them or of the GEMM tile.
-        for (case, &(lead, d_in, n, d_out)) in
-            [(&[3, 5][..], 7, 9, 5), (&[2, 61][..], 20, 37, 33), (&[131][..], 64, 70, 48)]
-                .iter()
-                .enumerate()
-        {
+        // Row counts across several row blocks and not multiples of them or of the GEMM tile;
+        // the last one across several of the backward pass's row chunks.
+        let cases = [
+            (&[3, 5][..], 7, 9, 5),
+            (&[2, 61][..], 20, 37, 33),
+            (&[131][..], 64, 70, 48),
+            (&[3, 301][..], 9, 13, 6),
+        ];
+        for (case, &(lead, d_in, n, d_out)) in cases.iter().enumerate() {
             let mut x_dims = lead.to_vec();
             x_dims.push(d_in);
             let x = randn(&x_dims, case as u64);
