@@ -169,12 +169,8 @@ pub(crate) fn pack_b(isa: Isa, b: View<'_>, k: usize, n: usize) -> PackedB {
 /// c (rows × n, row-major, row stride `ldc`) = a·b, or c += a·b (continuing each element's
 /// chain) when `accumulate`; on the calling thread.
 ///
-/// A whose rows are contiguous is read in place (a packed copy would cost as much as the
-/// product when n is small); only a last, partial panel of rows is copied into a zero-padded
-/// tile. A read across its rows (a transposed operand: the row sums of a backward pass, Sᵀ·G)
-/// is copied, one k-block at a time, into panels of MR rows that the kernel reads
-/// contiguously: read in place, each step of the kernel would touch a new cache line at a
-/// stride of a whole row, and those lines evict each other from L1.
+/// A is read in place through its strides (a packed copy would cost as much as the product
+/// when n is small); only a last, partial panel of rows is copied into a zero-padded tile.
 pub(crate) fn gemm_rows(
     a: View<'_>,
     rows: usize,
@@ -196,23 +192,19 @@ pub(crate) fn gemm_rows(
     }
     assert!(a.covers(rows, k), "gemm_rows: operand too short for {rows}x{k}");
     let (mr, nr, kc_max) = (isa.mr(), isa.nr(), isa.kc());
-    let panels = rows.div_ceil(mr);
     let full_panels = rows / mr;
     let edge_rows = rows - full_panels * mr;
-    let pack_a = a.col_stride != 1;
-    // Panels of A laid out as the kernel reads a transposed A: every panel when `pack_a`,
-    // otherwise only the last, partial one, zero-padded to MR rows.
-    let packed_panels = if pack_a { panels } else { (edge_rows > 0) as usize };
-    let mut a_panels = vec![0.0f32; packed_panels * mr * kc_max.min(k)];
+    // Only a product whose row count is not a multiple of MR needs the edge tile.
+    let mut edge = if edge_rows > 0 { vec![0.0f32; mr * kc_max.min(k)] } else { Vec::new() };
     let mut p0 = 0;
     while p0 < k {
         let kc = kc_max.min(k - p0);
-        let first_packed = panels - packed_panels;
-        for (r, panel) in (first_packed..panels).zip(a_panels.chunks_exact_mut(mr * kc)) {
-            let panel_rows = mr.min(rows - r * mr);
-            for (p, dst) in panel.chunks_exact_mut(mr).enumerate() {
-                for (i, d) in dst[..panel_rows].iter_mut().enumerate() {
-                    *d = a.at(r * mr + i, p0 + p);
+        if edge_rows > 0 {
+            // The last rows, zero-padded to MR, laid out as the kernel reads a transposed A.
+            let first = full_panels * mr;
+            for p in 0..kc {
+                for i in 0..mr {
+                    edge[p * mr + i] = if i < edge_rows { a.at(first + i, p0 + p) } else { 0.0 };
                 }
             }
         }
@@ -220,18 +212,17 @@ pub(crate) fn gemm_rows(
         for q in 0..n.div_ceil(nr) {
             let b_panel = &b.data[(q * k + p0) * nr..][..kc * nr];
             let cols = nr.min(n - q * nr);
-            for r in 0..panels {
+            for r in 0..full_panels + (edge_rows > 0) as usize {
                 let c_tile = &mut c[r * mr * ldc + q * nr..];
-                let tile_rows = mr.min(rows - r * mr);
-                let (a_ptr, a_rs, a_cs) = if r < first_packed {
+                let (a_ptr, a_rs, a_cs, tile_rows) = if r < full_panels {
                     let offset = r * mr * a.row_stride + p0 * a.col_stride;
-                    (a.data[offset..].as_ptr(), a.row_stride, a.col_stride)
+                    (a.data[offset..].as_ptr(), a.row_stride, a.col_stride, mr)
                 } else {
-                    (a_panels[(r - first_packed) * mr * kc..].as_ptr(), 1, mr)
+                    (edge.as_ptr(), 1, mr, edge_rows)
                 };
-                // SAFETY: `a.covers(rows, k)` bounds every (i, p) the kernel reads of a panel
-                // read in place, a packed panel holds kc·MR values, the B panel kc·NR, and the
-                // tile writes at most tile_rows rows of `cols` values at stride ldc inside `c`.
+                // SAFETY: `a.covers(rows, k)` bounds every (i, p) the kernel reads of a full
+                // panel, the edge tile holds kc·MR values, the B panel kc·NR, and the tile
+                // writes at most tile_rows rows of `cols` values at stride ldc inside `c`.
                 unsafe {
                     run_tile(
                         isa,
