@@ -61,6 +61,8 @@ struct Args {
 }
 
 const SEQ: usize = 64;
+/// Steps between two measurements of the validation loss.
+const EVAL_EVERY: u64 = 50;
 
 /// Every moment tensor of `old` padded with zero rows to the shape of the grown model's
 /// parameter of the same name: the new tokens start with no history, the old ones keep theirs.
@@ -89,6 +91,31 @@ fn grow_optimizer(old: &Optimizer, small: &TokenFormer, grown: &TokenFormer) -> 
     Ok(Optimizer::from_named(grown, old.hp, old.step, pad(m)?, pad(v)?)?)
 }
 
+/// Trains `steps` more steps, measuring the validation loss (kept in `val_points` and printed)
+/// every `EVAL_EVERY` steps and at the last one.
+fn train_phase(
+    trainer: &mut Trainer,
+    corpus: &Corpus,
+    steps: u64,
+    windows: usize,
+    val_points: &mut Vec<(f64, f64)>,
+) -> Result<()> {
+    let last = trainer.step + steps;
+    for _ in 0..steps {
+        trainer.step(&corpus.train)?;
+        if trainer.step.is_multiple_of(EVAL_EVERY) || trainer.step == last {
+            let val = validation_loss(&trainer.model, &corpus.val, SEQ, windows)?;
+            val_points.push((trainer.step as f64, val));
+            println!(
+                "  step {:>4}: train loss {:.4}, validation {val:.4}",
+                trainer.step,
+                trainer.losses.last().map_or(f64::NAN, |l| l.1)
+            );
+        }
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     let started = Instant::now();
@@ -110,19 +137,7 @@ fn main() -> Result<()> {
     let total = before_steps + after_steps;
     let mut trainer = Trainer::new(model, 8, SEQ, total)?;
     let mut val_points = vec![(0.0, validation_loss(&trainer.model, &corpus.val, SEQ, windows)?)];
-    let every = 50;
-    for _ in 0..before_steps {
-        trainer.step(&corpus.train)?;
-        if trainer.step % every == 0 {
-            let val = validation_loss(&trainer.model, &corpus.val, SEQ, windows)?;
-            val_points.push((trainer.step as f64, val));
-            println!(
-                "  step {:>4}: train loss {:.4}, validation {val:.4}",
-                trainer.step,
-                trainer.losses.last().map_or(f64::NAN, |l| l.1)
-            );
-        }
-    }
+    train_phase(&mut trainer, &corpus, before_steps, windows, &mut val_points)?;
     let before = validation_loss(&trainer.model, &corpus.val, SEQ, windows)?;
     let text_before = sample(&trainer.model, corpus.tokenizer, &args.prompt, sample_len)?;
     println!("text at step {before_steps}:");
@@ -155,18 +170,7 @@ fn main() -> Result<()> {
     trainer.model = grown;
 
     println!("phase 2: the grown model, {after_steps} more steps");
-    for _ in 0..after_steps {
-        trainer.step(&corpus.train)?;
-        if trainer.step % every == 0 || trainer.step == total {
-            let val = validation_loss(&trainer.model, &corpus.val, SEQ, windows)?;
-            val_points.push((trainer.step as f64, val));
-            println!(
-                "  step {:>4}: train loss {:.4}, validation {val:.4}",
-                trainer.step,
-                trainer.losses.last().map_or(f64::NAN, |l| l.1)
-            );
-        }
-    }
+    train_phase(&mut trainer, &corpus, after_steps, windows, &mut val_points)?;
     let end = validation_loss(&trainer.model, &corpus.val, SEQ, windows)?;
     println!(
         "validation loss: {before:.4} at the growth step, {end:.4} after {after_steps} more steps"
