@@ -4,6 +4,8 @@
 use clap::{Args, Parser, Subcommand};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use tokenformer_core::{Device, Error, Result};
 use tokenformer_models::bench::{bench_matmul, bench_train};
 use tokenformer_models::checkpoint::inspect_checkpoint;
@@ -11,6 +13,9 @@ use tokenformer_models::checkpoint::{is_checkpoint_dir, save_checkpoint, Checkpo
 use tokenformer_models::config::TokenGroup;
 use tokenformer_models::data::{StreamDecoder, Tokenizer};
 use tokenformer_models::evaluate::{evaluate_tokens, parse_token_ids};
+use tokenformer_models::experiment::{
+    default_experiment_dir, results_table, run_growth_experiment, ExperimentControl, Plan, Scale,
+};
 use tokenformer_models::files::{bytes_text, open_regular, read_open};
 use tokenformer_models::generate::{generate, SampleOptions};
 use tokenformer_models::growth::{grow_checkpoint, GrowSpec, GrowthPoint, LayerPlacement};
@@ -49,6 +54,48 @@ enum Command {
     Generate(GenerateArgs),
     /// Time full training steps (forward, backward, AdamW) and a large matmul
     Bench(BenchArgs),
+    /// Experiments that compare runs
+    #[command(subcommand)]
+    Experiment(ExperimentCommand),
+}
+
+#[derive(Subcommand)]
+enum ExperimentCommand {
+    /// Growth against training from scratch: five arms on the same data, budget and seed;
+    /// results.md, results.json and loss_vs_flops.png
+    Growth(GrowthExperimentArgs),
+}
+
+#[derive(Args)]
+struct GrowthExperimentArgs {
+    /// Experiment directory (default: runs/experiment-growth-N, the first free N)
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// cpu or cuda
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// small (about 20 minutes on two CPU cores) or medium (sized for one GPU)
+    #[arg(long, default_value = "small")]
+    scale: String,
+    /// The same pipeline at a toy size, in seconds
+    #[arg(long)]
+    quick: bool,
+    #[arg(long, default_value_t = TrainSettings::default().seed)]
+    seed: u64,
+    /// A folder with train/ and val/ folders of .txt books
+    #[arg(long, default_value = tokenformer_models::experiment::DEFAULT_DATA_DIR)]
+    data_dir: PathBuf,
+    /// Growths from a quarter of the final tokens to the final size
+    #[arg(long, default_value_t = 3)]
+    growths: usize,
+    /// Share of the steps the base model trains before the first growth (default: all stages
+    /// equally long)
+    #[arg(long)]
+    base_share: Option<f64>,
+    /// The grown arms' learning rate after a growth: continue (one schedule, as scratch's) or
+    /// restart (a new warmup and cosine per stage)
+    #[arg(long, default_value = "continue")]
+    stage_lr: String,
 }
 
 #[derive(Args)]
@@ -302,6 +349,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Some(Command::Eval(a)) => eval(a),
         Some(Command::Generate(a)) => generate_text(a),
         Some(Command::Bench(a)) => bench(a),
+        Some(Command::Experiment(ExperimentCommand::Growth(a))) => growth_experiment(a),
     }
 }
 
@@ -377,15 +425,21 @@ fn apply_train_flags(a: &TrainArgs, base: &mut TrainSettings, check: Option<&Pat
     Ok(())
 }
 
+/// First SIGINT/SIGTERM: set `stop` (the run finishes cleanly: save and exit). A second one
+/// exits at once.
+fn stop_on_signals(stop: &Arc<AtomicBool>) -> Result<()> {
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register_conditional_shutdown(signal, 130, stop.clone())
+            .and_then(|_| signal_hook::flag::register(signal, stop.clone()))
+            .map_err(|e| Error::invalid(format!("cannot install the signal handler: {e}")))?;
+    }
+    Ok(())
+}
+
 fn train(a: TrainArgs) -> Result<()> {
     let device = parse_device(&a.device)?;
     let control = TrainControl::default();
-    // First SIGINT/SIGTERM: finish cleanly (save and exit). A second one exits at once.
-    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register_conditional_shutdown(signal, 130, control.stop.clone())
-            .and_then(|_| signal_hook::flag::register(signal, control.stop.clone()))
-            .map_err(|e| Error::invalid(format!("cannot install the signal handler: {e}")))?;
-    }
+    stop_on_signals(&control.stop)?;
     let (dir, start, summary) = match &a.resume {
         Some(dir) => {
             if let Some(out) = &a.out {
@@ -775,5 +829,38 @@ fn bench(a: BenchArgs) -> Result<()> {
     if let Some(rows) = &r.profile {
         print_profile(rows, r.step_seconds, device);
     }
+    Ok(())
+}
+
+fn growth_experiment(a: GrowthExperimentArgs) -> Result<()> {
+    let device = parse_device(&a.device)?;
+    let scale = if a.quick { Scale::Quick } else { a.scale.parse()? };
+    if a.quick && a.scale != "small" {
+        return Err(Error::invalid("--quick is a scale of its own; leave out --scale"));
+    }
+    let plan = Plan {
+        seed: a.seed,
+        data_dir: a.data_dir,
+        growths: a.growths,
+        base_share: a.base_share,
+        stage_lr: a.stage_lr.parse()?,
+        ..Plan::new(scale)
+    };
+    // Bad flags and a missing data folder fail before any directory is made.
+    plan.growth_steps()?;
+    plan.check_data()?;
+    let out = a.out.unwrap_or_else(default_experiment_dir);
+    let control = ExperimentControl::default();
+    stop_on_signals(&control.stop)?;
+    let Some(results) = run_growth_experiment(&out, &plan, device, control)? else {
+        return Ok(());
+    };
+    println!("{}", results_table(&results));
+    println!(
+        "scratch's final validation loss {:.4}; results.md, results.json and loss_vs_flops.png \
+         are in {}",
+        results.target_val_loss,
+        out.display()
+    );
     Ok(())
 }

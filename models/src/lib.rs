@@ -5,8 +5,8 @@
 //!   what a reader learning how TokenFormer works reads, in that order.
 //! - [`run`] is the product around it: the training loop, checkpoints, data and tokenizers,
 //!   metrics, plots, the progress bar, benchmarks, careful file access, run-directory locking,
-//!   memory checks, evaluation and sampling. A learner can skip it, except perhaps
-//!   [`train::train_step`], one optimizer step, where the model meets AdamW.
+//!   memory checks, evaluation and sampling, and the growth experiment. A learner can skip it,
+//!   except perhaps [`train::train_step`], one optimizer step, where the model meets AdamW.
 //!
 //! Every module is also reachable from the crate root (`tokenformer_models::train`,
 //! `tokenformer_models::config`, ...), as before the split.
@@ -19,8 +19,8 @@ pub mod run;
 
 pub use model::{config, growth, linear, optim, pattention};
 pub use run::{
-    bench, checkpoint, data, evaluate, files, generate, memory, metrics, plot, progress, run_dir,
-    train,
+    bench, checkpoint, data, evaluate, experiment, files, generate, memory, metrics, plot,
+    progress, run_dir, train,
 };
 
 pub use config::{Arch, ModelConfig, Theta};

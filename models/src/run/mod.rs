@@ -4,12 +4,15 @@
 //! keep a run directory safe; [`data`] turns text into batches; [`metrics`], [`plot`] and
 //! [`progress`] report; [`files`] and [`memory`] check input and sizes before anything is
 //! written or allocated; [`evaluate`], [`generate`] and [`bench`](mod@bench) are the other
-//! commands. None of it is needed to understand what TokenFormer computes.
+//! commands, and [`experiment`] runs `experiment growth` (growth against training from
+//! scratch, arm by arm, through [`train`]). None of it is needed to understand what TokenFormer
+//! computes.
 
 pub mod bench;
 pub mod checkpoint;
 pub mod data;
 pub mod evaluate;
+pub mod experiment;
 pub mod files;
 pub mod generate;
 pub mod memory;

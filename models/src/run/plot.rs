@@ -133,6 +133,144 @@ pub fn plot_run(
     write_png(path, &pixels, SIZE)
 }
 
+/// One line of [`plot_curves`]: its (x, y) points and the points to mark on it.
+pub struct Curve {
+    pub label: String,
+    pub points: Vec<(f64, f64)>,
+    /// Drawn as triangles on the line (growth points, in the growth experiment).
+    pub marks: Vec<(f64, f64)>,
+}
+
+/// What [`plot_curves`] draws besides the curves.
+pub struct CurvesChart<'a> {
+    pub title: &'a str,
+    pub x_desc: &'a str,
+    pub y_desc: &'a str,
+    /// The legend entry of the marks.
+    pub marks_label: &'a str,
+    /// A horizontal dashed line at this y, with its legend entry.
+    pub reference: Option<(f64, &'a str)>,
+}
+
+/// The line colours of [`plot_curves`], in curve order (matplotlib's first five).
+const PALETTE: [RGBColor; 5] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+];
+
+/// Draws several curves against a logarithmic x axis (points with x ≤ 0 or a non-finite
+/// coordinate are left out), each with its marks, and an optional horizontal reference line;
+/// written as [`plot_losses`] writes its PNG.
+pub fn plot_curves(path: &Path, curves: &[Curve], chart: &CurvesChart) -> Result<()> {
+    ensure_font()?;
+    let keep = |pts: &[(f64, f64)]| -> Vec<(f64, f64)> {
+        pts.iter().copied().filter(|&(x, y)| x > 0.0 && x.is_finite() && y.is_finite()).collect()
+    };
+    let curves: Vec<(&Curve, Vec<(f64, f64)>, Vec<(f64, f64)>)> =
+        curves.iter().map(|c| (c, keep(&c.points), keep(&c.marks))).collect();
+    let all: Vec<(f64, f64)> =
+        curves.iter().flat_map(|(_, p, m)| p.iter().chain(m)).copied().collect();
+    if all.is_empty() {
+        return Err(Error::invalid(format!("{}: no points to plot", path.display())));
+    }
+    let x_min = all.iter().map(|p| p.0).fold(f64::INFINITY, f64::min);
+    let x_max = all.iter().map(|p| p.0).fold(f64::NEG_INFINITY, f64::max);
+    let reference = chart.reference.filter(|r| r.0.is_finite());
+    let ys = all.iter().map(|p| p.1).chain(reference.map(|r| r.0));
+    let y_min = ys.clone().fold(f64::INFINITY, f64::min);
+    let y_max = ys.fold(f64::NEG_INFINITY, f64::max);
+    let pad = ((y_max - y_min) * 0.05).max(1e-3);
+    let y_range = (y_min - pad).max(0.0)..y_max + pad;
+    // A little room either side on the log axis, and a non-empty range for a single point.
+    let x_range = (x_min / 1.15)..(x_max * 1.15);
+
+    let mut pixels = vec![0u8; SIZE.0 as usize * SIZE.1 as usize * 3];
+    let drawn = (|| -> std::result::Result<(), Box<dyn std::error::Error>> {
+        let root = BitMapBackend::with_buffer(&mut pixels, SIZE).into_drawing_area();
+        root.fill(&WHITE)?;
+        let mut plot = ChartBuilder::on(&root)
+            .caption(chart.title, ("sans-serif", 24))
+            .margin(16)
+            .margin_right(32)
+            .x_label_area_size(48)
+            .y_label_area_size(64)
+            .build_cartesian_2d(x_range.log_scale(), y_range.clone())?;
+        plot.configure_mesh()
+            .x_desc(chart.x_desc)
+            .y_desc(chart.y_desc)
+            .x_label_formatter(&log_label)
+            .label_style(("sans-serif", 16))
+            .axis_desc_style(("sans-serif", 18))
+            .light_line_style(WHITE.mix(0.0))
+            .draw()?;
+        let grey = RGBColor(110, 110, 110);
+        if let Some((y, label)) = reference {
+            let line = DashedLineSeries::new(
+                [(x_min / 1.15, y), (x_max * 1.15, y)],
+                8,
+                6,
+                grey.stroke_width(2),
+            );
+            plot.draw_series(line)?.label(label).legend(move |(x, y)| {
+                PathElement::new([(x, y), (x + 20, y)], grey.stroke_width(2))
+            });
+        }
+        for (i, (curve, points, _)) in curves.iter().enumerate() {
+            let colour = PALETTE[i % PALETTE.len()];
+            plot.draw_series(LineSeries::new(points.clone(), colour.stroke_width(2)))?
+                .label(curve.label.as_str())
+                .legend(move |(x, y)| {
+                    PathElement::new([(x, y), (x + 20, y)], colour.stroke_width(2))
+                });
+            plot.draw_series(points.iter().map(|&p| Circle::new(p, 3, colour.filled())))?;
+        }
+        let mut first_marks = true;
+        for (i, (_, _, marks)) in curves.iter().enumerate() {
+            let colour = PALETTE[i % PALETTE.len()];
+            let drawn = plot.draw_series(marks.iter().map(|&p| {
+                EmptyElement::at(p)
+                    + TriangleMarker::new((0, 0), 9, colour.filled())
+                    + TriangleMarker::new((0, 0), 9, BLACK.stroke_width(1))
+            }))?;
+            if first_marks && !marks.is_empty() {
+                first_marks = false;
+                drawn
+                    .label(chart.marks_label)
+                    .legend(|(x, y)| TriangleMarker::new((x + 10, y), 9, BLACK.stroke_width(1)));
+            }
+        }
+        plot.configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .label_font(("sans-serif", 16))
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()?;
+        root.present()?;
+        Ok(())
+    })();
+    drawn.map_err(|e| Error::invalid(format!("{}: cannot draw the plot: {e}", path.display())))?;
+    write_png(path, &pixels, SIZE)
+}
+
+/// A label for a tick of a logarithmic axis: 1, 2 and 5 times a power of ten get one (`2e12`),
+/// the ticks between them none, so labels do not run into each other.
+fn log_label(x: &f64) -> String {
+    if !(*x > 0.0 && x.is_finite()) {
+        return String::new();
+    }
+    let power = x.log10().floor();
+    let mantissa = x / 10f64.powf(power);
+    let near = |m: f64| (mantissa - m).abs() < 0.05 || (mantissa - 10.0 * m).abs() < 0.5;
+    if near(1.0) || near(2.0) || near(5.0) {
+        format!("{x:.0e}")
+    } else {
+        String::new()
+    }
+}
+
 /// Encodes RGB `pixels` as a PNG at `path` through an exclusive temporary file and a rename.
 fn write_png(path: &Path, pixels: &[u8], (width, height): (u32, u32)) -> Result<()> {
     let (dir, name) = match (path.parent(), path.file_name()) {

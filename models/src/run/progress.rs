@@ -4,6 +4,7 @@
 
 use indicatif::{ProgressBar, ProgressStyle};
 
+#[derive(Clone)]
 pub struct Progress {
     bar: ProgressBar,
 }
@@ -23,6 +24,11 @@ impl Progress {
         Progress { bar }
     }
 
+    /// A bar that draws nothing (a quiet run, or one whose caller shows its own progress).
+    pub fn hidden() -> Progress {
+        Progress { bar: ProgressBar::hidden() }
+    }
+
     /// Moves the bar to `step` (the number of steps done) and shows the latest numbers.
     pub fn update(&self, step: u64, loss: f64, lr: f64, tokens_per_sec: f64) {
         self.bar.set_message(format!(
@@ -30,6 +36,11 @@ impl Progress {
             human_rate(tokens_per_sec)
         ));
         self.bar.set_position(step);
+    }
+
+    /// Replaces the text after the counts.
+    pub fn set_message(&self, msg: impl Into<String>) {
+        self.bar.set_message(msg.into());
     }
 
     /// Prints a line above the bar (or plainly, when the bar is hidden) without garbling it.

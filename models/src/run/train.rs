@@ -21,7 +21,9 @@ use crate::checkpoint::{
     Checkpoint,
 };
 use crate::config::{Arch, ModelConfig};
-use crate::data::{val_windows, Batcher, DataSpec, Dataset, Tokenizer};
+use crate::data::{
+    val_windows, val_windows_spread, Batcher, DataSpec, Dataset, Tokenizer, ValWindows,
+};
 use crate::files::entry_exists;
 use crate::growth::{grow_model, GrowSpec, GrowthPoint};
 use crate::memory;
@@ -47,6 +49,10 @@ use tokenformer_ops::binary;
 #[serde(deny_unknown_fields)]
 pub struct TrainSettings {
     pub preset: String,
+    /// The model, when it is not `preset` itself but a variant of it (other token counts or
+    /// depth, as `experiment growth` trains): `preset` then names what it was derived from.
+    #[serde(default)]
+    pub model: Option<ModelConfig>,
     /// The decoder's projections: Pattentions (TokenFormer) or linear layers (Transformer).
     #[serde(default)]
     pub arch: Arch,
@@ -74,6 +80,10 @@ pub struct TrainSettings {
     pub eval_every: u64,
     /// Validation windows (of `seq` predicted tokens each) per evaluation.
     pub eval_windows: usize,
+    /// Spread the validation windows evenly over the validation tokens instead of taking the
+    /// first `eval_windows` (a sample of every held-out book rather than the start of one).
+    #[serde(default)]
+    pub val_spread: bool,
     pub save_every: u64,
     /// Growths during the run, in step order (`STEP:SPEC`, see [`GrowthPoint`]).
     #[serde(default)]
@@ -122,6 +132,7 @@ impl Default for TrainSettings {
     fn default() -> Self {
         TrainSettings {
             preset: "tiny".into(),
+            model: None,
             arch: Arch::TokenFormer,
             d_ff: None,
             data: Vec::new(),
@@ -142,6 +153,7 @@ impl Default for TrainSettings {
             seed: 1337,
             eval_every: 250,
             eval_windows: 128,
+            val_spread: false,
             save_every: 500,
             grow_at: Vec::new(),
             stage_lr: StageLr::Restart,
@@ -228,11 +240,12 @@ impl TrainSettings {
         self.seed ^ (0x9E37_79B9_7F4A_7C15u64.wrapping_mul(index as u64 + 1))
     }
 
-    /// The model config: the preset in the run's architecture, with the vocabulary of the
-    /// tokenizer.
+    /// The model config: the preset (or `model`) in the run's architecture, with the
+    /// vocabulary of the tokenizer.
     pub fn model_config(&self) -> Result<ModelConfig> {
         let tokenizer = Tokenizer::from_name(&self.tokenizer)?;
-        let mut config = ModelConfig::preset(&self.preset)?.with_arch(self.arch, self.d_ff)?;
+        let base = ModelConfig::preset(&self.preset)?;
+        let mut config = self.model.as_ref().unwrap_or(&base).with_arch(self.arch, self.d_ff)?;
         config.vocab_size = tokenizer.padded_vocab_size();
         config.tokenizer = tokenizer.name().into();
         config.validate()?;
@@ -252,6 +265,16 @@ impl TrainSettings {
             beta2: self.beta2,
             eps: 1e-8,
             weight_decay: self.weight_decay,
+        }
+    }
+
+    /// The validation windows of an evaluation, over the validation tokens `val`.
+    fn val_windows<'a>(&self, val: &'a [u32]) -> Result<ValWindows<'a>> {
+        let (batch, seq, windows) = (self.batch, self.seq, self.eval_windows);
+        if self.val_spread {
+            val_windows_spread(val, batch, seq, windows)
+        } else {
+            val_windows(val, batch, seq, windows)
         }
     }
 
@@ -535,7 +558,7 @@ fn save(dir: &Path, model: &TokenFormer, optimizer: &Optimizer, state: &TrainSta
 fn validation_loss(model: &TokenFormer, data: &Dataset, s: &TrainSettings) -> Result<f64> {
     let mut total = 0.0f64;
     let mut count = 0usize;
-    for batch in val_windows(data.val(), s.batch, s.seq, s.eval_windows)? {
+    for batch in s.val_windows(data.val())? {
         let dims = [batch.batch, batch.seq];
         batch.check_ids(model.config.vocab_size)?;
         let inputs = Tensor::from_vec(batch.inputs, &dims)?.to_device(model.device())?;
@@ -673,12 +696,13 @@ impl<'a> Run<'a> {
         let data = Dataset::load(tokenizer, &s.data_spec(), dir)?;
         // Both checks up front, so a bad corpus fails before the first step, not at evaluation.
         Batcher::new(0, s.batch, s.seq)?.next_batch(data.train())?;
-        val_windows(data.val(), s.batch, s.seq, s.eval_windows)?;
+        s.val_windows(data.val())?;
         let batcher = Batcher::from_state(state.batcher_rng, s.batch, s.seq)?;
         // Lines logged after this checkpoint by a run that died without saving would be
         // repeated by the resumed run: `resume` drops them.
         let metrics = MetricsWriter::resume(&dir.join("metrics.jsonl"), state.step)?;
-        let progress = Progress::new(s.steps, state.step);
+        let progress =
+            if control.quiet { Progress::hidden() } else { Progress::new(s.steps, state.step) };
         let run = Run {
             dir,
             model,

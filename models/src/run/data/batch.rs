@@ -7,8 +7,8 @@
 //! makes a resumed run draw exactly the batches the uninterrupted run would have drawn.
 //!
 //! Validation instead reads the *same* windows every time (the first K, back to back from the
-//! start of the validation tokens), so validation losses at different steps measure the model,
-//! not the luck of the draw.
+//! start of the validation tokens, or K spread evenly over them), so validation losses at
+//! different steps measure the model, not the luck of the draw.
 //!
 //! Ids are delivered as f32 (our tensors are f32); every id is below 2^24, where f32 holds
 //! integers exactly.
@@ -118,9 +118,11 @@ impl Batcher {
     }
 }
 
-/// The fixed validation windows: window i starts at token i·seq, so windows follow each other
-/// and every token is predicted at most once. Yields batches of up to `batch` windows (the last
-/// one may be smaller).
+/// The fixed validation windows. The data is cut into `available` back-to-back windows (window
+/// j starts at token j·seq) and `count` of them are read: window i is slot j = ⌊i·available /
+/// count⌋, which is i when reading the first ones and spreads them evenly otherwise. Every token
+/// is predicted at most once. Yields batches of up to `batch` windows (the last one may be
+/// smaller).
 #[derive(Clone, Debug)]
 pub struct ValWindows<'a> {
     data: &'a [u32],
@@ -128,6 +130,9 @@ pub struct ValWindows<'a> {
     seq: usize,
     next: usize,
     count: usize,
+    /// The windows the data holds; `count` of them are read.
+    available: usize,
+    spread: bool,
 }
 
 /// The first `max_windows` validation windows of `seq + 1` tokens (fewer if the data is
@@ -145,7 +150,20 @@ pub fn val_windows(
         ));
     }
     let available = (data.len() - 1) / seq;
-    Ok(ValWindows { data, batch, seq, next: 0, count: available.min(max_windows) })
+    let count = available.min(max_windows);
+    Ok(ValWindows { data, batch, seq, next: 0, count, available, spread: false })
+}
+
+/// `max_windows` validation windows spread evenly over the data (all of them if the data holds
+/// no more), in batches of `batch`: a sample of the whole validation set, where
+/// [`val_windows`] reads only its start.
+pub fn val_windows_spread(
+    data: &[u32],
+    batch: usize,
+    seq: usize,
+    max_windows: usize,
+) -> Result<ValWindows<'_>> {
+    Ok(ValWindows { spread: true, ..val_windows(data, batch, seq, max_windows)? })
 }
 
 impl ValWindows<'_> {
@@ -162,7 +180,8 @@ impl Iterator for ValWindows<'_> {
             return None;
         }
         let end = (self.next + self.batch).min(self.count);
-        let starts: Vec<usize> = (self.next..end).map(|i| i * self.seq).collect();
+        let slot = |i: usize| if self.spread { i * self.available / self.count } else { i };
+        let starts: Vec<usize> = (self.next..end).map(|i| slot(i) * self.seq).collect();
         self.next = end;
         Some(Batch::from_starts(self.data, &starts, self.seq))
     }
@@ -242,5 +261,21 @@ mod tests {
         assert_eq!(val_windows(&data, 2, 10, 1000).unwrap().num_windows(), 9);
         let again: Vec<Batch> = val_windows(&data, 2, 10, 5).unwrap().collect();
         assert_eq!(again, batches);
+    }
+
+    #[test]
+    fn spread_validation_windows_sample_the_whole_set() {
+        let data = ramp(100);
+        // 9 windows of 10 available; 3 spread ones are slots 0, 3 and 6.
+        let v = val_windows_spread(&data, 2, 10, 3).unwrap();
+        assert_eq!((v.num_windows(), v.num_tokens()), (3, 30));
+        let inputs: Vec<f32> = v.flat_map(|b| b.inputs).collect();
+        let want: Vec<f32> =
+            [0, 30, 60].iter().flat_map(|&s| s..s + 10).map(|x| x as f32).collect();
+        assert_eq!(inputs, want);
+        // With no more windows than asked for, spread and first are the same windows.
+        let all: Vec<Batch> = val_windows_spread(&data, 4, 10, 50).unwrap().collect();
+        assert_eq!(all, val_windows(&data, 4, 10, 50).unwrap().collect::<Vec<_>>());
+        assert!(val_windows_spread(&ramp(3), 1, 8, 4).is_err());
     }
 }

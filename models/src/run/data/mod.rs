@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use crate::progress::thousands;
 use tokenformer_core::{Error, Result};
 
-pub use batch::{val_windows, Batch, Batcher, ValWindows};
+pub use batch::{val_windows, val_windows_spread, Batch, Batcher, ValWindows};
 pub use cache::{load_or_build, source_hash, CacheStatus, TokenFile};
 pub use corpus::{list_files, read_documents, read_files, Document};
 pub use tokenizer::{StreamDecoder, Tokenizer};
