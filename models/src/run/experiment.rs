@@ -46,9 +46,10 @@ pub const DEFAULT_DATA_DIR: &str = "data/gutenberg";
 pub enum Scale {
     /// The whole pipeline in seconds, on a model too small to say anything (tests).
     Quick,
-    /// About 20 minutes on two CPU cores: a 1.08 M-parameter final model (preset `tiny`).
+    /// Under half an hour on two CPU cores: a 1.08 M-parameter final model (preset `tiny`).
     Small,
-    /// Sized for one GPU: a 19 M-parameter final model (preset `small`'s shape, 512 tokens).
+    /// Sized for one GPU: a 19 M-parameter final model (preset `small`'s shape with 512/512/2048
+    /// tokens).
     Medium,
 }
 
@@ -74,6 +75,7 @@ impl Scale {
                 eval_every: 10,
                 eval_windows: 16,
                 warmup: 10,
+                lr: None,
             },
             Scale::Small => Size {
                 preset: "tiny",
@@ -85,17 +87,21 @@ impl Scale {
                 eval_every: 50,
                 eval_windows: 256,
                 warmup: 30,
+                lr: None,
             },
+            // 800 × 32 × 256 = 6.6 M tokens: one pass over the shipped books. The learning rate
+            // is nanoGPT's for this shape (d = 384, L = 6).
             Scale::Medium => Size {
                 preset: "small",
                 layers: None,
                 final_tokens: [512, 512, 2048],
-                steps: 1600,
+                steps: 800,
                 batch: 32,
                 seq: 256,
-                eval_every: 50,
-                eval_windows: 512,
-                warmup: 50,
+                eval_every: 25,
+                eval_windows: 256,
+                warmup: 40,
+                lr: Some((1e-3, 1e-4)),
             },
         }
     }
@@ -128,6 +134,8 @@ struct Size {
     eval_every: u64,
     eval_windows: usize,
     warmup: u64,
+    /// (peak, final) learning rate; `None`: the trainer's defaults.
+    lr: Option<(f32, f32)>,
 }
 
 /// What to run: the scale, the seed, the data, and the growth schedule of the grown arms.
@@ -249,7 +257,11 @@ impl Plan {
     /// The settings every arm shares.
     fn common_settings(&self) -> TrainSettings {
         let size = self.scale.size();
+        let defaults = TrainSettings::default();
+        let (lr, min_lr) = size.lr.unwrap_or((defaults.lr, defaults.min_lr));
         TrainSettings {
+            lr,
+            min_lr,
             preset: size.preset.into(),
             data: vec![self.data_dir.join("train")],
             val_data: vec![self.data_dir.join("val")],
@@ -265,7 +277,7 @@ impl Plan {
             val_spread: true,
             // One checkpoint, at the end (and at a stop request).
             save_every: size.steps,
-            ..TrainSettings::default()
+            ..defaults
         }
     }
 

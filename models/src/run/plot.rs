@@ -1,5 +1,6 @@
 //! The loss plot a run leaves next to its checkpoint: training and validation loss against
-//! step, as a PNG, with a dashed line at every step where the model grew.
+//! step, as a PNG, with a dashed line at every step where the model grew. And curves against a
+//! logarithmic axis (`plot_curves`: the growth experiment's validation loss against FLOPs).
 //!
 //! Text in a bitmap needs a font, and no font is guaranteed to be installed (containers, CI),
 //! so DejaVu Sans (Bitstream Vera licence, see `models/assets/DejaVuSans-LICENSE.txt`) is built
@@ -169,10 +170,12 @@ pub fn plot_curves(path: &Path, curves: &[Curve], chart: &CurvesChart) -> Result
     let keep = |pts: &[(f64, f64)]| -> Vec<(f64, f64)> {
         pts.iter().copied().filter(|&(x, y)| x > 0.0 && x.is_finite() && y.is_finite()).collect()
     };
-    let curves: Vec<(&Curve, Vec<(f64, f64)>, Vec<(f64, f64)>)> =
-        curves.iter().map(|c| (c, keep(&c.points), keep(&c.marks))).collect();
+    let curves: Vec<Curve> = curves
+        .iter()
+        .map(|c| Curve { label: c.label.clone(), points: keep(&c.points), marks: keep(&c.marks) })
+        .collect();
     let all: Vec<(f64, f64)> =
-        curves.iter().flat_map(|(_, p, m)| p.iter().chain(m)).copied().collect();
+        curves.iter().flat_map(|c| c.points.iter().chain(&c.marks)).copied().collect();
     if all.is_empty() {
         return Err(Error::invalid(format!("{}: no points to plot", path.display())));
     }
@@ -218,8 +221,9 @@ pub fn plot_curves(path: &Path, curves: &[Curve], chart: &CurvesChart) -> Result
                 PathElement::new([(x, y), (x + 20, y)], grey.stroke_width(2))
             });
         }
-        for (i, (curve, points, _)) in curves.iter().enumerate() {
+        for (i, curve) in curves.iter().enumerate() {
             let colour = PALETTE[i % PALETTE.len()];
+            let points = &curve.points;
             plot.draw_series(LineSeries::new(points.clone(), colour.stroke_width(2)))?
                 .label(curve.label.as_str())
                 .legend(move |(x, y)| {
@@ -228,8 +232,8 @@ pub fn plot_curves(path: &Path, curves: &[Curve], chart: &CurvesChart) -> Result
             plot.draw_series(points.iter().map(|&p| Circle::new(p, 3, colour.filled())))?;
         }
         let mut first_marks = true;
-        for (i, (_, _, marks)) in curves.iter().enumerate() {
-            let colour = PALETTE[i % PALETTE.len()];
+        for (i, curve) in curves.iter().enumerate() {
+            let (colour, marks) = (PALETTE[i % PALETTE.len()], &curve.marks);
             let drawn = plot.draw_series(marks.iter().map(|&p| {
                 EmptyElement::at(p)
                     + TriangleMarker::new((0, 0), 9, colour.filled())
@@ -335,5 +339,38 @@ mod tests {
         if std::env::var_os("KEEP_PLOT").is_none() {
             std::fs::remove_dir_all(&dir).unwrap();
         }
+    }
+
+    #[test]
+    fn curves_on_a_log_axis() {
+        let dir = std::env::temp_dir().join(format!("tf-plot-curves-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("curves.png");
+        let curve = |label: &str, scale: f64| Curve {
+            label: label.into(),
+            points: (1..=20).map(|i| (scale * 1e9 * i as f64, 3.0 / (i as f64).sqrt())).collect(),
+            marks: vec![(scale * 5e9, 3.0 / 5f64.sqrt())],
+        };
+        let mut curves = vec![curve("a", 1.0), curve("b", 0.6)];
+        // Points a log axis cannot show are left out, not an error.
+        curves[0].points.push((0.0, 1.0));
+        curves[1].points.push((2e9, f64::NAN));
+        let chart = CurvesChart {
+            title: "t",
+            x_desc: "FLOPs",
+            y_desc: "loss",
+            marks_label: "growth",
+            reference: Some((0.8, "target")),
+        };
+        plot_curves(&path, &curves, &chart).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        assert!(bytes.len() > 1000 && &bytes[1..4] == b"PNG");
+        let empty = [Curve { label: "x".into(), points: vec![(0.0, 1.0)], marks: vec![] }];
+        assert!(plot_curves(&dir.join("none.png"), &empty, &chart).is_err());
+        assert_eq!(
+            [1e12, 2e12, 3e12, 5e12, 9.99e12].map(|x| log_label(&x)),
+            ["1e12", "2e12", "", "5e12", "1e13"]
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
