@@ -96,6 +96,13 @@ struct GrowthExperimentArgs {
     /// restart (a new warmup and cosine per stage)
     #[arg(long, default_value = "continue")]
     stage_lr: String,
+    /// Add a sixth arm: scratch with the grown arms' τ = √n₀ (n₀ the base's token counts)
+    #[arg(long)]
+    tau_control: bool,
+    /// Run only these arms (comma-separated; scratch must be one): scratch, grown, transformer,
+    /// grown-random, grown-frozen, scratch-tau
+    #[arg(long, value_delimiter = ',')]
+    arms: Vec<String>,
 }
 
 #[derive(Args)]
@@ -844,10 +851,13 @@ fn growth_experiment(a: GrowthExperimentArgs) -> Result<()> {
         growths: a.growths,
         base_share: a.base_share,
         stage_lr: a.stage_lr.parse()?,
+        tau_control: a.tau_control,
+        only_arms: a.arms,
         ..Plan::new(scale)
     };
     // Bad flags and a missing data folder fail before any directory is made.
     plan.growth_steps()?;
+    plan.arms()?;
     plan.check_data()?;
     let out = a.out.unwrap_or_else(default_experiment_dir);
     let control = ExperimentControl::default();

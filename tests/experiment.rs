@@ -191,6 +191,8 @@ fn bad_experiment_input_is_refused_in_one_line() {
     refused(&["experiment", "growth", "--quick", "--base-share", "1.5"], &["--base-share"]);
     refused(&["experiment", "growth", "--scale", "huge"], &["--scale"]);
     refused(&["experiment", "growth", "--quick", "--stage-lr", "sometimes"], &["--stage-lr"]);
+    refused(&["experiment", "growth", "--quick", "--arms", "grown"], &["must include scratch"]);
+    refused(&["experiment", "growth", "--quick", "--arms", "scratch,nope"], &["no arm 'nope'"]);
     // A directory that holds anything is not overwritten.
     std::fs::create_dir_all(&out).unwrap();
     std::fs::write(out.join("notes.txt"), "mine").unwrap();

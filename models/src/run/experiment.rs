@@ -152,6 +152,11 @@ pub struct Plan {
     pub base_share: Option<f64>,
     /// The learning rate of the grown arms after a growth.
     pub stage_lr: StageLr,
+    /// Adds a sixth arm, `scratch-tau`: scratch with the grown arms' τ (see [`Plan::arms`]).
+    pub tau_control: bool,
+    /// Runs only these arms (by name; `scratch` must be one, its final loss is the target).
+    /// Empty: the five, and `scratch-tau` with `tau_control`.
+    pub only_arms: Vec<String>,
 }
 
 impl Plan {
@@ -165,6 +170,8 @@ impl Plan {
             growths: 3,
             base_share: None,
             stage_lr: StageLr::Continue,
+            tau_control: false,
+            only_arms: Vec::new(),
         }
     }
 
@@ -281,7 +288,11 @@ impl Plan {
         }
     }
 
-    /// The five arms, in the order they run.
+    /// The five arms, in the order they run, and with `tau_control` a sixth: `scratch-tau`,
+    /// the final model trained from scratch with the τ = √n₀ of the grown arms (n₀ the base's
+    /// token counts, where scratch has the final counts). Growth keeps τ at its creation value,
+    /// so the grown arms end with a smaller τ than scratch: this arm tells what growth did from
+    /// what that τ does. `only_arms`, if given, chooses among all six.
     pub fn arms(&self) -> Result<Vec<Arm>> {
         let common = self.common_settings();
         let last = self.final_config()?;
@@ -294,7 +305,7 @@ impl Plan {
                 ..common.clone()
             })
         };
-        Ok(vec![
+        let mut arms = vec![
             Arm {
                 name: "scratch",
                 what: "TokenFormer at the final size, from scratch",
@@ -325,7 +336,38 @@ impl Plan {
                 what: "as grown, only the new tokens train after each growth (freeze_old)",
                 settings: grown(GrowInit::Exact, true)?,
             },
-        ])
+        ];
+        if self.tau_control || !self.only_arms.is_empty() {
+            let base = self.base_config()?;
+            let mut model = last.clone();
+            (model.qkv_scale_tokens, model.proj_scale_tokens, model.ffn_scale_tokens) =
+                (base.qkv_scale_tokens, base.proj_scale_tokens, base.ffn_scale_tokens);
+            arms.push(Arm {
+                name: "scratch-tau",
+                what: "as scratch, with the grown arms' τ (n₀ = the base's token counts)",
+                settings: TrainSettings { model: Some(model), ..common.clone() },
+            });
+        }
+        if self.only_arms.is_empty() {
+            return Ok(arms);
+        }
+        let names: Vec<&str> = arms.iter().map(|a| a.name).collect();
+        if let Some(unknown) = self.only_arms.iter().find(|n| !names.contains(&n.as_str())) {
+            return Err(Error::invalid(format!(
+                "--arms: no arm '{unknown}' (the arms are {})",
+                names.join(", ")
+            )));
+        }
+        if !self.only_arms.iter().any(|n| n == "scratch") {
+            return Err(Error::invalid(
+                "--arms must include scratch: its final validation loss is the target",
+            ));
+        }
+        let wanted = |arm: &Arm| self.only_arms.iter().any(|n| n == arm.name);
+        Ok(arms
+            .into_iter()
+            .filter(|arm| wanted(arm) || (self.tau_control && arm.name == "scratch-tau"))
+            .collect())
     }
 
     /// The command line that runs this plan.
@@ -345,6 +387,12 @@ impl Plan {
         }
         if self.stage_lr != default.stage_lr {
             cmd.push_str(&format!(" --stage-lr {}", stage_lr_name(self.stage_lr)));
+        }
+        if self.tau_control {
+            cmd.push_str(" --tau-control");
+        }
+        if !self.only_arms.is_empty() {
+            cmd.push_str(&format!(" --arms {}", self.only_arms.join(",")));
         }
         if self.data_dir != default.data_dir {
             cmd.push_str(&format!(" --data-dir {}", self.data_dir.display()));
@@ -933,6 +981,21 @@ mod tests {
                 }
                 assert!(arms[3].settings.grow_at.iter().all(|g| g.target.init == GrowInit::Random));
                 assert!(arms[4].settings.freeze_old && !arms[1].settings.freeze_old);
+                let with_control = Plan { tau_control: true, ..plan.clone() }.arms().unwrap();
+                assert_eq!(with_control.len(), 6);
+                let control = with_control[5].settings.model_config().unwrap();
+                let scales = |c: &ModelConfig| (c.qkv_scale_tokens, c.ffn_scale_tokens);
+                assert_eq!(scales(&control), scales(&base));
+                assert_eq!(control.param_count(), last.param_count());
+                let only = |names: &[&str]| Plan {
+                    only_arms: names.iter().map(|n| n.to_string()).collect(),
+                    ..plan.clone()
+                };
+                let chosen = only(&["scratch-tau", "scratch"]).arms().unwrap();
+                let chosen: Vec<&str> = chosen.iter().map(|a| a.name).collect();
+                assert_eq!(chosen, ["scratch", "scratch-tau"]);
+                assert!(only(&["grown"]).arms().is_err());
+                assert!(only(&["scratch", "grown-twice"]).arms().is_err());
             }
         }
     }

@@ -153,13 +153,14 @@ pub struct CurvesChart<'a> {
     pub reference: Option<(f64, &'a str)>,
 }
 
-/// The line colours of [`plot_curves`], in curve order (matplotlib's first five).
-const PALETTE: [RGBColor; 5] = [
+/// The line colours of [`plot_curves`], in curve order (matplotlib's first six).
+const PALETTE: [RGBColor; 6] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
     RGBColor(44, 160, 44),
     RGBColor(214, 39, 40),
     RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
 ];
 
 /// Draws several curves against a logarithmic x axis (points with x ≤ 0 or a non-finite
