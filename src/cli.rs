@@ -74,7 +74,7 @@ struct GrowthExperimentArgs {
     /// cpu or cuda
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// small (20 to 25 minutes on two idle CPU cores) or medium (sized for one GPU)
+    /// small (under 20 minutes on two idle CPU cores) or medium (sized for one GPU)
     #[arg(long, default_value = "small")]
     scale: String,
     /// The same pipeline at a toy size, in seconds
