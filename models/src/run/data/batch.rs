@@ -268,7 +268,7 @@ mod tests {
         let data = ramp(100);
         // 9 windows of 10 available; 3 spread ones are slots 0, 3 and 6.
         let v = val_windows_spread(&data, 2, 10, 3).unwrap();
-        assert_eq!((v.num_windows(), v.num_tokens()), (3, 30));
+        assert_eq!(v.num_windows(), 3);
         let inputs: Vec<f32> = v.flat_map(|b| b.inputs).collect();
         let want: Vec<f32> =
             [0, 30, 60].iter().flat_map(|&s| s..s + 10).map(|x| x as f32).collect();
