@@ -165,7 +165,7 @@ const PALETTE: [RGBColor; 6] = [
 
 /// Draws several curves against a logarithmic x axis (points with x ≤ 0 or a non-finite
 /// coordinate are left out), each with its marks, and an optional horizontal reference line;
-/// written as [`plot_losses`] writes its PNG.
+/// written as [`plot_run`] writes its PNG.
 pub fn plot_curves(path: &Path, curves: &[Curve], chart: &CurvesChart) -> Result<()> {
     ensure_font()?;
     let keep = |pts: &[(f64, f64)]| -> Vec<(f64, f64)> {
