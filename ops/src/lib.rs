@@ -133,64 +133,102 @@ const MAP_CHUNK: usize = 8192;
 /// thread count.
 pub(crate) fn map1(x: &[f32], f: impl Fn(f32) -> f32 + Sync + Send) -> Vec<f32> {
     use rayon::prelude::*;
-    let mut out = vec![0.0f32; x.len()];
-    if x.len() >= PARALLEL_MIN_ELEMS {
-        out.par_chunks_mut(MAP_CHUNK)
+    let n = x.len();
+    let mut out = Vec::with_capacity(n);
+    let spare = &mut out.spare_capacity_mut()[..n];
+    if n >= PARALLEL_MIN_ELEMS {
+        spare
+            .par_chunks_mut(MAP_CHUNK)
             .zip(x.par_chunks(MAP_CHUNK))
             .for_each(|(out, x)| wide_loops::map1(x, out, &f));
     } else {
-        wide_loops::map1(x, &mut out, &f);
+        wide_loops::map1(x, spare, &f);
     }
+    // SAFETY: the loops wrote each of the n elements (the chunks of `spare` and `x` pair up
+    // one to one, with equal lengths).
+    unsafe { out.set_len(n) };
     out
 }
 
 /// `f` applied to every pair of elements of two equally long slices (see [`map1`]).
+///
+/// # Panics
+/// If the slices differ in length (callers check the shapes first).
 pub(crate) fn map2(x: &[f32], y: &[f32], f: impl Fn(f32, f32) -> f32 + Sync + Send) -> Vec<f32> {
     use rayon::prelude::*;
-    let mut out = vec![0.0f32; x.len()];
-    if x.len() >= PARALLEL_MIN_ELEMS {
-        out.par_chunks_mut(MAP_CHUNK)
+    let n = x.len();
+    assert_eq!(n, y.len(), "map2 over slices of different lengths");
+    let mut out = Vec::with_capacity(n);
+    let spare = &mut out.spare_capacity_mut()[..n];
+    if n >= PARALLEL_MIN_ELEMS {
+        spare
+            .par_chunks_mut(MAP_CHUNK)
             .zip(x.par_chunks(MAP_CHUNK).zip(y.par_chunks(MAP_CHUNK)))
             .for_each(|(out, (x, y))| wide_loops::map2(x, y, out, &f));
     } else {
-        wide_loops::map2(x, y, &mut out, &f);
+        wide_loops::map2(x, y, spare, &f);
     }
+    // SAFETY: as in `map1`; x and y have n elements each.
+    unsafe { out.set_len(n) };
     out
 }
 
 /// The element loops of [`map1`] and [`map2`], compiled a second time for AVX-512 and AVX2 and
 /// picked at run time. Rust never contracts a·b + c into a fused multiply-add by itself, so
 /// every variant computes the same bits; only the width of the registers differs.
-mod wide_loops {
+pub(crate) mod wide_loops {
+    use std::mem::MaybeUninit;
     #[inline(always)]
-    fn map1_plain<F: Fn(f32) -> f32>(x: &[f32], out: &mut [f32], f: &F) {
+    fn map1_plain<F: Fn(f32) -> f32>(x: &[f32], out: &mut [MaybeUninit<f32>], f: &F) {
         for (o, &a) in out.iter_mut().zip(x) {
-            *o = f(a);
+            o.write(f(a));
         }
     }
 
     #[inline(always)]
-    fn map2_plain<F: Fn(f32, f32) -> f32>(x: &[f32], y: &[f32], out: &mut [f32], f: &F) {
+    fn map2_plain<F: Fn(f32, f32) -> f32>(
+        x: &[f32],
+        y: &[f32],
+        out: &mut [MaybeUninit<f32>],
+        f: &F,
+    ) {
         for ((o, &a), &b) in out.iter_mut().zip(x).zip(y) {
-            *o = f(a, b);
+            o.write(f(a, b));
         }
     }
 
     #[cfg(target_arch = "x86_64")]
     mod x86 {
+        use std::mem::MaybeUninit;
         #[target_feature(enable = "avx512f")]
-        pub(super) unsafe fn map1_avx512<F: Fn(f32) -> f32>(x: &[f32], out: &mut [f32], f: &F) {
+        pub(super) unsafe fn run_avx512<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        #[target_feature(enable = "avx2")]
+        pub(super) unsafe fn run_avx2<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        #[target_feature(enable = "avx512f")]
+        pub(super) unsafe fn map1_avx512<F: Fn(f32) -> f32>(
+            x: &[f32],
+            out: &mut [MaybeUninit<f32>],
+            f: &F,
+        ) {
             super::map1_plain(x, out, f)
         }
         #[target_feature(enable = "avx2")]
-        pub(super) unsafe fn map1_avx2<F: Fn(f32) -> f32>(x: &[f32], out: &mut [f32], f: &F) {
+        pub(super) unsafe fn map1_avx2<F: Fn(f32) -> f32>(
+            x: &[f32],
+            out: &mut [MaybeUninit<f32>],
+            f: &F,
+        ) {
             super::map1_plain(x, out, f)
         }
         #[target_feature(enable = "avx512f")]
         pub(super) unsafe fn map2_avx512<F: Fn(f32, f32) -> f32>(
             x: &[f32],
             y: &[f32],
-            out: &mut [f32],
+            out: &mut [MaybeUninit<f32>],
             f: &F,
         ) {
             super::map2_plain(x, y, out, f)
@@ -199,14 +237,31 @@ mod wide_loops {
         pub(super) unsafe fn map2_avx2<F: Fn(f32, f32) -> f32>(
             x: &[f32],
             y: &[f32],
-            out: &mut [f32],
+            out: &mut [MaybeUninit<f32>],
             f: &F,
         ) {
             super::map2_plain(x, y, out, f)
         }
     }
 
-    pub(crate) fn map1<F: Fn(f32) -> f32>(x: &[f32], out: &mut [f32], f: &F) {
+    /// Runs `f`, inlined into a copy compiled for the widest vector unit the processor has:
+    /// for element loops that are not a plain map (the AdamW update, for one).
+    #[inline(always)]
+    pub(crate) fn widest<R>(f: impl FnOnce() -> R) -> R {
+        #[cfg(target_arch = "x86_64")]
+        {
+            // SAFETY: each variant runs only where the processor has its instructions.
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                return unsafe { x86::run_avx512(f) };
+            }
+            if std::arch::is_x86_feature_detected!("avx2") {
+                return unsafe { x86::run_avx2(f) };
+            }
+        }
+        f()
+    }
+
+    pub(crate) fn map1<F: Fn(f32) -> f32>(x: &[f32], out: &mut [MaybeUninit<f32>], f: &F) {
         #[cfg(target_arch = "x86_64")]
         {
             // SAFETY: each variant runs only where the processor has its instructions.
@@ -220,7 +275,12 @@ mod wide_loops {
         map1_plain(x, out, f)
     }
 
-    pub(crate) fn map2<F: Fn(f32, f32) -> f32>(x: &[f32], y: &[f32], out: &mut [f32], f: &F) {
+    pub(crate) fn map2<F: Fn(f32, f32) -> f32>(
+        x: &[f32],
+        y: &[f32],
+        out: &mut [MaybeUninit<f32>],
+        f: &F,
+    ) {
         #[cfg(target_arch = "x86_64")]
         {
             // SAFETY: as in `map1`.

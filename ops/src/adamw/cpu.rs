@@ -4,6 +4,7 @@
 use super::{AdamW, StepScalars};
 use crate::{cpu_tensor, PARALLEL_MIN_ELEMS};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 use tokenformer_core::{Result, Tensor};
 
 pub(crate) fn adamw_step(
@@ -21,30 +22,68 @@ pub(crate) fn adamw_step(
     let (b1, b2, eps) = (hp.beta1, hp.beta2, hp.eps);
 
     let n = p.len();
-    let (mut p_new, mut m_new, mut v_new) = (vec![0.0f32; n], vec![0.0f32; n], vec![0.0f32; n]);
-    // Element `start + j` of the tensors is element j of the output chunks.
-    let update = |start: usize, p_out: &mut [f32], m_out: &mut [f32], v_out: &mut [f32]| {
-        for (j, ((po, mo), vo)) in
-            p_out.iter_mut().zip(m_out.iter_mut()).zip(v_out.iter_mut()).enumerate()
-        {
-            let i = start + j;
-            let gi = g[i];
-            *mo = b1 * m_old[i] + (1.0 - b1) * gi;
-            *vo = b2 * v_old[i] + (1.0 - b2) * gi * gi;
-            let denom = vo.sqrt() * inv_sqrt_bc2 + eps;
-            *po = p[i] * decay - step_size * *mo / denom;
-        }
+    if [g.len(), m_old.len(), v_old.len()].iter().any(|&len| len != n) {
+        // mod.rs checks the shapes; the buffers below rely on it, so it is checked again here.
+        return Err(tokenformer_core::Error::shape(
+            op,
+            format!(
+                "param {:?}, grad {:?}, m {:?}, v {:?} differ",
+                param.dims(),
+                grad.dims(),
+                m.dims(),
+                v.dims()
+            ),
+        ));
+    }
+    // The outputs are written once each, straight into fresh buffers: zeroing them first cost
+    // as much as the update itself (three parameter-sized memsets a step).
+    let (mut p_new, mut m_new, mut v_new) =
+        (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+    // Element `start + j` of the tensors is element j of the output chunks. The loop runs over
+    // zipped slices (no index, so no bounds checks) in the widest vector unit: square roots and
+    // divisions are exact in every width, so the bits are those of the scalar loop.
+    type Out<'a> = &'a mut [MaybeUninit<f32>];
+    let update = |start: usize, p_out: Out, m_out: Out, v_out: Out| {
+        let end = start + p_out.len();
+        let (p, g) = (&p[start..end], &g[start..end]);
+        let (m_old, v_old) = (&m_old[start..end], &v_old[start..end]);
+        crate::wide_loops::widest(|| {
+            let outs = p_out.iter_mut().zip(m_out.iter_mut()).zip(v_out.iter_mut());
+            let ins = p.iter().zip(g).zip(m_old).zip(v_old);
+            for (((po, mo), vo), (((&pi, &gi), &mi), &vi)) in outs.zip(ins) {
+                let m_new = b1 * mi + (1.0 - b1) * gi;
+                let v_new = b2 * vi + (1.0 - b2) * gi * gi;
+                let denom = v_new.sqrt() * inv_sqrt_bc2 + eps;
+                mo.write(m_new);
+                vo.write(v_new);
+                po.write(pi * decay - step_size * m_new / denom);
+            }
+        })
     };
-    const CHUNK: usize = 8192;
-    if n >= PARALLEL_MIN_ELEMS {
-        p_new
-            .par_chunks_mut(CHUNK)
-            .zip(m_new.par_chunks_mut(CHUNK))
-            .zip(v_new.par_chunks_mut(CHUNK))
-            .enumerate()
-            .for_each(|(c, ((p_out, m_out), v_out))| update(c * CHUNK, p_out, m_out, v_out));
-    } else {
-        update(0, &mut p_new, &mut m_new, &mut v_new);
+    {
+        let (p_out, m_out, v_out) = (
+            &mut p_new.spare_capacity_mut()[..n],
+            &mut m_new.spare_capacity_mut()[..n],
+            &mut v_new.spare_capacity_mut()[..n],
+        );
+        const CHUNK: usize = 8192;
+        if n >= PARALLEL_MIN_ELEMS {
+            p_out
+                .par_chunks_mut(CHUNK)
+                .zip(m_out.par_chunks_mut(CHUNK))
+                .zip(v_out.par_chunks_mut(CHUNK))
+                .enumerate()
+                .for_each(|(c, ((p_out, m_out), v_out))| update(c * CHUNK, p_out, m_out, v_out));
+        } else {
+            update(0, p_out, m_out, v_out);
+        }
+    }
+    // SAFETY: the chunks above cover all n elements of each buffer, and the update loop writes
+    // every element of its chunks (the four inputs have n elements each, checked by the caller).
+    unsafe {
+        p_new.set_len(n);
+        m_new.set_len(n);
+        v_new.set_len(n);
     }
     let dims = param.dims();
     Ok((cpu_tensor(p_new, dims), cpu_tensor(m_new, dims), cpu_tensor(v_new, dims)))
