@@ -317,6 +317,21 @@ mod tests {
     use crate::testing::{randn, tensor};
     use tokenformer_core::Error;
 
+    /// Sizes that take the parallel path with a partial last chunk, and the empty slice: every
+    /// element is written, and is `f` of its input.
+    #[test]
+    fn the_maps_write_every_element_at_every_size() {
+        for n in [super::PARALLEL_MIN_ELEMS + 3 * super::MAP_CHUNK + 37, 1000, 0] {
+            let x = crate::testing::values(&randn(&[n], 5));
+            let y = crate::testing::values(&randn(&[n], 6));
+            let f = |a: f32| crate::unary::cpu::gelu_scalar(a) * 3.0 - a;
+            let expected1: Vec<f32> = x.iter().map(|&a| f(a)).collect();
+            let expected2: Vec<f32> = x.iter().zip(&y).map(|(&a, &b)| a * b - f(b)).collect();
+            assert_eq!(super::map1(&x, f), expected1, "map1, n {n}");
+            assert_eq!(super::map2(&x, &y, |a, b| a * b - f(b)), expected2, "map2, n {n}");
+        }
+    }
+
     #[test]
     fn errors_say_what_kind_of_mistake_they_are() {
         let table = randn(&[4, 2], 1);

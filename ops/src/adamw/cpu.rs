@@ -79,7 +79,7 @@ pub(crate) fn adamw_step(
         }
     }
     // SAFETY: the chunks above cover all n elements of each buffer, and the update loop writes
-    // every element of its chunks (the four inputs have n elements each, checked by the caller).
+    // every element of its chunks (the four inputs have n elements each, checked above).
     unsafe {
         p_new.set_len(n);
         m_new.set_len(n);

@@ -209,6 +209,31 @@ mod tests {
     use super::*;
     use crate::testing::{assert_close, randn, values};
 
+    /// Sizes that take the parallel path with a partial last chunk, and the empty tensor: every
+    /// element is the scalar formula's, bit for bit.
+    #[test]
+    fn every_element_of_a_large_or_empty_step_is_the_scalar_formula() {
+        let hp = AdamW { lr: 3e-3, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
+        for n in [32_768 + 3 * 8192 + 37, 0] {
+            let (p, g, m) = (randn(&[n], 1), randn(&[n], 2), randn(&[n], 3));
+            let v = crate::unary::square(&randn(&[n], 4)).unwrap();
+            let (p2, m2, v2) = adamw_step(&p, &g, &m, &v, &hp, 7).unwrap();
+            let StepScalars { step_size, inv_sqrt_bc2, decay } = hp.step_scalars(7);
+            let (pv, gv, mv, vv) = (values(&p), values(&g), values(&m), values(&v));
+            let (mut pe, mut me, mut ve) = (vec![], vec![], vec![]);
+            for i in 0..n {
+                let mi = hp.beta1 * mv[i] + (1.0 - hp.beta1) * gv[i];
+                let vi = hp.beta2 * vv[i] + (1.0 - hp.beta2) * gv[i] * gv[i];
+                me.push(mi);
+                ve.push(vi);
+                pe.push(pv[i] * decay - step_size * mi / (vi.sqrt() * inv_sqrt_bc2 + hp.eps));
+            }
+            assert_eq!(values(&p2), pe, "param, n {n}");
+            assert_eq!(values(&m2), me, "m, n {n}");
+            assert_eq!(values(&v2), ve, "v, n {n}");
+        }
+    }
+
     #[test]
     fn many_tensors_step_as_one_tensor_at_a_time() {
         let hp = AdamW { lr: 1e-2, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };

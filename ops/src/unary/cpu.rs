@@ -55,6 +55,7 @@ fn erfc_nonnegative(z: f32) -> f32 {
 
 /// Φ(x) = ½·erfc(−x/√2), the standard normal CDF, accurate in relative terms on both sides.
 /// Φ(0) is exactly ½ (the fit alone gives ½ − 1e-7), so that GELU′(0) = ½ as SPEC §1 states.
+/// Φ(NaN) is NaN.
 #[inline(always)]
 fn normal_cdf(x: f32) -> f32 {
     let tail = 0.5 * erfc_nonnegative(x.abs() * FRAC_1_SQRT_2);

@@ -294,6 +294,14 @@ mod tests {
     }
 
     #[test]
+    fn gelu_of_nan_is_nan() {
+        let nan = tensor(vec![f32::NAN, 1.0], &[2]);
+        assert!(values(&gelu(&nan).unwrap())[0].is_nan());
+        let grad = values(&gelu_backward(&nan, &tensor(vec![1.0, 1.0], &[2])).unwrap());
+        assert!(grad[0].is_nan() && grad[1].is_finite());
+    }
+
+    #[test]
     fn gelu_derivative_at_zero_is_one_half() {
         let zero = tensor(vec![0.0], &[1]);
         let one = tensor(vec![1.0], &[1]);
