@@ -127,6 +127,15 @@ impl Tensor {
         })
     }
 
+    /// The CPU data for writing in place, when this tensor is its only holder (no clone of it
+    /// is alive, so no other holder can see it change); None otherwise or on another device.
+    pub fn cpu_data_mut(&mut self) -> Option<&mut [f32]> {
+        match Arc::get_mut(&mut self.storage)? {
+            Storage::Cpu(v) => Some(v),
+            Storage::Cuda(_) => None,
+        }
+    }
+
     /// The CUDA storage, or `None` for a tensor on another device.
     pub fn cuda_storage(&self) -> Option<&CudaStorage> {
         match &*self.storage {

@@ -20,7 +20,7 @@ use tokenformer_autograd::Var;
 use tokenformer_core::Device;
 use tokenformer_core::{Error, Result, Tensor};
 use tokenformer_ops::adamw::{
-    adamw_step, adamw_step_many, clip_factor, sum_squares, sum_squares_many, AdamW,
+    adamw_step, adamw_step_many, clip_factor, sum_squares_each, sum_squares_many, AdamW,
 };
 use tokenformer_ops::{binary, layout, reduce, unary};
 
@@ -48,13 +48,23 @@ pub fn lr_at(step: u64, warmup: u64, total: u64, lr: f32, min_lr: f32) -> f32 {
 /// g      = g · factor
 /// ```
 pub fn clip_global_norm(grads: &mut [Tensor], max_norm: f32) -> Result<Tensor> {
+    let (norm, factor) = global_norm_and_factor(grads, max_norm)?;
+    for g in grads.iter_mut() {
+        *g = binary::mul(g, &factor)?;
+    }
+    Ok(norm)
+}
+
+/// (norm, factor) of [`clip_global_norm`], as one-element tensors, leaving the gradients alone.
+fn global_norm_and_factor(grads: &[Tensor], max_norm: f32) -> Result<(Tensor, Tensor)> {
     let Some(first) = grads.first() else {
         return Err(Error::invalid("clip_global_norm: no gradients"));
     };
     let device = first.device();
-    let mut total = sum_squares(first)?;
-    for g in &grads[1..] {
-        total = binary::add(&total, &sum_squares(g)?)?;
+    let squares = sum_squares_each(grads)?;
+    let mut total = squares[0].clone();
+    for s in &squares[1..] {
+        total = binary::add(&total, s)?;
     }
     let norm = unary::sqrt(&total)?.reshape(&[1])?;
     let limit = Tensor::full(&[1], max_norm, device)?;
@@ -64,10 +74,7 @@ pub fn clip_global_norm(grads: &mut [Tensor], max_norm: f32) -> Result<Tensor> {
         false,
     )?;
     let factor = binary::div(&limit, &denominator)?;
-    for g in grads.iter_mut() {
-        *g = binary::mul(g, &factor)?;
-    }
-    Ok(norm)
+    Ok((norm, factor))
 }
 
 /// The optimizer's state: one pair of moments per parameter, in the model's checkpoint order.
@@ -210,11 +217,11 @@ impl Optimizer {
     /// One training step's update: clips the gradients to a global norm of `clip` when given
     /// (returning the norm before clipping) and applies AdamW with learning rate `lr`.
     ///
-    /// On a GPU this is the multi-tensor path: the sum of squares, the clip factor and the
-    /// update of every parameter in a handful of launches, the factor read on the device, and
-    /// parameters and moments that nothing else holds updated in place. On the CPU, or with
-    /// `TOKENFORMER_FUSED=adamw:0`, it is `clip_global_norm` then `update`. Both compute the
-    /// same step.
+    /// This is the multi-tensor path: the clip factor, then the update of every parameter with
+    /// its gradient scaled inside the update (on a GPU in a handful of launches, the factor read
+    /// on the device, and parameters and moments that nothing else holds updated in place).
+    /// With frozen rows, or with `TOKENFORMER_FUSED=adamw:0`, it is `clip_global_norm` then
+    /// `update`. Both compute the same step; on the CPU, the same bits.
     pub fn clip_and_update(
         &mut self,
         model: &mut TokenFormer,
@@ -225,15 +232,21 @@ impl Optimizer {
         let on_gpu = grads.first().is_some_and(|g| g.device().is_cuda());
         // Frozen rows take the plain path, which updates parameters row-range by row-range.
         let frozen = self.frozen_rows.iter().any(|&r| r > 0);
-        if !on_gpu || frozen || !tokenformer_ops::fused::enabled("adamw")? {
+        if frozen || !tokenformer_ops::fused::enabled("adamw")? {
             self.mask_frozen(&mut grads)?;
             let norm = clip.map(|c| clip_global_norm(&mut grads, c)).transpose()?;
             self.update(model, &grads, lr)?;
             return Ok(norm);
         }
         let (norm, factor) = match clip {
-            Some(c) => {
+            // The GPU sums all squares in one launch; the CPU keeps `clip_global_norm`'s sums,
+            // so that both CPU paths give the same bits.
+            Some(c) if on_gpu => {
                 let (norm, factor) = clip_factor(&sum_squares_many(&grads)?, c)?;
+                (Some(norm), Some(factor))
+            }
+            Some(c) => {
+                let (norm, factor) = global_norm_and_factor(&grads, c)?;
                 (Some(norm), Some(factor))
             }
             None => (None, None),

@@ -15,7 +15,24 @@ pub(crate) fn adamw_step(
     hp: &AdamW,
     step: u64,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    let op = "adamw_step";
+    // g·1 is g, bit for bit.
+    adamw_step_scaled("adamw_step", param, grad, 1.0, m, v, hp, step)
+}
+
+/// The step with gradient `grad`·`grad_scale`, the product taken per element inside the update
+/// loop: the bits of `binary::mul` followed by `adamw_step`, without a gradient-sized
+/// intermediate (one fewer pass over memory in a step that is all memory traffic).
+#[allow(clippy::too_many_arguments)]
+fn adamw_step_scaled(
+    op: &'static str,
+    param: &Tensor,
+    grad: &Tensor,
+    grad_scale: f32,
+    m: &Tensor,
+    v: &Tensor,
+    hp: &AdamW,
+    step: u64,
+) -> Result<(Tensor, Tensor, Tensor)> {
     let (p, g) = (param.cpu_slice(op)?, grad.cpu_slice(op)?);
     let (m_old, v_old) = (m.cpu_slice(op)?, v.cpu_slice(op)?);
     let StepScalars { step_size, inv_sqrt_bc2, decay } = hp.step_scalars(step);
@@ -35,6 +52,7 @@ pub(crate) fn adamw_step(
             ),
         ));
     }
+    let element = Element { grad_scale, b1, b2, eps, step_size, inv_sqrt_bc2, decay };
     // The outputs are written once each, straight into fresh buffers: zeroing them first cost
     // as much as the update itself (three parameter-sized memsets a step).
     let (mut p_new, mut m_new, mut v_new) =
@@ -51,12 +69,10 @@ pub(crate) fn adamw_step(
             let outs = p_out.iter_mut().zip(m_out.iter_mut()).zip(v_out.iter_mut());
             let ins = p.iter().zip(g).zip(m_old).zip(v_old);
             for (((po, mo), vo), (((&pi, &gi), &mi), &vi)) in outs.zip(ins) {
-                let m_new = b1 * mi + (1.0 - b1) * gi;
-                let v_new = b2 * vi + (1.0 - b2) * gi * gi;
-                let denom = v_new.sqrt() * inv_sqrt_bc2 + eps;
-                mo.write(m_new);
-                vo.write(v_new);
-                po.write(pi * decay - step_size * m_new / denom);
+                let (p_next, m_next, v_next) = element.step(pi, gi, mi, vi);
+                mo.write(m_next);
+                vo.write(v_next);
+                po.write(p_next);
             }
         })
     };
@@ -103,7 +119,8 @@ pub(crate) fn clip_factor(sum_of_squares: &Tensor, max_norm: f32) -> Result<(Ten
     Ok((cpu_tensor(vec![norm], &[1]), cpu_tensor(vec![factor], &[1])))
 }
 
-/// The reference: each parameter's gradient scaled, then `adamw_step`.
+/// Each parameter's step with its gradient times the scale: the bits of the gradient scaled
+/// by `binary::mul` and then `adamw_step`, the product taken inside the update loop.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn adamw_step_many(
     params: &mut [Tensor],
@@ -115,15 +132,83 @@ pub(crate) fn adamw_step_many(
     step: u64,
     grad_scale: Option<&Tensor>,
 ) -> Result<()> {
+    let op = "adamw_step_many";
+    let scale = match grad_scale {
+        Some(scale) => scale.cpu_slice(op)?[0],
+        None => 1.0,
+    };
     for i in 0..params.len() {
-        let g = match grad_scale {
-            Some(scale) => crate::binary::mul(&grads[i], scale)?,
-            None => grads[i].clone(),
-        };
         let hp = AdamW { weight_decay: weight_decays[i], ..*hp };
-        (params[i], m[i], v[i]) = adamw_step(&params[i], &g, &m[i], &v[i], &hp, step)?;
+        let g = grads[i].cpu_slice(op)?;
+        // In place where nothing else holds the three buffers (mod.rs checked the shapes).
+        if let (Some(p_i), Some(m_i), Some(v_i)) =
+            (params[i].cpu_data_mut(), m[i].cpu_data_mut(), v[i].cpu_data_mut())
+        {
+            adamw_step_in_place(p_i, g, scale, m_i, v_i, &hp, step);
+            continue;
+        }
+        (params[i], m[i], v[i]) =
+            adamw_step_scaled(op, &params[i], &grads[i], scale, &m[i], &v[i], &hp, step)?;
     }
     Ok(())
+}
+
+/// The update of one element: what every CPU loop of this family computes, in this order.
+#[derive(Clone, Copy)]
+struct Element {
+    grad_scale: f32,
+    b1: f32,
+    b2: f32,
+    eps: f32,
+    step_size: f32,
+    inv_sqrt_bc2: f32,
+    decay: f32,
+}
+
+impl Element {
+    /// (p, m, v) after the step, from p, g (before scaling), m and v.
+    #[inline(always)]
+    fn step(&self, p: f32, g: f32, m: f32, v: f32) -> (f32, f32, f32) {
+        let g = g * self.grad_scale;
+        let m = self.b1 * m + (1.0 - self.b1) * g;
+        let v = self.b2 * v + (1.0 - self.b2) * g * g;
+        let denom = v.sqrt() * self.inv_sqrt_bc2 + self.eps;
+        (p * self.decay - self.step_size * m / denom, m, v)
+    }
+}
+
+/// The step of `adamw_step_scaled`, written over p, m and v themselves: the same bits, and no
+/// fresh parameter-sized buffers, whose pages the kernel would fault in and zero every step.
+#[allow(clippy::too_many_arguments)]
+fn adamw_step_in_place(
+    p: &mut [f32],
+    g: &[f32],
+    grad_scale: f32,
+    m: &mut [f32],
+    v: &mut [f32],
+    hp: &AdamW,
+    step: u64,
+) {
+    let StepScalars { step_size, inv_sqrt_bc2, decay } = hp.step_scalars(step);
+    let (b1, b2, eps) = (hp.beta1, hp.beta2, hp.eps);
+    let element = Element { grad_scale, b1, b2, eps, step_size, inv_sqrt_bc2, decay };
+    let update = |p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]| {
+        crate::wide_loops::widest(|| {
+            for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+                (*p, *m, *v) = element.step(*p, g, *m, *v);
+            }
+        })
+    };
+    const CHUNK: usize = 8192;
+    if p.len() >= PARALLEL_MIN_ELEMS {
+        p.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK))
+            .zip(m.par_chunks_mut(CHUNK))
+            .zip(v.par_chunks_mut(CHUNK))
+            .for_each(|(((p, g), m), v)| update(p, g, m, v));
+    } else {
+        update(p, g, m, v);
+    }
 }
 
 pub(crate) fn sum_squares(x: &Tensor) -> Result<Tensor> {

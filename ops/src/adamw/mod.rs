@@ -102,6 +102,15 @@ pub fn sum_squares(x: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// `sum_squares` of each tensor (on the CPU, the tensors in parallel).
+pub fn sum_squares_each(xs: &[Tensor]) -> Result<Vec<Tensor>> {
+    if xs.iter().all(|x| x.device() == Device::Cpu) {
+        use rayon::prelude::*;
+        return xs.par_iter().map(cpu::sum_squares).collect();
+    }
+    xs.iter().map(sum_squares).collect()
+}
+
 /// Σ over every tensor of Σ x², as a scalar tensor on their device, in a fixed order.
 pub fn sum_squares_many(xs: &[Tensor]) -> Result<Tensor> {
     let refs: Vec<&Tensor> = xs.iter().collect();
@@ -263,13 +272,34 @@ mod tests {
                 adamw_step(&params[i], &g, &m[i], &v[i], &hp_i, 4).unwrap()
             })
             .collect();
+        // Buffers that something else holds get new ones (on the CPU the others are updated
+        // in place): the holders see no change, and the values are the same either way.
+        let (held_param, held_m) = (params[0].clone(), m[2].clone());
+        let (param_before, m_before) = (values(&held_param), values(&held_m));
         adamw_step_many(&mut params, &grads, &mut m, &mut v, &decays, &hp, 4, Some(&factor))
             .unwrap();
+        assert_eq!(values(&held_param), param_before, "a held parameter changed");
+        assert_eq!(values(&held_m), m_before, "a held moment changed");
+        assert!(!params[0].same_storage(&held_param) && !m[2].same_storage(&held_m));
         for (i, (p, mi, vi)) in expected.iter().enumerate() {
             assert_eq!(values(&params[i]), values(p), "param {i}");
             assert_eq!(values(&m[i]), values(mi), "m {i}");
             assert_eq!(values(&v[i]), values(vi), "v {i}");
         }
+        // A step in place, at a size that takes the parallel path.
+        let n = 32_768 + 8192 + 5;
+        let (p1, g1, m1) = (randn(&[n], 31), randn(&[n], 32), randn(&[n], 33));
+        let v1 = crate::unary::square(&randn(&[n], 34)).unwrap();
+        let want =
+            adamw_step(&p1, &crate::binary::mul(&g1, &factor).unwrap(), &m1, &v1, &hp, 9).unwrap();
+        let (mut ps, mut ms, mut vs) = (vec![p1], vec![m1], vec![v1]);
+        let storage = |t: &Tensor| t.cpu_data().unwrap().as_ptr();
+        let before = [storage(&ps[0]), storage(&ms[0]), storage(&vs[0])];
+        adamw_step_many(&mut ps, &[g1], &mut ms, &mut vs, &[0.1], &hp, 9, Some(&factor)).unwrap();
+        assert_eq!([storage(&ps[0]), storage(&ms[0]), storage(&vs[0])], before, "not in place");
+        assert_eq!(values(&ps[0]), values(&want.0), "param in place");
+        assert_eq!(values(&ms[0]), values(&want.1), "m in place");
+        assert_eq!(values(&vs[0]), values(&want.2), "v in place");
         let err = adamw_step_many(&mut params, &grads[..2], &mut m, &mut v, &decays, &hp, 5, None)
             .unwrap_err()
             .to_string();

@@ -17,6 +17,7 @@ use crate::cpu_tensor;
 use ndarray::linalg::general_mat_mul;
 use ndarray::{s, ArrayView2, ArrayViewMut2};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 use tokenformer_core::{Error, Result, Tensor};
 
 /// Below this many multiply-adds a product runs on the calling thread.
@@ -40,31 +41,36 @@ fn fast_matmul(
     let p = plan("matmul", a, b, trans_a, trans_b)?;
     let (a_data, b_data) = (a.cpu_slice("matmul")?, b.cpu_slice("matmul")?);
     let (m, k, n) = (p.m, p.k, p.n);
-    let mut out = vec![0.0f32; p.batch * m * n];
-    if out.is_empty() || k == 0 {
-        return Ok(cpu_tensor(out, &p.out_dims));
+    let len = p.batch * m * n;
+    if len == 0 || k == 0 {
+        return Ok(cpu_tensor(vec![0.0; len], &p.out_dims));
     }
+    // Not zero-filled first: the products write every value (row stride n).
+    let mut out = Vec::with_capacity(len);
+    let c = &mut out.spare_capacity_mut()[..len];
     if p.batch == 1 || (p.b_shared && !trans_a) {
         // One product; a shared B lets A's batch fold into its rows.
         let rows = p.batch * m;
         let a_view = View::new(a_data, k, rows, trans_a);
         let b_view = View::new(b_data, n, k, trans_b);
-        packed::gemm(isa, a_view, b_view, rows, k, n, &mut out, false);
+        packed::gemm(isa, a_view, b_view, rows, k, n, c, false);
     } else {
         let a_stride = if p.a_shared { 0 } else { m * k };
         let b_stride = if p.b_shared { 0 } else { k * n };
-        let product = |(i, c): (usize, &mut [f32])| {
+        let product = |(i, c): (usize, &mut [MaybeUninit<f32>])| {
             let a_view = View::new(&a_data[i * a_stride..][..m * k], k, m, trans_a);
             let b_view = View::new(&b_data[i * b_stride..][..k * n], n, k, trans_b);
             let packed_b = packed::pack_b(isa, b_view, k, n);
             packed::gemm_rows(a_view, m, &packed_b, c, n, false);
         };
         if p.batch * m * k * n >= PARALLEL_MIN_MACS {
-            out.par_chunks_mut(m * n).enumerate().for_each(product);
+            c.par_chunks_mut(m * n).enumerate().for_each(product);
         } else {
-            out.chunks_mut(m * n).enumerate().for_each(product);
+            c.chunks_mut(m * n).enumerate().for_each(product);
         }
     }
+    // SAFETY: the products above wrote all `len` values.
+    unsafe { out.set_len(len) };
     Ok(cpu_tensor(out, &p.out_dims))
 }
 

@@ -22,6 +22,7 @@
 //! zero, as exact growth of a Pattention does, leaves every bit of C unchanged.
 
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 use std::sync::OnceLock;
 use tokenformer_core::Result;
 
@@ -137,56 +138,98 @@ const PARALLEL_PACK_MIN: usize = 1 << 16;
 
 /// Packs the (k × n) matrix `b` for `isa`. Panics if `b` does not cover k × n (callers check
 /// shapes first).
+///
+/// Every value of the packed buffer is written once (the padding past column n with zeros),
+/// never zero-filled first: packing runs for every product, and a step packs several MB.
 pub(crate) fn pack_b(isa: Isa, b: View<'_>, k: usize, n: usize) -> PackedB {
     assert!(b.covers(k, n), "pack_b: operand too short for {k}x{n}");
     let nr = isa.nr();
     let panels = n.div_ceil(nr);
-    let mut data = vec![0.0f32; panels * k * nr];
-    let fill = |q: usize, panel: &mut [f32]| {
+    let len = panels * k * nr;
+    let mut data: Vec<f32> = Vec::with_capacity(len);
+    let fill = |q: usize, panel: &mut [MaybeUninit<f32>]| {
         let first = q * nr;
         let width = nr.min(n - first);
         if b.col_stride == 1 {
             for (p, dst) in panel.chunks_exact_mut(nr).enumerate() {
                 let row = &b.data[p * b.row_stride + first..][..width];
-                dst[..width].copy_from_slice(row);
+                for (d, &v) in dst.iter_mut().zip(row) {
+                    d.write(v);
+                }
+                dst[width..].fill(MaybeUninit::new(0.0));
             }
         } else {
-            for (p, dst) in panel.chunks_exact_mut(nr).enumerate() {
-                for (j, d) in dst[..width].iter_mut().enumerate() {
-                    *d = b.at(p, first + j);
+            // A transposed B: walk each of its columns, which are contiguous runs in memory
+            // (when row_stride is 1), and scatter them into the panel's rows, which are short.
+            for j in 0..width {
+                let column = first + j;
+                for (p, dst) in panel.chunks_exact_mut(nr).enumerate() {
+                    dst[j].write(b.at(p, column));
+                }
+            }
+            if width < nr {
+                for dst in panel.chunks_exact_mut(nr) {
+                    dst[width..].fill(MaybeUninit::new(0.0));
                 }
             }
         }
     };
+    let spare = &mut data.spare_capacity_mut()[..len];
     if k * n >= PARALLEL_PACK_MIN && panels > 1 {
-        data.par_chunks_mut(k * nr).enumerate().for_each(|(q, panel)| fill(q, panel));
+        spare.par_chunks_mut(k * nr).enumerate().for_each(|(q, panel)| fill(q, panel));
     } else if k > 0 {
-        data.chunks_mut(k * nr).enumerate().for_each(|(q, panel)| fill(q, panel));
+        spare.chunks_mut(k * nr).enumerate().for_each(|(q, panel)| fill(q, panel));
     }
+    // SAFETY: `fill` wrote every value of each of the `panels` panels of k·NR values.
+    unsafe { data.set_len(len) };
     PackedB { isa, data, k, n }
 }
 
+/// An element type a product can write into: `f32`, or a not yet initialised
+/// `MaybeUninit<f32>`, which a product only overwrites (never with `accumulate`), so that an
+/// output need not be zero-filled before the kernels write every value of it.
+pub(crate) trait OutputElem: Send + Sized {
+    /// Whether the elements hold values a product may read (to accumulate into them).
+    const INITIALISED: bool;
+}
+
+impl OutputElem for f32 {
+    const INITIALISED: bool = true;
+}
+
+impl OutputElem for MaybeUninit<f32> {
+    const INITIALISED: bool = false;
+}
+
 /// c (rows × n, row-major, row stride `ldc`) = a·b, or c += a·b (continuing each element's
-/// chain) when `accumulate`; on the calling thread.
+/// chain) when `accumulate`; on the calling thread. Into an uninitialised `c` (only without
+/// `accumulate`), every element (i, j) with j < n is written; a gap between n and ldc is not.
 ///
 /// A is read in place through its strides (a packed copy would cost as much as the product
 /// when n is small); only a last, partial panel of rows is copied into a zero-padded tile.
-pub(crate) fn gemm_rows(
+pub(crate) fn gemm_rows<T: OutputElem>(
     a: View<'_>,
     rows: usize,
     b: &PackedB,
-    c: &mut [f32],
+    c: &mut [T],
     ldc: usize,
     accumulate: bool,
 ) {
     let (k, n, isa) = (b.k, b.n, b.isa);
+    assert!(T::INITIALISED || !accumulate, "gemm_rows: accumulating into an uninitialised output");
     if rows == 0 || n == 0 {
         return;
     }
     assert!(ldc >= n && c.len() >= (rows - 1) * ldc + n, "gemm_rows: output too short");
+    // f32 and MaybeUninit<f32> share a layout; from here on C is written (and, once written,
+    // read) only through this pointer, inside the bounds just checked.
+    let c = c.as_mut_ptr() as *mut f32;
     if k == 0 {
         if !accumulate {
-            c.chunks_mut(ldc).take(rows).for_each(|row| row[..n].fill(0.0));
+            for i in 0..rows {
+                // SAFETY: row i's first n values lie inside `c` (checked above).
+                unsafe { std::ptr::write_bytes(c.add(i * ldc), 0, n) };
+            }
         }
         return;
     }
@@ -208,12 +251,13 @@ pub(crate) fn gemm_rows(
                 }
             }
         }
+        // The first k-block starts each chain from 0 (or from C when accumulating), and the
+        // later ones continue it from the values the earlier ones wrote.
         let load_c = accumulate || p0 > 0;
         for q in 0..n.div_ceil(nr) {
             let b_panel = &b.data[(q * k + p0) * nr..][..kc * nr];
             let cols = nr.min(n - q * nr);
             for r in 0..full_panels + (edge_rows > 0) as usize {
-                let c_tile = &mut c[r * mr * ldc + q * nr..];
                 let (a_ptr, a_rs, a_cs, tile_rows) = if r < full_panels {
                     let offset = r * mr * a.row_stride + p0 * a.col_stride;
                     (a.data[offset..].as_ptr(), a.row_stride, a.col_stride, mr)
@@ -222,14 +266,15 @@ pub(crate) fn gemm_rows(
                 };
                 // SAFETY: `a.covers(rows, k)` bounds every (i, p) the kernel reads of a full
                 // panel, the edge tile holds kc·MR values, the B panel kc·NR, and the tile
-                // writes at most tile_rows rows of `cols` values at stride ldc inside `c`.
+                // reads (when load_c, values an earlier k-block or the caller wrote) and writes
+                // tile_rows rows of `cols` values at stride ldc from this corner, inside C.
                 unsafe {
                     run_tile(
                         isa,
                         kc,
                         (a_ptr, a_rs, a_cs),
                         b_panel,
-                        c_tile,
+                        c.add(r * mr * ldc + q * nr),
                         ldc,
                         tile_rows,
                         cols,
@@ -245,8 +290,9 @@ pub(crate) fn gemm_rows(
 /// One MR × NR tile (a partial one through a scratch tile, with the same arithmetic).
 ///
 /// # Safety
-/// `c` must hold `tile_rows` rows of `cols` values at stride `ldc`; A must be readable at
-/// (i, p) for i < MR, p < kc through its strides, and the B panel must hold kc·NR values.
+/// `c` must be writable for `tile_rows` rows of `cols` values at stride `ldc`, and readable
+/// there when `load_c`; A must be readable at (i, p) for i < MR, p < kc through its strides,
+/// and the B panel must hold kc·NR values.
 #[allow(clippy::too_many_arguments)]
 #[inline]
 unsafe fn run_tile(
@@ -254,7 +300,7 @@ unsafe fn run_tile(
     kc: usize,
     a: (*const f32, usize, usize),
     b: &[f32],
-    c: &mut [f32],
+    c: *mut f32,
     ldc: usize,
     tile_rows: usize,
     cols: usize,
@@ -262,17 +308,17 @@ unsafe fn run_tile(
 ) {
     let (mr, nr) = (isa.mr(), isa.nr());
     if tile_rows == mr && cols == nr {
-        return kernel(isa, kc, a, b, c.as_mut_ptr(), ldc, load_c);
+        return kernel(isa, kc, a, b, c, ldc, load_c);
     }
     let mut tile = [0.0f32; AVX512_MR * 32];
     if load_c {
         for i in 0..tile_rows {
-            tile[i * nr..i * nr + cols].copy_from_slice(&c[i * ldc..i * ldc + cols]);
+            std::ptr::copy_nonoverlapping(c.add(i * ldc), tile[i * nr..].as_mut_ptr(), cols);
         }
     }
     kernel(isa, kc, a, b, tile.as_mut_ptr(), nr, load_c);
     for i in 0..tile_rows {
-        c[i * ldc..i * ldc + cols].copy_from_slice(&tile[i * nr..i * nr + cols]);
+        std::ptr::copy_nonoverlapping(tile[i * nr..].as_ptr(), c.add(i * ldc), cols);
     }
 }
 
@@ -387,16 +433,16 @@ pub(crate) fn row_block(isa: Isa, m: usize, k: usize, n: usize) -> usize {
 }
 
 /// c (m × n, row-major) = a·b (or += when `accumulate`), B packed once and the rows of C cut
-/// into blocks computed in parallel.
+/// into blocks computed in parallel. An uninitialised `c` comes back fully written.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn gemm(
+pub(crate) fn gemm<T: OutputElem>(
     isa: Isa,
     a: View<'_>,
     b: View<'_>,
     m: usize,
     k: usize,
     n: usize,
-    c: &mut [f32],
+    c: &mut [T],
     accumulate: bool,
 ) {
     let packed = pack_b(isa, b, k, n);
@@ -404,7 +450,13 @@ pub(crate) fn gemm(
 }
 
 /// As [`gemm`], with B already packed.
-pub(crate) fn gemm_packed(a: View<'_>, m: usize, b: &PackedB, c: &mut [f32], accumulate: bool) {
+pub(crate) fn gemm_packed<T: OutputElem>(
+    a: View<'_>,
+    m: usize,
+    b: &PackedB,
+    c: &mut [T],
+    accumulate: bool,
+) {
     let n = b.n;
     if m == 0 || n == 0 {
         return;
@@ -462,7 +514,8 @@ mod tests {
         }
         // Shapes with edges in every direction, k across several k-blocks, both layouts.
         for isa in kernels() {
-            for &(m, k, n) in &[(1, 1, 1), (7, 5, 3), (13, 300, 37), (50, 513, 70), (200, 64, 129)]
+            for &(m, k, n) in
+                &[(1, 1, 1), (4, 0, 5), (7, 5, 3), (13, 300, 37), (50, 513, 70), (200, 64, 129)]
             {
                 for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
                     let a_data = crate::testing::values(&randn(&[m * k], (m + k) as u64));
@@ -480,6 +533,19 @@ mod tests {
                             c.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits()),
                             "{what}"
                         );
+                        if !accumulate {
+                            // Into an output that was never written: NaN stands in for whatever
+                            // memory held, and must not survive anywhere.
+                            let mut fresh = vec![MaybeUninit::new(f32::NAN); m * n];
+                            gemm(isa, a, b, m, k, n, &mut fresh, false);
+                            // SAFETY: every element was initialised (to NaN, then the product).
+                            let fresh: Vec<f32> =
+                                fresh.iter().map(|v| unsafe { v.assume_init() }).collect();
+                            assert!(
+                                fresh.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits()),
+                                "{what}, into an unwritten output"
+                            );
+                        }
                     }
                 }
             }

@@ -11,9 +11,9 @@
 //! The chunks run in row order, so every element of g_V and g_K is still one FMA chain over
 //! the rows in order: the bits of the plain product.
 //!
-//! Outputs are not zero-filled before the kernels overwrite them: each block zeroes its own
-//! part just before computing it, in parallel and while it is in cache, where a `vec![0.0; _]`
-//! would be one more serial pass over memory (several MB per call).
+//! Outputs are not zero-filled before the kernels overwrite them: the GEMM writes into
+//! uninitialised blocks directly, and the backward pass's workspaces are kept between calls,
+//! where a `vec![0.0; _]` would be one more serial pass over memory (several MB per call).
 
 use crate::cpu_tensor;
 use crate::matmul::packed::{self, gemm_rows, pack_b, Isa, PackedB, View};
@@ -70,8 +70,8 @@ fn for_each_block<T: Send>(items: Vec<T>, macs: usize, f: impl Fn(usize, T) + Sy
 }
 
 /// An output buffer of `len` floats that is filled block by block: [`Self::blocks`] hands out
-/// its parts uninitialised, every part must go through [`zeroed`] before being written, and
-/// [`Self::finish`] gives the buffer once all of them have.
+/// its parts uninitialised, the kernels write every value of every part, and [`Self::finish`]
+/// gives the buffer once all of them have.
 struct BlockOutput {
     data: Vec<f32>,
     len: usize,
@@ -88,7 +88,7 @@ impl BlockOutput {
     }
 
     /// # Safety
-    /// Every part handed out by one call of [`Self::blocks`] went through [`zeroed`].
+    /// Every value of every part handed out by one call of [`Self::blocks`] was written.
     unsafe fn finish(mut self) -> Vec<f32> {
         // SAFETY: the caller vouches that all `len` values were initialised.
         unsafe { self.data.set_len(self.len) };
@@ -96,10 +96,12 @@ impl BlockOutput {
     }
 }
 
-/// Zeroes `part` and returns it as initialised floats.
-fn zeroed(part: &mut [MaybeUninit<f32>]) -> &mut [f32] {
-    part.fill(MaybeUninit::new(0.0));
-    // SAFETY: every element was just initialised, and MaybeUninit<f32> has f32's layout.
+/// `part` as the floats it holds.
+///
+/// # Safety
+/// Every element of `part` was written.
+unsafe fn written(part: &mut [MaybeUninit<f32>]) -> &mut [f32] {
+    // SAFETY: MaybeUninit<f32> has f32's layout, and the caller vouches for the values.
     unsafe { &mut *(part as *mut [MaybeUninit<f32>] as *mut [f32]) }
 }
 
@@ -125,15 +127,17 @@ pub(crate) fn pattention(
         scores.blocks(BLOCK_ROWS * n).zip(out.blocks(BLOCK_ROWS * d_out)).collect();
     let x_view = View::new(xs, d_in, rows, false);
     for_each_block(blocks, rows * n * (d_in + d_out), |i, (a_block, o_block)| {
-        let (a_block, o_block) = (zeroed(a_block), zeroed(o_block));
         let block_rows = a_block.len() / n;
         gemm_rows(x_view.rows_from(i * BLOCK_ROWS), block_rows, &keys_t, a_block, n, false);
+        // SAFETY: the product wrote all block_rows × n scores (its row stride is n).
+        let a_block = unsafe { written(a_block) };
         with_scratch(block_rows * n, |s| {
             forward_rows(theta, tau, n, a_block, s);
             gemm_rows(View::new(s, n, block_rows, false), block_rows, &vals, o_block, d_out, false);
         });
     });
-    // SAFETY: `for_each_block` ran on every part of both buffers, and zeroed each.
+    // SAFETY: `for_each_block` ran on every part of both buffers, and the products wrote each
+    // whole (row stride n, d_out).
     let (scores, out) = unsafe { (scores.finish(), out.finish()) };
     Ok((cpu_tensor(out, &super::with_last(x, d_out)), cpu_tensor(scores, &super::with_last(x, n))))
 }
@@ -170,7 +174,6 @@ impl Backward<'_> {
             .zip(g_x.chunks_mut(BLOCK_ROWS * d_in))
             .collect();
         for_each_block(blocks, rows * n * (d_in + d_out), |i, ((s_block, ga_block), gx_block)| {
-            let gx_block = zeroed(gx_block);
             let block_rows = s_block.len() / n;
             let block_first = first + i * BLOCK_ROWS;
             let a_block = &self.scores[block_first * n..][..block_rows * n];
@@ -207,6 +210,40 @@ impl Backward<'_> {
             || packed::gemm(isa, ga_t, x_chunk, n, rows, d_in, g_keys, more),
         );
     }
+    /// The pass over all `rows` rows, chunk by chunk: g_X into `g_x_chunks`, the sums into
+    /// `g_values` and `g_keys`. Each chunk's blocks fill one workspace while the previous
+    /// chunk's sums read the other.
+    fn chunks(
+        &self,
+        isa: Isa,
+        rows: usize,
+        work: [&mut [f32]; 2],
+        g_x_chunks: Vec<&mut [MaybeUninit<f32>]>,
+        g_values: &mut [f32],
+        g_keys: &mut [f32],
+    ) {
+        let chunk_len = work[0].len() / 2;
+        let [mut done, mut next] = work;
+        let chunk_count = g_x_chunks.len();
+        let mut g_x_chunks = g_x_chunks.into_iter();
+        let (s_first, ga_first) = done.split_at_mut(chunk_len);
+        self.chunk_blocks(0, s_first, ga_first, g_x_chunks.next().expect("rows > 0"));
+        for c in 0..chunk_count {
+            let first = c * CHUNK_ROWS;
+            let rows_c = CHUNK_ROWS.min(rows - first);
+            let (s_done, ga_done) = done.split_at(chunk_len);
+            rayon::join(
+                || self.chunk_sums(isa, first, rows_c, s_done, ga_done, g_values, g_keys),
+                || {
+                    if let Some(gx_next) = g_x_chunks.next() {
+                        let (s_next, ga_next) = next.split_at_mut(chunk_len);
+                        self.chunk_blocks(first + CHUNK_ROWS, s_next, ga_next, gx_next);
+                    }
+                },
+            );
+            std::mem::swap(&mut done, &mut next);
+        }
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -240,33 +277,16 @@ pub(crate) fn pattention_backward(
     let mut g_x = BlockOutput::new(rows * d_in);
     let mut g_values = vec![0.0f32; n * d_out];
     let mut g_keys = vec![0.0f32; n * d_in];
-    // Two workspaces for S and g_A of a chunk: one being summed, one being filled.
+    // Two workspaces for S and g_A of a chunk: one being summed, one being filled. Every value
+    // is written (S by Θ, g_A by the product g_O·Vᵀ) before it is read.
     let chunk_len = CHUNK_ROWS.min(rows) * n;
-    let mut work = [vec![0.0f32; 2 * chunk_len], vec![0.0f32; 2 * chunk_len]];
-    let chunks: Vec<_> = g_x.blocks(CHUNK_ROWS * d_in).collect();
-    let chunk_count = chunks.len();
-    let mut chunks = chunks.into_iter();
-    let (w, ga) = work[0].split_at_mut(chunk_len);
-    bw.chunk_blocks(0, w, ga, chunks.next().expect("rows > 0"));
-    for c in 0..chunk_count {
-        let (done, next) = work.split_at_mut(1);
-        let (done, next) =
-            if c % 2 == 0 { (&done[0], &mut next[0]) } else { (&next[0], &mut done[0]) };
-        let first = c * CHUNK_ROWS;
-        let rows_c = CHUNK_ROWS.min(rows - first);
-        let (s_done, ga_done) = done.split_at(chunk_len);
-        rayon::join(
-            || bw.chunk_sums(isa, first, rows_c, s_done, ga_done, &mut g_values, &mut g_keys),
-            || {
-                if let Some(gx_next) = chunks.next() {
-                    let (s_next, ga_next) = next.split_at_mut(chunk_len);
-                    bw.chunk_blocks(first + CHUNK_ROWS, s_next, ga_next, gx_next);
-                }
-            },
-        );
-    }
-    // SAFETY: `chunk_blocks` ran on every chunk of g_x (the first before the loop, the others
-    // inside it), and zeroed each of its parts.
+    with_scratch(4 * chunk_len, |work| {
+        let (first_work, second_work) = work.split_at_mut(2 * chunk_len);
+        let g_x_chunks = g_x.blocks(CHUNK_ROWS * d_in).collect();
+        bw.chunks(isa, rows, [first_work, second_work], g_x_chunks, &mut g_values, &mut g_keys)
+    });
+    // SAFETY: `chunks` ran `chunk_blocks` on every chunk of g_x, whose products wrote each
+    // whole (row stride d_in).
     let g_x = unsafe { g_x.finish() };
     Ok((
         cpu_tensor(g_x, x.dims()),
