@@ -19,6 +19,7 @@ pub mod cross_entropy;
 pub mod embedding;
 pub mod fused;
 pub mod kernels;
+mod lanes;
 pub mod layer_norm;
 pub mod layout;
 pub mod matmul;
@@ -173,9 +174,11 @@ pub(crate) fn map2(x: &[f32], y: &[f32], f: impl Fn(f32, f32) -> f32 + Sync + Se
     out
 }
 
-/// The element loops of [`map1`] and [`map2`], compiled a second time for AVX-512 and AVX2 and
-/// picked at run time. Rust never contracts a·b + c into a fused multiply-add by itself, so
-/// every variant computes the same bits; only the width of the registers differs.
+/// The element loops of [`map1`] and [`map2`], compiled a second time for AVX-512 and AVX2
+/// (each with FMA) and picked at run time. Rust never contracts a·b + c into a fused
+/// multiply-add by itself, and an explicit `mul_add` rounds once in every variant (an FMA
+/// instruction, or the library's correctly rounded `fmaf`), so every variant computes the same
+/// bits; only the width of the registers differs.
 pub(crate) mod wide_loops {
     use std::mem::MaybeUninit;
     #[inline(always)]
@@ -200,15 +203,15 @@ pub(crate) mod wide_loops {
     #[cfg(target_arch = "x86_64")]
     mod x86 {
         use std::mem::MaybeUninit;
-        #[target_feature(enable = "avx512f")]
+        #[target_feature(enable = "avx512f,fma")]
         pub(super) unsafe fn run_avx512<R>(f: impl FnOnce() -> R) -> R {
             f()
         }
-        #[target_feature(enable = "avx2")]
+        #[target_feature(enable = "avx2,fma")]
         pub(super) unsafe fn run_avx2<R>(f: impl FnOnce() -> R) -> R {
             f()
         }
-        #[target_feature(enable = "avx512f")]
+        #[target_feature(enable = "avx512f,fma")]
         pub(super) unsafe fn map1_avx512<F: Fn(f32) -> f32>(
             x: &[f32],
             out: &mut [MaybeUninit<f32>],
@@ -216,7 +219,7 @@ pub(crate) mod wide_loops {
         ) {
             super::map1_plain(x, out, f)
         }
-        #[target_feature(enable = "avx2")]
+        #[target_feature(enable = "avx2,fma")]
         pub(super) unsafe fn map1_avx2<F: Fn(f32) -> f32>(
             x: &[f32],
             out: &mut [MaybeUninit<f32>],
@@ -224,7 +227,7 @@ pub(crate) mod wide_loops {
         ) {
             super::map1_plain(x, out, f)
         }
-        #[target_feature(enable = "avx512f")]
+        #[target_feature(enable = "avx512f,fma")]
         pub(super) unsafe fn map2_avx512<F: Fn(f32, f32) -> f32>(
             x: &[f32],
             y: &[f32],
@@ -233,7 +236,7 @@ pub(crate) mod wide_loops {
         ) {
             super::map2_plain(x, y, out, f)
         }
-        #[target_feature(enable = "avx2")]
+        #[target_feature(enable = "avx2,fma")]
         pub(super) unsafe fn map2_avx2<F: Fn(f32, f32) -> f32>(
             x: &[f32],
             y: &[f32],
@@ -251,10 +254,14 @@ pub(crate) mod wide_loops {
         #[cfg(target_arch = "x86_64")]
         {
             // SAFETY: each variant runs only where the processor has its instructions.
-            if std::arch::is_x86_feature_detected!("avx512f") {
+            if std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
                 return unsafe { x86::run_avx512(f) };
             }
-            if std::arch::is_x86_feature_detected!("avx2") {
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
                 return unsafe { x86::run_avx2(f) };
             }
         }
@@ -265,10 +272,14 @@ pub(crate) mod wide_loops {
         #[cfg(target_arch = "x86_64")]
         {
             // SAFETY: each variant runs only where the processor has its instructions.
-            if std::arch::is_x86_feature_detected!("avx512f") {
+            if std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
                 return unsafe { x86::map1_avx512(x, out, f) };
             }
-            if std::arch::is_x86_feature_detected!("avx2") {
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
                 return unsafe { x86::map1_avx2(x, out, f) };
             }
         }
@@ -284,10 +295,14 @@ pub(crate) mod wide_loops {
         #[cfg(target_arch = "x86_64")]
         {
             // SAFETY: as in `map1`.
-            if std::arch::is_x86_feature_detected!("avx512f") {
+            if std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
                 return unsafe { x86::map2_avx512(x, y, out, f) };
             }
-            if std::arch::is_x86_feature_detected!("avx2") {
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
                 return unsafe { x86::map2_avx2(x, y, out, f) };
             }
         }

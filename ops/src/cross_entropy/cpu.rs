@@ -1,25 +1,148 @@
-//! CPU reference kernels for the fused cross-entropy: one pass per row.
+//! CPU kernels for the fused cross-entropy: one pass per row for the log-sum-exp, one for the
+//! gradient. The row loops are compiled a second time for AVX-512 and for AVX2 (with FMA) and
+//! picked at run time; the exponential is the plain-arithmetic one of the unary family and the
+//! row sums run in lanes, so both vectorise and give the same bits in every variant.
 
-use crate::{cpu_tensor, for_each_row_mut, PARALLEL_MIN_ELEMS};
+use crate::lanes;
+use crate::unary::cpu::exp_nonpositive;
+use crate::{cpu_tensor, PARALLEL_MIN_ELEMS};
 use rayon::prelude::*;
 use tokenformer_core::{Result, Tensor};
 
-/// m + ln Σ e^(x − m), m = max(x), summed left to right.
+/// Rows per parallel task.
+const ROWS_PER_TASK: usize = 32;
+
+/// m + ln Σ e^(x − m), m = max(x). A NaN anywhere in the row makes it NaN.
+#[inline(always)]
 fn log_sum_exp(row: &[f32]) -> f32 {
     let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    let total = row.iter().fold(0.0f32, |acc, &v| acc + (v - max).exp());
-    max + total.ln()
+    max + lanes::sum(row, |v| exp_nonpositive(v - max)).ln()
+}
+
+/// The log-sum-exp of every row of length `v` of `x`, into `lse`.
+#[inline(always)]
+fn lse_rows_plain(x: &[f32], v: usize, lse: &mut [f32]) {
+    for (row, l) in x.chunks_exact(v).zip(lse) {
+        *l = log_sum_exp(row);
+    }
+}
+
+/// ∂L/∂logits of rows of length `v`: `scale`·softmax, less `scale` at each row's target.
+#[inline(always)]
+fn grad_rows_plain(x: &[f32], v: usize, lse: &[f32], targets: &[f32], scale: f32, out: &mut [f32]) {
+    for (((dst, row), &l), &target) in
+        out.chunks_exact_mut(v).zip(x.chunks_exact(v)).zip(lse).zip(targets)
+    {
+        for (d, &logit) in dst.iter_mut().zip(row) {
+            *d = exp_nonpositive(logit - l) * scale;
+        }
+        dst[target as usize] -= scale;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod wide {
+    #[target_feature(enable = "avx512f,fma")]
+    pub(super) unsafe fn lse_rows_avx512(x: &[f32], v: usize, lse: &mut [f32]) {
+        super::lse_rows_plain(x, v, lse)
+    }
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn lse_rows_avx2(x: &[f32], v: usize, lse: &mut [f32]) {
+        super::lse_rows_plain(x, v, lse)
+    }
+    #[target_feature(enable = "avx512f,fma")]
+    pub(super) unsafe fn grad_rows_avx512(
+        x: &[f32],
+        v: usize,
+        lse: &[f32],
+        targets: &[f32],
+        scale: f32,
+        out: &mut [f32],
+    ) {
+        super::grad_rows_plain(x, v, lse, targets, scale, out)
+    }
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn grad_rows_avx2(
+        x: &[f32],
+        v: usize,
+        lse: &[f32],
+        targets: &[f32],
+        scale: f32,
+        out: &mut [f32],
+    ) {
+        super::grad_rows_plain(x, v, lse, targets, scale, out)
+    }
+}
+
+/// Which compiled copy of the row loops this processor runs.
+#[derive(Clone, Copy)]
+enum Width {
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    Plain,
+}
+
+fn width() -> Width {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("fma") {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return Width::Avx512;
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            return Width::Avx2;
+        }
+    }
+    Width::Plain
+}
+
+fn lse_rows(width: Width, x: &[f32], v: usize, lse: &mut [f32]) {
+    match width {
+        // SAFETY: `width()` chose each variant only where the processor has its instructions.
+        #[cfg(target_arch = "x86_64")]
+        Width::Avx512 => unsafe { wide::lse_rows_avx512(x, v, lse) },
+        #[cfg(target_arch = "x86_64")]
+        Width::Avx2 => unsafe { wide::lse_rows_avx2(x, v, lse) },
+        Width::Plain => lse_rows_plain(x, v, lse),
+    }
+}
+
+fn grad_rows(
+    width: Width,
+    x: &[f32],
+    v: usize,
+    lse: &[f32],
+    targets: &[f32],
+    scale: f32,
+    out: &mut [f32],
+) {
+    match width {
+        // SAFETY: as in `lse_rows`.
+        #[cfg(target_arch = "x86_64")]
+        Width::Avx512 => unsafe { wide::grad_rows_avx512(x, v, lse, targets, scale, out) },
+        #[cfg(target_arch = "x86_64")]
+        Width::Avx2 => unsafe { wide::grad_rows_avx2(x, v, lse, targets, scale, out) },
+        Width::Plain => grad_rows_plain(x, v, lse, targets, scale, out),
+    }
 }
 
 pub(crate) fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<(Tensor, Tensor)> {
     let x = logits.cpu_slice("cross_entropy")?;
     let t = targets.cpu_slice("cross_entropy")?;
     let v = logits.dims()[1];
-    let lse: Vec<f32> = if x.len() >= PARALLEL_MIN_ELEMS {
-        x.par_chunks(v).map(log_sum_exp).collect()
-    } else {
-        x.chunks(v).map(log_sum_exp).collect()
-    };
+    let n = t.len();
+    let width = width();
+    let mut lse = vec![0.0f32; n];
+    if v > 0 {
+        if x.len() >= PARALLEL_MIN_ELEMS {
+            lse.par_chunks_mut(ROWS_PER_TASK)
+                .zip(x.par_chunks(ROWS_PER_TASK * v))
+                .for_each(|(lse, x)| lse_rows(width, x, v, lse));
+        } else {
+            lse_rows(width, x, v, &mut lse);
+        }
+    }
     // The mean of N row losses, accumulated in f64 in row order.
     let total: f64 = lse
         .iter()
@@ -27,8 +150,7 @@ pub(crate) fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<(Tensor
         .enumerate()
         .map(|(i, (&l, &target))| (l - x[i * v + target as usize]) as f64)
         .sum();
-    let loss = (total / lse.len() as f64) as f32;
-    let n = lse.len();
+    let loss = (total / n as f64) as f32;
     Ok((Tensor::scalar(loss), cpu_tensor(lse, &[n])))
 }
 
@@ -43,12 +165,54 @@ pub(crate) fn cross_entropy_backward(
     let (t, lse) = (targets.cpu_slice(op)?, lse.cpu_slice(op)?);
     let v = logits.dims()[1];
     let scale = g.cpu_slice(op)?[0] / t.len() as f32;
+    let width = width();
     let mut out = vec![0.0f32; x.len()];
-    for_each_row_mut(&mut out, v, |i, dst| {
-        for (d, &logit) in dst.iter_mut().zip(&x[i * v..][..v]) {
-            *d = (logit - lse[i]).exp() * scale;
+    if v > 0 {
+        let task = ROWS_PER_TASK * v;
+        if x.len() >= PARALLEL_MIN_ELEMS {
+            out.par_chunks_mut(task)
+                .zip(x.par_chunks(task))
+                .zip(lse.par_chunks(ROWS_PER_TASK).zip(t.par_chunks(ROWS_PER_TASK)))
+                .for_each(|((out, x), (lse, t))| grad_rows(width, x, v, lse, t, scale, out));
+        } else {
+            grad_rows(width, x, v, lse, t, scale, &mut out);
         }
-        dst[t[i] as usize] -= scale;
-    });
+    }
     Ok(cpu_tensor(out, logits.dims()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{randn, values};
+
+    #[test]
+    fn every_compiled_variant_gives_the_same_bits() {
+        for v in [5, 16, 37, 300] {
+            let rows = 7;
+            let x = values(&randn(&[rows * v], v as u64));
+            let targets: Vec<f32> = (0..rows).map(|i| ((i * 3) % v) as f32).collect();
+            let mut lse = vec![0.0; rows];
+            lse_rows_plain(&x, v, &mut lse);
+            let mut grad = vec![0.0; rows * v];
+            grad_rows_plain(&x, v, &lse, &targets, 0.3, &mut grad);
+            #[cfg(target_arch = "x86_64")]
+            for wide in [Width::Avx512, Width::Avx2] {
+                let fma = std::arch::is_x86_feature_detected!("fma");
+                let has = match wide {
+                    Width::Avx512 => std::arch::is_x86_feature_detected!("avx512f"),
+                    _ => std::arch::is_x86_feature_detected!("avx2"),
+                };
+                if !(fma && has) {
+                    continue;
+                }
+                let mut lse_wide = vec![0.0; rows];
+                lse_rows(wide, &x, v, &mut lse_wide);
+                let mut grad_wide = vec![0.0; rows * v];
+                grad_rows(wide, &x, v, &lse, &targets, 0.3, &mut grad_wide);
+                assert_eq!(lse, lse_wide, "lse, v {v}");
+                assert_eq!(grad, grad_wide, "grad, v {v}");
+            }
+        }
+    }
 }

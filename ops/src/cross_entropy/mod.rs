@@ -105,6 +105,21 @@ mod tests {
     }
 
     #[test]
+    fn a_nan_logit_makes_the_loss_nan() {
+        // Rows long enough for the parallel path; the NaN sits in the last one.
+        let (n, v) = (200, 257);
+        let mut x = values(&randn(&[n, v], 3));
+        x[n * v - 5] = f32::NAN;
+        let logits = tensor(x, &[n, v]);
+        let targets = tensor((0..n).map(|i| (i % v) as f32).collect(), &[n]);
+        let (loss, lse) = cross_entropy(&logits, &targets).unwrap();
+        assert!(values(&loss)[0].is_nan());
+        assert!(
+            values(&lse)[n - 1].is_nan() && values(&lse)[..n - 1].iter().all(|l| l.is_finite())
+        );
+    }
+
+    #[test]
     fn backward_matches_finite_differences() {
         let (n, v) = (5, 7);
         let logits = randn(&[n, v], 2);

@@ -1,48 +1,16 @@
 //! CPU reference kernels for layer norm: one pass over each row for the statistics and the
 //! output, one for its gradient; the parameter gradients add the rows in order.
 //!
-//! The sums along a row (mean, variance, the two means of the backward pass) run in LANES
-//! interleaved partial sums, element j into lane j mod LANES, combined in a fixed pairwise
-//! order: the same bits every time, and independent additions that vectorise. Added as one
-//! running sum, each addition waits for the previous one, and those chains were most of the
-//! op's time.
+//! The sums along a row (mean, variance, the two means of the backward pass) run in 16
+//! interleaved lanes (`crate::lanes`): the same bits every time, and independent additions that
+//! vectorise. Added as one running sum, each addition waits for the previous one, and those
+//! chains were most of the op's time.
 
 use super::LayerNormStats;
+use crate::lanes::sum2 as row_sum;
 use crate::{cpu_tensor, PARALLEL_MIN_ELEMS};
 use rayon::prelude::*;
 use tokenformer_core::{Result, Tensor};
-
-const LANES: usize = 16;
-
-/// The lanes added pairwise: (0+8, 1+9, …), then (0+4, …), and so on.
-#[inline(always)]
-fn combine(mut lanes: [f32; LANES]) -> f32 {
-    let mut width = LANES / 2;
-    while width > 0 {
-        for j in 0..width {
-            lanes[j] += lanes[j + width];
-        }
-        width /= 2;
-    }
-    lanes[0]
-}
-
-/// Σ_j f(x[j], y[j]) in LANES partial sums (x and y of the same length).
-#[inline(always)]
-fn row_sum(x: &[f32], y: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
-    let mut lanes = [0.0f32; LANES];
-    let (xc, yc) = (x.chunks_exact(LANES), y.chunks_exact(LANES));
-    let (x_tail, y_tail) = (xc.remainder(), yc.remainder());
-    for (cx, cy) in xc.zip(yc) {
-        for ((lane, &a), &b) in lanes.iter_mut().zip(cx).zip(cy) {
-            *lane += f(a, b);
-        }
-    }
-    for ((lane, &a), &b) in lanes.iter_mut().zip(x_tail).zip(y_tail) {
-        *lane += f(a, b);
-    }
-    combine(lanes)
-}
 
 pub(crate) fn layer_norm(
     x: &Tensor,

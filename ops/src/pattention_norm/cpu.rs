@@ -8,34 +8,21 @@
 //!   added into lane i mod 16, in order, and the lanes are combined in one fixed pairwise order.
 //!   The grouping of the old terms does not depend on the row length, so appending exact zeros
 //!   (growth) changes no bit, and the lanes map onto vector registers.
-//! - The row loops are compiled a second time for AVX-512 and for AVX2 and picked at run time.
-//!   Rust never contracts a·b + c into a fused multiply-add by itself, so every variant
-//!   computes the same bits; only the width of the registers differs.
+//! - The row loops are compiled a second time for AVX-512 and for AVX2 (each with FMA) and
+//!   picked at run time. Rust never contracts a·b + c into a fused multiply-add by itself, and
+//!   the fused ones GELU's polynomials ask for (`mul_add`) are one rounding in every variant,
+//!   so every variant computes the same bits; only the width of the registers differs.
 //!
 //! The row functions are shared with the fused Pattention op, which is how it gets the very
 //! bits of this op.
 
 use super::Theta;
+use crate::lanes::{combine, LANES};
 use crate::softmax::cpu::softmax_in_place;
 use crate::unary::cpu::{gelu_and_grad_scalar, gelu_grad_scalar, gelu_scalar};
 use crate::{cpu_tensor, PARALLEL_MIN_ELEMS};
 use rayon::prelude::*;
 use tokenformer_core::{Result, Tensor};
-
-const LANES: usize = 16;
-
-/// The lanes added pairwise in a fixed order: (0+8, 1+9, …), then (0+4, …), and so on.
-#[inline(always)]
-fn combine<T: Copy + std::ops::Add<Output = T>>(mut lanes: [T; LANES]) -> T {
-    let mut width = LANES / 2;
-    while width > 0 {
-        for j in 0..width {
-            lanes[j] = lanes[j] + lanes[j + width];
-        }
-        width /= 2;
-    }
-    lanes[0]
-}
 
 /// Σ f(x)² in f64 over 16 lanes, so that rows of very large or very small values neither
 /// overflow nor underflow to a zero norm.
@@ -248,7 +235,7 @@ fn forward_backward_rows_generic(
 mod wide {
     use super::*;
 
-    #[target_feature(enable = "avx512f")]
+    #[target_feature(enable = "avx512f,fma")]
     pub(super) unsafe fn forward_backward_rows_avx512(
         t: Theta,
         tau: f32,
@@ -259,7 +246,7 @@ mod wide {
     ) {
         forward_backward_rows_generic(t, tau, n, a, s, g)
     }
-    #[target_feature(enable = "avx2")]
+    #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn forward_backward_rows_avx2(
         t: Theta,
         tau: f32,
@@ -271,7 +258,7 @@ mod wide {
         forward_backward_rows_generic(t, tau, n, a, s, g)
     }
 
-    #[target_feature(enable = "avx512f")]
+    #[target_feature(enable = "avx512f,fma")]
     pub(super) unsafe fn forward_rows_avx512(
         t: Theta,
         tau: f32,
@@ -281,11 +268,11 @@ mod wide {
     ) {
         forward_rows_generic(t, tau, n, a, s)
     }
-    #[target_feature(enable = "avx2")]
+    #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn forward_rows_avx2(t: Theta, tau: f32, n: usize, a: &[f32], s: &mut [f32]) {
         forward_rows_generic(t, tau, n, a, s)
     }
-    #[target_feature(enable = "avx512f")]
+    #[target_feature(enable = "avx512f,fma")]
     pub(super) unsafe fn backward_rows_avx512(
         t: Theta,
         tau: f32,
@@ -295,7 +282,7 @@ mod wide {
     ) {
         backward_rows_generic(t, tau, n, a, g)
     }
-    #[target_feature(enable = "avx2")]
+    #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn backward_rows_avx2(
         t: Theta,
         tau: f32,
@@ -312,10 +299,13 @@ pub(crate) fn forward_rows(theta: Theta, tau: f32, n: usize, a: &[f32], s: &mut 
     #[cfg(target_arch = "x86_64")]
     {
         // SAFETY: each variant runs only where the processor has its instructions.
-        if std::arch::is_x86_feature_detected!("avx512f") {
+        if std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("fma")
+        {
             return unsafe { wide::forward_rows_avx512(theta, tau, n, a, s) };
         }
-        if std::arch::is_x86_feature_detected!("avx2") {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
             return unsafe { wide::forward_rows_avx2(theta, tau, n, a, s) };
         }
     }
@@ -327,10 +317,13 @@ pub(crate) fn backward_rows(theta: Theta, tau: f32, n: usize, a: &[f32], g: &mut
     #[cfg(target_arch = "x86_64")]
     {
         // SAFETY: each variant runs only where the processor has its instructions.
-        if std::arch::is_x86_feature_detected!("avx512f") {
+        if std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("fma")
+        {
             return unsafe { wide::backward_rows_avx512(theta, tau, n, a, g) };
         }
-        if std::arch::is_x86_feature_detected!("avx2") {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
             return unsafe { wide::backward_rows_avx2(theta, tau, n, a, g) };
         }
     }
@@ -350,10 +343,13 @@ pub(crate) fn forward_backward_rows(
     #[cfg(target_arch = "x86_64")]
     {
         // SAFETY: each variant runs only where the processor has its instructions.
-        if std::arch::is_x86_feature_detected!("avx512f") {
+        if std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("fma")
+        {
             return unsafe { wide::forward_backward_rows_avx512(theta, tau, n, a, s, g) };
         }
-        if std::arch::is_x86_feature_detected!("avx2") {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
             return unsafe { wide::forward_backward_rows_avx2(theta, tau, n, a, s, g) };
         }
     }
@@ -423,9 +419,11 @@ mod tests {
                 assert_eq!(s, s2, "{theta:?} n {n}: forward_backward S");
                 assert_eq!(ga, ga2, "{theta:?} n {n}: forward_backward g_a");
                 #[cfg(target_arch = "x86_64")]
+                let fma = std::arch::is_x86_feature_detected!("fma");
+                #[cfg(target_arch = "x86_64")]
                 for (name, wide_ok) in [
-                    ("avx2", std::arch::is_x86_feature_detected!("avx2")),
-                    ("avx512", std::arch::is_x86_feature_detected!("avx512f")),
+                    ("avx2", std::arch::is_x86_feature_detected!("avx2") && fma),
+                    ("avx512", std::arch::is_x86_feature_detected!("avx512f") && fma),
                 ] {
                     if !wide_ok {
                         continue;
