@@ -147,8 +147,10 @@ fn sum_axis(x: &[f32], outer: usize, dim: usize, inner: usize) -> Vec<f32> {
         }
         return out;
     }
-    // Each task owns a block of columns of one outer slab and adds the `dim` rows into it.
-    const BLOCK: usize = 1024;
+    // Each task owns a block of columns of one outer slab and adds the `dim` rows into it: at
+    // most 1024 columns, and at least eight blocks where the slab is wide enough, so that a
+    // [rows, d] gradient summed to [d] (a bias's) spreads over the threads.
+    let block = inner.div_ceil(8).next_multiple_of(16).min(1024);
     let add_rows = |o: usize, first_col: usize, dst: &mut [f32]| {
         for d in 0..dim {
             let src = &x[(o * dim + d) * inner + first_col..][..dst.len()];
@@ -159,7 +161,7 @@ fn sum_axis(x: &[f32], outer: usize, dim: usize, inner: usize) -> Vec<f32> {
     };
     if parallel {
         out.par_chunks_mut(inner).enumerate().for_each(|(o, slab)| {
-            slab.par_chunks_mut(BLOCK).enumerate().for_each(|(b, dst)| add_rows(o, b * BLOCK, dst));
+            slab.par_chunks_mut(block).enumerate().for_each(|(b, dst)| add_rows(o, b * block, dst));
         });
     } else {
         out.chunks_mut(inner).enumerate().for_each(|(o, slab)| add_rows(o, 0, slab));
