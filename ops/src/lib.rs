@@ -121,6 +121,47 @@ where
     }
 }
 
+/// A new vector of `len` floats whose rows of `row_len` values are each written by one call
+/// `f(row_index, row)`, split as in [`for_each_row_mut`]. Nothing is zero-filled first: a
+/// `vec![0.0; len]` is one more pass over memory, on the calling thread alone.
+///
+/// # Safety
+/// `f` writes every element of each row it is given (and `len` is a multiple of `row_len`,
+/// or 0).
+pub(crate) unsafe fn rows_written<F>(len: usize, row_len: usize, f: F) -> Vec<f32>
+where
+    F: Fn(usize, &mut [std::mem::MaybeUninit<f32>]) + Sync + Send,
+{
+    let mut out = Vec::with_capacity(len);
+    if len == 0 {
+        return out;
+    }
+    let spare = &mut out.spare_capacity_mut()[..len];
+    if len >= PARALLEL_MIN_ELEMS {
+        use rayon::prelude::*;
+        let rows_per_task = (4096 / row_len).max(1);
+        spare
+            .par_chunks_mut(row_len)
+            .with_min_len(rows_per_task)
+            .enumerate()
+            .for_each(|(i, row)| f(i, row));
+    } else {
+        spare.chunks_mut(row_len).enumerate().for_each(|(i, row)| f(i, row));
+    }
+    // SAFETY: the rows cover all `len` values, and the caller vouches that `f` wrote each.
+    unsafe { out.set_len(len) };
+    out
+}
+
+/// Zeroes `part` and returns it as floats: an output handed to parallel tasks uninitialised,
+/// each task zeroing its own part while it is in cache, costs no serial pass over memory
+/// before the tasks start.
+pub(crate) fn zeroed(part: &mut [std::mem::MaybeUninit<f32>]) -> &mut [f32] {
+    part.fill(std::mem::MaybeUninit::new(0.0));
+    // SAFETY: every element was just initialised, and MaybeUninit<f32> has f32's layout.
+    unsafe { &mut *(part as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) }
+}
+
 /// Elements per parallel task of [`map1`] and [`map2`]: enough work to outweigh a task's cost,
 /// few enough that a few hundred thousand elements still split across the threads.
 const MAP_CHUNK: usize = 8192;

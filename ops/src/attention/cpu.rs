@@ -16,8 +16,9 @@
 //! per tile.
 
 use super::score_scale;
-use crate::{cpu_tensor, PARALLEL_MIN_ELEMS};
+use crate::{cpu_tensor, zeroed, PARALLEL_MIN_ELEMS};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 use tokenformer_core::{Result, Tensor};
 
 /// Query rows per tile and keys per tile. Measured on this kernel alone (CPU time of one
@@ -538,7 +539,10 @@ pub(crate) fn causal_attention_fused(
     let (qs, ks, vs) = (q.cpu_slice(op)?, k.cpu_slice(op)?, v.cpu_slice(op)?);
     let dims = q.dims();
     let (heads, t, d) = (dims[0] * dims[1], dims[2], dims[3]);
-    let mut out = vec![0.0f32; q.numel()];
+    // Each task zeroes its own tile of the output (in parallel, while it is in cache).
+    let n = q.numel();
+    let mut out = Vec::with_capacity(n);
+    let out_parts = &mut out.spare_capacity_mut()[..n];
     let mut lse = vec![0.0f32; heads * t];
     if d == 0 {
         // No features: every score is 0 and each row's softmax is uniform over i + 1 keys.
@@ -546,11 +550,14 @@ pub(crate) fn causal_attention_fused(
             *x = ((i % t + 1) as f32).ln();
         }
     }
-    if heads > 0 && t > 0 && d > 0 {
+    if heads == 0 || t == 0 || d == 0 {
+        zeroed(out_parts);
+    } else {
         let g = Geometry::new(t, d);
         let isa = Isa::detect();
         // One task per (head, query tile); it alone writes that tile's rows of out and lse.
-        let tasks: Vec<(usize, usize, &mut [f32], &mut [f32])> = out
+        type Task<'a> = (usize, usize, &'a mut [MaybeUninit<f32>], &'a mut [f32]);
+        let tasks: Vec<Task> = out_parts
             .chunks_mut(t * d)
             .zip(lse.chunks_mut(t))
             .enumerate()
@@ -562,13 +569,12 @@ pub(crate) fn causal_attention_fused(
                     .map(move |(tile, (out_t, lse_t))| (h, tile * QUERY_TILE, out_t, lse_t))
             })
             .collect();
-        let run =
-            |scratch: &mut ForwardScratch,
-             (h, first_query, out_t, lse_t): (usize, usize, &mut [f32], &mut [f32])| {
-                let range = h * t * d..(h + 1) * t * d;
-                let head = Head { q: &qs[range.clone()], k: &ks[range.clone()], v: &vs[range] };
-                forward_tile_for(isa, &g, head, first_query, out_t, lse_t, scratch);
-            };
+        let run = |scratch: &mut ForwardScratch, (h, first_query, out_t, lse_t): Task| {
+            let out_t = zeroed(out_t);
+            let range = h * t * d..(h + 1) * t * d;
+            let head = Head { q: &qs[range.clone()], k: &ks[range.clone()], v: &vs[range] };
+            forward_tile_for(isa, &g, head, first_query, out_t, lse_t, scratch);
+        };
         if q.numel() >= PARALLEL_MIN_ELEMS {
             tasks.into_par_iter().for_each_init(|| ForwardScratch::new(&g), run);
         } else {
@@ -576,6 +582,9 @@ pub(crate) fn causal_attention_fused(
             tasks.into_iter().for_each(|task| run(&mut scratch, task));
         }
     }
+    // SAFETY: every tile of the output was zeroed (then written) by its task, or the whole
+    // output above when there is no work.
+    unsafe { out.set_len(n) };
     Ok((cpu_tensor(out, dims), cpu_tensor(lse, &dims[..3])))
 }
 
@@ -783,14 +792,27 @@ pub(crate) fn causal_attention_fused_backward(
     let (out_s, lse_s, g_s) = (out.cpu_slice(op)?, lse.cpu_slice(op)?, g_out.cpu_slice(op)?);
     let dims = q.dims();
     let (heads, t, d) = (dims[0] * dims[1], dims[2], dims[3]);
+    // Each head's task zeroes its own parts (in parallel, while they are in cache).
+    let n = q.numel();
     let (mut gq, mut gk, mut gv) =
-        (vec![0.0f32; q.numel()], vec![0.0f32; q.numel()], vec![0.0f32; q.numel()]);
-    if heads > 0 && t > 0 && d > 0 {
+        (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+    let (gq_out, gk_out, gv_out) = (
+        &mut gq.spare_capacity_mut()[..n],
+        &mut gk.spare_capacity_mut()[..n],
+        &mut gv.spare_capacity_mut()[..n],
+    );
+    if heads == 0 || t == 0 || d == 0 {
+        for part in [&mut *gq_out, &mut *gk_out, &mut *gv_out] {
+            zeroed(part);
+        }
+    } else {
         let g = Geometry::new(t, d);
         let isa = Isa::detect();
         let head_len = t * d;
-        type Task<'a> = (usize, ((&'a mut [f32], &'a mut [f32]), &'a mut [f32]));
+        type Out<'a> = &'a mut [MaybeUninit<f32>];
+        type Task<'a> = (usize, ((Out<'a>, Out<'a>), Out<'a>));
         let run = |scratch: &mut BackwardScratch, (h, ((gq_h, gk_h), gv_h)): Task| {
+            let (gq_h, gk_h, gv_h) = (zeroed(gq_h), zeroed(gk_h), zeroed(gv_h));
             let range = h * head_len..(h + 1) * head_len;
             let head = Head { q: &qs[range.clone()], k: &ks[range.clone()], v: &vs[range.clone()] };
             let grad = HeadGrad {
@@ -801,19 +823,28 @@ pub(crate) fn causal_attention_fused_backward(
             backward_head_for(isa, &g, head, grad, (gq_h, gk_h, gv_h), scratch);
         };
         if q.numel() >= PARALLEL_MIN_ELEMS {
-            gq.par_chunks_mut(head_len)
-                .zip(gk.par_chunks_mut(head_len))
-                .zip(gv.par_chunks_mut(head_len))
+            gq_out
+                .par_chunks_mut(head_len)
+                .zip(gk_out.par_chunks_mut(head_len))
+                .zip(gv_out.par_chunks_mut(head_len))
                 .enumerate()
                 .for_each_init(|| BackwardScratch::new(&g), run);
         } else {
             let mut scratch = BackwardScratch::new(&g);
-            gq.chunks_mut(head_len)
-                .zip(gk.chunks_mut(head_len))
-                .zip(gv.chunks_mut(head_len))
+            gq_out
+                .chunks_mut(head_len)
+                .zip(gk_out.chunks_mut(head_len))
+                .zip(gv_out.chunks_mut(head_len))
                 .enumerate()
                 .for_each(|task| run(&mut scratch, task));
         }
+    }
+    // SAFETY: every head's parts of the three buffers were zeroed (then written) by its task,
+    // or all of them at once above when there is no work.
+    unsafe {
+        gq.set_len(n);
+        gk.set_len(n);
+        gv.set_len(n);
     }
     Ok((cpu_tensor(gq, dims), cpu_tensor(gk, dims), cpu_tensor(gv, dims)))
 }

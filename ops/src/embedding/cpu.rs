@@ -1,16 +1,20 @@
 //! CPU reference kernels for the embedding lookup and its scatter-add.
 
-use crate::{cpu_tensor, for_each_row_mut};
+use crate::{cpu_tensor, rows_written};
+use std::mem::MaybeUninit;
 use tokenformer_core::{Result, Tensor};
 
 pub(crate) fn embedding(weight: &Tensor, ids: &Tensor) -> Result<Tensor> {
     let table = weight.cpu_slice("embedding")?;
     let ids_data = ids.cpu_slice("embedding")?;
     let d = weight.dims()[1];
-    let mut out = vec![0.0f32; ids_data.len() * d];
-    for_each_row_mut(&mut out, d, |p, row| {
-        row.copy_from_slice(&table[ids_data[p] as usize * d..][..d]);
-    });
+    let copy_row = |p: usize, row: &mut [MaybeUninit<f32>]| {
+        for (o, &v) in row.iter_mut().zip(&table[ids_data[p] as usize * d..][..d]) {
+            o.write(v);
+        }
+    };
+    // SAFETY: `copy_row` writes all d values of its row.
+    let out = unsafe { rows_written(ids_data.len() * d, d, copy_row) };
     let mut dims = ids.dims().to_vec();
     dims.push(d);
     Ok(cpu_tensor(out, &dims))

@@ -1,6 +1,7 @@
 //! CPU reference kernels for the layout ops: plain copies, row by row.
 
-use crate::{cpu_tensor, for_each_row_mut, strided_row_offset};
+use crate::{cpu_tensor, rows_written, strided_row_offset};
+use std::mem::MaybeUninit;
 use tokenformer_core::{Result, Tensor};
 
 pub(crate) fn permute(x: &Tensor, perm: &[usize]) -> Result<Tensor> {
@@ -14,17 +15,20 @@ pub(crate) fn permute(x: &Tensor, perm: &[usize]) -> Result<Tensor> {
     let strides: Vec<usize> = perm.iter().map(|&p| src_strides[p]).collect();
     let (outer, last) = dims.split_at(dims.len() - 1);
     let (row_len, step) = (last[0], strides[dims.len() - 1]);
-    let mut out = vec![0.0; x.numel()];
-    for_each_row_mut(&mut out, row_len, |row, dst| {
+    let copy_row = |row: usize, dst: &mut [MaybeUninit<f32>]| {
         let start = strided_row_offset(row, outer, &strides[..outer.len()]);
         if step == 1 {
-            dst.copy_from_slice(&src[start..start + row_len]);
+            for (d, &v) in dst.iter_mut().zip(&src[start..start + row_len]) {
+                d.write(v);
+            }
         } else {
             for (j, d) in dst.iter_mut().enumerate() {
-                *d = src[start + j * step];
+                d.write(src[start + j * step]);
             }
         }
-    });
+    };
+    // SAFETY: `copy_row` writes all row_len values of its row.
+    let out = unsafe { rows_written(x.numel(), row_len, copy_row) };
     Ok(cpu_tensor(out, &dims))
 }
 

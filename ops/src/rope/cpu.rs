@@ -1,6 +1,7 @@
 //! CPU reference kernels for the rotary embedding: one rotation per (row, pair).
 
-use crate::{cpu_tensor, for_each_row_mut};
+use crate::{cpu_tensor, rows_written};
+use std::mem::MaybeUninit;
 use tokenformer_core::{Result, Tensor};
 
 pub(crate) fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
@@ -11,7 +12,8 @@ pub(crate) fn rope_backward(g: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Te
     rotate("rope_backward", g, cos, sin, -1.0)
 }
 
-/// Rotates every (x₁_i, x₂_i) pair of every row by `direction`·θ (±1: forward or inverse).
+/// Rotates every (x₁_i, x₂_i) pair of every row by `direction`·θ (±1: forward or inverse);
+/// the features past the rotated pairs, if any, pass through.
 fn rotate(
     op: &'static str,
     x: &Tensor,
@@ -20,23 +22,31 @@ fn rotate(
     direction: f32,
 ) -> Result<Tensor> {
     let (cos_table, sin_table) = (cos.cpu_slice(op)?, sin.cpu_slice(op)?);
-    let mut out = x.cpu_slice(op)?.to_vec();
+    let src = x.cpu_slice(op)?;
     let (t, d) = (x.dims()[x.rank() - 2], x.dims()[x.rank() - 1]);
     let half = cos.dims()[1];
-    if half == 0 {
-        return Ok(cpu_tensor(out, x.dims()));
+    if half == 0 || d == 0 {
+        return Ok(x.clone());
     }
-    for_each_row_mut(&mut out, d, |row_index, row| {
+    let rotate_row = |row_index: usize, dst: &mut [MaybeUninit<f32>]| {
         let position = row_index % t;
         let (cos_row, sin_row) =
             (&cos_table[position * half..][..half], &sin_table[position * half..][..half]);
-        let (first, rest) = row.split_at_mut(half);
-        for (((x1, x2), &c), &s) in
-            first.iter_mut().zip(&mut rest[..half]).zip(cos_row).zip(sin_row)
-        {
+        let (first, rest) = src[row_index * d..][..d].split_at(half);
+        let (second, tail) = rest.split_at(half);
+        let (out_first, out_rest) = dst.split_at_mut(half);
+        let (out_second, out_tail) = out_rest.split_at_mut(half);
+        let pairs = out_first.iter_mut().zip(out_second.iter_mut()).zip(first.iter().zip(second));
+        for (((o1, o2), (&x1, &x2)), (&c, &s)) in pairs.zip(cos_row.iter().zip(sin_row)) {
             let s = direction * s;
-            (*x1, *x2) = (*x1 * c - *x2 * s, *x2 * c + *x1 * s);
+            o1.write(x1 * c - x2 * s);
+            o2.write(x2 * c + x1 * s);
         }
-    });
+        for (o, &v) in out_tail.iter_mut().zip(tail) {
+            o.write(v);
+        }
+    };
+    // SAFETY: `rotate_row` writes the `half` pairs and the tail: all d values of its row.
+    let out = unsafe { rows_written(src.len(), d, rotate_row) };
     Ok(cpu_tensor(out, x.dims()))
 }
