@@ -22,6 +22,7 @@
 //! zero, as exact growth of a Pattention does, leaves every bit of C unchanged.
 
 use rayon::prelude::*;
+use std::borrow::Cow;
 use std::mem::MaybeUninit;
 use std::sync::OnceLock;
 use tokenformer_core::Result;
@@ -124,11 +125,18 @@ fn detected_isa() -> Option<Isa> {
     })
 }
 
-/// B (k × n) packed in panels of NR columns: panel q holds, for p = 0..k, the NR values
-/// b[p, q·NR ..], zero past column n.
-pub(crate) struct PackedB {
+/// B (k × n) as the kernels read it: in panels of NR columns, where the NR values
+/// b[p, q·NR ..] of row p of panel q start at `q·panel_stride + p·ldb` in `data`.
+///
+/// Packed (a copy, zero past column n): ldb = NR and panel_stride = k·NR, so each panel is one
+/// contiguous block. In place, for a row-major B whose width is a multiple of NR: B's own data,
+/// ldb its row stride and panel_stride NR, which saves the copy (in a Pattention's backward
+/// pass, a pass over g_O and X for every chunk of rows).
+pub(crate) struct PackedB<'a> {
     isa: Isa,
-    data: Vec<f32>,
+    data: Cow<'a, [f32]>,
+    ldb: usize,
+    panel_stride: usize,
     k: usize,
     n: usize,
 }
@@ -141,7 +149,7 @@ const PARALLEL_PACK_MIN: usize = 1 << 16;
 ///
 /// Every value of the packed buffer is written once (the padding past column n with zeros),
 /// never zero-filled first: packing runs for every product, and a step packs several MB.
-pub(crate) fn pack_b(isa: Isa, b: View<'_>, k: usize, n: usize) -> PackedB {
+pub(crate) fn pack_b(isa: Isa, b: View<'_>, k: usize, n: usize) -> PackedB<'_> {
     assert!(b.covers(k, n), "pack_b: operand too short for {k}x{n}");
     let nr = isa.nr();
     let panels = n.div_ceil(nr);
@@ -182,7 +190,31 @@ pub(crate) fn pack_b(isa: Isa, b: View<'_>, k: usize, n: usize) -> PackedB {
     }
     // SAFETY: `fill` wrote every value of each of the `panels` panels of k·NR values.
     unsafe { data.set_len(len) };
-    PackedB { isa, data, k, n }
+    PackedB { isa, data: Cow::Owned(data), ldb: nr, panel_stride: k * nr, k, n }
+}
+
+/// Products whose A has at most this many rows read a row-major B in place (see
+/// [`b_operand`]).
+const IN_PLACE_MAX_ROWS: usize = 512;
+
+/// B for a product with `rows` rows of A: read in place where that is faster than a packed copy,
+/// packed otherwise. In place needs a row-major B whose width is a multiple of NR, and pays
+/// when A has few rows: then few row tiles share each panel, and the copy, which brings B in
+/// from memory once more, is a large share of the product (the sums over rows of a Pattention's
+/// backward pass, with as many rows as parameter tokens, ran 4% faster at `tiny` shapes). With
+/// many rows a packed panel, contiguous in the L1 cache, wins; and a row stride that is a
+/// multiple of 4 KiB puts every row of a panel in the same cache set, so those are packed too.
+pub(crate) fn b_operand(isa: Isa, b: View<'_>, k: usize, n: usize, rows: usize) -> PackedB<'_> {
+    let in_place = b.col_stride == 1
+        && n.is_multiple_of(isa.nr())
+        && k > 0
+        && rows <= IN_PLACE_MAX_ROWS
+        && !b.row_stride.is_multiple_of(1024);
+    if !in_place {
+        return pack_b(isa, b, k, n);
+    }
+    assert!(b.covers(k, n), "b_operand: operand too short for {k}x{n}");
+    PackedB { isa, data: Cow::Borrowed(b.data), ldb: b.row_stride, panel_stride: isa.nr(), k, n }
 }
 
 /// An element type a product can write into: `f32`, or a not yet initialised
@@ -210,7 +242,7 @@ impl OutputElem for MaybeUninit<f32> {
 pub(crate) fn gemm_rows<T: OutputElem>(
     a: View<'_>,
     rows: usize,
-    b: &PackedB,
+    b: &PackedB<'_>,
     c: &mut [T],
     ldc: usize,
     accumulate: bool,
@@ -255,7 +287,7 @@ pub(crate) fn gemm_rows<T: OutputElem>(
         // later ones continue it from the values the earlier ones wrote.
         let load_c = accumulate || p0 > 0;
         for q in 0..n.div_ceil(nr) {
-            let b_panel = &b.data[(q * k + p0) * nr..][..kc * nr];
+            let b_panel = &b.data[q * b.panel_stride + p0 * b.ldb..][..(kc - 1) * b.ldb + nr];
             let cols = nr.min(n - q * nr);
             for r in 0..full_panels + (edge_rows > 0) as usize {
                 let (a_ptr, a_rs, a_cs, tile_rows) = if r < full_panels {
@@ -265,7 +297,8 @@ pub(crate) fn gemm_rows<T: OutputElem>(
                     (edge.as_ptr(), 1, mr, edge_rows)
                 };
                 // SAFETY: `a.covers(rows, k)` bounds every (i, p) the kernel reads of a full
-                // panel, the edge tile holds kc·MR values, the B panel kc·NR, and the tile
+                // panel, the edge tile holds kc·MR values, the B panel kc rows of NR values at
+                // stride ldb, and the tile
                 // reads (when load_c, values an earlier k-block or the caller wrote) and writes
                 // tile_rows rows of `cols` values at stride ldc from this corner, inside C.
                 unsafe {
@@ -273,7 +306,7 @@ pub(crate) fn gemm_rows<T: OutputElem>(
                         isa,
                         kc,
                         (a_ptr, a_rs, a_cs),
-                        b_panel,
+                        (b_panel, b.ldb),
                         c.add(r * mr * ldc + q * nr),
                         ldc,
                         tile_rows,
@@ -292,14 +325,14 @@ pub(crate) fn gemm_rows<T: OutputElem>(
 /// # Safety
 /// `c` must be writable for `tile_rows` rows of `cols` values at stride `ldc`, and readable
 /// there when `load_c`; A must be readable at (i, p) for i < MR, p < kc through its strides,
-/// and the B panel must hold kc·NR values.
+/// and the B panel must hold kc rows of NR values at stride ldb.
 #[allow(clippy::too_many_arguments)]
 #[inline]
 unsafe fn run_tile(
     isa: Isa,
     kc: usize,
     a: (*const f32, usize, usize),
-    b: &[f32],
+    b: (&[f32], usize),
     c: *mut f32,
     ldc: usize,
     tile_rows: usize,
@@ -328,28 +361,28 @@ unsafe fn kernel(
     isa: Isa,
     kc: usize,
     a: (*const f32, usize, usize),
-    b: &[f32],
+    b: (&[f32], usize),
     c: *mut f32,
     ldc: usize,
     load_c: bool,
 ) {
     let (a, a_rs, a_cs) = a;
+    let (b, ldb) = (b.0.as_ptr(), b.1);
     #[cfg(target_arch = "x86_64")]
     match isa {
-        Isa::Avx512 => {
-            x86::kernel_avx512::<AVX512_MR>(kc, a, a_rs, a_cs, b.as_ptr(), c, ldc, load_c)
-        }
-        Isa::Avx2Fma => x86::kernel_6x16(kc, a, a_rs, a_cs, b.as_ptr(), c, ldc, load_c),
+        Isa::Avx512 => x86::kernel_avx512::<AVX512_MR>(kc, a, a_rs, a_cs, b, ldb, c, ldc, load_c),
+        Isa::Avx2Fma => x86::kernel_6x16(kc, a, a_rs, a_cs, b, ldb, c, ldc, load_c),
     }
     #[cfg(not(target_arch = "x86_64"))]
-    unreachable!("no packed GEMM kernel here: {isa:?} {kc} {a:?} {a_rs} {a_cs} {c:?} {ldc}");
+    unreachable!("no packed GEMM kernel here: {isa:?} {kc} {a:?} {a_rs} {a_cs} {b:?} {ldb} {c:?}");
 }
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
 
-    /// C[0..6, 0..16] (stride ldc) = (load_c ? C : 0) + A·B over kc, one FMA per term.
+    /// C[0..6, 0..16] (stride ldc) = (load_c ? C : 0) + A·B over kc, one FMA per term; row p of
+    /// the B panel starts at b + p·ldb.
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn kernel_6x16(
@@ -358,6 +391,7 @@ mod x86 {
         a_rs: usize,
         a_cs: usize,
         b: *const f32,
+        ldb: usize,
         c: *mut f32,
         ldc: usize,
         load_c: bool,
@@ -370,8 +404,8 @@ mod x86 {
             }
         }
         for p in 0..kc {
-            let b0 = _mm256_loadu_ps(b.add(p * 16));
-            let b1 = _mm256_loadu_ps(b.add(p * 16 + 8));
+            let b0 = _mm256_loadu_ps(b.add(p * ldb));
+            let b1 = _mm256_loadu_ps(b.add(p * ldb + 8));
             for (i, row) in acc.iter_mut().enumerate() {
                 let ai = _mm256_broadcast_ss(&*a.add(i * a_rs + p * a_cs));
                 row[0] = _mm256_fmadd_ps(ai, b0, row[0]);
@@ -384,7 +418,8 @@ mod x86 {
         }
     }
 
-    /// C[0..MR, 0..32] (stride ldc) = (load_c ? C : 0) + A·B over kc, one FMA per term.
+    /// C[0..MR, 0..32] (stride ldc) = (load_c ? C : 0) + A·B over kc, one FMA per term; row p of
+    /// the B panel starts at b + p·ldb.
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn kernel_avx512<const MR: usize>(
@@ -393,6 +428,7 @@ mod x86 {
         a_rs: usize,
         a_cs: usize,
         b: *const f32,
+        ldb: usize,
         c: *mut f32,
         ldc: usize,
         load_c: bool,
@@ -405,8 +441,8 @@ mod x86 {
             }
         }
         for p in 0..kc {
-            let b0 = _mm512_loadu_ps(b.add(p * 32));
-            let b1 = _mm512_loadu_ps(b.add(p * 32 + 16));
+            let b0 = _mm512_loadu_ps(b.add(p * ldb));
+            let b1 = _mm512_loadu_ps(b.add(p * ldb + 16));
             for (i, row) in acc.iter_mut().enumerate() {
                 let ai = _mm512_set1_ps(*a.add(i * a_rs + p * a_cs));
                 row[0] = _mm512_fmadd_ps(ai, b0, row[0]);
@@ -445,7 +481,7 @@ pub(crate) fn gemm<T: OutputElem>(
     c: &mut [T],
     accumulate: bool,
 ) {
-    let packed = pack_b(isa, b, k, n);
+    let packed = b_operand(isa, b, k, n, m);
     gemm_packed(a, m, &packed, c, accumulate);
 }
 
@@ -453,7 +489,7 @@ pub(crate) fn gemm<T: OutputElem>(
 pub(crate) fn gemm_packed<T: OutputElem>(
     a: View<'_>,
     m: usize,
-    b: &PackedB,
+    b: &PackedB<'_>,
     c: &mut [T],
     accumulate: bool,
 ) {
@@ -512,11 +548,20 @@ mod tests {
         if kernels().is_empty() {
             eprintln!("packed GEMM: no AVX2/AVX-512 on this processor; reference path only");
         }
-        // Shapes with edges in every direction, k across several k-blocks, both layouts.
+        // Shapes with edges in every direction, k across several k-blocks, both layouts, and
+        // widths that are whole panels (a row-major B then read in place).
+        let shapes = [
+            (1, 1, 1),
+            (4, 0, 5),
+            (7, 5, 3),
+            (13, 300, 37),
+            (50, 513, 70),
+            (200, 64, 129),
+            (9, 200, 96),
+            (21, 450, 64),
+        ];
         for isa in kernels() {
-            for &(m, k, n) in
-                &[(1, 1, 1), (4, 0, 5), (7, 5, 3), (13, 300, 37), (50, 513, 70), (200, 64, 129)]
-            {
+            for &(m, k, n) in &shapes {
                 for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
                     let a_data = crate::testing::values(&randn(&[m * k], (m + k) as u64));
                     let b_data = crate::testing::values(&randn(&[k * n], (k + n) as u64));
