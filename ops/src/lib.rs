@@ -4,8 +4,9 @@
 //!
 //! Every CPU kernel is deterministic: each output element is computed by one thread with a
 //! fixed summation order, so results do not depend on the number of threads. Reductions over a
-//! row run left to right, so appending exact zeros to a row never changes the result (this is
-//! what makes growing a Pattention layer output-preserving).
+//! row run left to right or in the fixed lanes of `lanes.rs`; either way appending exact zeros
+//! to a row never changes the result (this is what makes growing a Pattention layer
+//! output-preserving).
 //!
 //! "SPEC §n" in these comments is section n of `docs/SPEC.md` at the root of the repository:
 //! the model, its growth rules and its file formats.

@@ -20,8 +20,9 @@
 //!
 //! The one-tensor ops (`adamw_step`, `sum_squares`) cost a few kernels and buffers per
 //! parameter; the multi-tensor ones (`sum_squares_many`, `clip_factor`, `adamw_step_many`) do a
-//! whole model's step in a handful of launches, updating the moments (and the parameters, when
-//! nothing else holds them) in place, with the clip factor read on the device.
+//! whole model's step in a handful of launches (on the GPU, with the clip factor read on the
+//! device), scaling each gradient inside the update and updating the parameters and moments
+//! that nothing else holds in place.
 
 mod cpu;
 mod cuda;
@@ -146,8 +147,9 @@ pub fn clip_factor(sum_of_squares: &Tensor, max_norm: f32) -> Result<(Tensor, Te
 /// updated values, from gradient `grads[i]` times `grad_scale` (a one-element tensor such as
 /// `clip_factor`'s factor; none means 1). Parameter i decays with `weight_decays[i]`, every
 /// other hyperparameter is `hp`'s. The result is the one `adamw_step` gives on each parameter
-/// with its gradient scaled first. On a GPU the buffers of tensors that nothing else holds are
-/// updated in place; a shared one gets a new buffer, so no other holder sees it change.
+/// with its gradient scaled first. The buffers of tensors that nothing else holds are updated in
+/// place (on the CPU, a parameter whose value, m and v are all unshared); a shared one gets a
+/// new buffer, so no other holder sees it change.
 #[allow(clippy::too_many_arguments)]
 pub fn adamw_step_many(
     params: &mut [Tensor],

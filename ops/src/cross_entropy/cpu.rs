@@ -12,11 +12,24 @@ use tokenformer_core::{Result, Tensor};
 /// Rows per parallel task.
 const ROWS_PER_TASK: usize = 32;
 
+/// eˣ for x ≤ 0, exactly 0 below −87 (where `exp_nonpositive` stops at e⁻⁸⁷): a logit of −∞,
+/// or one so far below the rest that its probability is under 1.6e-38, adds nothing to the sum
+/// and gets a gradient of exactly 0. NaN stays NaN.
+#[inline(always)]
+fn exp_or_zero(x: f32) -> f32 {
+    let e = exp_nonpositive(x);
+    if x < -87.0 {
+        0.0
+    } else {
+        e
+    }
+}
+
 /// m + ln Σ e^(x − m), m = max(x). A NaN anywhere in the row makes it NaN.
 #[inline(always)]
 fn log_sum_exp(row: &[f32]) -> f32 {
     let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    max + lanes::sum(row, |v| exp_nonpositive(v - max)).ln()
+    max + lanes::sum(row, |v| exp_or_zero(v - max)).ln()
 }
 
 /// The log-sum-exp of every row of length `v` of `x`, into `lse`.
@@ -34,7 +47,7 @@ fn grad_rows_plain(x: &[f32], v: usize, lse: &[f32], targets: &[f32], scale: f32
         out.chunks_exact_mut(v).zip(x.chunks_exact(v)).zip(lse).zip(targets)
     {
         for (d, &logit) in dst.iter_mut().zip(row) {
-            *d = exp_nonpositive(logit - l) * scale;
+            *d = exp_or_zero(logit - l) * scale;
         }
         dst[target as usize] -= scale;
     }

@@ -120,6 +120,21 @@ mod tests {
     }
 
     #[test]
+    fn a_masked_logit_gets_exactly_zero_gradient() {
+        let (n, v) = (3, 40);
+        let mut x = values(&randn(&[n, v], 4));
+        x[5] = f32::NEG_INFINITY;
+        x[v + 7] = -500.0;
+        let logits = tensor(x, &[n, v]);
+        let targets = tensor(vec![0.0, 1.0, 2.0], &[n]);
+        let (loss, lse) = cross_entropy(&logits, &targets).unwrap();
+        assert!(values(&loss)[0].is_finite());
+        let g = cross_entropy_backward(&logits, &targets, &lse, &tensor(vec![1.0], &[])).unwrap();
+        let g = values(&g);
+        assert_eq!((g[5], g[v + 7]), (0.0, 0.0));
+    }
+
+    #[test]
     fn backward_matches_finite_differences() {
         let (n, v) = (5, 7);
         let logits = randn(&[n, v], 2);

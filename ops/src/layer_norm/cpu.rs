@@ -279,6 +279,8 @@ pub(crate) fn layer_norm(
     let bias = bias.map(|b| b.cpu_slice("layer_norm")).transpose()?;
     let d = x.dims()[x.rank() - 1];
     let rows = src.len() / d;
+    // mod.rs checked these; the writes below rely on them (a row is written through the zip).
+    assert!(weight.is_none_or(|w| w.len() == d) && bias.is_none_or(|b| b.len() == d));
     let (ones, zeros) = (vec![1.0f32; d], vec![0.0f32; d]);
     let p = Params { weight: weight.unwrap_or(&ones), bias: bias.unwrap_or(&zeros), eps };
     let width = width();
@@ -329,6 +331,9 @@ pub(crate) fn layer_norm_backward(
     let (mean, rstd) = (stats.mean.cpu_slice(op)?, stats.rstd.cpu_slice(op)?);
     let weight = weight.map(|w| w.cpu_slice(op)).transpose()?;
     let d = x.dims()[x.rank() - 1];
+    // mod.rs checked these; the writes below rely on them.
+    assert!(weight.is_none_or(|w| w.len() == d) && grad.len() == src.len());
+    assert!(mean.len() * d == src.len() && rstd.len() == mean.len());
     let width = width();
     let task = ROWS_PER_TASK * d;
     let parallel = src.len() >= PARALLEL_MIN_ELEMS;

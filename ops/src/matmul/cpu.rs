@@ -30,7 +30,7 @@ pub(crate) fn matmul(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Re
     }
 }
 
-/// The product on the packed kernel: B packed once per product, rows of C in parallel blocks.
+/// The product on the packed kernel: B prepared once per product, rows of C in parallel blocks.
 fn fast_matmul(
     isa: packed::Isa,
     a: &Tensor,

@@ -4,9 +4,10 @@
 //!
 //! Why our own: the model's products are thin (T·B rows by a few hundred columns, reduced over
 //! a few hundred terms), where a general GEMM spends much of its time packing both operands
-//! again in every thread and every call. Here B is packed once per product and shared by the
-//! threads, A is packed per block of rows, and the caller can keep a packed B (a Pattention's
-//! key or value tokens) across many row blocks.
+//! again in every thread and every call. Here A is read in place through its strides (only a
+//! partial last tile of rows is copied), B is packed once per product and shared by the threads
+//! (or read in place, for a row-major B under a product with few rows: see `b_operand`), and the
+//! caller can keep a packed B (a Pattention's key or value tokens) across many row blocks.
 //!
 //! The arithmetic, which is the contract the tests check bit for bit: every element of C is one
 //! chain of fused multiply-adds over the reduction index in order,
@@ -298,9 +299,9 @@ pub(crate) fn gemm_rows<T: OutputElem>(
                 };
                 // SAFETY: `a.covers(rows, k)` bounds every (i, p) the kernel reads of a full
                 // panel, the edge tile holds kc·MR values, the B panel kc rows of NR values at
-                // stride ldb, and the tile
-                // reads (when load_c, values an earlier k-block or the caller wrote) and writes
-                // tile_rows rows of `cols` values at stride ldc from this corner, inside C.
+                // stride ldb, and the tile reads (when load_c, values an earlier k-block or the
+                // caller wrote) and writes tile_rows rows of `cols` values at stride ldc from
+                // this corner, inside C.
                 unsafe {
                     run_tile(
                         isa,
@@ -468,7 +469,7 @@ pub(crate) fn row_block(isa: Isa, m: usize, k: usize, n: usize) -> usize {
     m.div_ceil(16).next_multiple_of(isa.mr()).max(2 * isa.mr())
 }
 
-/// c (m × n, row-major) = a·b (or += when `accumulate`), B packed once and the rows of C cut
+/// c (m × n, row-major) = a·b (or += when `accumulate`), B prepared once (`b_operand`) and the rows of C cut
 /// into blocks computed in parallel. An uninitialised `c` comes back fully written.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm<T: OutputElem>(

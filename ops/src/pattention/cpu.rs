@@ -38,7 +38,8 @@ const CHUNK_ROWS: usize = 384;
 const PARALLEL_MIN_MACS: usize = 1 << 18;
 
 thread_local! {
-    /// Per-thread scratch for one block of S, kept between calls.
+    /// Per-thread scratch, kept between calls: one block of S in the forward pass, the chunk
+    /// workspaces of S and g_A (4 · CHUNK_ROWS · n values) on the thread that runs a backward.
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 

@@ -80,8 +80,9 @@ pub fn pattention(
     theta: Theta,
     tau: f32,
 ) -> Result<(Tensor, Tensor)> {
-    let [_, d_in, n, d_out] = check("pattention", x, keys, values)?;
-    if d_in == 0 || n == 0 {
+    let [rows, d_in, n, d_out] = check("pattention", x, keys, values)?;
+    // Empty operands take the composition, whose ops handle every zero-sized case.
+    if rows == 0 || d_in == 0 || n == 0 || d_out == 0 {
         return composed(x, keys, values, theta, tau);
     }
     match (x.device(), fused_isa()?) {
@@ -102,7 +103,7 @@ pub fn pattention_backward(
     g_out: &Tensor,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let op = "pattention_backward";
-    let [_, d_in, n, d_out] = check(op, x, keys, values)?;
+    let [rows, d_in, n, d_out] = check(op, x, keys, values)?;
     same_device(op, &[x, scores, g_out])?;
     for (what, t, last) in [("scores", scores, n), ("gradient", g_out, d_out)] {
         if t.dims() != with_last(x, last).as_slice() {
@@ -117,7 +118,7 @@ pub fn pattention_backward(
             ));
         }
     }
-    if d_in == 0 || n == 0 {
+    if rows == 0 || d_in == 0 || n == 0 || d_out == 0 {
         return composed_backward(x, keys, values, scores, theta, tau, g_out);
     }
     match (x.device(), fused_isa()?) {
@@ -251,6 +252,29 @@ mod tests {
             assert_eq!(bits(&gk), bits(&gk_g)[..n * d].to_vec(), "{theta:?} old g_keys");
             assert_eq!(bits(&gv), bits(&gv_g)[..n * d].to_vec(), "{theta:?} old g_values");
             assert!(values(&gv_g)[n * d..].iter().all(|&v| v == 0.0), "{theta:?} new g_values");
+        }
+    }
+
+    #[test]
+    fn empty_operands_give_the_composition_s_results() {
+        // No rows, no output features, no input features, no tokens: every part of every result
+        // is defined (the composition's values) and nothing panics.
+        for (rows, d_in, n, d_out) in [(0, 4, 3, 2), (5, 4, 3, 0), (5, 0, 3, 2), (5, 4, 0, 2)] {
+            let (x, keys, vals) =
+                (randn(&[rows, d_in], 1), randn(&[n, d_in], 2), randn(&[n, d_out], 3));
+            let g = randn(&[rows, d_out], 4);
+            let what = format!("rows {rows} d_in {d_in} n {n} d_out {d_out}");
+            let (out, scores) = pattention(&x, &keys, &vals, Theta::L2NormGelu, 1.5).unwrap();
+            let (out_ref, scores_ref) = composed(&x, &keys, &vals, Theta::L2NormGelu, 1.5).unwrap();
+            assert_eq!(bits(&out), bits(&out_ref), "{what} output");
+            assert_eq!(bits(&scores), bits(&scores_ref), "{what} scores");
+            let grads =
+                pattention_backward(&x, &keys, &vals, &scores, Theta::L2NormGelu, 1.5, &g).unwrap();
+            let want =
+                composed_backward(&x, &keys, &vals, &scores, Theta::L2NormGelu, 1.5, &g).unwrap();
+            assert_eq!(bits(&grads.0), bits(&want.0), "{what} g_x");
+            assert_eq!(bits(&grads.1), bits(&want.1), "{what} g_keys");
+            assert_eq!(bits(&grads.2), bits(&want.2), "{what} g_values");
         }
     }
 

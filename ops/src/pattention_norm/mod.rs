@@ -19,8 +19,9 @@
 //! Softmax:     g_a = τ²·p ⊙ (g − p·g),  p = softmax(a)
 //! ```
 //!
-//! with `GELU′(u) = Φ(u) + u·φ(u)`. Every row sum runs left to right, so appending tokens whose
-//! scores are exact zeros (growth) changes neither S nor the gradients of the old scores.
+//! with `GELU′(u) = Φ(u) + u·φ(u)`. Every row sum runs in the fixed lanes of `crate::lanes`,
+//! whose grouping of the old terms does not depend on the row's length, so appending tokens
+//! whose scores are exact zeros (growth) changes neither S nor the gradients of the old scores.
 
 pub(crate) mod cpu;
 mod cuda;

@@ -33,8 +33,9 @@ pub(crate) fn exp_nonpositive(x: f32) -> f32 {
     // ln 2 = LN2_HI + LN2_LO, with LN2_HI short enough (9 bits) that n·LN2_HI is exact.
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
-    const ROUND: f32 = 12_582_912.0; // 1.5·2²³: adding and subtracting it rounds to an integer
-                                     // A select rather than `max`, which would turn NaN into −87.
+    // 1.5·2²³: adding and subtracting it rounds to an integer.
+    const ROUND: f32 = 12_582_912.0;
+    // A select rather than `max`, which would turn NaN into −87.
     let x = if x < -87.0 { -87.0 } else { x };
     let shifted = x.mul_add(LOG2_E, ROUND);
     let n = shifted - ROUND;
