@@ -36,6 +36,23 @@ pub(crate) fn sum2(x: &[f32], y: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
     combine(lanes)
 }
 
+/// Σ_j f(x[j], y[j], z[j]) in f32 lanes (x, y and z of the same length).
+#[inline(always)]
+pub(crate) fn sum3(x: &[f32], y: &[f32], z: &[f32], f: impl Fn(f32, f32, f32) -> f32) -> f32 {
+    let mut lanes = [0.0f32; LANES];
+    let (xc, yc, zc) = (x.chunks_exact(LANES), y.chunks_exact(LANES), z.chunks_exact(LANES));
+    let (xt, yt, zt) = (xc.remainder(), yc.remainder(), zc.remainder());
+    for ((cx, cy), cz) in xc.zip(yc).zip(zc) {
+        for (((lane, &a), &b), &c) in lanes.iter_mut().zip(cx).zip(cy).zip(cz) {
+            *lane += f(a, b, c);
+        }
+    }
+    for (((lane, &a), &b), &c) in lanes.iter_mut().zip(xt).zip(yt).zip(zt) {
+        *lane += f(a, b, c);
+    }
+    combine(lanes)
+}
+
 /// Σ_j f(x[j]) in f32 lanes.
 #[inline(always)]
 pub(crate) fn sum(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {

@@ -67,7 +67,7 @@ fn backward_rows_plain(
         let (sum_g, sum_gx) = match weight {
             Some(w) => (
                 row_sum(g_row, w, |g, w| g * w),
-                lanes_sum3(g_row, w, row, |g, w, v| g * w * (v - m) * r_std),
+                crate::lanes::sum3(g_row, w, row, |g, w, v| g * w * (v - m) * r_std),
             ),
             None => {
                 (row_sum(g_row, g_row, |g, _| g), row_sum(g_row, row, |g, v| g * (v - m) * r_std))
@@ -87,24 +87,6 @@ fn backward_rows_plain(
             }
         }
     }
-}
-
-/// Σ_j f(x[j], y[j], z[j]) in the lanes of `crate::lanes`.
-#[inline(always)]
-fn lanes_sum3(x: &[f32], y: &[f32], z: &[f32], f: impl Fn(f32, f32, f32) -> f32) -> f32 {
-    use crate::lanes::{combine, LANES};
-    let mut lanes = [0.0f32; LANES];
-    let (xc, yc, zc) = (x.chunks_exact(LANES), y.chunks_exact(LANES), z.chunks_exact(LANES));
-    let (xt, yt, zt) = (xc.remainder(), yc.remainder(), zc.remainder());
-    for ((cx, cy), cz) in xc.zip(yc).zip(zc) {
-        for (((lane, &a), &b), &c) in lanes.iter_mut().zip(cx).zip(cy).zip(cz) {
-            *lane += f(a, b, c);
-        }
-    }
-    for (((lane, &a), &b), &c) in lanes.iter_mut().zip(xt).zip(yt).zip(zt) {
-        *lane += f(a, b, c);
-    }
-    combine(lanes)
 }
 
 /// gw[j] += Σ_rows g[r][j]·(x[r][j] − μ_r)·r_r for the columns of `gw`, which start at

@@ -53,18 +53,7 @@ pub(super) fn l2_norm(v: &[f32]) -> f32 {
 /// Σ f(x)·y over 16 lanes, in f32.
 #[inline(always)]
 fn dot(x: &[f32], y: &[f32], f: impl Fn(f32) -> f32) -> f32 {
-    let mut lanes = [0.0f32; LANES];
-    let (xc, yc) = (x.chunks_exact(LANES), y.chunks_exact(LANES));
-    let (xt, yt) = (xc.remainder(), yc.remainder());
-    for (cx, cy) in xc.zip(yc) {
-        for ((lane, &a), &b) in lanes.iter_mut().zip(cx).zip(cy) {
-            *lane += f(a) * b;
-        }
-    }
-    for ((lane, &a), &b) in lanes.iter_mut().zip(xt).zip(yt) {
-        *lane += f(a) * b;
-    }
-    combine(lanes)
+    crate::lanes::sum2(x, y, |a, b| f(a) * b)
 }
 
 /// s = Θ(a) for one row.
