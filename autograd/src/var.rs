@@ -169,7 +169,7 @@ fn topological_order(root: &Arc<Node>) -> Vec<Arc<Node>> {
 fn accumulate(pending: &mut HashMap<usize, Tensor>, id: usize, share: Tensor) -> Result<()> {
     let total = match pending.remove(&id) {
         Some(previous) => {
-            crate::profile::backward("gradient sums", || binary::add(&previous, &share))?
+            crate::profile::backward("gradient sums", || binary::add_into(previous, &share))?
         }
         None => share,
     };

@@ -15,6 +15,18 @@ pub(crate) fn forward(op: Binary, a: &Tensor, b: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// x += y element by element (equal lengths), in parallel chunks when large.
+pub(crate) fn add_in_place(x: &mut [f32], y: &[f32]) {
+    use rayon::prelude::*;
+    const CHUNK: usize = 8192;
+    let add = |(x, y): (&mut [f32], &[f32])| x.iter_mut().zip(y).for_each(|(x, &y)| *x += y);
+    if x.len() >= crate::PARALLEL_MIN_ELEMS {
+        x.par_chunks_mut(CHUNK).zip(y.par_chunks(CHUNK)).for_each(add);
+    } else {
+        add((x, y));
+    }
+}
+
 /// out = f(a, b) over the broadcast shape. Equal shapes and a one-element operand take plain
 /// slice loops; the general case walks output rows, locating each operand's row through its
 /// broadcast strides once per row.

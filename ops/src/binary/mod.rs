@@ -83,6 +83,19 @@ pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     forward(Binary::Add, a, b)
 }
 
+/// a + b, written over a's own buffer when nothing else holds it (on the CPU, for operands of
+/// one shape): the bits of `add`, without a fresh output. For sums that build up, such as the
+/// gradient of a value used several times.
+pub fn add_into(mut a: Tensor, b: &Tensor) -> Result<Tensor> {
+    if a.dims() == b.dims() && b.device() == Device::Cpu {
+        if let (Some(y), Some(x)) = (b.cpu_data(), a.cpu_data_mut()) {
+            cpu::add_in_place(x, y);
+            return Ok(a);
+        }
+    }
+    add(&a, b)
+}
+
 pub fn sub(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     forward(Binary::Sub, a, b)
 }
@@ -144,6 +157,29 @@ mod tests {
         (&[1, 1, 3], &[3]),
         (&[5, 7, 3], &[5, 1, 3]),
     ];
+
+    #[test]
+    fn add_into_gives_the_bits_of_add_and_leaves_other_holders_alone() {
+        // Large enough for the parallel chunks, with a partial last one.
+        for n in [32_768 + 8192 + 3, 5] {
+            let (a, b) = (randn(&[n], 1), randn(&[n], 2));
+            let want = bits(&add(&a, &b).unwrap());
+            let held = a.clone();
+            let shared = add_into(a, &b).unwrap();
+            assert_eq!(bits(&shared), want, "n {n}, shared");
+            assert!(!shared.same_storage(&held) && bits(&held) == bits(&randn(&[n], 1)));
+            drop(held);
+            let sole = randn(&[n], 1);
+            let storage = sole.cpu_data().unwrap().as_ptr();
+            let summed = add_into(sole, &b).unwrap();
+            assert_eq!(bits(&summed), want, "n {n}, in place");
+            assert_eq!(summed.cpu_data().unwrap().as_ptr(), storage, "n {n}: not in place");
+        }
+        // Broadcasting takes `add`.
+        let row = randn(&[5], 3);
+        let m = randn(&[4, 5], 4);
+        assert_eq!(bits(&add_into(m.clone(), &row).unwrap()), bits(&add(&m, &row).unwrap()));
+    }
 
     #[test]
     fn the_op_table_matches_the_kernel_file() {
