@@ -289,43 +289,55 @@ pub(crate) mod wide_loops {
         }
     }
 
+    /// Which compiled copy of the element and row loops this processor runs: the AVX-512 or
+    /// AVX2 copy, each with FMA, or the plain one. One choice for every family that keeps such
+    /// copies (these maps, Θ, layer norm, cross-entropy).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub(crate) enum Width {
+        #[cfg(target_arch = "x86_64")]
+        Avx512,
+        #[cfg(target_arch = "x86_64")]
+        Avx2,
+        Plain,
+    }
+
+    /// The widest copy this processor can run.
+    pub(crate) fn width() -> Width {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("fma") {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                return Width::Avx512;
+            }
+            if std::arch::is_x86_feature_detected!("avx2") {
+                return Width::Avx2;
+            }
+        }
+        Width::Plain
+    }
+
     /// Runs `f`, inlined into a copy compiled for the widest vector unit the processor has:
     /// for element loops that are not a plain map (the AdamW update, for one).
     #[inline(always)]
     pub(crate) fn widest<R>(f: impl FnOnce() -> R) -> R {
-        #[cfg(target_arch = "x86_64")]
-        {
-            // SAFETY: each variant runs only where the processor has its instructions.
-            if std::arch::is_x86_feature_detected!("avx512f")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                return unsafe { x86::run_avx512(f) };
-            }
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                return unsafe { x86::run_avx2(f) };
-            }
+        match width() {
+            // SAFETY: `width()` picks each variant only where the processor has its instructions.
+            #[cfg(target_arch = "x86_64")]
+            Width::Avx512 => unsafe { x86::run_avx512(f) },
+            #[cfg(target_arch = "x86_64")]
+            Width::Avx2 => unsafe { x86::run_avx2(f) },
+            Width::Plain => f(),
         }
-        f()
     }
 
     pub(crate) fn map1<F: Fn(f32) -> f32>(x: &[f32], out: &mut [MaybeUninit<f32>], f: &F) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            // SAFETY: each variant runs only where the processor has its instructions.
-            if std::arch::is_x86_feature_detected!("avx512f")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                return unsafe { x86::map1_avx512(x, out, f) };
-            }
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                return unsafe { x86::map1_avx2(x, out, f) };
-            }
+        match width() {
+            // SAFETY: `width()` picks each variant only where the processor has its instructions.
+            #[cfg(target_arch = "x86_64")]
+            Width::Avx512 => unsafe { x86::map1_avx512(x, out, f) },
+            #[cfg(target_arch = "x86_64")]
+            Width::Avx2 => unsafe { x86::map1_avx2(x, out, f) },
+            Width::Plain => map1_plain(x, out, f),
         }
-        map1_plain(x, out, f)
     }
 
     pub(crate) fn map2<F: Fn(f32, f32) -> f32>(
@@ -334,21 +346,14 @@ pub(crate) mod wide_loops {
         out: &mut [MaybeUninit<f32>],
         f: &F,
     ) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            // SAFETY: as in `map1`.
-            if std::arch::is_x86_feature_detected!("avx512f")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                return unsafe { x86::map2_avx512(x, y, out, f) };
-            }
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                return unsafe { x86::map2_avx2(x, y, out, f) };
-            }
+        match width() {
+            // SAFETY: `width()` picks each variant only where the processor has its instructions.
+            #[cfg(target_arch = "x86_64")]
+            Width::Avx512 => unsafe { x86::map2_avx512(x, y, out, f) },
+            #[cfg(target_arch = "x86_64")]
+            Width::Avx2 => unsafe { x86::map2_avx2(x, y, out, f) },
+            Width::Plain => map2_plain(x, y, out, f),
         }
-        map2_plain(x, y, out, f)
     }
 }
 

@@ -5,6 +5,7 @@
 
 use crate::lanes;
 use crate::unary::cpu::exp_nonpositive;
+use crate::wide_loops::{width, Width};
 use crate::{cpu_tensor, PARALLEL_MIN_ELEMS};
 use rayon::prelude::*;
 use tokenformer_core::{Result, Tensor};
@@ -87,32 +88,9 @@ mod wide {
     }
 }
 
-/// Which compiled copy of the row loops this processor runs.
-#[derive(Clone, Copy)]
-enum Width {
-    #[cfg(target_arch = "x86_64")]
-    Avx512,
-    #[cfg(target_arch = "x86_64")]
-    Avx2,
-    Plain,
-}
-
-fn width() -> Width {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("fma") {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            return Width::Avx512;
-        }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            return Width::Avx2;
-        }
-    }
-    Width::Plain
-}
-
 fn lse_rows(width: Width, x: &[f32], v: usize, lse: &mut [f32]) {
     match width {
-        // SAFETY: `width()` chose each variant only where the processor has its instructions.
+        // SAFETY: `width()` picks each variant only where the processor has its instructions.
         #[cfg(target_arch = "x86_64")]
         Width::Avx512 => unsafe { wide::lse_rows_avx512(x, v, lse) },
         #[cfg(target_arch = "x86_64")]

@@ -10,6 +10,7 @@
 
 use super::LayerNormStats;
 use crate::lanes::sum2 as row_sum;
+use crate::wide_loops::{width, Width};
 use crate::{cpu_tensor, PARALLEL_MIN_ELEMS};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
@@ -175,27 +176,6 @@ mod wide {
     }
 }
 
-/// Which compiled copy of the loops this processor runs.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Width {
-    Avx512,
-    Avx2,
-    Plain,
-}
-
-fn width() -> Width {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            return Width::Avx512;
-        }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            return Width::Avx2;
-        }
-    }
-    Width::Plain
-}
-
 fn forward_rows(
     width: Width,
     p: &Params,
@@ -205,12 +185,12 @@ fn forward_rows(
     rstd: &mut [MaybeUninit<f32>],
 ) {
     match width {
-        // SAFETY: `width()` chose each variant only where the processor has its instructions.
+        // SAFETY: `width()` picks each variant only where the processor has its instructions.
         #[cfg(target_arch = "x86_64")]
         Width::Avx512 => unsafe { wide::forward_rows_avx512(p, rows, out, mean, rstd) },
         #[cfg(target_arch = "x86_64")]
         Width::Avx2 => unsafe { wide::forward_rows_avx2(p, rows, out, mean, rstd) },
-        _ => forward_rows_plain(p, rows, out, mean, rstd),
+        Width::Plain => forward_rows_plain(p, rows, out, mean, rstd),
     }
 }
 
@@ -228,7 +208,7 @@ fn backward_rows(
         Width::Avx512 => unsafe { wide::backward_rows_avx512(weight, d, inputs, stats, out) },
         #[cfg(target_arch = "x86_64")]
         Width::Avx2 => unsafe { wide::backward_rows_avx2(weight, d, inputs, stats, out) },
-        _ => backward_rows_plain(weight, d, inputs, stats, out),
+        Width::Plain => backward_rows_plain(weight, d, inputs, stats, out),
     }
 }
 
@@ -246,7 +226,7 @@ fn weight_grad_columns(
         Width::Avx512 => unsafe { wide::weight_grad_columns_avx512(d, first, inputs, stats, gw) },
         #[cfg(target_arch = "x86_64")]
         Width::Avx2 => unsafe { wide::weight_grad_columns_avx2(d, first, inputs, stats, gw) },
-        _ => weight_grad_columns_plain(d, first, inputs, stats, gw),
+        Width::Plain => weight_grad_columns_plain(d, first, inputs, stats, gw),
     }
 }
 

@@ -20,6 +20,7 @@ use super::Theta;
 use crate::lanes::{combine, LANES};
 use crate::softmax::cpu::softmax_in_place;
 use crate::unary::cpu::{gelu_and_grad_scalar, gelu_grad_scalar, gelu_scalar};
+use crate::wide_loops::{width, Width};
 use crate::{cpu_tensor, PARALLEL_MIN_ELEMS};
 use rayon::prelude::*;
 use tokenformer_core::{Result, Tensor};
@@ -285,38 +286,26 @@ mod wide {
 
 /// S = Θ(a) for every row of length `n` of `a`, into `s`, on the calling thread.
 pub(crate) fn forward_rows(theta: Theta, tau: f32, n: usize, a: &[f32], s: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        // SAFETY: each variant runs only where the processor has its instructions.
-        if std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("fma")
-        {
-            return unsafe { wide::forward_rows_avx512(theta, tau, n, a, s) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            return unsafe { wide::forward_rows_avx2(theta, tau, n, a, s) };
-        }
+    match width() {
+        // SAFETY: `width()` picks each variant only where the processor has its instructions.
+        #[cfg(target_arch = "x86_64")]
+        Width::Avx512 => unsafe { wide::forward_rows_avx512(theta, tau, n, a, s) },
+        #[cfg(target_arch = "x86_64")]
+        Width::Avx2 => unsafe { wide::forward_rows_avx2(theta, tau, n, a, s) },
+        Width::Plain => forward_rows_generic(theta, tau, n, a, s),
     }
-    forward_rows_generic(theta, tau, n, a, s)
 }
 
 /// ∂L/∂a for every row of length `n`, on the calling thread: `g` holds ∂L/∂S on entry.
 pub(crate) fn backward_rows(theta: Theta, tau: f32, n: usize, a: &[f32], g: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        // SAFETY: each variant runs only where the processor has its instructions.
-        if std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("fma")
-        {
-            return unsafe { wide::backward_rows_avx512(theta, tau, n, a, g) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            return unsafe { wide::backward_rows_avx2(theta, tau, n, a, g) };
-        }
+    match width() {
+        // SAFETY: `width()` picks each variant only where the processor has its instructions.
+        #[cfg(target_arch = "x86_64")]
+        Width::Avx512 => unsafe { wide::backward_rows_avx512(theta, tau, n, a, g) },
+        #[cfg(target_arch = "x86_64")]
+        Width::Avx2 => unsafe { wide::backward_rows_avx2(theta, tau, n, a, g) },
+        Width::Plain => backward_rows_generic(theta, tau, n, a, g),
     }
-    backward_rows_generic(theta, tau, n, a, g)
 }
 
 /// `forward_rows` and `backward_rows` in one pass (see `forward_backward_row`), on the
@@ -329,20 +318,14 @@ pub(crate) fn forward_backward_rows(
     s: &mut [f32],
     g: &mut [f32],
 ) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        // SAFETY: each variant runs only where the processor has its instructions.
-        if std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("fma")
-        {
-            return unsafe { wide::forward_backward_rows_avx512(theta, tau, n, a, s, g) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            return unsafe { wide::forward_backward_rows_avx2(theta, tau, n, a, s, g) };
-        }
+    match width() {
+        // SAFETY: `width()` picks each variant only where the processor has its instructions.
+        #[cfg(target_arch = "x86_64")]
+        Width::Avx512 => unsafe { wide::forward_backward_rows_avx512(theta, tau, n, a, s, g) },
+        #[cfg(target_arch = "x86_64")]
+        Width::Avx2 => unsafe { wide::forward_backward_rows_avx2(theta, tau, n, a, s, g) },
+        Width::Plain => forward_backward_rows_generic(theta, tau, n, a, s, g),
     }
-    forward_backward_rows_generic(theta, tau, n, a, s, g)
 }
 
 /// `f(first_row, rows)` over blocks of whole rows of `out`, in parallel when the work is large.
