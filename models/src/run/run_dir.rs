@@ -70,14 +70,12 @@ impl RunLock {
         if !meta.is_file() {
             return Err(Error::io(path.display(), "is not a regular file; refusing to use it"));
         }
-        match file.try_lock() {
+        match try_lock_patiently(&file) {
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => {
-                let mut text = String::new();
-                let _ = (&file).take(64).read_to_string(&mut text);
-                let holder = match text.trim().parse::<u32>() {
-                    Ok(pid) => format!("another process (pid {pid})"),
-                    Err(_) => "another process".to_string(),
+                let holder = match lock_holder(&file) {
+                    Some(pid) => format!("another process (pid {pid})"),
+                    None => "another process".to_string(),
                 };
                 return Err(Error::invalid(format!(
                     "{} is in use by {holder}, which is writing to it; wait for it to finish or \
@@ -126,6 +124,31 @@ impl RunLock {
         finish_interrupted_save(&self.dir)?;
         remove_stray_temps(&self.dir, &[])
     }
+}
+
+/// The pid a lock file names, if it names one.
+fn lock_holder(file: &File) -> Option<u32> {
+    let mut text = String::new();
+    let mut reader = file;
+    reader.rewind().ok()?;
+    reader.take(64).read_to_string(&mut text).ok()?;
+    text.trim().parse().ok()
+}
+
+/// `try_lock`, waiting up to a second while the holder is this very process. That happens only
+/// for an instant: a lock this process just released is still held by a copy of its file
+/// descriptor in a child being spawned by another thread, between its fork and its exec (which
+/// closes the copy). Any other holder is reported at once.
+fn try_lock_patiently(file: &File) -> std::result::Result<(), TryLockError> {
+    for _ in 0..100 {
+        match file.try_lock() {
+            Err(TryLockError::WouldBlock) if lock_holder(file) == Some(std::process::id()) => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            other => return other,
+        }
+    }
+    file.try_lock()
 }
 
 impl Drop for RunLock {
@@ -192,6 +215,34 @@ mod tests {
         other.try_lock().unwrap();
         let e = RunLock::acquire(&dir).err().unwrap().to_string();
         assert!(e.contains("is in use by another process (pid") && !e.contains('\n'), "{e}");
+        drop(other);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_lock_held_for_an_instant_by_a_copy_in_this_process_is_waited_for() {
+        // The copy stands for the duplicate of the lock's descriptor that a child being spawned
+        // by another thread holds between its fork and its exec; it names this process.
+        let dir = std::env::temp_dir().join(format!("tf-lock-copy-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        drop(RunLock::create_and_acquire(&dir).unwrap());
+        let copy = File::open(dir.join(LOCK_FILE)).unwrap();
+        copy.try_lock().unwrap();
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            drop(copy);
+        });
+        let lock = RunLock::acquire(&dir).unwrap();
+        release.join().unwrap();
+        drop(lock);
+        // Another process's hold is reported at once, naming it.
+        std::fs::write(dir.join(LOCK_FILE), "1\n").unwrap();
+        let other = File::open(dir.join(LOCK_FILE)).unwrap();
+        other.try_lock().unwrap();
+        let started = std::time::Instant::now();
+        let e = RunLock::acquire(&dir).err().unwrap().to_string();
+        assert!(e.contains("another process (pid 1)"), "{e}");
+        assert!(started.elapsed() < std::time::Duration::from_millis(500));
         drop(other);
         std::fs::remove_dir_all(&dir).unwrap();
     }
