@@ -32,7 +32,7 @@ use crate::model::TokenFormer;
 use crate::optim::{lr_at, Optimizer};
 use crate::plot::{growth_steps, plot_run};
 use crate::progress::Progress;
-use crate::run_dir::RunLock;
+use crate::run_dir::{check_writable_dir, is_marked, RunLock};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -365,9 +365,10 @@ pub struct Evaluation {
     pub stage: u64,
 }
 
-/// True when `dir` holds a training run (checkpoint or metrics).
+/// True when `dir` holds a training run: a checkpoint, or the metrics of a run the tool started
+/// there (in a directory it marked; anyone else's `metrics.jsonl` is no run of ours).
 pub fn is_run_dir(dir: &Path) -> bool {
-    is_checkpoint_dir(dir) || entry_exists(&dir.join("metrics.jsonl"))
+    is_checkpoint_dir(dir) || (is_marked(dir) && entry_exists(&dir.join("metrics.jsonl")))
 }
 
 /// The checks `train_new` makes before it touches anything: valid settings that fit in memory,
@@ -397,6 +398,7 @@ pub fn check_new_run(out: &Path, settings: &TrainSettings) -> Result<ModelConfig
             out.display()
         )));
     }
+    check_writable_dir(out)?;
     Ok(config)
 }
 
