@@ -1085,3 +1085,31 @@ fn a_hard_link_in_a_run_directory_never_carries_a_write_outside() {
     assert_eq!(std::fs::read(&notes).unwrap(), b"my notes\n");
     assert_eq!(std::fs::read(&copy).unwrap(), copied);
 }
+
+// ---------------------------------------------------------------------------------------------
+// 14. A resumed run checks what its schedule still has to do.
+
+#[test]
+fn resume_checks_the_growths_still_scheduled_against_memory() {
+    let t = Scratch::new("schedule");
+    let run = t.path("run");
+    let settings =
+        TrainSettings { grow_at: vec!["2:ffn=+4".parse().unwrap()], ..small_settings(3) };
+    run_stopped_at(&run, settings, 1);
+    // The growth still ahead edited to one no machine holds (the manifest goes too, as a hand
+    // edit requires).
+    let path = run.join("train_state.json");
+    let mut state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    state["settings"]["grow_at"] = serde_json::json!(["2:ffn=+10000000000"]);
+    std::fs::write(&path, serde_json::to_vec_pretty(&state).unwrap()).unwrap();
+    std::fs::remove_file(run.join("checkpoint.json")).unwrap();
+    let before = snapshot(&run);
+    let err = t.fails(&["train", "--resume", s(&run), "--sample-tokens", "0"]);
+    assert!(
+        err.contains("growth schedule (2:ffn=+10000000000)") && err.contains("would need at least"),
+        "{err}"
+    );
+    // Refused before the first step: not a line of metrics, not a save.
+    assert_eq!(snapshot(&run), before);
+}

@@ -220,9 +220,19 @@ impl TrainSettings {
     /// configs the run will have: checks before training that every growth of the plan can
     /// happen.
     pub fn growth_plan(&self, config: &ModelConfig) -> Result<Vec<(GrowSpec, ModelConfig)>> {
+        self.remaining_growth_plan(config, 0)
+    }
+
+    /// `growth_plan` for a run that has made its first `done` scheduled growths and now has
+    /// `config`: what the rest of its schedule does.
+    pub fn remaining_growth_plan(
+        &self,
+        config: &ModelConfig,
+        done: usize,
+    ) -> Result<Vec<(GrowSpec, ModelConfig)>> {
         let mut config = config.clone();
-        let mut plan = Vec::with_capacity(self.grow_at.len());
-        for (index, point) in self.grow_at.iter().enumerate() {
+        let mut plan = Vec::new();
+        for (index, point) in self.grow_at.iter().enumerate().skip(done) {
             let fail = |e: String| Error::invalid(format!("--grow-at {point}: {e}"));
             let spec = point
                 .target
@@ -525,7 +535,25 @@ pub fn train_resume_with(
     }
     state.settings.validate()?;
     let s = &state.settings;
-    memory::check_training(&ckpt.config, s.batch, s.seq, s.grad_accum)?;
+    // The largest model the rest of the schedule reaches must fit too, checked now rather than
+    // at the growth step: the schedule may have been edited, or the machine may be smaller than
+    // the one the run started on.
+    let plan = s.remaining_growth_plan(&ckpt.config, state.scheduled)?;
+    let largest = plan.last().map_or(&ckpt.config, |(_, grown)| grown);
+    memory::check_training(largest, s.batch, s.seq, s.grad_accum).map_err(|e| {
+        match plan.last() {
+            Some(_) => Error::invalid(format!(
+                "resuming {}: its growth schedule ({}) reaches a model too large: {e}",
+                dir.display(),
+                s.grow_at[state.scheduled..]
+                    .iter()
+                    .map(|p| p.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+            None => e,
+        }
+    })?;
     let params = ckpt
         .params
         .into_iter()
