@@ -23,7 +23,8 @@ use tokenformer_models::memory;
 use tokenformer_models::progress::{thousands, Progress};
 use tokenformer_models::run_dir::{clear_unfinished, RunLock};
 use tokenformer_models::train::{
-    check_new_run, load_model, saved_run, train_new, train_resume_with, TrainControl, TrainSettings,
+    absolute_paths, check_new_run, load_model, saved_run, train_new, train_resume_with,
+    TrainControl, TrainSettings,
 };
 use tokenformer_models::{Arch, GrowInit, ModelConfig, Theta, TokenFormer};
 
@@ -404,9 +405,10 @@ fn apply_train_flags(a: &TrainArgs, base: &mut TrainSettings, check: Option<&Pat
     set("arch", arch, &mut base.arch, check)?;
     let d_ff = a.arch.d_ff(base.arch, &ModelConfig::preset(&base.preset)?)?;
     set("d-ff", d_ff.map(Some), &mut base.d_ff, check)?;
-    let data = (!a.data.is_empty()).then(|| a.data.clone());
+    // Absolute, as a run stores them: the same files whatever directory a resume runs from.
+    let data = (!a.data.is_empty()).then(|| absolute_paths(&a.data)).transpose()?;
     set("data", data, &mut base.data, check)?;
-    let val_data = (!a.val_data.is_empty()).then(|| a.val_data.clone());
+    let val_data = (!a.val_data.is_empty()).then(|| absolute_paths(&a.val_data)).transpose()?;
     set("val-data", val_data, &mut base.val_data, check)?;
     set("tokenizer", a.tokenizer.clone(), &mut base.tokenizer, check)?;
     set("steps", a.steps, &mut base.steps, check)?;

@@ -1113,3 +1113,42 @@ fn resume_checks_the_growths_still_scheduled_against_memory() {
     // Refused before the first step: not a line of metrics, not a save.
     assert_eq!(snapshot(&run), before);
 }
+
+// ---------------------------------------------------------------------------------------------
+// 15. A resumed run reads the data it started with, or says that it cannot.
+
+#[test]
+fn resume_reads_the_same_data_or_refuses() {
+    let t = Scratch::new("samedata");
+    // A relative --data path is stored absolute.
+    t.file("corpus.txt", "To be, or not to be, that is the question. ".repeat(40));
+    let relative = t.path("relative");
+    let flags = small_flags(1, 1000);
+    t.ok(&[&["train", "--out", s(&relative), "--data", "corpus.txt"][..], &strs(&flags)].concat());
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(relative.join("train_state.json")).unwrap()).unwrap();
+    let stored = state["settings"]["data"][0].as_str().unwrap().to_string();
+    assert_eq!(Path::new(&stored), t.path("corpus.txt"), "{state}");
+
+    // The data changed under a stopped run: the resume refuses, and changes nothing.
+    let corpus = t.file("books.txt", "Whether 'tis nobler in the mind to suffer. ".repeat(40));
+    let run = t.path("run");
+    let settings =
+        TrainSettings { data: vec![corpus.clone()], val_fraction: 0.25, ..small_settings(3) };
+    run_stopped_at(&run, settings, 1);
+    std::fs::write(&corpus, "The slings and arrows of outrageous fortune. ".repeat(40)).unwrap();
+    let before = snapshot(&run);
+    let resume = ["train", "--resume", s(&run), "--sample-tokens", "0"];
+    let err = t.fails(&resume);
+    assert!(
+        err.contains("differs from what the run started with") && err.contains("books.txt"),
+        "{err}"
+    );
+    assert_eq!(manifest_step(&run), 1);
+    assert_eq!(metrics_lines(&run), 1);
+    assert!(before.keys().all(|name| snapshot(&run).contains_key(name)));
+    // With the data restored, it goes on.
+    std::fs::write(&corpus, "Whether 'tis nobler in the mind to suffer. ".repeat(40)).unwrap();
+    t.ok(&resume);
+    assert_eq!(manifest_step(&run), 3);
+}

@@ -320,6 +320,10 @@ struct TrainState {
     /// Training FLOPs so far; absent in runs saved before they were counted.
     #[serde(default)]
     flops: Option<f64>,
+    /// The source hashes of the data (`Dataset::source_hashes`, 16 hex digits each) the run
+    /// started with; absent in runs saved before they were recorded.
+    #[serde(default)]
+    data_hashes: Option<Vec<String>>,
     /// For each parameter, the leading rows that existed before the latest growth (what
     /// `freeze_old` keeps fixed); absent before the first growth.
     #[serde(default)]
@@ -412,13 +416,21 @@ pub fn check_new_run(out: &Path, settings: &TrainSettings) -> Result<ModelConfig
     Ok(config)
 }
 
+/// `paths` made absolute against the current directory, so that a run resumed from another
+/// directory reads the same files.
+pub fn absolute_paths(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    paths.iter().map(|p| std::path::absolute(p).map_err(|e| Error::io(p.display(), e))).collect()
+}
+
 /// Starts a new run in `out`, which must not hold a run already.
 pub fn train_new(
     out: &Path,
-    settings: TrainSettings,
+    mut settings: TrainSettings,
     device: Device,
     control: TrainControl,
 ) -> Result<TrainSummary> {
+    settings.data = absolute_paths(&settings.data)?;
+    settings.val_data = absolute_paths(&settings.val_data)?;
     check_new_run(out, &settings)?;
     let _lock = RunLock::create_and_acquire(out)?;
     // Again under the lock: another process may have started a run here meanwhile.
@@ -435,6 +447,7 @@ pub fn train_new(
         stage_start: 0,
         scheduled: 0,
         flops: Some(0.0),
+        data_hashes: None,
         old_rows: None,
     };
     run(out, model, optimizer, state, control)
@@ -724,6 +737,29 @@ impl<'a> Run<'a> {
         let s = &settings;
         let tokenizer = Tokenizer::from_name(&s.tokenizer)?;
         let data = Dataset::load(tokenizer, &s.data_spec(), dir)?;
+        let hashes: Vec<String> =
+            data.source_hashes().iter().map(|h| format!("{h:016x}")).collect();
+        match &state.data_hashes {
+            Some(started) if *started != hashes => {
+                return Err(Error::invalid(format!(
+                    "{}: the data ({}) differs from what the run started with (source hash {}, \
+                     now {}): a resumed run must read the same data; restore it, or start a new \
+                     run",
+                    dir.display(),
+                    s.data
+                        .iter()
+                        .chain(&s.val_data)
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    started.join(", "),
+                    hashes.join(", ")
+                )))
+            }
+            _ => {}
+        }
+        let mut state = state;
+        state.data_hashes = Some(hashes);
         // Both checks up front, so a bad corpus fails before the first step, not at evaluation.
         Batcher::new(0, s.batch, s.seq)?.next_batch(data.train())?;
         s.val_windows(data.val())?;
