@@ -707,6 +707,8 @@ fn info(a: InfoArgs) -> Result<()> {
         }
         (None, None) => return Err(Error::invalid("give --preset NAME or --checkpoint DIR")),
     };
+    // The counts below are computed from the flags: refuse what they cannot count.
+    config.validate()?;
     let json = serde_json::to_string_pretty(&config).map_err(|e| Error::invalid(e.to_string()))?;
     println!("{json}");
     for (name, n) in config.param_breakdown() {
@@ -865,7 +867,10 @@ fn growth_experiment(a: GrowthExperimentArgs) -> Result<()> {
     let control = ExperimentControl::default();
     stop_on_signals(&control.stop)?;
     let Some(results) = run_growth_experiment(&out, &plan, device, control)? else {
-        return Ok(());
+        return Err(Error::invalid(format!(
+            "experiment growth was stopped before it finished: no results in {}",
+            out.display()
+        )));
     };
     println!("{}", results_table(&results));
     println!(

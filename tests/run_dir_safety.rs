@@ -1152,3 +1152,49 @@ fn resume_reads_the_same_data_or_refuses() {
     t.ok(&resume);
     assert_eq!(manifest_step(&run), 3);
 }
+
+// ---------------------------------------------------------------------------------------------
+// 16. Finite weights whose arithmetic overflows, and counts that overflow, are errors too.
+
+#[test]
+fn overflowing_weights_and_counts_are_errors_not_numbers() {
+    let t = Scratch::new("overflow");
+    let ids = t.file("ids.txt", id_text(40));
+    let dir = t.path("huge");
+    t.ok(&["init", "--preset", "tiny", "--out", s(&dir)]);
+    let path = dir.join("model.safetensors");
+    // Every weight 3e38: finite, so loading accepts it, but no sum over them is.
+    let tensors: Vec<_> = load_safetensors(&path)
+        .unwrap()
+        .into_iter()
+        .map(|(name, tensor)| {
+            let values = vec![3e38f32; tensor.numel()];
+            (name, tokenformer_core::Tensor::from_vec(values, tensor.dims()).unwrap())
+        })
+        .collect();
+    save_safetensors(&path, &tensors).unwrap();
+    std::fs::remove_file(dir.join("checkpoint.json")).unwrap();
+    for (args, what) in [
+        (vec!["eval", "--checkpoint", s(&dir), "--tokens", s(&ids)], "eval: the loss is NaN"),
+        (vec!["eval", "--checkpoint", s(&dir), "--tokens", s(&ids), "--json"], "the loss is NaN"),
+        (vec!["generate", "--checkpoint", s(&dir), "--max-tokens", "2"], "generate: a logit is"),
+    ] {
+        let err = t.fails(&args);
+        assert!(
+            err.contains(what)
+                && err.contains("the first non-finite value appears at layer 0 (attention)"),
+            "{}: {err}",
+            show(&args)
+        );
+    }
+    // A width whose parameter count wraps around is refused, not printed.
+    let max = u64::MAX.to_string();
+    for args in [
+        vec!["info", "--preset", "tiny", "--arch", "transformer", "--d-ff", &max],
+        vec!["init", "--preset", "tiny", "--arch", "transformer", "--d-ff", &max, "--out", "w"],
+    ] {
+        let err = t.fails(&args);
+        assert!(err.contains("parameter count overflows 64 bits") && err.contains(&max), "{err}");
+    }
+    assert!(!t.path("w").exists());
+}
