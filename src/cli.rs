@@ -23,7 +23,7 @@ use tokenformer_models::memory;
 use tokenformer_models::progress::{thousands, Progress};
 use tokenformer_models::run_dir::{clear_unfinished, RunLock};
 use tokenformer_models::train::{
-    absolute_paths, check_new_run, load_model, saved_run, train_new, train_resume_with,
+    absolute_paths, check_new_run, load_model, saved_run, train_new, train_resume_with, StageLr,
     TrainControl, TrainSettings,
 };
 use tokenformer_models::{Arch, GrowInit, ModelConfig, Theta, TokenFormer};
@@ -378,10 +378,44 @@ fn default_run_dir(settings: &TrainSettings) -> PathBuf {
         .expect("unbounded")
 }
 
+/// A setting as a message shows it: the way it is written on the command line.
+trait Shown {
+    fn shown(&self) -> String;
+}
+
+macro_rules! shown_as_displayed {
+    ($($t:ty),*) => {$(
+        impl Shown for $t {
+            fn shown(&self) -> String {
+                self.to_string()
+            }
+        }
+    )*};
+}
+shown_as_displayed!(String, u64, usize, f32, Arch, StageLr);
+
+impl Shown for Option<usize> {
+    fn shown(&self) -> String {
+        self.map_or_else(|| "(default)".into(), |n| n.to_string())
+    }
+}
+
+impl Shown for Vec<PathBuf> {
+    fn shown(&self) -> String {
+        self.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" ")
+    }
+}
+
+impl Shown for Vec<GrowthPoint> {
+    fn shown(&self) -> String {
+        self.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(" ")
+    }
+}
+
 /// Overlays the flags on `base`; with `check`, a flag that differs from `base` is an error
 /// instead (a resumed run keeps every setting it started with).
 fn apply_train_flags(a: &TrainArgs, base: &mut TrainSettings, check: Option<&Path>) -> Result<()> {
-    fn set<T: PartialEq + std::fmt::Debug + Clone>(
+    fn set<T: PartialEq + Shown + Clone>(
         flag: &str,
         given: Option<T>,
         slot: &mut T,
@@ -390,9 +424,10 @@ fn apply_train_flags(a: &TrainArgs, base: &mut TrainSettings, check: Option<&Pat
         let Some(v) = given else { return Ok(()) };
         match check {
             Some(dir) if *slot != v => Err(Error::invalid(format!(
-                "--{flag} {v:?} contradicts the run in {} ({flag} {:?}); a resumed run keeps its settings",
+                "--{flag} {} contradicts the run in {} ({flag} {}); a resumed run keeps its settings",
+                v.shown(),
                 dir.display(),
-                slot
+                slot.shown()
             ))),
             _ => {
                 *slot = v;

@@ -1198,3 +1198,41 @@ fn overflowing_weights_and_counts_are_errors_not_numbers() {
     }
     assert!(!t.path("w").exists());
 }
+
+// ---------------------------------------------------------------------------------------------
+// 17. Errors name the right thing, read as the command line is written, and leave nothing
+// behind that would stand in the way of the corrected command.
+
+#[test]
+fn errors_name_the_right_thing_and_a_refused_run_leaves_nothing_behind() {
+    let t = Scratch::new("messages");
+    let run = t.path("run");
+    let settings =
+        TrainSettings { grow_at: vec!["2:ffn=+4".parse().unwrap()], ..small_settings(3) };
+    run_stopped_at(&run, settings, 1);
+    let resume = ["train", "--resume", s(&run), "--sample-tokens", "0"];
+    let err = t.fails(&[&resume[..], &["--grow-at", "2:ffn=+8"]].concat());
+    assert!(
+        err.contains("--grow-at 2:ffn=+8 contradicts") && err.contains("(grow-at 2:ffn=+4)"),
+        "{err}"
+    );
+    assert!(!err.contains("GrowthPoint") && !err.contains("Some("), "{err}");
+    let err = t.fails(&[&resume[..], &["--d-ff", "300"]].concat());
+    assert!(!err.contains("Some("), "{err}");
+
+    // A lock file that is a directory is named, not the run directory.
+    std::fs::remove_file(run.join("run.lock")).unwrap();
+    std::fs::create_dir(run.join("run.lock")).unwrap();
+    let err = t.fails(&resume);
+    assert!(err.contains("run.lock: is a directory, where the lock file is expected"), "{err}");
+
+    // Data that turns out unusable leaves no directory behind.
+    let fresh = t.path("fresh");
+    let flags = small_flags(1, 1000);
+    for bad in [vec!["--data", "missing.txt"], vec!["--val-data", "/dev/zero"]] {
+        let err = t.fails(&[&["train", "--out", s(&fresh)][..], &bad, &strs(&flags)].concat());
+        assert!(err.contains("missing.txt") || err.contains("/dev/zero"), "{err}");
+        assert!(!fresh.exists(), "{} was left behind: {:?}", fresh.display(), names(&fresh));
+    }
+    t.ok(&[&["train", "--out", s(&fresh)][..], &strs(&flags)].concat());
+}

@@ -23,7 +23,7 @@
 //! elsewhere would otherwise have that file overwritten).
 
 use crate::checkpoint::{finish_interrupted_save, is_checkpoint_dir};
-use crate::files::{entry_exists, remove_stray_temps};
+use crate::files::{entry_exists, is_temp_name, remove_stray_temps};
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, Write};
@@ -273,6 +273,29 @@ impl Drop for RunLock {
             }
         }
     }
+}
+
+/// Removes a directory this process made and marked a moment ago, before anything but the
+/// marker, the lock, token caches and temporary files went into it (a run whose data turned
+/// out unusable). Only those names are removed, and the directory only if that empties it.
+pub fn remove_unused_dir(lock: RunLock) {
+    let dir = lock.dir().to_path_buf();
+    if !is_marked(&dir) {
+        return;
+    }
+    let ours = |name: &str| {
+        name == MARKER_FILE || name == LOCK_FILE || name.ends_with(".tokens") || is_temp_name(name)
+    };
+    if let Ok(entries) = fs::read_dir(&dir) {
+        for entry in entries.flatten() {
+            let is_file = entry.file_type().is_ok_and(|t| t.is_file());
+            if is_file && entry.file_name().to_str().is_some_and(ours) {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+    }
+    drop(lock);
+    let _ = fs::remove_dir(&dir);
 }
 
 /// The files a run leaves besides its checkpoint.

@@ -32,7 +32,7 @@ use crate::model::TokenFormer;
 use crate::optim::{lr_at, Optimizer};
 use crate::plot::{growth_steps, plot_run};
 use crate::progress::Progress;
-use crate::run_dir::{check_writable_dir, is_marked, RunLock};
+use crate::run_dir::{check_writable_dir, is_marked, remove_unused_dir, RunLock};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -112,6 +112,15 @@ pub enum StageLr {
 impl StageLr {
     fn of_older_runs() -> StageLr {
         StageLr::Continue
+    }
+}
+
+impl std::fmt::Display for StageLr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StageLr::Restart => "restart",
+            StageLr::Continue => "continue",
+        })
     }
 }
 
@@ -432,7 +441,8 @@ pub fn train_new(
     settings.data = absolute_paths(&settings.data)?;
     settings.val_data = absolute_paths(&settings.val_data)?;
     check_new_run(out, &settings)?;
-    let _lock = RunLock::create_and_acquire(out)?;
+    let new_dir = !entry_exists(out);
+    let lock = RunLock::create_and_acquire(out)?;
     // Again under the lock: another process may have started a run here meanwhile.
     let config = check_new_run(out, &settings)?;
     let model = TokenFormer::init(&config, settings.seed, device)?;
@@ -450,7 +460,17 @@ pub fn train_new(
         data_hashes: None,
         old_rows: None,
     };
-    run(out, model, optimizer, state, control)
+    match Run::open(out, model, optimizer, state, control) {
+        Ok(run) => drive(run),
+        // Bad data shows only now: a directory made for this run a moment ago is taken away
+        // again, so that it does not stand in the way of the corrected command.
+        Err(e) => {
+            if new_dir {
+                remove_unused_dir(lock);
+            }
+            Err(e)
+        }
+    }
 }
 
 /// The settings a run directory was started with and the step its checkpoint is at (for
@@ -1029,7 +1049,11 @@ fn run(
     state: TrainState,
     control: TrainControl,
 ) -> Result<TrainSummary> {
-    let mut run = Run::open(dir, model, optimizer, state, control)?;
+    drive(Run::open(dir, model, optimizer, state, control)?)
+}
+
+/// Trains an opened run to its end or to a stop request.
+fn drive(mut run: Run<'_>) -> Result<TrainSummary> {
     let steps = run.settings.steps;
     // (interrupted, redraw the plot)
     let (interrupted, redraw) = loop {
