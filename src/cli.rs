@@ -23,8 +23,7 @@ use tokenformer_models::memory;
 use tokenformer_models::progress::{thousands, Progress};
 use tokenformer_models::run_dir::{clear_unfinished, RunLock};
 use tokenformer_models::train::{
-    absolute_paths, check_new_run, load_model, saved_run, train_new, train_resume_with, StageLr,
-    TrainControl, TrainSettings,
+    check_new_run, load_model, saved_run, train_new, train_resume_with, TrainControl, TrainSettings,
 };
 use tokenformer_models::{Arch, GrowInit, ModelConfig, Theta, TokenFormer};
 
@@ -392,7 +391,7 @@ macro_rules! shown_as_displayed {
         }
     )*};
 }
-shown_as_displayed!(String, u64, usize, f32, Arch, StageLr);
+shown_as_displayed!(String, u64, usize, f32, Arch, tokenformer_models::train::StageLr);
 
 impl Shown for Option<usize> {
     fn shown(&self) -> String {
@@ -441,6 +440,7 @@ fn apply_train_flags(a: &TrainArgs, base: &mut TrainSettings, check: Option<&Pat
     let d_ff = a.arch.d_ff(base.arch, &ModelConfig::preset(&base.preset)?)?;
     set("d-ff", d_ff.map(Some), &mut base.d_ff, check)?;
     // Absolute, as a run stores them: the same files whatever directory a resume runs from.
+    use tokenformer_models::train::absolute_paths;
     let data = (!a.data.is_empty()).then(|| absolute_paths(&a.data)).transpose()?;
     set("data", data, &mut base.data, check)?;
     let val_data = (!a.val_data.is_empty()).then(|| absolute_paths(&a.val_data)).transpose()?;
