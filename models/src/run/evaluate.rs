@@ -65,6 +65,9 @@ pub fn evaluate_tokens(
         let inputs = Tensor::from_vec(inputs, &dims)?.to_device(device)?;
         let targets = Tensor::from_vec(targets, &dims)?.to_device(device)?;
         let mean = no_grad(|| model.loss(&inputs, &targets))?.value().to_scalar()?;
+        if !mean.is_finite() {
+            return Err(non_finite(model, &inputs, &format!("eval: the loss is {mean}")));
+        }
         let n = batch.len() * (len - 1);
         total += mean as f64 * n as f64;
         count += n;
@@ -72,6 +75,19 @@ pub fn evaluate_tokens(
         on_progress(i, windows.len());
     }
     Ok(EvalResult { loss: total / count as f64, tokens: count })
+}
+
+/// The error for a loss or logits that are not finite, naming where in the model the first
+/// non-finite value appears (`what` says what was seen).
+pub fn non_finite(model: &TokenFormer, inputs: &Tensor, what: &str) -> Error {
+    let place = match model.first_non_finite(inputs) {
+        Ok(Some(place)) => format!("the first non-finite value appears at {place}"),
+        Ok(None) => "every layer's output is finite; the loss itself overflows".into(),
+        Err(e) => format!("no layer could be named ({e})"),
+    };
+    Error::invalid(format!(
+        "{what}, not a number: {place}; the weights are too large for float32 arithmetic"
+    ))
 }
 
 /// Parses whitespace-separated token ids, naming the first bad one (shortened: a file of
