@@ -30,7 +30,7 @@ fn build(cxx: &str, root: &Path, out: &Path) -> Result<(), String> {
         let target = out.join(name);
         let partial = out.join(format!("{name}.partial"));
         let status = Command::new(cxx)
-            .args(["-std=c++17", "-O2", "-fPIC", "-shared", "-Wall", "-Wextra"])
+            .args(["-std=c++17", "-O3", "-fPIC", "-shared", "-Wall", "-Wextra"])
             .arg(format!("-Wl,-soname,{name}"))
             .args(sources.iter().map(|s| root.join("src").join(s)))
             .args(["-ldl", "-lpthread", "-o"])

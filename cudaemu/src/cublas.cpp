@@ -12,6 +12,7 @@
 #include <cstdio>
 #include <cstring>
 #include <algorithm>
+#include <thread>
 #include <vector>
 
 #define API extern "C" __attribute__((visibility("default")))
@@ -50,6 +51,16 @@ float to_tf32(float x) {
     u &= 0xffffe000u;
     memcpy(&x, &u, 4);
     return x;
+}
+
+// Σ a[p]·b[p] in eight interleaved f32 partial sums, combined by a fixed tree.
+float dot_in_eight_lanes(const float* a, const float* b, int k) {
+    float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int p = 0;
+    for (; p + 8 <= k; p += 8)
+        for (int q = 0; q < 8; q++) part[q] += a[p + q] * b[p + q];
+    for (; p < k; p++) part[p % 8] += a[p] * b[p];
+    return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
 }
 
 // Bytes spanned by a column-major rows×cols matrix with leading dimension ld.
@@ -98,21 +109,27 @@ cublasStatus_t sgemm_batched(cublasHandle_t h, int ta, int tb, int m, int n, int
                 float v = trans_b ? bm[j + (size_t)p * ldb] : bm[p + (size_t)j * ldb];
                 bcols[(size_t)j * k + p] = tf32 ? to_tf32(v) : v;
             }
-        for (int j = 0; j < n; j++) {
-            const float* bcol = &bcols[(size_t)j * k];
-            for (int i = 0; i < m; i++) {
-                const float* arow = &arows[(size_t)i * k];
-                float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-                int p = 0;
-                for (; p + 8 <= k; p += 8)
-                    for (int q = 0; q < 8; q++) part[q] += arow[p + q] * bcol[p + q];
-                for (; p < k; p++) part[p % 8] += arow[p] * bcol[p];
-                float dot = ((part[0] + part[1]) + (part[2] + part[3])) +
-                            ((part[4] + part[5]) + (part[6] + part[7]));
-                float& out = c[i + (size_t)j * ldc];
-                out = *beta == 0.0f ? *alpha * dot : *alpha * dot + *beta * out;
+        // Columns of C split among threads: each output is the same dot product whichever
+        // thread computes it, so the bits do not depend on the split.
+        auto columns = [&](int j0, int j1) {
+            for (int j = j0; j < j1; j++) {
+                const float* bcol = &bcols[(size_t)j * k];
+                for (int i = 0; i < m; i++) {
+                    float dot = dot_in_eight_lanes(&arows[(size_t)i * k], bcol, k);
+                    float& out = c[i + (size_t)j * ldc];
+                    out = *beta == 0.0f ? *alpha * dot : *alpha * dot + *beta * out;
+                }
             }
-        }
+        };
+        double work = (double)m * n * std::max(k, 1);
+        int threads = (int)std::min<unsigned>(std::max(1u, std::thread::hardware_concurrency()), 8);
+        threads = work < 4e6 ? 1 : std::min(threads, n);
+        std::vector<std::thread> pool;
+        for (int t = 1; t < threads; t++)
+            pool.emplace_back(columns, (int)((long long)n * t / threads),
+                              (int)((long long)n * (t + 1) / threads));
+        columns(0, threads > 1 ? n / threads : n);
+        for (auto& th : pool) th.join();
     }
     return CUBLAS_STATUS_SUCCESS;
 }

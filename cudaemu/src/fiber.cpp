@@ -14,14 +14,8 @@ cudaemu_fiber_switch:
     pushq %r13
     pushq %r14
     pushq %r15
-    subq $8, %rsp
-    stmxcsr (%rsp)
-    fnstcw 4(%rsp)
     movq %rsp, (%rdi)
     movq %rsi, %rsp
-    ldmxcsr (%rsp)
-    fldcw 4(%rsp)
-    addq $8, %rsp
     popq %r15
     popq %r14
     popq %r13
@@ -56,8 +50,5 @@ void* fiber_prepare(void* stack, size_t size, void (*entry)(void*), void* arg) {
     *--sp = reinterpret_cast<uint64_t>(arg);                    // r13
     *--sp = 0;                                                  // r14
     *--sp = 0;                                                  // r15
-    // MXCSR with every exception masked and round-to-nearest, x87 control word likewise: the
-    // defaults a new thread starts with.
-    *--sp = (uint64_t(0x037F) << 32) | 0x1F80;
     return sp;
 }
