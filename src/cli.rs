@@ -9,16 +9,19 @@ use std::sync::Arc;
 use tokenformer_core::{Device, Error, Result};
 use tokenformer_models::bench::{bench_matmul, bench_train};
 use tokenformer_models::checkpoint::inspect_checkpoint;
-use tokenformer_models::checkpoint::{is_checkpoint_dir, save_checkpoint, Checkpoint};
+use tokenformer_models::checkpoint::{
+    is_checkpoint_dir, parse_config_json, save_checkpoint, Checkpoint,
+};
 use tokenformer_models::config::TokenGroup;
 use tokenformer_models::data::{StreamDecoder, Tokenizer};
 use tokenformer_models::evaluate::{evaluate_tokens, parse_token_ids};
 use tokenformer_models::experiment::{
     default_experiment_dir, results_table, run_growth_experiment, ExperimentControl, Plan, Scale,
 };
-use tokenformer_models::files::{bytes_text, open_regular, read_open};
+use tokenformer_models::files::{bytes_text, open_regular, read_open, read_regular};
 use tokenformer_models::generate::{generate, SampleOptions};
 use tokenformer_models::growth::{grow_checkpoint, GrowSpec, GrowthPoint, LayerPlacement};
+use tokenformer_models::import::{import_checkpoint, ImportOptions, RELEASED};
 use tokenformer_models::memory;
 use tokenformer_models::progress::{thousands, Progress};
 use tokenformer_models::run_dir::{clear_unfinished, RunLock};
@@ -48,6 +51,9 @@ enum Command {
     Init(InitArgs),
     /// Print a model's config and parameter counts
     Info(InfoArgs),
+    /// Convert the authors' released weights (torch.save .bin/.pt, a DeepSpeed checkpoint
+    /// folder, or safetensors with their names) into a checkpoint directory
+    Import(ImportArgs),
     /// Mean next-token loss of a checkpoint on a file of token ids
     Eval(EvalArgs),
     /// Sample text from a checkpoint
@@ -283,6 +289,31 @@ struct InfoArgs {
 }
 
 #[derive(Args)]
+struct ImportArgs {
+    /// A torch.save file (plain state_dict or {'module': ...}), a DeepSpeed checkpoint folder
+    /// (mp_rank_00_model_states.pt) or a safetensors file, under the released names
+    src: PathBuf,
+    /// The checkpoint directory to write
+    #[arg(long)]
+    out: PathBuf,
+    /// Attention heads (default: the released config the shapes match)
+    #[arg(long)]
+    heads: Option<usize>,
+    /// Context length (default: the released config the shapes match)
+    #[arg(long)]
+    max_seq_len: Option<usize>,
+    /// byte, gpt2 or neox (default: the released config's, neox)
+    #[arg(long)]
+    tokenizer: Option<String>,
+    /// l2_norm_gelu, gelu_l2_norm or softmax (default: l2_norm_gelu, as released)
+    #[arg(long)]
+    norm: Option<String>,
+    /// A config.json (SPEC §6.2) giving every setting; its shapes must match the tensors'
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+#[derive(Args)]
 struct EvalArgs {
     #[arg(long)]
     checkpoint: PathBuf,
@@ -353,6 +384,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Some(Command::Grow(a)) => grow(a),
         Some(Command::Init(a)) => init(a),
         Some(Command::Info(a)) => info(a),
+        Some(Command::Import(a)) => import(a),
         Some(Command::Eval(a)) => eval(a),
         Some(Command::Generate(a)) => generate_text(a),
         Some(Command::Bench(a)) => bench(a),
@@ -707,6 +739,14 @@ fn info(a: InfoArgs) -> Result<()> {
     };
     let json = serde_json::to_string_pretty(&config).map_err(|e| Error::invalid(e.to_string()))?;
     println!("{json}");
+    let preset = ModelConfig::preset_names()
+        .into_iter()
+        .find(|name| ModelConfig::preset(name).is_ok_and(|p| p == config));
+    if let Some(name) = preset {
+        let released = RELEASED.iter().find(|(n, _)| *n == name);
+        let what = released.map(|(_, what)| format!(" (the released {what})")).unwrap_or_default();
+        println!("{:>26}: {name}{what}", "preset");
+    }
     for (name, n) in config.param_breakdown() {
         println!("{name:>26}: {:>15}", thousands(n));
     }
@@ -720,6 +760,52 @@ fn info(a: InfoArgs) -> Result<()> {
         thousands(config.matmul_params())
     );
     Ok(())
+}
+
+fn import(a: ImportArgs) -> Result<()> {
+    let norm = a.norm.as_deref().map(str::parse::<Theta>).transpose()?;
+    let config = match &a.config {
+        Some(path) => Some(read_config_file(path)?),
+        None => None,
+    };
+    let opts = ImportOptions {
+        heads: a.heads,
+        max_seq_len: a.max_seq_len,
+        tokenizer: a.tokenizer.clone(),
+        norm,
+        config,
+    };
+    let report = import_checkpoint(&a.src, &a.out, &opts)?;
+    let c = &report.config;
+    match report.recognised {
+        Some((name, what)) => println!("recognised the released {what} (preset {name})"),
+        None => println!("no released config has these shapes; settings from the flags"),
+    }
+    println!(
+        "imported {} ({}) -> {}: L {}, d {}, H {}, V {}, qkv {}, proj {}, ffn {}, T {}, {}, \
+         tokenizer {}; {} parameters",
+        a.src.display(),
+        report.source,
+        a.out.display(),
+        c.n_layers,
+        c.d_model,
+        c.n_heads,
+        c.vocab_size,
+        c.qkv_tokens,
+        c.proj_tokens,
+        c.ffn_tokens,
+        c.max_seq_len,
+        c.norm.name(),
+        c.tokenizer,
+        thousands(c.param_count())
+    );
+    Ok(())
+}
+
+/// A config.json given on the command line, read and checked like a checkpoint's.
+fn read_config_file(path: &Path) -> Result<ModelConfig> {
+    let bytes = read_regular(path, 1 << 20, "a config.json")?;
+    parse_config_json(path, &bytes)
 }
 
 fn eval(a: EvalArgs) -> Result<()> {
