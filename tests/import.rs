@@ -402,3 +402,33 @@ fn hostile_and_damaged_archives_are_refused_in_one_line_with_nothing_written() {
     }
     assert!(!Path::new("/tmp/pwned").exists());
 }
+
+#[test]
+fn a_checkpoint_directory_holding_released_names_says_to_import_it() {
+    // SPEC §6.3: a model.safetensors under the released names is refused with a message saying
+    // so, before any complaint about the tensors it lacks.
+    let scratch = Scratch::new("released-names");
+    let imported = scratch.path("imported");
+    let src = fixtures().join("fp32/pytorch_model.bin");
+    let (src, imported_s) = (src.to_str().unwrap(), imported.to_str().unwrap());
+    ok(&["import", src, "--out", imported_s, "--heads", "4", "--max-seq-len", "16"]);
+    let by_hand = scratch.path("by-hand");
+    std::fs::create_dir_all(&by_hand).unwrap();
+    std::fs::copy(imported.join("config.json"), by_hand.join("config.json")).unwrap();
+    std::fs::copy(fixtures().join("bf16.safetensors"), by_hand.join("model.safetensors")).unwrap();
+    for command in ["info", "eval"] {
+        let mut args = vec![command, "--checkpoint", by_hand.to_str().unwrap()];
+        let tokens = fixtures().join("tokens.txt");
+        if command == "eval" {
+            args.extend(["--tokens", tokens.to_str().unwrap()]);
+        }
+        let out = run(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(
+            stderr.contains("the released checkpoints' names")
+                && stderr.contains("tokenformer import"),
+            "{command}: {stderr}"
+        );
+    }
+}
