@@ -20,7 +20,7 @@ use tokenformer_models::experiment::{
 };
 use tokenformer_models::files::{bytes_text, open_regular, read_open, read_regular};
 use tokenformer_models::generate::{generate, SampleOptions};
-use tokenformer_models::growth::{grow_checkpoint, GrowSpec, GrowthPoint, LayerPlacement};
+use tokenformer_models::growth::{grow_checkpoint, GrowSpec, GrowthPoint, LayerPlacement, TauRule};
 use tokenformer_models::import::{import_checkpoint, ImportOptions, RELEASED};
 use tokenformer_models::memory;
 use tokenformer_models::progress::{thousands, Progress};
@@ -247,9 +247,14 @@ struct GrowArgs {
     /// Grow to this preset (it may differ only in token counts and depth)
     #[arg(long, conflicts_with_all = ["qkv", "proj", "ffn", "layers"])]
     to_preset: Option<String>,
-    /// exact (zero keys: outputs unchanged) or random (the paper's: outputs change)
+    /// exact (zero keys: outputs unchanged) or random (new keys and values from the init:
+    /// outputs change)
     #[arg(long, default_value = "exact")]
     init: String,
+    /// frozen (τ = √n₀ of creation: exact growth) or current (τ = √n of the grown layers, and
+    /// the optimizer restarts: the official recipe with --init random; outputs change)
+    #[arg(long, default_value = "frozen")]
+    tau: String,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// cpu or cuda: where the tokens are appended (the result is the same on either)
@@ -617,11 +622,13 @@ fn grow(a: GrowArgs) -> Result<()> {
     let init: GrowInit = a.init.parse().map_err(|e| Error::invalid(format!("--init: {e}")))?;
     let layer_at: LayerPlacement =
         a.layer_at.parse().map_err(|e| Error::invalid(format!("--layer-at: {e}")))?;
+    let tau: TauRule = a.tau.parse().map_err(|e| Error::invalid(format!("--tau: {e}")))?;
     let spec = match &a.to_preset {
         Some(name) => {
             let from = load_model(&a.checkpoint, Device::Cpu)?.config;
-            GrowSpec::to_preset(&from, name, layer_at, init, a.seed)
-                .map_err(|e| Error::invalid(format!("grow: {}: {e}", a.checkpoint.display())))?
+            let spec = GrowSpec::to_preset(&from, name, layer_at, init, a.seed)
+                .map_err(|e| Error::invalid(format!("grow: {}: {e}", a.checkpoint.display())))?;
+            GrowSpec { tau, ..spec }
         }
         None => GrowSpec {
             qkv: a.qkv,
@@ -631,6 +638,7 @@ fn grow(a: GrowArgs) -> Result<()> {
             layer_at,
             init,
             seed: a.seed,
+            tau,
         },
     };
     // Held through the grow (grow_checkpoint takes it again, reentrantly).
@@ -656,6 +664,15 @@ fn grow(a: GrowArgs) -> Result<()> {
     );
     if report.preserves_outputs {
         println!("exact growth: the grown model computes the same outputs as the original");
+    } else if report.changed_tau {
+        let taus: Vec<String> = TokenGroup::ALL
+            .iter()
+            .map(|g| format!("{} √{}", g.name(), g.counts(&report.to).1))
+            .collect();
+        println!(
+            "τ follows the token count ({}): the model's outputs change (not output-preserving)",
+            taus.join(", ")
+        );
     } else if init == GrowInit::Random {
         println!(
             "random init: the new parameters change the model's outputs (not output-preserving)"
@@ -664,11 +681,10 @@ fn grow(a: GrowArgs) -> Result<()> {
         println!("the softmax normalisation cannot grow in width exactly: the model's outputs change (not output-preserving)");
     }
     if report.had_optimizer {
-        match init {
-            GrowInit::Exact => {
-                println!("optimizer moments extended with zeros for the new tokens and layers")
-            }
-            GrowInit::Random => println!("optimizer moments reset to zero"),
+        if spec.restarts_optimizer() {
+            println!("optimizer moments reset to zero");
+        } else {
+            println!("optimizer moments extended with zeros for the new tokens and layers");
         }
     }
     Ok(())

@@ -72,6 +72,15 @@ impl TokenGroup {
             TokenGroup::Ffn => &mut config.ffn_tokens,
         }
     }
+
+    /// n₀ of the group in `config` (τ = √n₀), to change.
+    pub fn scale_tokens_mut(self, config: &mut ModelConfig) -> &mut usize {
+        match self {
+            TokenGroup::Qkv => &mut config.qkv_scale_tokens,
+            TokenGroup::Proj => &mut config.proj_scale_tokens,
+            TokenGroup::Ffn => &mut config.ffn_scale_tokens,
+        }
+    }
 }
 
 /// One of a layer's five projections: its name under `layers.{i}.` in a checkpoint (SPEC §6),
