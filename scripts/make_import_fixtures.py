@@ -14,6 +14,7 @@ model is built as the official code names its parameters (`sequential.0.word_emb
   bf16.safetensors                          the state_dict in bfloat16, safetensors format
   tokens.txt                                token ids to evaluate
   expected.json                             config flags, and the reference loss of each file
+                                            (the mean, and at every position)
 
 The reference loss is computed from the values as stored (float16 and bfloat16 widen exactly).
 """
@@ -119,8 +120,9 @@ def reference_loss(state_dict, ids):
     config = dict(CONFIG, qkv_scale_tokens=CONFIG["qkv_tokens"], proj_scale_tokens=CONFIG["proj_tokens"],
                   ffn_scale_tokens=CONFIG["ffn_tokens"], norm="l2_norm_gelu", rotary_pct=0.25,
                   rotary_base=10000.0, tokenizer="byte")
-    loss, tokens = reference.evaluate(reference.Model(config, params), ids)
-    return {"loss": loss, "tokens": tokens}
+    model = reference.Model(config, params)
+    loss, tokens = reference.evaluate(model, ids)
+    return {"loss": loss, "tokens": tokens, "losses": reference.per_position(model, ids)}
 
 
 def write_safetensors(path, state_dict):

@@ -14,11 +14,13 @@ use tokenformer_models::checkpoint::{
 };
 use tokenformer_models::config::TokenGroup;
 use tokenformer_models::data::{StreamDecoder, Tokenizer};
-use tokenformer_models::evaluate::{evaluate_tokens, parse_token_ids};
+use tokenformer_models::evaluate::{
+    evaluate_tokens, evaluate_tokens_per_position, parse_token_ids,
+};
 use tokenformer_models::experiment::{
     default_experiment_dir, results_table, run_growth_experiment, ExperimentControl, Plan, Scale,
 };
-use tokenformer_models::files::{bytes_text, open_regular, read_open, read_regular};
+use tokenformer_models::files::{bytes_text, open_regular, read_open, read_regular, replace_file};
 use tokenformer_models::generate::{generate, SampleOptions};
 use tokenformer_models::growth::{grow_checkpoint, GrowSpec, GrowthPoint, LayerPlacement, TauRule};
 use tokenformer_models::import::{import_checkpoint, ImportOptions, RELEASED};
@@ -328,6 +330,10 @@ struct EvalArgs {
     /// Print one JSON object: {"loss": ..., "tokens": ...}
     #[arg(long)]
     json: bool,
+    /// Also write the loss at every predicted position to FILE (.json or .safetensors; a new
+    /// file), to compare with another implementation token by token
+    #[arg(long, value_name = "FILE")]
+    per_token: Option<PathBuf>,
     #[arg(long, default_value = "cpu")]
     device: String,
 }
@@ -825,6 +831,15 @@ fn read_config_file(path: &Path) -> Result<ModelConfig> {
 }
 
 fn eval(a: EvalArgs) -> Result<()> {
+    if let Some(path) = &a.per_token {
+        per_token_format(path)?;
+        if path.exists() || path.is_symlink() {
+            return Err(Error::invalid(format!(
+                "--per-token: {} exists; name a new file (nothing is overwritten)",
+                path.display()
+            )));
+        }
+    }
     let model = load_model(&a.checkpoint, parse_device(&a.device)?)?;
     let (file, len) = open_regular(&a.tokens)?;
     // The text, then up to one id (4 bytes) per two bytes of it.
@@ -839,8 +854,15 @@ fn eval(a: EvalArgs) -> Result<()> {
     // A bar on stderr (hidden when stderr is not a terminal), so `--json` stdout stays one line.
     let windows = ids.len().div_ceil(model.config.max_seq_len) as u64;
     let bar = Progress::new(windows, 0);
-    let result = evaluate_tokens(&model, &ids, |done, _| bar.set_position(done as u64))?;
+    let progress = |done: usize, _| bar.set_position(done as u64);
+    let result = match &a.per_token {
+        Some(_) => evaluate_tokens_per_position(&model, &ids, progress)?,
+        None => evaluate_tokens(&model, &ids, progress)?,
+    };
     bar.clear();
+    if let (Some(path), Some(losses)) = (&a.per_token, &result.per_position) {
+        write_per_token(path, &ids[1..], losses, result.loss)?;
+    }
     let loss = result.loss as f32;
     if a.json {
         println!("{}", serde_json::json!({ "loss": loss, "tokens": result.tokens }));
@@ -852,6 +874,52 @@ fn eval(a: EvalArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Whether `--per-token FILE` asks for JSON (`true`) or safetensors (`false`).
+fn per_token_format(path: &Path) -> Result<bool> {
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("json") => Ok(true),
+        Some("safetensors") => Ok(false),
+        _ => Err(Error::invalid(format!(
+            "--per-token: {} must end in .json or .safetensors",
+            path.display()
+        ))),
+    }
+}
+
+/// The per-position losses of `eval --per-token`: `targets[i]` is the id predicted at position
+/// i (the stream's id i + 1) and `losses[i]` its loss. JSON: `{"loss", "tokens", "targets",
+/// "losses"}`; safetensors: F32 tensors `targets` and `losses`, both [N] (ids up to 2²⁴ are
+/// exact in f32).
+fn write_per_token(path: &Path, targets: &[u32], losses: &[f32], mean: f64) -> Result<()> {
+    let bytes = if per_token_format(path)? {
+        let json = serde_json::json!({
+            "loss": mean,
+            "tokens": losses.len(),
+            "targets": targets,
+            "losses": losses,
+        });
+        let mut text = json.to_string();
+        text.push('\n');
+        text.into_bytes()
+    } else {
+        let n = losses.len();
+        let ids: Vec<f32> = targets.iter().map(|&t| t as f32).collect();
+        let tensors = vec![
+            ("targets".to_string(), tokenformer_core::Tensor::from_vec(ids, &[n])?),
+            ("losses".to_string(), tokenformer_core::Tensor::from_vec(losses.to_vec(), &[n])?),
+        ];
+        tokenformer_core::safetensors_io::write_safetensors(Vec::new(), path, &tensors)?
+    };
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let name = path.file_name().and_then(|n| n.to_str()).ok_or_else(|| {
+        Error::invalid(format!("--per-token: {} is not a file name", path.display()))
+    })?;
+    replace_file(dir, name, &bytes)
 }
 
 /// The `--profile` table: milliseconds per step for each op, forward and backward.

@@ -432,3 +432,70 @@ fn a_checkpoint_directory_holding_released_names_says_to_import_it() {
         );
     }
 }
+
+#[test]
+fn per_token_losses_match_the_reference_position_by_position() {
+    let scratch = Scratch::new("per-token");
+    let expected = expected();
+    let out = scratch.path("imported");
+    let out_s = out.to_str().unwrap();
+    let src = fixtures().join("fp32/pytorch_model.bin");
+    ok(&["import", src.to_str().unwrap(), "--out", out_s, "--heads", "4", "--max-seq-len", "16"]);
+    let tokens = fixtures().join("tokens.txt");
+    let tokens_s = tokens.to_str().unwrap();
+    let ids: Vec<u32> = std::fs::read_to_string(&tokens)
+        .unwrap()
+        .split_whitespace()
+        .map(|s| s.parse().unwrap())
+        .collect();
+    let want: Vec<f64> = expected["fp32"]["losses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    assert_eq!(want.len(), ids.len() - 1);
+
+    let json_file = scratch.path("losses.json");
+    let json_s = json_file.to_str().unwrap();
+    let printed =
+        ok(&["eval", "--checkpoint", out_s, "--tokens", tokens_s, "--json", "--per-token", json_s]);
+    let printed: serde_json::Value = serde_json::from_str(printed.trim()).unwrap();
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json_file).unwrap()).unwrap();
+    let targets: Vec<u32> =
+        written["targets"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+    assert_eq!(targets, ids[1..]);
+    let losses: Vec<f64> =
+        written["losses"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+    for (i, (got, want)) in losses.iter().zip(&want).enumerate() {
+        assert!(
+            (got - want).abs() <= TOLERANCE * want.abs().max(1.0),
+            "position {i}: {got} vs {want}"
+        );
+    }
+    // The mean is eval's own, to the bit, and the mean of the positions up to rounding.
+    assert_eq!(written["loss"].as_f64().unwrap() as f32, printed["loss"].as_f64().unwrap() as f32);
+    let mean = losses.iter().sum::<f64>() / losses.len() as f64;
+    assert!((mean - printed["loss"].as_f64().unwrap()).abs() < 1e-5 * mean);
+
+    // The same numbers as safetensors.
+    let st = scratch.path("losses.safetensors");
+    ok(&["eval", "--checkpoint", out_s, "--tokens", tokens_s, "--per-token", st.to_str().unwrap()]);
+    let tensors = tokenformer_core::safetensors_io::load_safetensors(&st).unwrap();
+    let get = |name: &str| tensors.iter().find(|(n, _)| n == name).unwrap().1.to_vec().unwrap();
+    assert_eq!(get("losses"), losses.iter().map(|&x| x as f32).collect::<Vec<_>>());
+    assert_eq!(get("targets"), ids[1..].iter().map(|&x| x as f32).collect::<Vec<_>>());
+
+    // An existing file is never overwritten, and the format comes from the name.
+    for (file, say) in
+        [(json_s, "exists; name a new file"), ("losses.txt", "must end in .json or .safetensors")]
+    {
+        let before = std::fs::read(&json_file).unwrap();
+        let output =
+            run(&["eval", "--checkpoint", out_s, "--tokens", tokens_s, "--per-token", file]);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success() && stderr.contains(say), "{stderr}");
+        assert_eq!(std::fs::read(&json_file).unwrap(), before);
+    }
+}
