@@ -11,6 +11,10 @@ model is built as the official code names its parameters (`sequential.0.word_emb
   fp32/pytorch_model.bin                    the state_dict in float32, as the released files
   fp16-deepspeed/mp_rank_00_model_states.pt  the state_dict in float16 under 'module', with the
                                             other entries a DeepSpeed checkpoint carries
+  bf16-pipeline/                            the state_dict in bfloat16 as a pipeline-parallel
+                                            DeepSpeed run saves it: 'module': None in
+                                            mp_rank_00_model_states.pt, one
+                                            layer_NN-model_00-model_states.pt per module
   bf16.safetensors                          the state_dict in bfloat16, safetensors format
   tokens.txt                                token ids to evaluate
   expected.json                             config flags, and the reference loss of each file
@@ -181,6 +185,15 @@ def main():
 
     bf16 = collections.OrderedDict((k, v.to(torch.bfloat16)) for k, v in fp32.items())
     write_safetensors(os.path.join(out, "bf16.safetensors"), bf16)
+
+    pipeline = os.path.join(out, "bf16-pipeline")
+    os.makedirs(pipeline, exist_ok=True)
+    torch.save({"module": None, "iteration": 3, "ds_version": "0.12.4"},
+               os.path.join(pipeline, "mp_rank_00_model_states.pt"))
+    for index, module in enumerate(build().to(torch.bfloat16).sequential):
+        layer = module.state_dict()
+        if len(layer) > 0:
+            torch.save(layer, os.path.join(pipeline, f"layer_{index:02d}-model_00-model_states.pt"))
 
     with open(os.path.join(out, "tokens.txt"), "w") as f:
         f.write(" ".join(str(i) for i in ids) + "\n")

@@ -1,6 +1,7 @@
 //! `tokenformer import` end to end: the fixtures of scripts/make_import_fixtures.py (a small
 //! model saved as the released checkpoints are: float32 plain, float16 inside DeepSpeed's
-//! `{'module': …}`, bfloat16 safetensors) evaluate to the float64 reference's loss, and hostile
+//! `{'module': …}`, bfloat16 as a pipeline-parallel DeepSpeed run's per-layer files and as
+//! safetensors) evaluate to the float64 reference's loss, and hostile
 //! or damaged archives, crafted here byte by byte, are each refused in one line with nothing
 //! written and nothing executed.
 
@@ -86,6 +87,7 @@ fn imported_fixtures_evaluate_to_the_float64_reference() {
         ("fp16-deepspeed", "fp16", "float16"),
         ("fp16-deepspeed/mp_rank_00_model_states.pt", "fp16", "float16"),
         ("bf16.safetensors", "bf16", "bfloat16"),
+        ("bf16-pipeline", "bf16", "bfloat16"),
     ];
     for (i, (src, key, dtype)) in cases.into_iter().enumerate() {
         let src = fixtures().join(src);
