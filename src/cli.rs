@@ -172,6 +172,10 @@ struct TrainArgs {
     /// Continue the run in this directory with its own settings
     #[arg(long)]
     resume: Option<PathBuf>,
+    /// Start from the weights of this checkpoint (an imported or trained model; its config
+    /// and tokenizer) instead of a fresh init: fine-tuning, with a new optimizer and schedule
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["resume", "preset", "arch", "d_ff"], requires = "out")]
+    init_from: Option<PathBuf>,
     /// Start again in an --out directory whose run stopped before its first checkpoint
     #[arg(long, conflicts_with = "resume")]
     overwrite: bool,
@@ -521,6 +525,18 @@ fn train(a: TrainArgs) -> Result<()> {
         None => {
             let mut settings = TrainSettings::default();
             apply_train_flags(&a, &mut settings, None)?;
+            if let Some(from) = &a.init_from {
+                // The model is the checkpoint's; the tokenizer too, unless --tokenizer says
+                // otherwise (then the vocabularies must agree).
+                let config = inspect_checkpoint(from)?.config;
+                settings.arch = config.arch;
+                settings.d_ff = (config.arch == Arch::Transformer).then_some(config.d_ff);
+                if a.tokenizer.is_none() {
+                    settings.tokenizer = config.tokenizer.clone();
+                }
+                settings.model = Some(config);
+                settings.init_from = Some(from.clone());
+            }
             let dir = a.out.clone().unwrap_or_else(|| default_run_dir(&settings));
             // Held until the run has started (train_new takes it again, reentrantly).
             let mut _lock = None;

@@ -501,3 +501,41 @@ fn per_token_losses_match_the_reference_position_by_position() {
         assert_eq!(std::fs::read(&json_file).unwrap(), before);
     }
 }
+
+#[test]
+fn an_imported_model_is_fine_tuned_with_train_init_from() {
+    let scratch = Scratch::new("init-from");
+    let imported = scratch.path("imported");
+    let src = fixtures().join("fp32/pytorch_model.bin");
+    let (src, imported_s) = (src.to_str().unwrap(), imported.to_str().unwrap());
+    ok(&["import", src, "--out", imported_s, "--heads", "4", "--max-seq-len", "16"]);
+    let run_dir = scratch.path("finetune");
+    let run_s = run_dir.to_str().unwrap();
+    // A learning rate too small to move any weight: the run's checkpoint must then hold the
+    // imported weights themselves, which shows where it started (a fresh init would not).
+    let common = ["--batch", "2", "--seq", "16", "--eval-every", "1", "--sample-tokens", "0"];
+    let mut args = vec!["train", "--init-from", imported_s, "--out", run_s, "--steps", "1"];
+    args.extend(["--lr", "1e-30", "--min-lr", "0"]);
+    args.extend(common);
+    ok(&args);
+    let start = tokenformer_models::checkpoint::load_checkpoint(&imported).unwrap();
+    let tuned = tokenformer_models::checkpoint::load_checkpoint(&run_dir).unwrap();
+    assert_eq!(start.config, tuned.config);
+    for ((n, a), (m, b)) in start.params.iter().zip(&tuned.params) {
+        assert_eq!((n, a.to_vec().unwrap()), (m, b.to_vec().unwrap()));
+    }
+    // A run like any other: it has its optimizer and train state, and says where it began.
+    assert!(tuned.optimizer.is_some());
+    let state = tuned.train_state.unwrap();
+    assert_eq!(state["settings"]["init_from"], imported_s);
+    // A model whose vocabulary the tokenizer does not give is refused in one line.
+    let other = scratch.path("other");
+    let mut args = vec!["train", "--init-from", imported_s, "--out", other.to_str().unwrap()];
+    args.extend(["--tokenizer", "gpt2"]);
+    args.extend(common);
+    let out = run(&args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("differs from the checkpoint's"), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(!other.exists());
+}
