@@ -401,6 +401,7 @@ fn hostile_and_damaged_archives_are_refused_in_one_line_with_nothing_written() {
         std::fs::write(&src, bytes).unwrap();
         let line = refused(&src, &scratch.path(&format!("{name}-out")), expect);
         assert!(line.contains(src.to_str().unwrap()), "{name}: the file is not named: {line}");
+        println!("{name}: {}", line.trim_end());
     }
     assert!(!Path::new("/tmp/pwned").exists());
 }

@@ -183,11 +183,23 @@ pub const PICKLE_LIMIT: u64 = 64 << 20;
 const STACK_LIMIT: usize = 1 << 20;
 const MEMO_LIMIT: usize = 1 << 22;
 const DIMS_LIMIT: usize = 64;
+/// Elements copied when a container shared with the memo is changed (copy on write). A
+/// state_dict costs none; a pickle that alternates PUT and SETITEM on one large dict would
+/// otherwise cost time quadratic in its length.
+const COPY_LIMIT: usize = 1 << 24;
 
 /// Runs the pickle `bytes` (from `path`, for messages) and returns the value it leaves.
 pub fn load(path: &Path, bytes: &[u8]) -> Result<Value> {
-    Machine { path, bytes, pos: 0, stack: Vec::new(), marks: Vec::new(), memo: HashMap::new() }
-        .run()
+    Machine {
+        path,
+        bytes,
+        pos: 0,
+        stack: Vec::new(),
+        marks: Vec::new(),
+        memo: HashMap::new(),
+        copied: 0,
+    }
+    .run()
 }
 
 struct Machine<'a> {
@@ -198,6 +210,8 @@ struct Machine<'a> {
     /// Stack heights at each MARK.
     marks: Vec<usize>,
     memo: HashMap<u32, Value>,
+    /// Elements copied on write so far (see `COPY_LIMIT`).
+    copied: usize,
 }
 
 impl Machine<'_> {
@@ -513,7 +527,26 @@ impl Machine<'_> {
         }
     }
 
+    /// Counts the elements `Rc::make_mut` is about to copy when `len` elements are shared.
+    fn copy_on_write(&mut self, shared: bool, len: usize) -> Result<()> {
+        if shared {
+            self.copied += len;
+            if self.copied > COPY_LIMIT {
+                return Err(self.err(format!(
+                    "more than {COPY_LIMIT} elements copied while building containers; not a \
+                     state_dict's pickle"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     fn append(&mut self, items: Vec<Value>) -> Result<()> {
+        let (shared, len) = match self.top()? {
+            Value::List(list) => (Rc::strong_count(list) > 1, list.len()),
+            _ => (false, 0),
+        };
+        self.copy_on_write(shared, len)?;
         match self.top()? {
             Value::List(list) => {
                 Rc::make_mut(list).extend(items);
@@ -532,6 +565,11 @@ impl Machine<'_> {
         if !items.len().is_multiple_of(2) {
             return Err(self.err("SETITEMS with a key and no value"));
         }
+        let (shared, len) = match self.top()? {
+            Value::Dict(dict) => (Rc::strong_count(dict) > 1, dict.len()),
+            _ => (false, 0),
+        };
+        self.copy_on_write(shared, len)?;
         let Value::Dict(dict) = self.top()? else {
             return Err(self.err("SETITEMS on something that is not a dict"));
         };
@@ -723,5 +761,51 @@ fn opcode_name(op: u8) -> &'static str {
         0x97 => "NEXT_BUFFER",
         0x98 => "READONLY_BUFFER",
         _ => "unknown",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(bytes: &[u8]) -> Result<Value> {
+        load(Path::new("test.pkl"), bytes)
+    }
+
+    #[test]
+    fn a_dict_changed_after_every_memo_put_is_stopped_by_the_copy_budget() {
+        // {} PUT 0, then 2·10⁴ times: key value SETITEM PUT 0. Each SETITEM copies the whole
+        // dict (the memo shares it): ~2·10⁸ copies in all, past the budget.
+        let mut p = vec![0x80, 2, b'}', b'q', 0];
+        for i in 0..20_000u32 {
+            p.push(b'J');
+            p.extend_from_slice(&i.to_le_bytes());
+            p.push(b'N');
+            p.extend_from_slice(&[b's', b'q', 0]);
+        }
+        p.push(b'.');
+        let e = run(&p).unwrap_err().to_string();
+        assert!(e.contains("elements copied"), "{e}");
+        // The same dict filled without memo puts in between is read in full.
+        let mut p = vec![0x80, 2, b'}', b'q', 0, b'('];
+        for i in 0..20_000u32 {
+            p.push(b'J');
+            p.extend_from_slice(&i.to_le_bytes());
+            p.push(b'N');
+        }
+        p.extend_from_slice(b"u.");
+        let Value::Dict(d) = run(&p).unwrap() else { panic!("not a dict") };
+        assert_eq!(d.len(), 20_000);
+    }
+
+    #[test]
+    fn memo_fetches_share_instead_of_copying() {
+        // A tuple of itself, 60 times over: 2⁶⁰ leaves if copied, two pointers each if shared.
+        let mut p = vec![0x80, 2, b')', b'q', 0];
+        for _ in 0..60 {
+            p.extend_from_slice(&[b'h', 0, b'h', 0, 0x86, b'q', 0]);
+        }
+        p.push(b'.');
+        assert!(matches!(run(&p).unwrap(), Value::Tuple(_)));
     }
 }
