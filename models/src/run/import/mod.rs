@@ -433,10 +433,11 @@ impl Source {
         let (path, bytes) = &self.files[t.file];
         let size = t.dtype.size() as usize;
         let numel: usize = t.dims.iter().product();
-        let mut values = Vec::with_capacity(numel);
+        let mut values: Vec<f32> = Vec::with_capacity(numel);
         match &t.place {
             Place::Contiguous(range) => {
-                values.extend(bytes[range.clone()].chunks_exact(size).map(|b| decode(t.dtype, b)));
+                let chunks = bytes[range.clone()].chunks_exact(size);
+                values.extend(chunks.map(|b| decode(t.dtype, b) as f32));
             }
             Place::Storage { bytes: range, offset, strides } => {
                 let entry = &bytes[range.clone()];
@@ -445,7 +446,7 @@ impl Source {
                     let flat = offset
                         + index.iter().zip(strides).map(|(&i, &s)| i as u64 * s).sum::<u64>();
                     let at = flat as usize * size;
-                    values.push(decode(t.dtype, &entry[at..at + size]));
+                    values.push(decode(t.dtype, &entry[at..at + size]) as f32);
                     // The next multi-index in row-major order.
                     for axis in (0..index.len()).rev() {
                         index[axis] += 1;
@@ -457,22 +458,18 @@ impl Source {
                 }
             }
         }
-        let mut out = Vec::with_capacity(numel);
-        for (i, &x) in values.iter().enumerate() {
-            let y = x as f32;
-            if !y.is_finite() {
-                return Err(Error::format(
-                    path.display(),
-                    format!(
-                        "tensor '{}' holds a non-finite value ({x} at flat index {i} of {numel}); \
-                         a model with it computes nothing useful",
-                        t.name
-                    ),
-                ));
-            }
-            out.push(y);
+        // An f64 beyond f32's range has become an infinity, and is refused with the others.
+        if let Some((i, x)) = values.iter().enumerate().find(|(_, x)| !x.is_finite()) {
+            return Err(Error::format(
+                path.display(),
+                format!(
+                    "tensor '{}' holds a non-finite value ({x} at flat index {i} of {numel}); a \
+                     model with it computes nothing useful",
+                    t.name
+                ),
+            ));
         }
-        Tensor::from_vec(out, &t.dims)
+        Tensor::from_vec(values, &t.dims)
     }
 }
 
