@@ -571,3 +571,60 @@ fn an_imported_model_is_fine_tuned_with_train_init_from() {
     assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
     assert!(!other.exists());
 }
+
+#[test]
+fn flags_and_a_config_file_set_what_the_shapes_cannot() {
+    let scratch = Scratch::new("config");
+    let src = fixtures().join("fp32/pytorch_model.bin");
+    let src = src.to_str().unwrap();
+    let config_of = |dir: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap()
+    };
+    let flagged = scratch.path("flagged");
+    let mut args = vec!["import", src, "--out", flagged.to_str().unwrap(), "--heads", "2"];
+    args.extend(["--max-seq-len", "12", "--norm", "gelu_l2_norm", "--tokenizer", "neox"]);
+    ok(&args);
+    let c = config_of(&flagged);
+    assert_eq!((c["n_heads"].as_u64(), c["max_seq_len"].as_u64()), (Some(2), Some(12)));
+    assert_eq!((c["norm"].as_str(), c["tokenizer"].as_str()), (Some("gelu_l2_norm"), Some("neox")));
+
+    // --config gives every setting; the flags still override it.
+    let mut given = c.clone();
+    given["n_heads"] = 1.into();
+    given["rotary_pct"] = 0.5.into();
+    let file = scratch.path("given.json");
+    std::fs::write(&file, serde_json::to_string_pretty(&given).unwrap()).unwrap();
+    let from_file = scratch.path("from-file");
+    let mut args = vec!["import", src, "--out", from_file.to_str().unwrap()];
+    args.extend(["--config", file.to_str().unwrap(), "--max-seq-len", "9"]);
+    ok(&args);
+    let c = config_of(&from_file);
+    assert_eq!((c["n_heads"].as_u64(), c["rotary_pct"].as_f64()), (Some(1), Some(0.5)));
+    assert_eq!(c["max_seq_len"].as_u64(), Some(9));
+
+    // A config whose shapes are not the tensors' is refused, as is an invalid head count.
+    given["ffn_tokens"] = 41.into();
+    std::fs::write(&file, serde_json::to_string_pretty(&given).unwrap()).unwrap();
+    let out = scratch.path("refused");
+    let mut args = vec!["import", src, "--out", out.to_str().unwrap()];
+    args.extend(["--config", file.to_str().unwrap()]);
+    let output = run(&args);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("but the tensors have L 2, d 32, V 256, qkv 24, proj 20, ffn 40"),
+        "{stderr}"
+    );
+    let output = run(&[
+        "import",
+        src,
+        "--out",
+        out.to_str().unwrap(),
+        "--heads",
+        "5",
+        "--max-seq-len",
+        "16",
+    ]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success() && stderr.contains("n_heads"), "{stderr}");
+    assert!(!out.exists());
+}
