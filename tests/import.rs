@@ -628,3 +628,18 @@ fn flags_and_a_config_file_set_what_the_shapes_cannot() {
     assert!(!output.status.success() && stderr.contains("n_heads"), "{stderr}");
     assert!(!out.exists());
 }
+
+#[test]
+fn info_names_the_released_config_a_model_is() {
+    for (preset, count, what) in [
+        ("150M", "151,881,216", "the released TokenFormer 150M trained on the Pile"),
+        ("354M", "353,503,232", "the released 354M OpenWebText2 base"),
+        ("757M", "756,156,416", "the released 757M incremental-scaling model"),
+    ] {
+        let said = ok(&["info", "--preset", preset]);
+        assert!(said.contains(&format!("preset: {preset} ({what}")), "{said}");
+        assert!(said.contains(count) && said.contains("\"tokenizer\": \"neox\""), "{said}");
+    }
+    let said = ok(&["info", "--preset", "owt-354M"]);
+    assert!(!said.contains("released") && said.contains("\"tokenizer\": \"gpt2\""), "{said}");
+}
