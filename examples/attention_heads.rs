@@ -27,6 +27,7 @@
 mod common;
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
@@ -141,8 +142,12 @@ fn describe_head(probs: &[f32], t: usize, head: usize) -> String {
     )
 }
 
-fn main() -> Result<()> {
-    let args = Args::parse();
+fn main() -> ExitCode {
+    common::exit_code(run(Args::parse()))
+}
+
+fn run(args: Args) -> Result<()> {
+    common::check_count("tokens", args.tokens, 1..=usize::MAX)?;
     let started = Instant::now();
     let steps = if args.quick { args.steps.min(3) } else { args.steps };
     let corpus = Corpus::tiny_shakespeare()?;

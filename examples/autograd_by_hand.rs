@@ -11,6 +11,7 @@
 //! cargo run --release --example autograd_by_hand
 //! ```
 
+use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 
 use clap::Parser;
@@ -237,8 +238,18 @@ fn micrograd() -> Result<()> {
     Ok(())
 }
 
-fn main() -> Result<()> {
-    let _ = Args::parse();
+/// An error is one line, `error: …`, and exit status 1, as the `tokenformer` command does.
+fn main() -> ExitCode {
+    match run(Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(_args: Args) -> Result<()> {
     neuron()?;
     micrograd()
 }

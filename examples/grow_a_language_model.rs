@@ -18,6 +18,7 @@
 mod common;
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
@@ -116,8 +117,14 @@ fn train_phase(
     Ok(())
 }
 
-fn main() -> Result<()> {
-    let args = Args::parse();
+fn main() -> ExitCode {
+    common::exit_code(run(Args::parse()))
+}
+
+fn run(args: Args) -> Result<()> {
+    for (flag, tokens) in [("qkv", args.qkv), ("proj", args.proj), ("ffn", args.ffn)] {
+        common::check_count(flag, tokens, 0..=4096)?;
+    }
     let started = Instant::now();
     let (before_steps, after_steps, sample_len, windows) = if args.quick {
         (args.steps_before.min(3), args.steps_after.min(3), 16, 2)

@@ -25,6 +25,7 @@
 mod common;
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Parser, ValueEnum};
@@ -145,8 +146,13 @@ impl Learner {
     }
 }
 
-fn main() -> Result<()> {
-    let args = Args::parse();
+fn main() -> ExitCode {
+    common::exit_code(run(Args::parse()))
+}
+
+fn run(args: Args) -> Result<()> {
+    common::check_count("tokens", args.tokens, 1..=4095)?;
+    common::check_count("steps", args.steps, 1..=usize::MAX)?;
     let started = Instant::now();
     let steps = if args.quick { args.steps.min(40) } else { args.steps };
     if args.grow_to <= args.tokens {
@@ -154,6 +160,7 @@ fn main() -> Result<()> {
             format!("--grow-to {} must exceed --tokens {}", args.grow_to, args.tokens).into()
         );
     }
+    common::check_count("grow-to", args.grow_to, 2..=4096)?;
     let init = match args.init {
         Init::Exact => GrowInit::Exact,
         Init::Random => GrowInit::Random,

@@ -15,6 +15,7 @@
 mod common;
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Parser, ValueEnum};
@@ -140,8 +141,13 @@ fn accuracy(logits: &Tensor, labels: &[f32]) -> Result<f64> {
     Ok(right.count() as f64 / labels.len() as f64)
 }
 
-fn main() -> Result<()> {
-    let args = Args::parse();
+fn main() -> ExitCode {
+    common::exit_code(run(Args::parse()))
+}
+
+fn run(args: Args) -> Result<()> {
+    common::check_count("hidden", args.hidden, 1..=4096)?;
+    common::check_count("steps", args.steps, 1..=usize::MAX)?;
     let started = Instant::now();
     let (steps, grid) = if args.quick { (args.steps.min(60), 40) } else { (args.steps, 200) };
     let mut rng = Rng::new(args.seed);

@@ -424,10 +424,44 @@ fn default_run_dir(settings: &TrainSettings) -> PathBuf {
         .expect("unbounded")
 }
 
+/// A setting as a message shows it: the way it is written on the command line.
+trait Shown {
+    fn shown(&self) -> String;
+}
+
+macro_rules! shown_as_displayed {
+    ($($t:ty),*) => {$(
+        impl Shown for $t {
+            fn shown(&self) -> String {
+                self.to_string()
+            }
+        }
+    )*};
+}
+shown_as_displayed!(String, u64, usize, f32, Arch, tokenformer_models::train::StageLr);
+
+impl Shown for Option<usize> {
+    fn shown(&self) -> String {
+        self.map_or_else(|| "(default)".into(), |n| n.to_string())
+    }
+}
+
+impl Shown for Vec<PathBuf> {
+    fn shown(&self) -> String {
+        self.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" ")
+    }
+}
+
+impl Shown for Vec<GrowthPoint> {
+    fn shown(&self) -> String {
+        self.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(" ")
+    }
+}
+
 /// Overlays the flags on `base`; with `check`, a flag that differs from `base` is an error
 /// instead (a resumed run keeps every setting it started with).
 fn apply_train_flags(a: &TrainArgs, base: &mut TrainSettings, check: Option<&Path>) -> Result<()> {
-    fn set<T: PartialEq + std::fmt::Debug + Clone>(
+    fn set<T: PartialEq + Shown + Clone>(
         flag: &str,
         given: Option<T>,
         slot: &mut T,
@@ -436,9 +470,10 @@ fn apply_train_flags(a: &TrainArgs, base: &mut TrainSettings, check: Option<&Pat
         let Some(v) = given else { return Ok(()) };
         match check {
             Some(dir) if *slot != v => Err(Error::invalid(format!(
-                "--{flag} {v:?} contradicts the run in {} ({flag} {:?}); a resumed run keeps its settings",
+                "--{flag} {} contradicts the run in {} ({flag} {}); a resumed run keeps its settings",
+                v.shown(),
                 dir.display(),
-                slot
+                slot.shown()
             ))),
             _ => {
                 *slot = v;
@@ -451,9 +486,11 @@ fn apply_train_flags(a: &TrainArgs, base: &mut TrainSettings, check: Option<&Pat
     set("arch", arch, &mut base.arch, check)?;
     let d_ff = a.arch.d_ff(base.arch, &ModelConfig::preset(&base.preset)?)?;
     set("d-ff", d_ff.map(Some), &mut base.d_ff, check)?;
-    let data = (!a.data.is_empty()).then(|| a.data.clone());
+    // Absolute, as a run stores them: the same files whatever directory a resume runs from.
+    use tokenformer_models::train::absolute_paths;
+    let data = (!a.data.is_empty()).then(|| absolute_paths(&a.data)).transpose()?;
     set("data", data, &mut base.data, check)?;
-    let val_data = (!a.val_data.is_empty()).then(|| a.val_data.clone());
+    let val_data = (!a.val_data.is_empty()).then(|| absolute_paths(&a.val_data)).transpose()?;
     set("val-data", val_data, &mut base.val_data, check)?;
     set("tokenizer", a.tokenizer.clone(), &mut base.tokenizer, check)?;
     set("steps", a.steps, &mut base.steps, check)?;
@@ -775,6 +812,8 @@ fn info(a: InfoArgs) -> Result<()> {
         }
         (None, None) => return Err(Error::invalid("give --preset NAME or --checkpoint DIR")),
     };
+    // The counts below are computed from the flags: refuse what they cannot count.
+    config.validate()?;
     let json = serde_json::to_string_pretty(&config).map_err(|e| Error::invalid(e.to_string()))?;
     println!("{json}");
     let preset = ModelConfig::preset_names()
@@ -1049,7 +1088,10 @@ fn growth_experiment(a: GrowthExperimentArgs) -> Result<()> {
     let control = ExperimentControl::default();
     stop_on_signals(&control.stop)?;
     let Some(results) = run_growth_experiment(&out, &plan, device, control)? else {
-        return Ok(());
+        return Err(Error::invalid(format!(
+            "experiment growth was stopped before it finished: no results in {}",
+            out.display()
+        )));
     };
     println!("{}", results_table(&results));
     println!(

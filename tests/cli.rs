@@ -458,6 +458,41 @@ fn training_gives_the_same_bits_with_one_thread_or_two() {
 }
 
 #[test]
+fn a_thread_count_beyond_reason_is_capped_and_a_bad_one_refused() {
+    let t = Scratch::new("threads");
+    let with_threads = |threads: &str, args: &[&str]| -> Output {
+        let mut child = t
+            .command(args)
+            .env("RAYON_NUM_THREADS", threads)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        while child.try_wait().unwrap().is_none() {
+            if start.elapsed() > Duration::from_secs(60) {
+                let _ = child.kill();
+                panic!("RAYON_NUM_THREADS={threads} {}: still running after 60 s", show(args));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        child.wait_with_output().unwrap()
+    };
+    let train = [&["train", "--out", "run"][..], &SHORT].concat();
+    let out = with_threads("100000", &train);
+    let (_, stderr) = texts(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("RAYON_NUM_THREADS=100000 is more than 4 threads"), "{stderr}");
+    for bad in ["0", "many", "-2", ""] {
+        let out = with_threads(bad, &["info", "--preset", "tiny"]);
+        let (stdout, stderr) = texts(&out);
+        assert_eq!(out.status.code(), Some(1), "'{bad}': {stdout}{stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(stderr.starts_with("error: RAYON_NUM_THREADS must be a whole number"), "{stderr}");
+    }
+}
+
+#[test]
 fn tokenformer_fused_selects_the_plain_paths() {
     let t = Scratch::new("fused");
     let losses = |name: &str, fused: Option<&str>| -> Vec<f64> {

@@ -162,3 +162,31 @@ fn every_example_is_run_here() {
     found.sort();
     assert_eq!(found, tested, "examples/ and the tests in tests/examples.rs differ");
 }
+
+#[test]
+fn bad_flags_end_in_one_error_line() {
+    let max = u64::MAX.to_string();
+    let cases: [(&str, Vec<&str>, &str); 10] = [
+        ("two_moons", vec!["--hidden", "1000000000"], "--hidden must be in 1..=4096"),
+        ("two_moons", vec!["--hidden", &max], "--hidden must be in 1..=4096"),
+        ("two_moons", vec!["--steps", "0"], "--steps must be in 1.."),
+        ("attention_heads", vec!["--layer", "99"], "--layer 99: the model has layers 0..4"),
+        ("attention_heads", vec!["--tokens", "0"], "--tokens must be in 1.."),
+        ("grow_a_language_model", vec!["--qkv", "100000000000"], "--qkv must be in 0..=4096"),
+        ("pattention_layer", vec!["--tokens", "0"], "--tokens must be in 1..=4095"),
+        ("pattention_layer", vec!["--tokens", "1", "--grow-to", &max], "--grow-to must be in"),
+        ("pattention_layer", vec!["--grow-to", "2"], "--grow-to 2 must exceed --tokens 4"),
+        ("pattention_layer", vec!["--steps", "0"], "--steps must be in 1.."),
+    ];
+    for (name, args, want) in cases {
+        let binary = examples_dir().join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+        let output = Command::new(&binary).arg("--quick").args(&args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{name} {args:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{name} {args:?}: {stderr}");
+        assert!(
+            stderr.starts_with("error: ") && stderr.contains(want),
+            "{name} {args:?}: {stderr}"
+        );
+    }
+}

@@ -199,3 +199,46 @@ fn bad_experiment_input_is_refused_in_one_line() {
     refused(&["experiment", "growth", "--quick", "--out", s(&out)], &["not empty"]);
     assert_eq!(std::fs::read_to_string(out.join("notes.txt")).unwrap(), "mine");
 }
+
+#[test]
+fn absurd_growth_counts_are_refused_before_anything_is_allocated() {
+    for growths in ["10000000000", "18446744073709551615", "12"] {
+        refused(
+            &["experiment", "growth", "--quick", "--growths", growths],
+            &[&format!("--growths {growths}: at most 11 growths fit 120 steps"), "fewer --growths"],
+        );
+    }
+}
+
+#[test]
+fn an_interrupted_experiment_exits_with_an_error() {
+    let scratch = Scratch::new("interrupted");
+    let out = scratch.path("out");
+    let mut child = Command::new(BIN)
+        .args(["experiment", "growth", "--quick", "--out", s(&out)])
+        .current_dir(ROOT)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Stopped as Ctrl-C would, once the first arm is training.
+    let metrics = out.join("scratch").join("metrics.jsonl");
+    let start = std::time::Instant::now();
+    while !metrics.exists() {
+        assert!(child.try_wait().unwrap().is_none(), "the experiment ended before its first arm");
+        assert!(start.elapsed().as_secs() < 60, "no metrics after 60 s");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let pid = child.id().to_string();
+    assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
+    let output = child.wait_with_output().unwrap();
+    let (stdout, stderr) = texts(&output);
+    assert_eq!(output.status.code(), Some(1), "stdout: {stdout}\nstderr: {stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("error: experiment growth was stopped before it finished"),
+        "{stderr}"
+    );
+    assert!(!out.join("results.json").exists());
+}

@@ -4,7 +4,6 @@
 //! available. The seed is fixed so that the run is reproducible; set TOKENFORMER_REFCHECK_SEED
 //! to another one to explore (or run the script directly, whose default seed is random).
 
-use std::io::Write;
 use std::path::Path;
 use std::process::Command;
 
@@ -19,8 +18,7 @@ fn python_with_numpy() -> bool {
 #[test]
 fn eval_matches_float64_reference() {
     if !python_with_numpy() {
-        // Straight to stderr: the harness would swallow `eprintln!` from a passing test.
-        let _ = writeln!(std::io::stderr(), "skipped: python3 with numpy not available");
+        tokenformer::core::testing::report_skip("python3 with numpy not available");
         return;
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));

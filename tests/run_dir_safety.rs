@@ -22,6 +22,9 @@ use tokenformer_models::train::{train_new, TrainControl, TrainSettings};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tokenformer");
 
+/// The file that marks a directory as one the tool made (`run_dir::MARKER_FILE`).
+const MARKER_FILE: &str = "tokenformer-run";
+
 /// A scratch directory, removed when dropped. Commands run with it as working directory.
 struct Scratch(PathBuf);
 
@@ -299,9 +302,11 @@ fn a_crafted_pending_manifest_cannot_move_or_delete_anything() {
 // ---------------------------------------------------------------------------------------------
 // 2. No write goes through a link planted in a run directory.
 
-/// Links at every temporary name earlier versions wrote through, each to its own file outside.
+/// Links at every temporary name earlier versions wrote through, each to its own file outside,
+/// in a run directory (made and marked by a process that died at once, if it is new).
 fn plant_links(t: &Scratch, dir: &Path) -> Vec<PathBuf> {
     std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join(MARKER_FILE), "").unwrap();
     let names = [
         "config.json.tmp",
         "model.safetensors.tmp",
@@ -475,6 +480,7 @@ fn a_second_writer_is_told_who_holds_the_directory() {
         // This test process holds both directories, as a running trainer would.
         let _run = RunLock::acquire(&run).unwrap();
         let _empty = RunLock::acquire(&empty).unwrap();
+        let empty_held = snapshot(&empty);
         let pid = format!("in use by another process (pid {})", std::process::id());
         for args in [
             vec!["train", "--resume", s(&run), "--sample-tokens", "0"],
@@ -485,9 +491,9 @@ fn a_second_writer_is_told_who_holds_the_directory() {
             let err = t.fails(&args);
             assert!(err.contains(&pid), "{}: {err}", show(&args));
         }
+        assert_eq!(snapshot(&empty), empty_held, "a refused writer wrote into {empty:?}");
     }
     assert_eq!(snapshot(&run), before, "a refused writer changed the run");
-    assert!(snapshot(&empty).is_empty(), "{:?}", names(&empty));
 
     // A real trainer and a second one: the second is refused, naming the first.
     let live = t.path("live");
@@ -863,6 +869,7 @@ fn a_run_killed_before_its_first_checkpoint_is_explained_and_taken_over() {
     // A grow that died after copying the run's history, before its checkpoint.
     let grown = t.path("grown");
     std::fs::create_dir(&grown).unwrap();
+    std::fs::write(grown.join(MARKER_FILE), "").unwrap();
     std::fs::copy(run.join("metrics.jsonl"), grown.join("metrics.jsonl")).unwrap();
     t.file("grown/model.safetensors.tmp-4000000-1", "half a file");
     let err = t.fails(&["train", "--resume", s(&grown)]);
@@ -953,4 +960,279 @@ fn clear_lines_for_common_mistakes() {
         t.file("ids.csv", (0..5000).map(|i| (i % 256).to_string()).collect::<Vec<_>>().join(","));
     let err = t.fails(&["eval", "--checkpoint", s(&run), "--tokens", s(&commas)]);
     assert!(err.contains("not commas") && err.len() < 300, "{err}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 13. A directory of the user's own files is never written into, and no write goes out through
+// a hard link.
+
+/// Every entry of `dir` with its bytes and its inode: a file replaced by another of the same
+/// bytes shows up too. Nothing is left out, the lock file included.
+fn every_entry(dir: &Path) -> BTreeMap<String, (Vec<u8>, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let meta = std::fs::symlink_metadata(e.path()).unwrap();
+            let bytes = if meta.is_file() { std::fs::read(e.path()).unwrap() } else { Vec::new() };
+            (e.file_name().into_string().unwrap(), (bytes, meta.ino()))
+        })
+        .collect()
+}
+
+fn hard_link(target: &Path, link: &Path) {
+    std::fs::hard_link(target, link).unwrap();
+}
+
+#[test]
+fn a_directory_of_the_users_own_files_is_refused_and_left_byte_identical() {
+    let t = Scratch::new("users");
+    let ck = t.path("ck");
+    t.ok(&["init", "--preset", "tiny", "--out", s(&ck)]);
+    // Files outside, reachable from the directory through hard links.
+    let notes = t.file("notes.txt", "my notes\n");
+    let log = t.file("log.jsonl", "{\"step\":1,\"loss\":9.0,\"lr\":0.1,\"tokens_per_sec\":1}\n");
+    let outside = [
+        (notes.clone(), std::fs::read(&notes).unwrap()),
+        (log.clone(), std::fs::read(&log).unwrap()),
+    ];
+    let mine = t.path("mine");
+    std::fs::create_dir(&mine).unwrap();
+    for name in [
+        "x.tmp-2024-1",
+        ".profile.tmp-4242",
+        "model.safetensors.tmp",
+        "config.json.tmp",
+        "checkpoint.json.partial",
+        "loss.tmp77.png",
+        "byte-e7d40b4ec9e5d33c.tmp901",
+        "loss.png",
+    ] {
+        t.file(&format!("mine/{name}"), format!("my own {name}"));
+    }
+    hard_link(&log, &mine.join("metrics.jsonl"));
+    hard_link(&notes, &mine.join("run.lock"));
+    hard_link(&notes, &mine.join("notes-again.txt"));
+    let before = every_entry(&mine);
+
+    let small = small_flags(2, 1000);
+    let small = strs(&small);
+    let books = t.path("books");
+    std::fs::create_dir_all(books.join("train")).unwrap();
+    std::fs::create_dir_all(books.join("val")).unwrap();
+    let grow = ["grow", "--checkpoint", s(&ck), "--out", s(&mine), "--ffn", "2"];
+    for args in [
+        vec!["init", "--preset", "tiny", "--out", s(&mine)],
+        [&["train", "--out", s(&mine)][..], &small].concat(),
+        [&["train", "--out", s(&mine), "--overwrite"][..], &small].concat(),
+        ["train", "--resume", s(&mine), "--sample-tokens", "0"].to_vec(),
+        grow.to_vec(),
+        [&grow[..], &["--overwrite"]].concat(),
+        ["experiment", "growth", "--quick", "--out", s(&mine), "--data-dir", s(&books)].to_vec(),
+    ] {
+        let err = t.fails(&args);
+        let why = ["not a tokenformer run directory", "not a run directory", "not empty"];
+        assert!(why.iter().any(|w| err.contains(w)), "{}: {err}", show(&args));
+        assert_eq!(every_entry(&mine), before, "{} changed the directory", show(&args));
+        for (path, bytes) in &outside {
+            assert_eq!(&std::fs::read(path).unwrap(), bytes, "{}: {path:?}", show(&args));
+        }
+    }
+    // An empty directory is the tool's to use; a new one too.
+    let empty = t.path("empty");
+    std::fs::create_dir(&empty).unwrap();
+    t.ok(&["init", "--preset", "tiny", "--out", s(&empty)]);
+    assert!(empty.join(MARKER_FILE).is_file());
+}
+
+#[test]
+fn a_hard_link_in_a_run_directory_never_carries_a_write_outside() {
+    let t = Scratch::new("hardlinks");
+    let notes = t.file("notes.txt", "my notes\n");
+    // The lock of a new directory: `ln notes.txt D/run.lock; init --out D`.
+    let d = t.path("d");
+    std::fs::create_dir(&d).unwrap();
+    hard_link(&notes, &d.join("run.lock"));
+    let err = t.fails(&["init", "--preset", "tiny", "--out", s(&d)]);
+    assert!(err.contains("not a tokenformer run directory"), "{err}");
+    assert_eq!(std::fs::read(&notes).unwrap(), b"my notes\n");
+
+    // The lock of a run directory.
+    let run = t.path("run");
+    run_stopped_at(&run, small_settings(3), 1);
+    std::fs::remove_file(run.join("run.lock")).unwrap();
+    hard_link(&notes, &run.join("run.lock"));
+    let resume = ["train", "--resume", s(&run), "--sample-tokens", "0"];
+    let err = t.fails(&resume);
+    assert!(err.contains("run.lock") && err.contains("hard links"), "{err}");
+    assert_eq!(std::fs::read(&notes).unwrap(), b"my notes\n");
+    std::fs::remove_file(run.join("run.lock")).unwrap();
+
+    // The metrics a resumed run appends to (and first cuts back to its checkpoint).
+    let copy = t.file("metrics-copy.jsonl", std::fs::read(run.join("metrics.jsonl")).unwrap());
+    let copied = std::fs::read(&copy).unwrap();
+    std::fs::remove_file(run.join("metrics.jsonl")).unwrap();
+    hard_link(&copy, &run.join("metrics.jsonl"));
+    let err = t.fails(&resume);
+    assert!(err.contains("metrics.jsonl") && err.contains("hard links"), "{err}");
+    assert_eq!(std::fs::read(&copy).unwrap(), copied);
+
+    // With its own files back, the run goes on.
+    std::fs::remove_file(run.join("metrics.jsonl")).unwrap();
+    std::fs::copy(&copy, run.join("metrics.jsonl")).unwrap();
+    t.ok(&resume);
+    assert_eq!(std::fs::read(&notes).unwrap(), b"my notes\n");
+    assert_eq!(std::fs::read(&copy).unwrap(), copied);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 14. A resumed run checks what its schedule still has to do.
+
+#[test]
+fn resume_checks_the_growths_still_scheduled_against_memory() {
+    let t = Scratch::new("schedule");
+    let run = t.path("run");
+    let settings =
+        TrainSettings { grow_at: vec!["2:ffn=+4".parse().unwrap()], ..small_settings(3) };
+    run_stopped_at(&run, settings, 1);
+    // The growth still ahead edited to one no machine holds (the manifest goes too, as a hand
+    // edit requires).
+    let path = run.join("train_state.json");
+    let mut state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    state["settings"]["grow_at"] = serde_json::json!(["2:ffn=+10000000000"]);
+    std::fs::write(&path, serde_json::to_vec_pretty(&state).unwrap()).unwrap();
+    std::fs::remove_file(run.join("checkpoint.json")).unwrap();
+    let before = snapshot(&run);
+    let err = t.fails(&["train", "--resume", s(&run), "--sample-tokens", "0"]);
+    assert!(
+        err.contains("growth schedule (2:ffn=+10000000000)") && err.contains("would need at least"),
+        "{err}"
+    );
+    // Refused before the first step: not a line of metrics, not a save.
+    assert_eq!(snapshot(&run), before);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 15. A resumed run reads the data it started with, or says that it cannot.
+
+#[test]
+fn resume_reads_the_same_data_or_refuses() {
+    let t = Scratch::new("samedata");
+    // A relative --data path is stored absolute.
+    t.file("corpus.txt", "To be, or not to be, that is the question. ".repeat(40));
+    let relative = t.path("relative");
+    let flags = small_flags(1, 1000);
+    t.ok(&[&["train", "--out", s(&relative), "--data", "corpus.txt"][..], &strs(&flags)].concat());
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(relative.join("train_state.json")).unwrap()).unwrap();
+    let stored = state["settings"]["data"][0].as_str().unwrap().to_string();
+    assert_eq!(Path::new(&stored), t.path("corpus.txt"), "{state}");
+
+    // The data changed under a stopped run: the resume refuses, and changes nothing.
+    let corpus = t.file("books.txt", "Whether 'tis nobler in the mind to suffer. ".repeat(40));
+    let run = t.path("run");
+    let settings =
+        TrainSettings { data: vec![corpus.clone()], val_fraction: 0.25, ..small_settings(3) };
+    run_stopped_at(&run, settings, 1);
+    std::fs::write(&corpus, "The slings and arrows of outrageous fortune. ".repeat(40)).unwrap();
+    let before = snapshot(&run);
+    let resume = ["train", "--resume", s(&run), "--sample-tokens", "0"];
+    let err = t.fails(&resume);
+    assert!(
+        err.contains("differs from what the run started with") && err.contains("books.txt"),
+        "{err}"
+    );
+    assert_eq!(manifest_step(&run), 1);
+    assert_eq!(metrics_lines(&run), 1);
+    assert!(before.keys().all(|name| snapshot(&run).contains_key(name)));
+    // With the data restored, it goes on.
+    std::fs::write(&corpus, "Whether 'tis nobler in the mind to suffer. ".repeat(40)).unwrap();
+    t.ok(&resume);
+    assert_eq!(manifest_step(&run), 3);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 16. Finite weights whose arithmetic overflows, and counts that overflow, are errors too.
+
+#[test]
+fn overflowing_weights_and_counts_are_errors_not_numbers() {
+    let t = Scratch::new("overflow");
+    let ids = t.file("ids.txt", id_text(40));
+    let dir = t.path("huge");
+    t.ok(&["init", "--preset", "tiny", "--out", s(&dir)]);
+    let path = dir.join("model.safetensors");
+    // Every weight 3e38: finite, so loading accepts it, but no sum over them is.
+    let tensors: Vec<_> = load_safetensors(&path)
+        .unwrap()
+        .into_iter()
+        .map(|(name, tensor)| {
+            let values = vec![3e38f32; tensor.numel()];
+            (name, tokenformer_core::Tensor::from_vec(values, tensor.dims()).unwrap())
+        })
+        .collect();
+    save_safetensors(&path, &tensors).unwrap();
+    std::fs::remove_file(dir.join("checkpoint.json")).unwrap();
+    for (args, what) in [
+        (vec!["eval", "--checkpoint", s(&dir), "--tokens", s(&ids)], "eval: the loss is NaN"),
+        (vec!["eval", "--checkpoint", s(&dir), "--tokens", s(&ids), "--json"], "the loss is NaN"),
+        (vec!["generate", "--checkpoint", s(&dir), "--max-tokens", "2"], "generate: a logit is"),
+    ] {
+        let err = t.fails(&args);
+        assert!(
+            err.contains(what)
+                && err.contains("the first non-finite value appears at layer 0 (attention)"),
+            "{}: {err}",
+            show(&args)
+        );
+    }
+    // A width whose parameter count wraps around is refused, not printed.
+    let max = u64::MAX.to_string();
+    for args in [
+        vec!["info", "--preset", "tiny", "--arch", "transformer", "--d-ff", &max],
+        vec!["init", "--preset", "tiny", "--arch", "transformer", "--d-ff", &max, "--out", "w"],
+    ] {
+        let err = t.fails(&args);
+        assert!(err.contains("parameter count overflows 64 bits") && err.contains(&max), "{err}");
+    }
+    assert!(!t.path("w").exists());
+}
+
+// ---------------------------------------------------------------------------------------------
+// 17. Errors name the right thing, read as the command line is written, and leave nothing
+// behind that would stand in the way of the corrected command.
+
+#[test]
+fn errors_name_the_right_thing_and_a_refused_run_leaves_nothing_behind() {
+    let t = Scratch::new("messages");
+    let run = t.path("run");
+    let settings =
+        TrainSettings { grow_at: vec!["2:ffn=+4".parse().unwrap()], ..small_settings(3) };
+    run_stopped_at(&run, settings, 1);
+    let resume = ["train", "--resume", s(&run), "--sample-tokens", "0"];
+    let err = t.fails(&[&resume[..], &["--grow-at", "2:ffn=+8"]].concat());
+    assert!(
+        err.contains("--grow-at 2:ffn=+8 contradicts") && err.contains("(grow-at 2:ffn=+4)"),
+        "{err}"
+    );
+    assert!(!err.contains("GrowthPoint") && !err.contains("Some("), "{err}");
+    let err = t.fails(&[&resume[..], &["--d-ff", "300"]].concat());
+    assert!(!err.contains("Some("), "{err}");
+
+    // A lock file that is a directory is named, not the run directory.
+    std::fs::remove_file(run.join("run.lock")).unwrap();
+    std::fs::create_dir(run.join("run.lock")).unwrap();
+    let err = t.fails(&resume);
+    assert!(err.contains("run.lock: is a directory, where the lock file is expected"), "{err}");
+
+    // Data that turns out unusable leaves no directory behind.
+    let fresh = t.path("fresh");
+    let flags = small_flags(1, 1000);
+    for bad in [vec!["--data", "missing.txt"], vec!["--val-data", "/dev/zero"]] {
+        let err = t.fails(&[&["train", "--out", s(&fresh)][..], &bad, &strs(&flags)].concat());
+        assert!(err.contains("missing.txt") || err.contains("/dev/zero"), "{err}");
+        assert!(!fresh.exists(), "{} was left behind: {:?}", fresh.display(), names(&fresh));
+    }
+    t.ok(&[&["train", "--out", s(&fresh)][..], &strs(&flags)].concat());
 }

@@ -23,6 +23,8 @@ use std::ffi::CString;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
+pub mod emulator;
+
 /// Threads per block for the elementwise kernels and for the one-block-per-row kernels. The
 /// row kernels reduce with a tree whose shape depends only on this number, never on the row
 /// length, so appending exact zeros to a row leaves its sums bit-identical (exact growth).
@@ -335,6 +337,7 @@ impl CudaBackend {
         if let Some(b) = open.get(&ordinal) {
             return Ok(b.clone());
         }
+        emulator::load_if_requested()?;
         check_driver_present()?;
         let count = CudaContext::device_count().map_err(|e| cuda_err("counting devices", e))?;
         if ordinal >= count.max(0) as usize {

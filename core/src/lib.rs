@@ -10,6 +10,7 @@ pub mod rng;
 pub mod safetensors_io;
 pub mod shape;
 pub mod tensor;
+pub mod testing;
 
 pub use device::Device;
 pub use error::{Error, Result};

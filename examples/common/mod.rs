@@ -18,6 +18,26 @@ use tokenformer::ops::adamw::AdamW;
 
 pub type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
+/// How an example ends: an error is one line, `error: …`, and exit status 1, as the
+/// `tokenformer` command does (returning the error from `main` would print its Rust form).
+pub fn exit_code(result: Result<()>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Refuses a count flag outside `range`, before anything is allocated for it.
+pub fn check_count(flag: &str, value: usize, range: std::ops::RangeInclusive<usize>) -> Result<()> {
+    if range.contains(&value) {
+        return Ok(());
+    }
+    Err(format!("--{flag} must be in {}..={}, got {value}", range.start(), range.end()).into())
+}
+
 /// Where an example writes its pictures when no `--out` is given (ignored by git).
 pub const DEFAULT_OUT: &str = "runs/examples";
 

@@ -14,12 +14,13 @@
 //! | sum_all, sum_squares (thousands of terms)        | 1e-3  | 1e-4  | f32 tree vs f64 CPU sum |
 //! | matmul and attention (cuBLAS, TF32 off; fused)   | 1e-4  | 1e-3  | GEMM blocking order     |
 //!
-//! Without a CUDA device each test prints "skipped: no CUDA device (<reason>)" to stderr and
-//! returns; with `TOKENFORMER_REQUIRE_CUDA=1` (set by scripts/gpu-check.sh) it fails instead.
-//! One test checks, on a machine without a driver, that the error says what to do.
+//! Where no CUDA driver is installed, the tests run on the CUDA emulator (cudaemu/, built by the
+//! core crate with the system C++ compiler); only where there is neither a driver nor a
+//! compiler does each test print "skipped: no CUDA device (<reason>)" to stderr and return.
+//! With `TOKENFORMER_REQUIRE_CUDA=1` (set by scripts/gpu-check.sh) a skip is a failure.
 
-use std::io::Write;
-use tokenformer_core::cuda::{check_driver_present, cuda_required, CudaBackend};
+use tokenformer_core::cuda::{cuda_required, emulator, CudaBackend};
+use tokenformer_core::testing::report_skip;
 use tokenformer_core::{Device, Rng, Tensor};
 use tokenformer_ops::adamw::{
     adamw_step, adamw_step_many, clip_factor, sum_squares, sum_squares_many, AdamW,
@@ -70,15 +71,14 @@ type BinaryOp = fn(&Tensor, &Tensor) -> tokenformer_core::Result<Tensor>;
 /// (a's batch dims, b's batch dims, m, k, n) of a product op(a)·op(b).
 type MatmulCase = (&'static [usize], &'static [usize], usize, usize, usize);
 
-/// The device to test on, or None after printing why the test is skipped.
+/// The device to test on, or None after printing why the test is skipped. Where no CUDA driver
+/// is installed, the device is the CUDA emulator (it says so once).
 fn cuda_or_skip() -> Option<Device> {
-    match CudaBackend::get(0) {
+    match emulator::use_for_tests_if_no_driver().and_then(|_| CudaBackend::get(0)) {
         Ok(_) => Some(GPU),
         Err(e) => {
             assert!(!cuda_required(), "TOKENFORMER_REQUIRE_CUDA=1 but no CUDA device: {e}");
-            // Straight to the process's stderr: the test harness captures `eprintln!` of
-            // passing tests, and a skip must be seen, not pass silently.
-            let _ = writeln!(std::io::stderr(), "skipped: no CUDA device ({e})");
+            report_skip(&format!("no CUDA device ({e})"));
             None
         }
     }
@@ -126,18 +126,6 @@ fn assert_matches(what: &str, cuda: &Tensor, cpu: &Tensor, tol: Tol) {
         }
     }
     eprintln!("{what}: max error {:e} at element {}", worst.0, worst.1);
-}
-
-#[test]
-fn opening_a_device_without_a_driver_says_what_to_do() {
-    if check_driver_present().is_ok() {
-        eprintln!("not applicable: a CUDA driver is present, so its absence cannot be seen");
-        return;
-    }
-    let err = Tensor::zeros(&[2], GPU).unwrap_err().to_string();
-    assert!(err.contains("libcuda") && err.contains("LD_LIBRARY_PATH"), "{err}");
-    let err = CudaBackend::get(0).err().map(|e| e.to_string()).unwrap_or_default();
-    assert!(err.contains("libcuda"), "{err}");
 }
 
 #[test]

@@ -70,7 +70,7 @@ fn every_kernel_file_compiles_for_sm80_and_sm90() {
         Ok(found) => found,
         Err(why) => {
             assert!(!cuda_required(), "TOKENFORMER_REQUIRE_CUDA=1 but {why}");
-            let _ = writeln!(std::io::stderr(), "skipped: {why}");
+            tokenformer_core::testing::report_skip(&why);
             return;
         }
     };

@@ -337,7 +337,49 @@ impl ModelConfig {
         if !(self.rotary_base > 0.0 && self.rotary_base.is_finite()) {
             return fail(format!("rotary_base {} must be positive", self.rotary_base));
         }
+        if self.checked_param_count().is_none() {
+            let width = match self.arch {
+                Arch::TokenFormer => format!(
+                    "qkv, proj, ffn tokens {}, {}, {}",
+                    self.qkv_tokens, self.proj_tokens, self.ffn_tokens
+                ),
+                Arch::Transformer => format!("d_ff {}", self.d_ff),
+            };
+            return fail(format!(
+                "its parameter count overflows {} bits (d_model {}, n_layers {}, {width}, \
+                 vocab_size {}, max_seq_len {})",
+                usize::BITS,
+                self.d_model,
+                self.n_layers,
+                self.vocab_size,
+                self.max_seq_len
+            ));
+        }
         Ok(())
+    }
+
+    /// The parameter count in checked arithmetic, `None` where it overflows: every count this
+    /// type computes (the breakdown, matmul parameters, L·d·T of the FLOPs) is at most this one
+    /// or checked here too, so a config that passes `validate` computes them all without
+    /// wrapping.
+    fn checked_param_count(&self) -> Option<usize> {
+        let (d, l) = (self.d_model, self.n_layers);
+        let per_layer = match self.arch {
+            Arch::TokenFormer => {
+                let tokens = LAYER_SLOTS
+                    .iter()
+                    .try_fold(0usize, |sum, slot| sum.checked_add(slot.group.counts(self).0))?;
+                d.checked_mul(2)?.checked_mul(tokens)?
+            }
+            Arch::Transformer => {
+                let attention = d.checked_mul(d)?.checked_add(d)?.checked_mul(4)?;
+                let mlp =
+                    d.checked_mul(2)?.checked_add(1)?.checked_mul(self.d_ff)?.checked_add(d)?;
+                attention.checked_add(mlp)?
+            }
+        };
+        l.checked_mul(d)?.checked_mul(self.max_seq_len)?;
+        per_layer.checked_mul(l)?.checked_add(self.vocab_size.checked_mul(d)?)?.checked_add(d * 2)
     }
 
     /// TokenFormer: 2·d·L·(3·n_qkv + n_proj + n_ffn) + V·d + 2·d (SPEC §2).

@@ -599,6 +599,7 @@ pub fn grow_checkpoint(
                 dst.display()
             )));
         }
+        crate::run_dir::check_writable_dir(dst)?;
     }
     if spec.is_empty() {
         return Err(Error::invalid(

@@ -379,6 +379,37 @@ impl TokenFormer {
 
     /// Logits [B, T, V] for token ids [B, T] (f32 holding integers).
     pub fn forward(&self, ids: &Tensor) -> Result<Var> {
+        self.forward_watched(ids, |_, _| Ok(()))
+    }
+
+    /// Where the forward pass of `ids` first produces a value that is not finite: `embedding`,
+    /// `layer N (attention)`, `layer N (mlp)`, `final norm` or `logits`; `None` if nowhere. For
+    /// saying why a loss or a sample went wrong (weights so large that float32 overflows), not
+    /// for the hot path: it copies every intermediate result to the host.
+    pub fn first_non_finite(&self, ids: &Tensor) -> Result<Option<String>> {
+        let mut found = None;
+        let watch = |place: &dyn Fn() -> String, value: &Var| -> Result<()> {
+            if value.value().to_vec()?.iter().all(|x| x.is_finite()) {
+                return Ok(());
+            }
+            found = Some(place());
+            // Stops the pass: nothing after the first place is of interest.
+            Err(Error::invalid("non-finite value"))
+        };
+        match tokenformer_autograd::no_grad(|| self.forward_watched(ids, watch)) {
+            Ok(_) => Ok(None),
+            Err(_) if found.is_some() => Ok(found),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The forward pass, handing each stage's output to `watch` with the stage's name (built
+    /// only when asked for); an error from `watch` ends the pass.
+    fn forward_watched(
+        &self,
+        ids: &Tensor,
+        mut watch: impl FnMut(&dyn Fn() -> String, &Var) -> Result<()>,
+    ) -> Result<Var> {
         if ids.rank() != 2 {
             return Err(Error::shape(
                 "forward",
@@ -395,7 +426,8 @@ impl TokenFormer {
         let d = self.config.d_model;
         let rotate = self.config.rotary_dims() > 0;
         let mut x = embedding(&self.embed, ids)?;
-        for layer in &self.layers {
+        watch(&|| "embedding".into(), &x)?;
+        for (index, layer) in self.layers.iter().enumerate() {
             let y = x.layer_norm(None, None, LN_EPS)?;
             let mut q = self.split_heads(&layer.query.forward(&y)?)?;
             let mut k = self.split_heads(&layer.key.forward(&y)?)?;
@@ -407,10 +439,15 @@ impl TokenFormer {
             let attended =
                 causal_attention(&q, &k, &v)?.permute(&[0, 2, 1, 3])?.reshape(&[b, t, d])?;
             x = x.add(&layer.proj.forward(&attended)?)?;
+            watch(&|| format!("layer {index} (attention)"), &x)?;
             x = x.add(&layer.mlp.forward(&x.layer_norm(None, None, LN_EPS)?)?)?;
+            watch(&|| format!("layer {index} (mlp)"), &x)?;
         }
         let h = x.layer_norm(Some(&self.final_norm_weight), Some(&self.final_norm_bias), LN_EPS)?;
-        h.matmul_t(&self.embed, false, true)
+        watch(&|| "final norm".into(), &h)?;
+        let logits = h.matmul_t(&self.embed, false, true)?;
+        watch(&|| "logits".into(), &logits)?;
+        Ok(logits)
     }
 
     /// Mean next-token cross-entropy of `ids` [B, T] against `targets` [B, T].

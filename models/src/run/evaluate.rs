@@ -107,6 +107,9 @@ fn evaluate(
         } else {
             no_grad(|| model.loss(&inputs, &targets))?.value().to_scalar()?
         };
+        if !mean.is_finite() {
+            return Err(non_finite(model, &inputs, &format!("eval: the loss is {mean}")));
+        }
         let n = batch.len() * (len - 1);
         total += mean as f64 * n as f64;
         count += n;
@@ -115,6 +118,19 @@ fn evaluate(
     }
     let per_position = per_position.then_some(losses);
     Ok(EvalResult { loss: total / count as f64, tokens: count, per_position })
+}
+
+/// The error for a loss or logits that are not finite, naming where in the model the first
+/// non-finite value appears (`what` says what was seen).
+pub fn non_finite(model: &TokenFormer, inputs: &Tensor, what: &str) -> Error {
+    let place = match model.first_non_finite(inputs) {
+        Ok(Some(place)) => format!("the first non-finite value appears at {place}"),
+        Ok(None) => "every layer's output is finite; the loss itself overflows".into(),
+        Err(e) => format!("no layer could be named ({e})"),
+    };
+    Error::invalid(format!(
+        "{what}, not a number: {place}; the weights are too large for float32 arithmetic"
+    ))
 }
 
 /// Parses whitespace-separated token ids, naming the first bad one (shortened: a file of

@@ -218,6 +218,16 @@ impl Plan {
         if !(share > 0.0 && share < 1.0) {
             return Err(Error::invalid(format!("--base-share must be in (0, 1), got {share}")));
         }
+        // Each growth needs an evaluation of its own before the last step: a count beyond that
+        // cannot fit whatever the share, and is refused before anything is allocated for it.
+        let most = (size.steps / size.eval_every).saturating_sub(1);
+        if self.growths as u64 > most {
+            return Err(Error::invalid(format!(
+                "--growths {}: at most {most} growths fit {} steps evaluated every {}; use fewer \
+                 --growths",
+                self.growths, size.steps, size.eval_every
+            )));
+        }
         let n = self.growths as f64;
         let mut steps: Vec<u64> = Vec::with_capacity(self.growths);
         for k in 0..self.growths {

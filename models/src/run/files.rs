@@ -11,8 +11,9 @@
 //!   unique temporary name (`<name>.tmp-<pid>-<n>`) with `O_CREAT | O_EXCL | O_NOFOLLOW`, so a
 //!   symbolic link planted at any name cannot redirect the write, and then renamed into place;
 //!   a rename replaces a link at the destination instead of following it.
-//! - Temporary names have one shape, so the files a killed process left behind can be told
-//!   apart from the user's and removed by the next process that holds the directory's lock.
+//! - Temporary names have one shape, so the files a killed process left behind can be found
+//!   and removed by the next process that holds the directory's lock — only in a directory the
+//!   tool marked as its own (`run_dir`): elsewhere a name of that shape may be the user's.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
@@ -298,8 +299,8 @@ pub fn is_temp_name(name: &str) -> bool {
 }
 
 /// Removes every temporary file of ours from `dir` except those named in `keep`. Only the
-/// process holding the directory's lock may call this: any other process's temporaries are
-/// then leftovers of one that died. Directories are never removed, and a link is removed
+/// process holding the directory's lock may call this, and only in a directory the tool marked
+/// as its own: any other process's temporaries are then leftovers of one that died. Directories are never removed, and a link is removed
 /// itself, never its target.
 pub fn remove_stray_temps(dir: &Path, keep: &[String]) -> Result<Vec<String>> {
     let mut removed = Vec::new();

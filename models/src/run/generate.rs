@@ -81,6 +81,10 @@ pub fn generate(
         let logits = no_grad(|| model.forward(&ids))?;
         let last =
             tokenformer_ops::layout::narrow(logits.value(), 1, window.len() - 1, 1)?.to_vec()?;
+        if let Some(bad) = last.iter().find(|x| !x.is_finite()) {
+            let what = format!("generate: a logit is {bad}");
+            return Err(crate::evaluate::non_finite(model, &ids, &what));
+        }
         let next = sample_from_logits(&last, opts.temperature, opts.top_k, &mut rng);
         on_token(next)?;
         context.push(next);

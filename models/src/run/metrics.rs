@@ -61,8 +61,9 @@ pub struct MetricsWriter {
 }
 
 /// Opens `path` for appending, creating it if needed, but never through a symbolic link (a
-/// link planted in a run directory must not redirect the run's writes) and only if it is a
-/// regular file.
+/// link planted in a run directory must not redirect the run's writes), only if it is a
+/// regular file, and only if it has no other name: appending to (or cutting) a file that is
+/// also a hard link elsewhere would change that file too.
 fn open_for_append(path: &Path) -> Result<File> {
     let mut options = OpenOptions::new();
     options.read(true).append(true).create(true);
@@ -78,6 +79,17 @@ fn open_for_append(path: &Path) -> Result<File> {
     let meta = file.metadata().map_err(|e| Error::io(path.display(), e))?;
     if !meta.is_file() {
         return Err(Error::io(path.display(), "is not a regular file; refusing to write to it"));
+    }
+    #[cfg(unix)]
+    if std::os::unix::fs::MetadataExt::nlink(&meta) > 1 {
+        return Err(Error::io(
+            path.display(),
+            format!(
+                "has {} names (hard links); refusing to write to it, as that would change the \
+                 file elsewhere too",
+                std::os::unix::fs::MetadataExt::nlink(&meta)
+            ),
+        ));
     }
     Ok(file)
 }

@@ -32,7 +32,7 @@ use crate::model::TokenFormer;
 use crate::optim::{lr_at, Optimizer};
 use crate::plot::{growth_steps, plot_run};
 use crate::progress::Progress;
-use crate::run_dir::RunLock;
+use crate::run_dir::{check_writable_dir, is_marked, remove_unused_dir, RunLock};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -116,6 +116,15 @@ pub enum StageLr {
 impl StageLr {
     fn of_older_runs() -> StageLr {
         StageLr::Continue
+    }
+}
+
+impl std::fmt::Display for StageLr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StageLr::Restart => "restart",
+            StageLr::Continue => "continue",
+        })
     }
 }
 
@@ -225,9 +234,19 @@ impl TrainSettings {
     /// configs the run will have: checks before training that every growth of the plan can
     /// happen.
     pub fn growth_plan(&self, config: &ModelConfig) -> Result<Vec<(GrowSpec, ModelConfig)>> {
+        self.remaining_growth_plan(config, 0)
+    }
+
+    /// `growth_plan` for a run that has made its first `done` scheduled growths and now has
+    /// `config`: what the rest of its schedule does.
+    pub fn remaining_growth_plan(
+        &self,
+        config: &ModelConfig,
+        done: usize,
+    ) -> Result<Vec<(GrowSpec, ModelConfig)>> {
         let mut config = config.clone();
-        let mut plan = Vec::with_capacity(self.grow_at.len());
-        for (index, point) in self.grow_at.iter().enumerate() {
+        let mut plan = Vec::new();
+        for (index, point) in self.grow_at.iter().enumerate().skip(done) {
             let fail = |e: String| Error::invalid(format!("--grow-at {point}: {e}"));
             let spec = point
                 .target
@@ -315,6 +334,10 @@ struct TrainState {
     /// Training FLOPs so far; absent in runs saved before they were counted.
     #[serde(default)]
     flops: Option<f64>,
+    /// The source hashes of the data (`Dataset::source_hashes`, 16 hex digits each) the run
+    /// started with; absent in runs saved before they were recorded.
+    #[serde(default)]
+    data_hashes: Option<Vec<String>>,
     /// For each parameter, the leading rows that existed before the latest growth (what
     /// `freeze_old` keeps fixed); absent before the first growth.
     #[serde(default)]
@@ -370,9 +393,10 @@ pub struct Evaluation {
     pub stage: u64,
 }
 
-/// True when `dir` holds a training run (checkpoint or metrics).
+/// True when `dir` holds a training run: a checkpoint, or the metrics of a run the tool started
+/// there (in a directory it marked; anyone else's `metrics.jsonl` is no run of ours).
 pub fn is_run_dir(dir: &Path) -> bool {
-    is_checkpoint_dir(dir) || entry_exists(&dir.join("metrics.jsonl"))
+    is_checkpoint_dir(dir) || (is_marked(dir) && entry_exists(&dir.join("metrics.jsonl")))
 }
 
 /// The checks `train_new` makes before it touches anything: valid settings that fit in memory,
@@ -405,18 +429,28 @@ pub fn check_new_run(out: &Path, settings: &TrainSettings) -> Result<ModelConfig
             out.display()
         )));
     }
+    check_writable_dir(out)?;
     Ok(config)
+}
+
+/// `paths` made absolute against the current directory, so that a run resumed from another
+/// directory reads the same files.
+pub fn absolute_paths(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    paths.iter().map(|p| std::path::absolute(p).map_err(|e| Error::io(p.display(), e))).collect()
 }
 
 /// Starts a new run in `out`, which must not hold a run already.
 pub fn train_new(
     out: &Path,
-    settings: TrainSettings,
+    mut settings: TrainSettings,
     device: Device,
     control: TrainControl,
 ) -> Result<TrainSummary> {
+    settings.data = absolute_paths(&settings.data)?;
+    settings.val_data = absolute_paths(&settings.val_data)?;
     check_new_run(out, &settings)?;
-    let _lock = RunLock::create_and_acquire(out)?;
+    let new_dir = !entry_exists(out);
+    let lock = RunLock::create_and_acquire(out)?;
     // Again under the lock: another process may have started a run here meanwhile.
     let config = check_new_run(out, &settings)?;
     let model = match &settings.init_from {
@@ -434,9 +468,20 @@ pub fn train_new(
         stage_start: 0,
         scheduled: 0,
         flops: Some(0.0),
+        data_hashes: None,
         old_rows: None,
     };
-    run(out, model, optimizer, state, control)
+    match Run::open(out, model, optimizer, state, control) {
+        Ok(run) => drive(run),
+        // Bad data shows only now: a directory made for this run a moment ago is taken away
+        // again, so that it does not stand in the way of the corrected command.
+        Err(e) => {
+            if new_dir {
+                remove_unused_dir(lock);
+            }
+            Err(e)
+        }
+    }
 }
 
 /// Refuses to start a run whose model (`config`) is not the checkpoint's (`found`).
@@ -562,7 +607,25 @@ pub fn train_resume_with(
     }
     state.settings.validate()?;
     let s = &state.settings;
-    memory::check_training(&ckpt.config, s.batch, s.seq, s.grad_accum)?;
+    // The largest model the rest of the schedule reaches must fit too, checked now rather than
+    // at the growth step: the schedule may have been edited, or the machine may be smaller than
+    // the one the run started on.
+    let plan = s.remaining_growth_plan(&ckpt.config, state.scheduled)?;
+    let largest = plan.last().map_or(&ckpt.config, |(_, grown)| grown);
+    memory::check_training(largest, s.batch, s.seq, s.grad_accum).map_err(|e| {
+        match plan.last() {
+            Some(_) => Error::invalid(format!(
+                "resuming {}: its growth schedule ({}) reaches a model too large: {e}",
+                dir.display(),
+                s.grow_at[state.scheduled..]
+                    .iter()
+                    .map(|p| p.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+            None => e,
+        }
+    })?;
     let params = ckpt
         .params
         .into_iter()
@@ -733,6 +796,29 @@ impl<'a> Run<'a> {
         let s = &settings;
         let tokenizer = Tokenizer::from_name(&s.tokenizer)?;
         let data = Dataset::load(tokenizer, &s.data_spec(), dir)?;
+        let hashes: Vec<String> =
+            data.source_hashes().iter().map(|h| format!("{h:016x}")).collect();
+        match &state.data_hashes {
+            Some(started) if *started != hashes => {
+                return Err(Error::invalid(format!(
+                    "{}: the data ({}) differs from what the run started with (source hash {}, \
+                     now {}): a resumed run must read the same data; restore it, or start a new \
+                     run",
+                    dir.display(),
+                    s.data
+                        .iter()
+                        .chain(&s.val_data)
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    started.join(", "),
+                    hashes.join(", ")
+                )))
+            }
+            _ => {}
+        }
+        let mut state = state;
+        state.data_hashes = Some(hashes);
         // Both checks up front, so a bad corpus fails before the first step, not at evaluation.
         Batcher::new(0, s.batch, s.seq)?.next_batch(data.train())?;
         s.val_windows(data.val())?;
@@ -1002,7 +1088,11 @@ fn run(
     state: TrainState,
     control: TrainControl,
 ) -> Result<TrainSummary> {
-    let mut run = Run::open(dir, model, optimizer, state, control)?;
+    drive(Run::open(dir, model, optimizer, state, control)?)
+}
+
+/// Trains an opened run to its end or to a stop request.
+fn drive(mut run: Run<'_>) -> Result<TrainSummary> {
     let steps = run.settings.steps;
     // (interrupted, redraw the plot)
     let (interrupted, redraw) = loop {

@@ -13,9 +13,9 @@ use tokenformer_core::{Result, Tensor};
 /// Rows per parallel task.
 const ROWS_PER_TASK: usize = 32;
 
-/// eˣ for x ≤ 0, exactly 0 below −87 (where `exp_nonpositive` stops at e⁻⁸⁷): a logit of −∞,
-/// or one so far below the rest that its probability is under 1.6e-38, adds nothing to the sum
-/// and gets a gradient of exactly 0. NaN stays NaN.
+/// eˣ for x ≤ 0, exactly 0 below −87: a logit of −∞, or one so far below the rest that its
+/// probability is under 1.6e-38 (where f32 turns subnormal), adds nothing to the sum and gets a
+/// gradient of exactly 0. NaN stays NaN.
 #[inline(always)]
 fn exp_or_zero(x: f32) -> f32 {
     let e = exp_nonpositive(x);

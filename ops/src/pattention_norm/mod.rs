@@ -208,6 +208,54 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_row_deep_in_the_gelu_tail_matches_float64() {
+        // GeluL2Norm of scores in [−16, −12]: GELU(a) and GELU′(a) are between 1e-32 and 0
+        // (subnormal in f32 below about −13), and τ/ρ ≈ 1e32 scales them back to order 1, so
+        // any shortcut in the tail (an exp clamped at e⁻⁸⁷, a cancelling erf form) shows. The
+        // float64 reference uses the erfc forms, which keep their relative accuracy there.
+        let n = 301;
+        let a: Vec<f32> =
+            values(&randn(&[n], 46)).iter().map(|v| -12.0 - (v.abs() * 2.0).min(4.0)).collect();
+        let g = values(&randn(&[n], 47));
+        let tau = (n as f64).sqrt();
+        let phi_cdf = |x: f64| 0.5 * libm::erfc(-x / std::f64::consts::SQRT_2);
+        let gelu = |x: f64| x * phi_cdf(x);
+        let gelu_grad =
+            |x: f64| phi_cdf(x) + x * (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt();
+        let h: Vec<f64> = a.iter().map(|&x| gelu(x as f64)).collect();
+        let rho = h.iter().map(|x| x * x).sum::<f64>().sqrt();
+        let s: Vec<f64> = h.iter().map(|x| tau * x / rho).collect();
+        let s_dot_g: f64 = s.iter().zip(&g).map(|(s, &g)| s * g as f64).sum();
+        let exact: Vec<f64> = (0..n)
+            .map(|i| {
+                let g_h = tau / rho * (g[i] as f64 - s[i] * s_dot_g / (tau * tau));
+                g_h * gelu_grad(a[i] as f64)
+            })
+            .collect();
+        let a_t = tensor(a.clone(), &[1, n]);
+        let forward = values(&pattention_norm(&a_t, Theta::GeluL2Norm, tau as f32).unwrap());
+        let backward = values(
+            &pattention_norm_backward(&a_t, Theta::GeluL2Norm, tau as f32, &tensor(g, &[1, n]))
+                .unwrap(),
+        );
+        // Subnormal GELU′ values carry fewer mantissa bits: 1e-3 relative, plus a floor.
+        let scale = exact.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+        for i in 0..n {
+            let (got, want) = (backward[i] as f64, exact[i]);
+            assert!(
+                (got - want).abs() <= 1e-3 * want.abs() + 1e-6 * scale,
+                "element {i} (score {}): gradient {got:e}, float64 {want:e}",
+                a[i]
+            );
+            let (got, want) = (forward[i] as f64, s[i]);
+            assert!(
+                (got - want).abs() <= 1e-4 * want.abs() + 1e-6,
+                "S[{i}]: {got:e}, float64 {want:e}"
+            );
+        }
+    }
+
     /// The GPU's `theta_row_norm` replayed on the CPU: thread t of a block of `block` threads
     /// sums the squares of elements t, t + block, ... in order, and `block_sum`'s tree combines
     /// the partial sums (a butterfly over each warp of 32 lanes, then one over the warps' sums).

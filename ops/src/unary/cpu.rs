@@ -24,9 +24,12 @@ fn horner<const N: usize>(x: f32, coefficients: [f32; N]) -> f32 {
 
 /// exp(x) for x ≤ 0 in plain arithmetic (no library call), so that loops over rows of scores
 /// vectorise: x = n·ln2 + r with |r| ≤ ln2/2, exp(r) from its degree-6 Taylor polynomial
-/// (error below 2e-8 relative on that range), and 2ⁿ put straight into the exponent bits.
-/// Arguments below −87 return exp(−87) ≈ 1.6e-38, indistinguishable from 0 where it is used;
-/// NaN returns NaN.
+/// (error below 2e-8 relative on that range), and 2ⁿ put straight into the exponent bits, as
+/// 2^⌊n/2⌋·2^(n−⌊n/2⌋) so that each factor stays a normal number down to n = −150. Below −87
+/// the result is subnormal, rounded once, as the C library's expf gives it: a row of Pattention
+/// scores deep in GELU's tail is scaled back up by τ/‖row‖ (up to 1e32), so a clamp there would
+/// show. Below about −103.97 (half the smallest subnormal) the result is 0. Where the
+/// result is normal, the two factors multiply exactly, to the bits of p·2ⁿ. NaN returns NaN.
 #[inline(always)]
 pub(crate) fn exp_nonpositive(x: f32) -> f32 {
     const LOG2_E: f32 = std::f32::consts::LOG2_E;
@@ -35,8 +38,8 @@ pub(crate) fn exp_nonpositive(x: f32) -> f32 {
     const LN2_LO: f32 = -2.121_944_4e-4;
     // 1.5·2²³: adding and subtracting it rounds to an integer.
     const ROUND: f32 = 12_582_912.0;
-    // A select rather than `max`, which would turn NaN into −87.
-    let x = if x < -87.0 { -87.0 } else { x };
+    // A select rather than `max`, which would turn NaN into −110 (whose e^x rounds to 0).
+    let x = if x < -110.0 { -110.0 } else { x };
     let shifted = x.mul_add(LOG2_E, ROUND);
     let n = shifted - ROUND;
     let r = (-n).mul_add(LN2_LO, (-n).mul_add(LN2_HI, x));
@@ -44,8 +47,11 @@ pub(crate) fn exp_nonpositive(x: f32) -> f32 {
     // The integer n sits in the low mantissa bits of `shifted` (|n| < 2²²): reading it there
     // instead of through `n as i32`, whose saturating semantics do not vectorise, gives the
     // same 2ⁿ in integer lanes.
-    let n_int = shifted.to_bits().wrapping_sub(ROUND.to_bits());
-    p * f32::from_bits(n_int.wrapping_add(127) << 23)
+    let n_int = shifted.to_bits().wrapping_sub(ROUND.to_bits()) as i32;
+    let half = n_int >> 1;
+    let rest = n_int - half;
+    let scale = |k: i32| f32::from_bits((k.wrapping_add(127) as u32) << 23);
+    (p * scale(half)) * scale(rest)
 }
 
 /// erfc(z) for z ≥ 0 with a relative error below 1.2e-7 (in exact arithmetic) all the way into
@@ -229,6 +235,18 @@ mod tests {
             worst_exp = worst_exp.max((super::exp_nonpositive(x) as f64 - exact).abs() / exact);
         }
         assert!(worst_exp < 4e-7, "max relative exp error {worst_exp}");
+        // Into the subnormals, down to where e^x rounds to 0: one rounding, so within half a
+        // subnormal step (2⁻¹⁵⁰) of the exact value, plus the polynomial's relative error.
+        for i in 86_900..=104_500 {
+            let x = -(i as f32) * 1e-3;
+            let exact = (x as f64).exp();
+            let got = super::exp_nonpositive(x) as f64;
+            let bound = 4e-7 * exact + 2f64.powi(-150);
+            assert!((got - exact).abs() <= bound, "exp({x}) = {got:e}, exact {exact:e}");
+        }
+        assert_eq!(super::exp_nonpositive(-200.0), 0.0);
+        assert_eq!(super::exp_nonpositive(f32::NEG_INFINITY), 0.0);
+        assert!(super::exp_nonpositive(f32::NAN).is_nan());
         // 2ⁿ read from the mantissa bits equals 2ⁿ through a float-to-int conversion.
         for i in 0..=87_000 {
             let x = -(i as f32) * 1e-3;

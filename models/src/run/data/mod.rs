@@ -156,6 +156,12 @@ impl Dataset {
         }
     }
 
+    /// The source hash (`source_hash`) of the main corpus and, if separate, of the validation
+    /// files: what a resumed run compares to tell that it reads the data its run started with.
+    pub fn source_hashes(&self) -> Vec<u64> {
+        std::iter::once(&self.main).chain(&self.val_file).map(TokenFile::source_hash).collect()
+    }
+
     /// What the cache did for the main corpus and (if separate) the validation files.
     pub fn cache_status(&self) -> &[CacheStatus] {
         &self.status
