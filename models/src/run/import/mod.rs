@@ -26,7 +26,7 @@ use crate::checkpoint::{expected_shapes, is_checkpoint_dir, save_checkpoint, Che
 use crate::config::{Arch, ModelConfig, Theta};
 use crate::files::{bytes_text, open_regular};
 use crate::memory;
-use crate::run_dir::RunLock;
+use crate::run_dir::{check_writable_dir, RunLock};
 use memmap2::Mmap;
 use pickle::{StorageDtype, TensorRef, Value};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -92,6 +92,8 @@ pub fn import_checkpoint(src: &Path, out: &Path, opts: &ImportOptions) -> Result
             out.display()
         )));
     }
+    // Before the (possibly long) read: an --out the tool may not write into is refused now.
+    check_writable_dir(out)?;
     let source = Source::open(src)?;
     let mapped = map_names(&source)?;
     let shapes = Shapes::of(&mapped, &source)?;
