@@ -643,3 +643,27 @@ fn info_names_the_released_config_a_model_is() {
     let said = ok(&["info", "--preset", "owt-354M"]);
     assert!(!said.contains("released") && said.contains("\"tokenizer\": \"gpt2\""), "{said}");
 }
+
+#[test]
+fn import_never_writes_into_a_folder_of_other_files() {
+    let scratch = Scratch::new("foreign-out");
+    let out = scratch.path("photos");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("cat.jpg"), b"not ours").unwrap();
+    let src = fixtures().join("fp32/pytorch_model.bin");
+    let output = run(&[
+        "import",
+        src.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--heads",
+        "4",
+        "--max-seq-len",
+        "16",
+    ]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    let left: Vec<_> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left, ["cat.jpg"]);
+}
