@@ -221,15 +221,19 @@ class Model:
         x = layer_norm(x, p["final_norm.weight"], p["final_norm.bias"])
         return x @ p["embed.weight"].T
 
-    def nll_sum(self, window):
-        """Sum of −log p(next id) over the len(window)−1 positions of one window."""
+    def nll_positions(self, window):
+        """−log p(next id) at each of the len(window)−1 positions of one window."""
         window = np.asarray(window, dtype=np.int64)
         logits = self.logits(window[:-1])
         m = logits.max(axis=-1, keepdims=True)
         logz = (m + np.log(np.exp(logits - m).sum(axis=-1, keepdims=True)))[:, 0]
         targets = window[1:]
         picked = logits[np.arange(targets.shape[0]), targets]
-        return float((logz - picked).sum())
+        return logz - picked
+
+    def nll_sum(self, window):
+        """Sum of −log p(next id) over the len(window)−1 positions of one window."""
+        return float(self.nll_positions(window).sum())
 
 
 def windows(ids, max_seq_len):
@@ -258,6 +262,12 @@ def evaluate(model, ids):
     return total / count, count
 
 
+def per_position(model, ids):
+    """−log p(ids[i+1]) for every id after the first, in stream order (what
+    `tokenformer eval --per-token` writes)."""
+    return [float(x) for w in windows(ids, model.max_seq_len) for x in model.nll_positions(w)]
+
+
 def read_token_ids(path):
     with open(path, "r", encoding="utf-8") as f:
         return [int(s) for s in f.read().split()]
@@ -272,13 +282,20 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", required=True, help="checkpoint directory")
     ap.add_argument("--tokens", required=True, help="file of whitespace-separated token ids")
+    ap.add_argument("--per-token", action="store_true", help="also print the loss at every position")
     args = ap.parse_args(argv)
     try:
-        loss, tokens = evaluate_checkpoint(args.checkpoint, read_token_ids(args.tokens))
+        ids = read_token_ids(args.tokens)
+        config, params = load_checkpoint(args.checkpoint)
+        model = Model(config, params)
+        loss, tokens = evaluate(model, ids)
+        out = {"loss": loss, "tokens": tokens}
+        if args.per_token:
+            out["losses"] = per_position(model, ids)
     except (OSError, ValueError, KeyError) as e:
         print(f"reference: {e}", file=sys.stderr)
         return 1
-    print(json.dumps({"loss": loss, "tokens": tokens}))
+    print(json.dumps(out))
     return 0
 
 

@@ -9,16 +9,21 @@ use std::sync::Arc;
 use tokenformer_core::{Device, Error, Result};
 use tokenformer_models::bench::{bench_matmul, bench_train};
 use tokenformer_models::checkpoint::inspect_checkpoint;
-use tokenformer_models::checkpoint::{is_checkpoint_dir, save_checkpoint, Checkpoint};
+use tokenformer_models::checkpoint::{
+    is_checkpoint_dir, parse_config_json, save_checkpoint, Checkpoint,
+};
 use tokenformer_models::config::TokenGroup;
 use tokenformer_models::data::{StreamDecoder, Tokenizer};
-use tokenformer_models::evaluate::{evaluate_tokens, parse_token_ids};
+use tokenformer_models::evaluate::{
+    evaluate_tokens, evaluate_tokens_per_position, parse_token_ids,
+};
 use tokenformer_models::experiment::{
     default_experiment_dir, results_table, run_growth_experiment, ExperimentControl, Plan, Scale,
 };
-use tokenformer_models::files::{bytes_text, open_regular, read_open};
+use tokenformer_models::files::{bytes_text, open_regular, read_open, read_regular, replace_file};
 use tokenformer_models::generate::{generate, SampleOptions};
-use tokenformer_models::growth::{grow_checkpoint, GrowSpec, GrowthPoint, LayerPlacement};
+use tokenformer_models::growth::{grow_checkpoint, GrowSpec, GrowthPoint, LayerPlacement, TauRule};
+use tokenformer_models::import::{import_checkpoint, ImportOptions, RELEASED};
 use tokenformer_models::memory;
 use tokenformer_models::progress::{thousands, Progress};
 use tokenformer_models::run_dir::{clear_unfinished, RunLock};
@@ -48,6 +53,9 @@ enum Command {
     Init(InitArgs),
     /// Print a model's config and parameter counts
     Info(InfoArgs),
+    /// Convert the authors' released weights (torch.save .bin/.pt, a DeepSpeed checkpoint
+    /// folder, or safetensors with their names) into a checkpoint directory
+    Import(ImportArgs),
     /// Mean next-token loss of a checkpoint on a file of token ids
     Eval(EvalArgs),
     /// Sample text from a checkpoint
@@ -164,6 +172,10 @@ struct TrainArgs {
     /// Continue the run in this directory with its own settings
     #[arg(long)]
     resume: Option<PathBuf>,
+    /// Start from the weights of this checkpoint (an imported or trained model; its config
+    /// and tokenizer) instead of a fresh init: fine-tuning, with a new optimizer and schedule
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["resume", "preset", "arch", "d_ff"], requires = "out")]
+    init_from: Option<PathBuf>,
     /// Start again in an --out directory whose run stopped before its first checkpoint
     #[arg(long, conflicts_with = "resume")]
     overwrite: bool,
@@ -241,9 +253,14 @@ struct GrowArgs {
     /// Grow to this preset (it may differ only in token counts and depth)
     #[arg(long, conflicts_with_all = ["qkv", "proj", "ffn", "layers"])]
     to_preset: Option<String>,
-    /// exact (zero keys: outputs unchanged) or random (the paper's: outputs change)
+    /// exact (zero keys: outputs unchanged) or random (new keys and values from the init:
+    /// outputs change)
     #[arg(long, default_value = "exact")]
     init: String,
+    /// frozen (τ = √n₀ of creation: exact growth) or current (τ = √n of the grown layers, and
+    /// the optimizer restarts: the official recipe with --init random; outputs change)
+    #[arg(long, default_value = "frozen")]
+    tau: String,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// cpu or cuda: where the tokens are appended (the result is the same on either)
@@ -283,6 +300,31 @@ struct InfoArgs {
 }
 
 #[derive(Args)]
+struct ImportArgs {
+    /// A torch.save file (plain state_dict or {'module': ...}), a DeepSpeed checkpoint folder
+    /// (mp_rank_00_model_states.pt) or a safetensors file, under the released names
+    src: PathBuf,
+    /// The checkpoint directory to write
+    #[arg(long)]
+    out: PathBuf,
+    /// Attention heads (default: the released config the shapes match)
+    #[arg(long)]
+    heads: Option<usize>,
+    /// Context length (default: the released config the shapes match)
+    #[arg(long)]
+    max_seq_len: Option<usize>,
+    /// byte, gpt2 or neox (default: the released config's, neox)
+    #[arg(long)]
+    tokenizer: Option<String>,
+    /// l2_norm_gelu, gelu_l2_norm or softmax (default: l2_norm_gelu, as released)
+    #[arg(long)]
+    norm: Option<String>,
+    /// A config.json (SPEC §6.2) giving every setting; its shapes must match the tensors'
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+#[derive(Args)]
 struct EvalArgs {
     #[arg(long)]
     checkpoint: PathBuf,
@@ -292,6 +334,10 @@ struct EvalArgs {
     /// Print one JSON object: {"loss": ..., "tokens": ...}
     #[arg(long)]
     json: bool,
+    /// Also write the loss at every predicted position to FILE (.json or .safetensors; a new
+    /// file), to compare with another implementation token by token
+    #[arg(long, value_name = "FILE")]
+    per_token: Option<PathBuf>,
     #[arg(long, default_value = "cpu")]
     device: String,
 }
@@ -353,6 +399,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Some(Command::Grow(a)) => grow(a),
         Some(Command::Init(a)) => init(a),
         Some(Command::Info(a)) => info(a),
+        Some(Command::Import(a)) => import(a),
         Some(Command::Eval(a)) => eval(a),
         Some(Command::Generate(a)) => generate_text(a),
         Some(Command::Bench(a)) => bench(a),
@@ -515,6 +562,18 @@ fn train(a: TrainArgs) -> Result<()> {
         None => {
             let mut settings = TrainSettings::default();
             apply_train_flags(&a, &mut settings, None)?;
+            if let Some(from) = &a.init_from {
+                // The model is the checkpoint's; the tokenizer too, unless --tokenizer says
+                // otherwise (then the vocabularies must agree).
+                let config = inspect_checkpoint(from)?.config;
+                settings.arch = config.arch;
+                settings.d_ff = (config.arch == Arch::Transformer).then_some(config.d_ff);
+                if a.tokenizer.is_none() {
+                    settings.tokenizer = config.tokenizer.clone();
+                }
+                settings.model = Some(config);
+                settings.init_from = Some(from.clone());
+            }
             let dir = a.out.clone().unwrap_or_else(|| default_run_dir(&settings));
             // Held until the run has started (train_new takes it again, reentrantly).
             let mut _lock = None;
@@ -622,11 +681,13 @@ fn grow(a: GrowArgs) -> Result<()> {
     let init: GrowInit = a.init.parse().map_err(|e| Error::invalid(format!("--init: {e}")))?;
     let layer_at: LayerPlacement =
         a.layer_at.parse().map_err(|e| Error::invalid(format!("--layer-at: {e}")))?;
+    let tau: TauRule = a.tau.parse().map_err(|e| Error::invalid(format!("--tau: {e}")))?;
     let spec = match &a.to_preset {
         Some(name) => {
             let from = load_model(&a.checkpoint, Device::Cpu)?.config;
-            GrowSpec::to_preset(&from, name, layer_at, init, a.seed)
-                .map_err(|e| Error::invalid(format!("grow: {}: {e}", a.checkpoint.display())))?
+            let spec = GrowSpec::to_preset(&from, name, layer_at, init, a.seed)
+                .map_err(|e| Error::invalid(format!("grow: {}: {e}", a.checkpoint.display())))?;
+            GrowSpec { tau, ..spec }
         }
         None => GrowSpec {
             qkv: a.qkv,
@@ -636,6 +697,7 @@ fn grow(a: GrowArgs) -> Result<()> {
             layer_at,
             init,
             seed: a.seed,
+            tau,
         },
     };
     // Held through the grow (grow_checkpoint takes it again, reentrantly).
@@ -661,6 +723,15 @@ fn grow(a: GrowArgs) -> Result<()> {
     );
     if report.preserves_outputs {
         println!("exact growth: the grown model computes the same outputs as the original");
+    } else if report.changed_tau {
+        let taus: Vec<String> = TokenGroup::ALL
+            .iter()
+            .map(|g| format!("{} √{}", g.name(), g.counts(&report.to).1))
+            .collect();
+        println!(
+            "τ follows the token count ({}): the model's outputs change (not output-preserving)",
+            taus.join(", ")
+        );
     } else if init == GrowInit::Random {
         println!(
             "random init: the new parameters change the model's outputs (not output-preserving)"
@@ -669,11 +740,10 @@ fn grow(a: GrowArgs) -> Result<()> {
         println!("the softmax normalisation cannot grow in width exactly: the model's outputs change (not output-preserving)");
     }
     if report.had_optimizer {
-        match init {
-            GrowInit::Exact => {
-                println!("optimizer moments extended with zeros for the new tokens and layers")
-            }
-            GrowInit::Random => println!("optimizer moments reset to zero"),
+        if spec.restarts_optimizer() {
+            println!("optimizer moments reset to zero");
+        } else {
+            println!("optimizer moments extended with zeros for the new tokens and layers");
         }
     }
     Ok(())
@@ -746,6 +816,14 @@ fn info(a: InfoArgs) -> Result<()> {
     config.validate()?;
     let json = serde_json::to_string_pretty(&config).map_err(|e| Error::invalid(e.to_string()))?;
     println!("{json}");
+    let preset = ModelConfig::preset_names()
+        .into_iter()
+        .find(|name| ModelConfig::preset(name).is_ok_and(|p| p == config));
+    if let Some(name) = preset {
+        let released = RELEASED.iter().find(|(n, _)| *n == name);
+        let what = released.map(|(_, what)| format!(" (the released {what})")).unwrap_or_default();
+        println!("{:>26}: {name}{what}", "preset");
+    }
     for (name, n) in config.param_breakdown() {
         println!("{name:>26}: {:>15}", thousands(n));
     }
@@ -761,7 +839,62 @@ fn info(a: InfoArgs) -> Result<()> {
     Ok(())
 }
 
+fn import(a: ImportArgs) -> Result<()> {
+    let norm = a.norm.as_deref().map(str::parse::<Theta>).transpose()?;
+    let config = match &a.config {
+        Some(path) => Some(read_config_file(path)?),
+        None => None,
+    };
+    let opts = ImportOptions {
+        heads: a.heads,
+        max_seq_len: a.max_seq_len,
+        tokenizer: a.tokenizer.clone(),
+        norm,
+        config,
+    };
+    let report = import_checkpoint(&a.src, &a.out, &opts)?;
+    let c = &report.config;
+    match report.recognised {
+        Some((name, what)) => println!("recognised the released {what} (preset {name})"),
+        None => println!("no released config has these shapes; settings from the flags"),
+    }
+    println!(
+        "imported {} ({}) -> {}: L {}, d {}, H {}, V {}, qkv {}, proj {}, ffn {}, T {}, {}, \
+         tokenizer {}; {} parameters",
+        a.src.display(),
+        report.source,
+        a.out.display(),
+        c.n_layers,
+        c.d_model,
+        c.n_heads,
+        c.vocab_size,
+        c.qkv_tokens,
+        c.proj_tokens,
+        c.ffn_tokens,
+        c.max_seq_len,
+        c.norm.name(),
+        c.tokenizer,
+        thousands(c.param_count())
+    );
+    Ok(())
+}
+
+/// A config.json given on the command line, read and checked like a checkpoint's.
+fn read_config_file(path: &Path) -> Result<ModelConfig> {
+    let bytes = read_regular(path, 1 << 20, "a config.json")?;
+    parse_config_json(path, &bytes)
+}
+
 fn eval(a: EvalArgs) -> Result<()> {
+    if let Some(path) = &a.per_token {
+        per_token_format(path)?;
+        if path.exists() || path.is_symlink() {
+            return Err(Error::invalid(format!(
+                "--per-token: {} exists; name a new file (nothing is overwritten)",
+                path.display()
+            )));
+        }
+    }
     let model = load_model(&a.checkpoint, parse_device(&a.device)?)?;
     let (file, len) = open_regular(&a.tokens)?;
     // The text, then up to one id (4 bytes) per two bytes of it.
@@ -776,8 +909,15 @@ fn eval(a: EvalArgs) -> Result<()> {
     // A bar on stderr (hidden when stderr is not a terminal), so `--json` stdout stays one line.
     let windows = ids.len().div_ceil(model.config.max_seq_len) as u64;
     let bar = Progress::new(windows, 0);
-    let result = evaluate_tokens(&model, &ids, |done, _| bar.set_position(done as u64))?;
+    let progress = |done: usize, _| bar.set_position(done as u64);
+    let result = match &a.per_token {
+        Some(_) => evaluate_tokens_per_position(&model, &ids, progress)?,
+        None => evaluate_tokens(&model, &ids, progress)?,
+    };
     bar.clear();
+    if let (Some(path), Some(losses)) = (&a.per_token, &result.per_position) {
+        write_per_token(path, &ids[1..], losses, result.loss)?;
+    }
     let loss = result.loss as f32;
     if a.json {
         println!("{}", serde_json::json!({ "loss": loss, "tokens": result.tokens }));
@@ -789,6 +929,52 @@ fn eval(a: EvalArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Whether `--per-token FILE` asks for JSON (`true`) or safetensors (`false`).
+fn per_token_format(path: &Path) -> Result<bool> {
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("json") => Ok(true),
+        Some("safetensors") => Ok(false),
+        _ => Err(Error::invalid(format!(
+            "--per-token: {} must end in .json or .safetensors",
+            path.display()
+        ))),
+    }
+}
+
+/// The per-position losses of `eval --per-token`: `targets[i]` is the id predicted at position
+/// i (the stream's id i + 1) and `losses[i]` its loss. JSON: `{"loss", "tokens", "targets",
+/// "losses"}`; safetensors: F32 tensors `targets` and `losses`, both [N] (ids up to 2²⁴ are
+/// exact in f32).
+fn write_per_token(path: &Path, targets: &[u32], losses: &[f32], mean: f64) -> Result<()> {
+    let bytes = if per_token_format(path)? {
+        let json = serde_json::json!({
+            "loss": mean,
+            "tokens": losses.len(),
+            "targets": targets,
+            "losses": losses,
+        });
+        let mut text = json.to_string();
+        text.push('\n');
+        text.into_bytes()
+    } else {
+        let n = losses.len();
+        let ids: Vec<f32> = targets.iter().map(|&t| t as f32).collect();
+        let tensors = vec![
+            ("targets".to_string(), tokenformer_core::Tensor::from_vec(ids, &[n])?),
+            ("losses".to_string(), tokenformer_core::Tensor::from_vec(losses.to_vec(), &[n])?),
+        ];
+        tokenformer_core::safetensors_io::write_safetensors(Vec::new(), path, &tensors)?
+    };
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let name = path.file_name().and_then(|n| n.to_str()).ok_or_else(|| {
+        Error::invalid(format!("--per-token: {} is not a file name", path.display()))
+    })?;
+    replace_file(dir, name, &bytes)
 }
 
 /// The `--profile` table: milliseconds per step for each op, forward and backward.

@@ -19,7 +19,7 @@ pub mod run;
 
 pub use model::{config, growth, linear, optim, pattention};
 pub use run::{
-    bench, checkpoint, data, evaluate, experiment, files, generate, memory, metrics, plot,
+    bench, checkpoint, data, evaluate, experiment, files, generate, import, memory, metrics, plot,
     progress, run_dir, train,
 };
 

@@ -72,6 +72,15 @@ impl TokenGroup {
             TokenGroup::Ffn => &mut config.ffn_tokens,
         }
     }
+
+    /// n₀ of the group in `config` (τ = √n₀), to change.
+    pub fn scale_tokens_mut(self, config: &mut ModelConfig) -> &mut usize {
+        match self {
+            TokenGroup::Qkv => &mut config.qkv_scale_tokens,
+            TokenGroup::Proj => &mut config.proj_scale_tokens,
+            TokenGroup::Ffn => &mut config.ffn_scale_tokens,
+        }
+    }
 }
 
 /// One of a layer's five projections: its name under `layers.{i}.` in a checkpoint (SPEC §6),
@@ -206,20 +215,25 @@ impl Serialize for ModelConfig {
     }
 }
 
-/// (name, L, d, H, n_qkv, n_proj, n_ffn, T_max, V): SPEC §3.
-type Preset = (&'static str, usize, usize, usize, usize, usize, usize, usize, usize);
+/// (name, L, d, H, n_qkv, n_proj, n_ffn, T_max, V, tokenizer): SPEC §3.
+type Preset = (&'static str, usize, usize, usize, usize, usize, usize, usize, usize, &'static str);
 const PRESETS: &[Preset] = &[
-    ("tiny", 4, 128, 4, 128, 128, 512, 256, 256),
+    ("tiny", 4, 128, 4, 128, 128, 512, 256, 256, "byte"),
     // The size of the usual character-level Shakespeare model: a CPU benchmark shape.
-    ("small", 6, 384, 6, 384, 384, 1536, 256, 256),
-    ("150M", 12, 768, 12, 768, 768, 3072, 2048, 50304),
-    ("450M", 24, 1024, 16, 1024, 1024, 4096, 2048, 50304),
-    ("900M", 32, 1280, 16, 1280, 1280, 5120, 2048, 50304),
-    ("1.5B", 40, 1536, 16, 1536, 1536, 6144, 2048, 50304),
-    ("owt-124M", 12, 768, 12, 576, 576, 2304, 1024, 50304),
-    ("owt-354M", 12, 768, 12, 2140, 2140, 8560, 1024, 50304),
-    ("owt-757M", 12, 768, 12, 4850, 4850, 19400, 1024, 50304),
-    ("owt-1.4B", 12, 768, 12, 8620, 8620, 34480, 1024, 50304),
+    ("small", 6, 384, 6, 384, 384, 1536, 256, 256, "byte"),
+    // The released Pile models, with the GPT-NeoX-20B tokenizer they were trained with.
+    ("150M", 12, 768, 12, 768, 768, 3072, 2048, 50304, "neox"),
+    ("450M", 24, 1024, 16, 1024, 1024, 4096, 2048, 50304, "neox"),
+    ("900M", 32, 1280, 16, 1280, 1280, 5120, 2048, 50304, "neox"),
+    ("1.5B", 40, 1536, 16, 1536, 1536, 6144, 2048, 50304, "neox"),
+    // The official incremental-scaling configs on OpenWebText2: a base grown to 757M.
+    ("354M", 24, 1024, 16, 768, 768, 3072, 1024, 50304, "neox"),
+    ("757M", 24, 1024, 16, 1792, 1792, 7168, 1024, 50304, "neox"),
+    // The paper's progressive-scaling chain as its table describes it (one L12 d768 model).
+    ("owt-124M", 12, 768, 12, 576, 576, 2304, 1024, 50304, "gpt2"),
+    ("owt-354M", 12, 768, 12, 2140, 2140, 8560, 1024, 50304, "gpt2"),
+    ("owt-757M", 12, 768, 12, 4850, 4850, 19400, 1024, 50304, "gpt2"),
+    ("owt-1.4B", 12, 768, 12, 8620, 8620, 34480, 1024, 50304, "gpt2"),
 ];
 
 impl ModelConfig {
@@ -229,7 +243,7 @@ impl ModelConfig {
 
     /// The preset called `name`, with τ's n₀ equal to the preset's token counts.
     pub fn preset(name: &str) -> Result<ModelConfig> {
-        let &(_, l, d, h, qkv, proj, ffn, t, v) =
+        let &(_, l, d, h, qkv, proj, ffn, t, v, tokenizer) =
             PRESETS.iter().find(|p| p.0 == name).ok_or_else(|| {
                 Error::invalid(format!(
                     "unknown preset '{name}' (expected one of: {})",
@@ -253,7 +267,7 @@ impl ModelConfig {
             d_ff: 0,
             rotary_pct: 0.25,
             rotary_base: 10000.0,
-            tokenizer: if v == 256 { "byte".into() } else { "gpt2".into() },
+            tokenizer: tokenizer.into(),
         })
     }
 
@@ -466,6 +480,12 @@ mod tests {
         assert_eq!(ModelConfig::preset("tiny").unwrap().param_count(), 1_081_600);
         assert_eq!(ModelConfig::preset("small").unwrap().param_count(), 14_254_848);
         assert_eq!(ModelConfig::preset("150M").unwrap().param_count(), 151_881_216);
+        // The official incremental-scaling base and its grown model.
+        assert_eq!(ModelConfig::preset("354M").unwrap().param_count(), 353_503_232);
+        assert_eq!(ModelConfig::preset("757M").unwrap().param_count(), 756_156_416);
+        for name in ["150M", "450M", "900M", "1.5B", "354M", "757M"] {
+            assert_eq!(ModelConfig::preset(name).unwrap().tokenizer, "neox", "{name}");
+        }
         for name in ModelConfig::preset_names() {
             ModelConfig::preset(name).unwrap().validate().unwrap();
         }

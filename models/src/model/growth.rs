@@ -107,6 +107,37 @@ impl FromStr for LayerPlacement {
     }
 }
 
+/// What τ of each Pattention is after a growth.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TauRule {
+    /// τ = √n₀ keeps the n₀ of creation (SPEC §1): what exact growth needs.
+    #[default]
+    Frozen,
+    /// τ = √n of the grown layer (n₀ becomes the new token count), as the official code
+    /// computes it: with `GrowInit::Random` and a restarted optimizer, the official growth.
+    /// It changes every output.
+    Current,
+}
+
+impl TauRule {
+    pub fn name(self) -> &'static str {
+        match self {
+            TauRule::Frozen => "frozen",
+            TauRule::Current => "current",
+        }
+    }
+}
+
+impl FromStr for TauRule {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<TauRule> {
+        [TauRule::Frozen, TauRule::Current]
+            .into_iter()
+            .find(|t| t.name() == s)
+            .ok_or_else(|| Error::invalid(format!("tau must be frozen or current, got '{s}'")))
+    }
+}
+
 /// One growth: tokens added to every Pattention of each group, and new layers.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct GrowSpec {
@@ -119,6 +150,7 @@ pub struct GrowSpec {
     pub init: GrowInit,
     /// Seeds the draws of the new tokens and layers.
     pub seed: u64,
+    pub tau: TauRule,
 }
 
 impl GrowSpec {
@@ -199,9 +231,28 @@ impl GrowSpec {
     /// leave every output unchanged for the two L2 variants of Θ, not for softmax (exp(0) = 1
     /// changes every row's denominator); new layers with zero output values add exact zeros to
     /// the residual stream whatever Θ is.
+    ///
+    /// `TauRule::Current` preserves them only where no τ changes.
     pub fn preserves_outputs(&self, config: &ModelConfig) -> bool {
         let widens = TokenGroup::ALL.iter().any(|&g| self.extra(g) > 0);
-        self.init == GrowInit::Exact && (!widens || config.norm != Theta::Softmax)
+        self.init == GrowInit::Exact
+            && (!widens || config.norm != Theta::Softmax)
+            && !self.changes_tau(config)
+    }
+
+    /// Whether any τ of a model with this config changes (only under `TauRule::Current`).
+    pub fn changes_tau(&self, config: &ModelConfig) -> bool {
+        self.tau == TauRule::Current
+            && TokenGroup::ALL.iter().any(|&g| {
+                let (n, n0) = g.counts(config);
+                n + self.extra(g) != n0
+            })
+    }
+
+    /// Whether the grown run's AdamW moments restart at zero: the paper's random growth and
+    /// the official recipe (`TauRule::Current`) do; exact growth keeps every old moment.
+    pub fn restarts_optimizer(&self) -> bool {
+        self.init == GrowInit::Random || self.tau == TauRule::Current
     }
 }
 
@@ -385,6 +436,8 @@ pub struct GrowReport {
     pub from: ModelConfig,
     pub to: ModelConfig,
     pub preserves_outputs: bool,
+    /// Whether some τ changed (`TauRule::Current` with a token count that moved).
+    pub changed_tau: bool,
     pub had_optimizer: bool,
 }
 
@@ -419,7 +472,16 @@ pub struct Grown {
 /// Grows `model` by `spec` (see [`TokenFormer::grow_with`]) and records where each parameter of
 /// the result came from.
 pub fn grow_model(model: &TokenFormer, spec: &GrowSpec) -> Result<Grown> {
-    let (grown, layer_origins) = model.grow_with(spec)?;
+    let (mut grown, layer_origins) = model.grow_with(spec)?;
+    if spec.tau == TauRule::Current {
+        // τ = √n of the grown layers: n₀ becomes the token count.
+        let mut config = grown.config.clone();
+        for group in TokenGroup::ALL {
+            let n = group.counts(&config).0;
+            *group.scale_tokens_mut(&mut config) = n;
+        }
+        grown = TokenFormer::from_named(config, grown.named_tensors())?;
+    }
     let old_rows: std::collections::HashMap<String, usize> = model
         .named_params()
         .into_iter()
@@ -555,7 +617,11 @@ pub fn grow_checkpoint(
     let grown = grow_model(&model, spec)?;
     let optimizer = match ckpt.optimizer {
         None => None,
-        Some((m, v)) => Some((grown.moments(m, spec.init)?, grown.moments(v, spec.init)?)),
+        Some((m, v)) => {
+            // `moments` restarts every moment for `Random`: the rule for any restarting growth.
+            let rule = if spec.restarts_optimizer() { GrowInit::Random } else { GrowInit::Exact };
+            Some((grown.moments(m, rule)?, grown.moments(v, rule)?))
+        }
     };
     // A run's state learns that a new stage begins, and what is old (for `--freeze-old`).
     let train_state = match &ckpt.train_state {
@@ -583,6 +649,7 @@ pub fn grow_checkpoint(
         from: ckpt.config.clone(),
         to: grown.model.config.clone(),
         preserves_outputs: spec.preserves_outputs(&ckpt.config),
+        changed_tau: spec.changes_tau(&ckpt.config),
         had_optimizer: optimizer.is_some(),
     };
     save_checkpoint(

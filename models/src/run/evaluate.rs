@@ -9,12 +9,17 @@
 use crate::model::TokenFormer;
 use tokenformer_autograd::no_grad;
 use tokenformer_core::{Error, Result, Tensor};
+use tokenformer_ops::cross_entropy::cross_entropy;
 
 pub struct EvalResult {
     /// Mean next-token cross-entropy in nats.
     pub loss: f64,
     /// Number of predicted positions.
     pub tokens: usize,
+    /// With [`evaluate_tokens_per_position`]: the loss at every predicted position, in stream
+    /// order. Entry i is −log p(ids[i+1] | the ids of its window before it): every id after
+    /// the first is predicted exactly once, so there are `ids.len() − 1` of them.
+    pub per_position: Option<Vec<f32>>,
 }
 
 /// Windows of equal length are stacked into batches of at most this many.
@@ -25,6 +30,27 @@ const EVAL_BATCH: usize = 8;
 pub fn evaluate_tokens(
     model: &TokenFormer,
     ids: &[u32],
+    on_progress: impl FnMut(usize, usize),
+) -> Result<EvalResult> {
+    evaluate(model, ids, false, on_progress)
+}
+
+/// [`evaluate_tokens`], also keeping the loss at every position (`per_position`), so that
+/// another implementation can be compared token by token. Each is lse − logit of the target,
+/// from the same logits and log-sum-exp as the mean, which is bit-identical to
+/// `evaluate_tokens`'s.
+pub fn evaluate_tokens_per_position(
+    model: &TokenFormer,
+    ids: &[u32],
+    on_progress: impl FnMut(usize, usize),
+) -> Result<EvalResult> {
+    evaluate(model, ids, true, on_progress)
+}
+
+fn evaluate(
+    model: &TokenFormer,
+    ids: &[u32],
+    per_position: bool,
     mut on_progress: impl FnMut(usize, usize),
 ) -> Result<EvalResult> {
     let vocab = model.config.vocab_size;
@@ -47,6 +73,7 @@ pub fn evaluate_tokens(
     }
     let mut total = 0.0f64;
     let mut count = 0usize;
+    let mut losses = Vec::new();
     // Full windows first in batches, then the shorter last one on its own.
     let mut i = 0;
     while i < windows.len() {
@@ -64,7 +91,22 @@ pub fn evaluate_tokens(
         let dims = [batch.len(), len - 1];
         let inputs = Tensor::from_vec(inputs, &dims)?.to_device(device)?;
         let targets = Tensor::from_vec(targets, &dims)?.to_device(device)?;
-        let mean = no_grad(|| model.loss(&inputs, &targets))?.value().to_scalar()?;
+        let mean = if per_position {
+            // What `model.loss` computes, keeping each row's log-sum-exp.
+            let logits = no_grad(|| model.forward(&inputs))?;
+            let vocab = model.config.vocab_size;
+            let rows = dims[0] * dims[1];
+            let logits = logits.value().reshape(&[rows, vocab])?;
+            let targets = targets.reshape(&[rows])?;
+            let (mean, lse) = cross_entropy(&logits, &targets)?;
+            let (logits, lse, targets) = (logits.to_vec()?, lse.to_vec()?, targets.to_vec()?);
+            for (row, (&lse, &target)) in lse.iter().zip(&targets).enumerate() {
+                losses.push(lse - logits[row * vocab + target as usize]);
+            }
+            mean.to_scalar()?
+        } else {
+            no_grad(|| model.loss(&inputs, &targets))?.value().to_scalar()?
+        };
         if !mean.is_finite() {
             return Err(non_finite(model, &inputs, &format!("eval: the loss is {mean}")));
         }
@@ -74,7 +116,8 @@ pub fn evaluate_tokens(
         i = j;
         on_progress(i, windows.len());
     }
-    Ok(EvalResult { loss: total / count as f64, tokens: count })
+    let per_position = per_position.then_some(losses);
+    Ok(EvalResult { loss: total / count as f64, tokens: count, per_position })
 }
 
 /// The error for a loss or logits that are not finite, naming where in the model the first

@@ -9,8 +9,8 @@
 //!   of the non-embedding parameters) and grown exactly, by parameter tokens, in equal
 //!   increments at the scheduled steps, up to the final size, all within the same B tokens;
 //! - **transformer**: a Transformer with the final size's parameter count, B tokens;
-//! - **grown-random**: the grown schedule with new tokens drawn at random (`init=random`, the
-//!   paper's released recipe: the model's outputs change at each growth);
+//! - **grown-random**: the grown schedule with new tokens drawn at random (`init=random`: the
+//!   model's outputs change at each growth; τ stays frozen, unlike the official recipe);
 //! - **grown-frozen**: the grown schedule with `freeze_old`: after each growth only the new
 //!   tokens train.
 //!

@@ -15,6 +15,7 @@ pub mod evaluate;
 pub mod experiment;
 pub mod files;
 pub mod generate;
+pub mod import;
 pub mod memory;
 pub mod metrics;
 pub mod plot;

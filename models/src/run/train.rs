@@ -96,6 +96,10 @@ pub struct TrainSettings {
     /// final norm) that existed before stays fixed, its AdamW moments too.
     #[serde(default)]
     pub freeze_old: bool,
+    /// The checkpoint whose weights the run starts from (fine-tuning an imported or trained
+    /// model) instead of a fresh init; `model` is then its config, and AdamW starts afresh.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<PathBuf>,
 }
 
 /// How the learning rate goes on after a growth.
@@ -167,6 +171,7 @@ impl Default for TrainSettings {
             grow_at: Vec::new(),
             stage_lr: StageLr::Restart,
             freeze_old: false,
+            init_from: None,
         }
     }
 }
@@ -399,6 +404,9 @@ pub fn is_run_dir(dir: &Path) -> bool {
 pub fn check_new_run(out: &Path, settings: &TrainSettings) -> Result<ModelConfig> {
     settings.validate()?;
     let config = settings.model_config()?;
+    if let Some(from) = &settings.init_from {
+        check_init_from(from, &inspect_checkpoint(from)?.config, &config)?;
+    }
     // The largest model of the run is the one its last growth makes.
     let plan = settings.growth_plan(&config)?;
     let largest = plan.last().map_or(&config, |(_, grown)| grown);
@@ -445,7 +453,10 @@ pub fn train_new(
     let lock = RunLock::create_and_acquire(out)?;
     // Again under the lock: another process may have started a run here meanwhile.
     let config = check_new_run(out, &settings)?;
-    let model = TokenFormer::init(&config, settings.seed, device)?;
+    let model = match &settings.init_from {
+        Some(dir) => start_from(dir, &config, device)?,
+        None => TokenFormer::init(&config, settings.seed, device)?,
+    };
     let optimizer = Optimizer::new(&model, settings.adamw())?;
     let batcher = Batcher::new(settings.seed, settings.batch, settings.seq)?;
     let state = TrainState {
@@ -471,6 +482,34 @@ pub fn train_new(
             Err(e)
         }
     }
+}
+
+/// Refuses to start a run whose model (`config`) is not the checkpoint's (`found`).
+fn check_init_from(dir: &Path, found: &ModelConfig, config: &ModelConfig) -> Result<()> {
+    if found == config {
+        return Ok(());
+    }
+    Err(Error::invalid(format!(
+        "--init-from {}: the run's model differs from the checkpoint's (tokenizer {} gives \
+         vocab_size {}; the checkpoint has vocab_size {} and tokenizer {})",
+        dir.display(),
+        config.tokenizer,
+        config.vocab_size,
+        found.vocab_size,
+        found.tokenizer
+    )))
+}
+
+/// The model of the checkpoint in `dir`, which must have the run's config, on `device`.
+fn start_from(dir: &Path, config: &ModelConfig, device: Device) -> Result<TokenFormer> {
+    let ckpt = load_checkpoint(dir)?;
+    check_init_from(dir, &ckpt.config, config)?;
+    let params = ckpt
+        .params
+        .into_iter()
+        .map(|(n, t)| Ok((n, t.to_device(device)?)))
+        .collect::<Result<Vec<_>>>()?;
+    TokenFormer::from_named(ckpt.config, params)
 }
 
 /// The settings a run directory was started with and the step its checkpoint is at (for

@@ -142,6 +142,17 @@ fn check_names_and_shapes(
     prefix: &str,
 ) -> Result<()> {
     let path = file.path().display();
+    // First, so that it is what the user reads: every other complaint about such a file (the
+    // SPEC names all missing) would only follow from it.
+    if let Some(name) = file.names().into_iter().find(|n| n.starts_with("sequential.")) {
+        return Err(Error::format(
+            &path,
+            format!(
+                "holds the released checkpoints' names ('{name}', …), not SPEC §6's: convert \
+                 the original file with `tokenformer import`"
+            ),
+        ));
+    }
     for e in expected {
         let name = format!("{prefix}{}", e.name);
         if !file.contains(&name) {
@@ -173,17 +184,9 @@ fn check_names_and_shapes(
                 .any(|p| name.strip_prefix(p).is_some_and(|rest| known.contains(rest))),
         };
         if !ok {
-            let hint = if name.starts_with("sequential.") {
-                " (this is a released-checkpoint name; convert the names to SPEC §6 first)"
-            } else {
-                ""
-            };
             return Err(Error::format(
                 &path,
-                format!(
-                    "unexpected tensor '{name}' (config.json has n_layers = {}){hint}",
-                    cfg.n_layers
-                ),
+                format!("unexpected tensor '{name}' (config.json has n_layers = {})", cfg.n_layers),
             ));
         }
     }

@@ -122,6 +122,12 @@ pub fn save_checkpoint(dir: &Path, ckpt: &Checkpoint) -> Result<()> {
     commit(dir, step, staged)
 }
 
+/// Parses a config.json (`path` names it in messages) as a checkpoint's is parsed: unknown
+/// fields are errors, and the values must form a valid config with a known tokenizer.
+pub fn parse_config_json(path: &Path, bytes: &[u8]) -> Result<ModelConfig> {
+    parse_config(path, bytes)
+}
+
 /// Finishes a save that a killed process committed but did not complete. For writers that
 /// hold the directory's lock; `save_checkpoint` does it itself.
 pub fn finish_interrupted_save(dir: &Path) -> Result<()> {
