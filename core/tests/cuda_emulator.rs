@@ -152,6 +152,88 @@ extern "C" __global__ void mirror(const float* in, float* out, unsigned int n) {
 }
 "#;
 
+const LEGAL: &str = r#"
+// Legal CUDA that mixes masks: the low half-warp meets alone, then the whole warp shuffles,
+// then the high half meets alone. out[t] = in[t ^ 16] + 100.
+extern "C" __global__ void half_warps_then_whole(const float* in, float* out, unsigned int n) {
+    unsigned int t = threadIdx.x;
+    if (t % 32 < 16) __syncwarp(0x0000ffffu);
+    float v = __shfl_xor_sync(0xffffffffu, in[t] + 100.0f, 16);
+    if (t % 32 >= 16) __syncwarp(0xffff0000u);
+    out[t] = v;
+}
+// __syncwarp after some lanes returned is legal: returned lanes count as arrived. A shuffle
+// down by 0xffffffe1 moves by 1 (only the low five bits count).
+extern "C" __global__ void syncwarp_after_returns(const float* in, float* out, unsigned int n) {
+    unsigned int t = threadIdx.x;
+    if (t % 32 < 8) return;
+    __syncwarp();
+    out[t] = __shfl_down_sync(0xffffff00u, in[t], 0xffffffe1u);
+}
+// Dynamic shared memory declared at file scope, and __launch_bounds__ after `void`.
+extern __shared__ float file_scope_slots[];
+extern "C" __global__ void __launch_bounds__(64) reverse_via_file_scope(const float* in,
+                                                                        float* out, unsigned int n) {
+    unsigned int t = threadIdx.x;
+    file_scope_slots[t] = in[t];
+    __syncthreads();
+    out[t] = file_scope_slots[n - 1 - t];
+}
+"#;
+
+#[test]
+fn legal_mixed_masks_file_scope_shared_memory_and_launch_bounds_work() {
+    let _turn = one_at_a_time();
+    let Some(backend) = emulated() else { return };
+    let input: Vec<f32> = (0..64).map(|i| i as f32).collect();
+    for order in ["forward", "reverse", "random:3"] {
+        emulator::set_order(order).unwrap();
+        let kernel = ("selftest_legal", LEGAL, "half_warps_then_whole");
+        let out = run(&backend, kernel, blocks_of(1, 64, 0), &input, 64, 64).unwrap();
+        let expected: Vec<f32> = (0..64).map(|t| ((t ^ 16) + 100) as f32).collect();
+        assert_eq!(out, expected, "order {order}");
+    }
+    emulator::set_order("forward").unwrap();
+    let kernel = ("selftest_legal", LEGAL, "syncwarp_after_returns");
+    let out = run(&backend, kernel, blocks_of(1, 32, 0), &input, 32, 32).unwrap();
+    // Lanes 8-30 read the next lane; lane 31, past the end of the warp, its own value.
+    let expected: Vec<f32> =
+        (0..32).map(|t| [0, t + 1, 31][(t >= 8) as usize + (t == 31) as usize] as f32).collect();
+    assert_eq!(out, expected);
+    let kernel = ("selftest_legal", LEGAL, "reverse_via_file_scope");
+    let out = run(&backend, kernel, blocks_of(1, 64, 256), &input, 64, 64).unwrap();
+    assert_eq!(out, input.iter().rev().copied().collect::<Vec<_>>());
+}
+
+const OVERRUNS: &str = r#"
+// Writes 64 floats past the end of a static shared array.
+extern "C" __global__ void shared_overrun(const float* in, float* out, unsigned int n) {
+    __shared__ float tile[64];
+    unsigned int t = threadIdx.x;
+    tile[t] = in[t];
+    __syncthreads();
+    out[t] = tile[t % 64];
+}
+// A local array of 1 MiB, four times a thread's stack.
+extern "C" __global__ void stack_overrun(const float* in, float* out, unsigned int n) {
+    volatile float big[262144];
+    for (unsigned int i = 0; i < 262144; i += 1024) big[i] = in[0];
+    out[threadIdx.x] = big[n];
+}
+"#;
+
+#[test]
+fn overruns_of_shared_memory_and_of_a_threads_stack_are_caught() {
+    let _turn = one_at_a_time();
+    let Some(backend) = emulated() else { return };
+    let kernel = ("selftest_overruns", OVERRUNS, "shared_overrun");
+    let err = run(&backend, kernel, blocks_of(1, 128, 0), &[1.0; 128], 128, 128).unwrap_err();
+    assert!(err.contains("CUDA_ERROR_ILLEGAL_ADDRESS"), "{err}");
+    let kernel = ("selftest_overruns", OVERRUNS, "stack_overrun");
+    let err = run(&backend, kernel, blocks_of(1, 4, 0), &[1.0; 4], 4, 8).unwrap_err();
+    assert!(err.contains("CUDA_ERROR_ILLEGAL_ADDRESS"), "{err}");
+}
+
 fn defect(name: &'static str) -> Kernel {
     ("selftest_defects", DEFECTS, name)
 }

@@ -57,8 +57,11 @@ typedef cudaemu_dim3 uint3;
 #define gridDim (cudaemu_state.gridDim)
 #define warpSize 32
 
-// Function qualifiers. A kernel is an ordinary C function (its `extern "C"` keeps its name);
-// device functions and constants get internal linkage.
+// Function qualifiers. A kernel is an ordinary C function (its `extern "C"` keeps its name).
+// Device functions and constants get internal linkage, so that the compiler drops the ones a
+// module does not use, with their static shared arrays, as a GPU's compiler does (those arrays
+// count against each launch's shared memory). Member functions marked __device__ are therefore
+// not supported.
 #define __global__
 #define __device__ static
 #define __host__
@@ -83,8 +86,19 @@ extern "C" __attribute__((visibility("default"))) void cudaemu_shared_bounds(cha
 // a pointer to this buffer, sized by the launch).
 #define cudaemu_dynamic_smem() (cudaemu_state.dynamic_smem)
 
-static inline void __syncthreads() { cudaemu_state.rt->syncthreads(); }
-static inline void __syncwarp(unsigned int mask = 0xffffffffu) { cudaemu_state.rt->syncwarp(mask); }
+// Each call that lets other threads run is also a compiler barrier: shared memory written
+// before it is stored, and read again after it.
+#define CUDAEMU_MEMORY_BARRIER() asm volatile("" ::: "memory")
+static inline void __syncthreads() {
+    CUDAEMU_MEMORY_BARRIER();
+    cudaemu_state.rt->syncthreads();
+    CUDAEMU_MEMORY_BARRIER();
+}
+static inline void __syncwarp(unsigned int mask = 0xffffffffu) {
+    CUDAEMU_MEMORY_BARRIER();
+    cudaemu_state.rt->syncwarp(mask);
+    CUDAEMU_MEMORY_BARRIER();
+}
 static inline void __trap() { cudaemu_state.rt->trap("__trap() called"); }
 
 // Warp shuffles on every 32- and 64-bit type a kernel may move between lanes.
@@ -93,7 +107,9 @@ static inline T cudaemu_shfl(unsigned int mask, T v, int kind, int arg, int widt
     static_assert(sizeof(T) <= 8, "shuffles move at most 64 bits");
     unsigned long long bits = 0;
     std::memcpy(&bits, &v, sizeof(T));
+    CUDAEMU_MEMORY_BARRIER();
     bits = cudaemu_state.rt->shfl(mask, bits, kind, arg, width);
+    CUDAEMU_MEMORY_BARRIER();
     T out;
     std::memcpy(&out, &bits, sizeof(T));
     return out;

@@ -4,7 +4,8 @@
 // eight interleaved partial sums (a fixed tree, so the same bits every run), then α and β.
 // With the TF32 math mode on, A and B are first rounded to TF32 (10 mantissa bits, to nearest
 // even) as tensor cores do; the sums stay f32. With β = 0, C is written without being read, so
-// NaN in an uninitialised C does not leak through (cuBLAS's rule).
+// NaN in an uninitialised C does not leak through (cuBLAS's rule); with α = 0 (or k = 0), A and B
+// are not read at all.
 #include <dlfcn.h>
 
 #include <cmath>
@@ -36,11 +37,31 @@ typedef Handle* cublasHandle_t;
 
 namespace {
 
-// The driver's check that a range is device memory, when the driver is the emulated one.
+// The emulated driver's hooks: its device lock, held while a GEMM checks and uses its operands
+// (so that no other thread frees them in between), and its check that a range is device
+// memory. Absent when the driver is not the emulated one.
+struct DriverHooks {
+    void (*lock)() = nullptr;
+    void (*unlock)() = nullptr;
+    int (*check)(unsigned long long, size_t) = nullptr;
+    DriverHooks() {
+        lock = reinterpret_cast<void (*)()>(dlsym(RTLD_DEFAULT, "cudaemu_lock_device"));
+        unlock = reinterpret_cast<void (*)()>(dlsym(RTLD_DEFAULT, "cudaemu_unlock_device"));
+        check = reinterpret_cast<int (*)(unsigned long long, size_t)>(
+            dlsym(RTLD_DEFAULT, "cudaemu_check_range"));
+        if (!lock || !unlock || !check) lock = nullptr, unlock = nullptr, check = nullptr;
+    }
+};
+const DriverHooks& hooks() {
+    static DriverHooks h;
+    return h;
+}
+struct DeviceLock {
+    DeviceLock() { if (hooks().lock) hooks().lock(); }
+    ~DeviceLock() { if (hooks().unlock) hooks().unlock(); }
+};
 bool in_device_memory(const void* p, size_t bytes) {
-    typedef int (*Check)(unsigned long long, size_t);
-    static Check check = reinterpret_cast<Check>(dlsym(RTLD_DEFAULT, "cudaemu_check_range"));
-    return !check || check((unsigned long long)p, bytes);
+    return !hooks().check || hooks().check((unsigned long long)p, bytes);
 }
 
 float to_tf32(float x) {
@@ -84,6 +105,7 @@ cublasStatus_t sgemm_batched(cublasHandle_t h, int ta, int tb, int m, int n, int
     if (lda < std::max(1, a_rows) || ldb < std::max(1, b_rows) || ldc < std::max(1, m))
         return CUBLAS_STATUS_INVALID_VALUE;
     if (m == 0 || n == 0 || batch == 0) return CUBLAS_STATUS_SUCCESS;
+    DeviceLock device_lock;
     bool tf32 = h->math_mode == CUBLAS_TF32_TENSOR_OP_MATH;
     // op(A) as m rows of k and op(B) as n columns of k, each contiguous, so that every output
     // is a dot product of two contiguous vectors.
@@ -98,6 +120,16 @@ cublasStatus_t sgemm_batched(cublasHandle_t h, int ta, int tb, int m, int n, int
             fprintf(stderr, "cudaemu: cublasSgemm: batch %d of %d reads or writes outside device "
                             "memory\n", b, batch);
             return CUBLAS_STATUS_EXECUTION_FAILED;
+        }
+        if (*alpha == 0.0f || k == 0) {
+            // C = β·C without reading A and B, as the reference BLAS does (NaN in A or B
+            // stays out); β = 0 writes zeros without reading C.
+            for (int j = 0; j < n; j++)
+                for (int i = 0; i < m; i++) {
+                    float& out = c[i + (size_t)j * ldc];
+                    out = *beta == 0.0f ? 0.0f : *beta * out;
+                }
+            continue;
         }
         for (int i = 0; i < m; i++)
             for (int p = 0; p < k; p++) {

@@ -6,7 +6,7 @@
 //   - launches a GPU refuses: more than 1024 threads a block, block or grid dimensions out of
 //     range, dynamic shared memory above 48 KiB without the opt-in attribute (227 KiB with it),
 //     static and dynamic shared memory together above the limit, kernel arguments above
-//     32,764 bytes (the CUDA 12.1+ limit), a kernel with a different number of arguments;
+//     32,764 bytes (the CUDA 12.1+ limit), a null pointer among the kernel's arguments;
 //   - calls without a current context, unknown handles, copies outside a live allocation;
 //   - memory: each allocation ends at a guard page and a freed one is made inaccessible, so a
 //     kernel that reads or writes past the end, or uses freed memory, faults; the fault is caught
@@ -26,6 +26,7 @@
 #include <setjmp.h>
 #include <signal.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -39,6 +40,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <numeric>
 #include <random>
 #include <string>
 #include <vector>
@@ -206,6 +208,7 @@ thread_local Context* t_current = nullptr;
 Stream g_null_stream{&g_context};
 std::vector<std::unique_ptr<Stream>> g_streams;
 std::vector<std::unique_ptr<Module>> g_modules;
+std::vector<std::unique_ptr<Event>> g_events;
 int g_mempool_dummy;
 
 template <typename T>
@@ -240,13 +243,17 @@ struct Thread {
     ThreadState state = ThreadState::Runnable;
     cudaemu_dim3 idx{};
     unsigned linear = 0;
-    unsigned shuffle_count = 0;  // shuffles (and __syncwarps) this thread has started
-    unsigned warp_mask = 0;      // the mask of the warp operation it waits in
+    unsigned warp_mask = 0;  // the mask of the warp operation it waits in
 };
 
+// A warp's exchange: each lane posts its value when it arrives at a warp operation; when the
+// operation's group is complete, the posted values are delivered, and the lanes read them as
+// they resume (all in the next pass, before any later delivery to this warp).
 struct Warp {
-    unsigned long long slots[2][32];
-    unsigned present = 0;  // lanes that exist (a last warp may be partial)
+    unsigned long long posted[32] = {};
+    unsigned long long delivered[32] = {};
+    unsigned delivered_lanes = 0;  // lanes whose value the last delivery holds
+    unsigned present = 0;          // lanes that exist (a last warp may be partial)
 };
 
 enum class Order { Forward, Reverse, Random };
@@ -255,8 +262,8 @@ struct Launch {
     Function* fn = nullptr;
     void** params = nullptr;
     cudaemu_dim3 grid{}, block{};
-    unsigned threads = 0;
-    std::vector<Thread> thread;
+    unsigned thread_count = 0;
+    std::vector<Thread> thread;  // the block's threads, by linear index
     std::vector<Warp> warps;
     std::vector<unsigned> order;
     size_t pass_position = 0;  // where in `order` the current pass is
@@ -276,16 +283,20 @@ unsigned long long g_seed = 0;
 bool g_order_from_env = false;
 std::mt19937_64 g_rng;
 
-thread_local sigjmp_buf* t_fault_jump = nullptr;
-thread_local volatile sig_atomic_t t_fault_signal = 0;
-thread_local void* volatile t_fault_address = nullptr;
+// Where a fault in a kernel jumps to, and on which thread. Plain globals, not thread-locals:
+// launches take turns (g_lock), and a thread-local of a library loaded with dlopen may need
+// an allocation on first access, which a signal handler must not make.
+sigjmp_buf* volatile g_fault_jump = nullptr;
+volatile pid_t g_fault_thread = 0;
+volatile sig_atomic_t g_fault_signal = 0;
+void* volatile g_fault_address = nullptr;
 struct sigaction g_previous_segv, g_previous_bus;
 
 void fault_handler(int sig, siginfo_t* info, void* ucontext) {
-    if (t_fault_jump) {
-        t_fault_signal = sig;
-        t_fault_address = info ? info->si_addr : nullptr;
-        siglongjmp(*t_fault_jump, 1);
+    if (g_fault_jump && g_fault_thread == (pid_t)syscall(SYS_gettid)) {
+        g_fault_signal = sig;
+        g_fault_address = info ? info->si_addr : nullptr;
+        siglongjmp(*g_fault_jump, 1);
     }
     // Not ours: hand the signal to whoever handled it before, as if we were not here.
     const struct sigaction& prev = sig == SIGSEGV ? g_previous_segv : g_previous_bus;
@@ -403,38 +414,42 @@ void fiber_main(void* arg) {
     __builtin_unreachable();
 }
 
+// Stops the launch with `what`; the fiber is never resumed.
+[[noreturn]] void abort_launch(const std::string& what) {
+    Launch& l = *g_launch;
+    fail(l, CUDA_ERROR_LAUNCH_FAILED, thread_name(l, l.thread[l.current]) + ": " + what);
+    yield_to_scheduler();
+    __builtin_unreachable();
+}
+
 void rt_syncthreads() {
     Launch& l = *g_launch;
     l.thread[l.current].state = ThreadState::AtBarrier;
     yield_to_scheduler();
 }
 
-// Waits with the other lanes of `mask` in this thread's warp; returns the slot set used.
-unsigned warp_meet(unsigned mask, unsigned long long bits) {
+// Posts `bits` and waits until every lane of `mask` in this thread's warp has arrived at an
+// operation with the same mask (or has returned from the kernel).
+void warp_meet(unsigned mask, unsigned long long bits) {
     Launch& l = *g_launch;
     Thread& t = l.thread[l.current];
     Warp& w = l.warps[t.linear / 32];
     unsigned lane = t.linear % 32;
+    char buf[96];
     if (!(mask >> lane & 1u)) {
-        fail(l, CUDA_ERROR_LAUNCH_FAILED,
-             thread_name(l, t) + ": warp operation with a mask that leaves out the calling lane");
-        yield_to_scheduler();
+        snprintf(buf, sizeof buf, "warp operation with mask 0x%08x, which leaves out lane %u", mask,
+                 lane);
+        abort_launch(buf);
     }
     if (mask & ~w.present) {
-        char buf[96];
-        snprintf(buf, sizeof buf, ": warp operation's mask 0x%08x names lanes that do not exist",
+        snprintf(buf, sizeof buf, "warp operation's mask 0x%08x names lanes that do not exist",
                  mask);
-        fail(l, CUDA_ERROR_LAUNCH_FAILED, thread_name(l, t) + buf);
-        yield_to_scheduler();
+        abort_launch(buf);
     }
-    // Two slot sets, alternating: a lane can start its next shuffle only after every lane has
-    // left the barrier of this one, which each does after reading this one's set.
-    unsigned set = t.shuffle_count++ & 1u;
-    w.slots[set][lane] = bits;
+    w.posted[lane] = bits;
     t.warp_mask = mask;
     t.state = ThreadState::AtWarp;
     yield_to_scheduler();
-    return set;
 }
 
 void rt_syncwarp(unsigned mask) { warp_meet(mask, 0); }
@@ -442,34 +457,35 @@ void rt_syncwarp(unsigned mask) { warp_meet(mask, 0); }
 unsigned long long rt_shfl(unsigned mask, unsigned long long bits, int kind, int arg, int width) {
     Launch& l = *g_launch;
     Thread& t = l.thread[l.current];
-    if (width <= 0 || width > 32 || (width & (width - 1))) {
-        fail(l, CUDA_ERROR_LAUNCH_FAILED, thread_name(l, t) + ": shuffle width is not a power of 2 up to 32");
-        yield_to_scheduler();
-    }
-    unsigned set = warp_meet(mask, bits);
+    if (width <= 0 || width > 32 || (width & (width - 1)))
+        abort_launch("shuffle width is not a power of 2 up to 32");
+    warp_meet(mask, bits);
+    // The source lane as PTX's shfl.sync computes it: within the lane's segment of `width`
+    // lanes, only the low 5 bits of a delta or xor mask counting; out of range, the own lane.
     int lane = (int)(t.linear % 32), base = lane & ~(width - 1), src = lane;
     switch (kind) {
         case CUDAEMU_SHFL_IDX: src = base + (arg & (width - 1)); break;
-        case CUDAEMU_SHFL_UP: src = lane - arg >= base ? lane - arg : lane; break;
-        case CUDAEMU_SHFL_DOWN: src = lane + arg < base + width ? lane + arg : lane; break;
-        default: src = (lane ^ arg) < base + width ? (lane ^ arg) : lane; break;
+        case CUDAEMU_SHFL_UP: src = lane - (arg & 31) >= base ? lane - (arg & 31) : lane; break;
+        case CUDAEMU_SHFL_DOWN:
+            src = lane + (arg & 31) < base + width ? lane + (arg & 31) : lane;
+            break;
+        default: src = (lane ^ (arg & 31)) < base + width ? (lane ^ (arg & 31)) : lane; break;
     }
-    Warp& w = l.warps[t.linear / 32];
-    if (src < 0 || src >= 32 || !(mask >> src & 1u)) {
-        char buf[96];
-        snprintf(buf, sizeof buf, ": shuffle reads lane %d, which is not in the mask 0x%08x", src,
+    const Warp& w = l.warps[t.linear / 32];
+    char buf[96];
+    if (!(mask >> src & 1u)) {
+        snprintf(buf, sizeof buf, "shuffle reads lane %d, which is not in its mask 0x%08x", src,
                  mask);
-        fail(l, CUDA_ERROR_LAUNCH_FAILED, thread_name(l, t) + buf);
-        yield_to_scheduler();
+        abort_launch(buf);
     }
-    return w.slots[set][src];
+    if (!(w.delivered_lanes >> src & 1u)) {
+        snprintf(buf, sizeof buf, "shuffle reads lane %d, which has returned from the kernel", src);
+        abort_launch(buf);
+    }
+    return w.delivered[src];
 }
 
-void rt_trap(const char* what) {
-    Launch& l = *g_launch;
-    fail(l, CUDA_ERROR_LAUNCH_FAILED, thread_name(l, l.thread[l.current]) + ": " + what);
-    yield_to_scheduler();
-}
+void rt_trap(const char* what) { abort_launch(what); }
 
 const cudaemu_runtime g_runtime = {rt_syncthreads, rt_syncwarp, rt_shfl, rt_trap};
 
@@ -481,7 +497,7 @@ void set_coordinates(Launch& l, const Thread& t) {
 
 // Runs one block to its end or to the first error.
 void run_block(Launch& l) {
-    for (unsigned i = 0; i < l.threads; i++) {
+    for (unsigned i = 0; i < l.thread_count; i++) {
         Thread& t = l.thread[i];
         t = Thread{};
         t.linear = i;
@@ -489,12 +505,12 @@ void run_block(Launch& l) {
         t.sp = fiber_prepare(g_stacks[i], kFiberStack, fiber_main, &l);
     }
     for (auto& w : l.warps) w.present = 0;
-    for (unsigned i = 0; i < l.threads; i++) l.warps[i / 32].present |= 1u << (i % 32);
+    for (unsigned i = 0; i < l.thread_count; i++) l.warps[i / 32].present |= 1u << (i % 32);
 
     for (;;) {
         // One pass: every runnable thread in turn, each running until it blocks or returns and
         // then resuming the next one itself (resume_next); the last comes back here.
-        arrange(l.order, l.threads);
+        arrange(l.order, l.thread_count);
         for (l.pass_position = 0; l.pass_position < l.order.size(); l.pass_position++) {
             unsigned i = l.order[l.pass_position];
             if (l.thread[i].state != ThreadState::Runnable) continue;
@@ -510,38 +526,41 @@ void run_block(Launch& l) {
             done += t.state == ThreadState::Done;
             at_barrier += t.state == ThreadState::AtBarrier;
         }
-        if (done == l.threads) return;
+        if (done == l.thread_count) return;
         bool released = false;
         for (unsigned w = 0; w < l.warps.size(); w++) {
-            // The warp's waiting lanes go on once every lane their masks name has arrived.
-            unsigned waiting = 0, named = 0, gone = 0;
+            // A group, the lanes waiting with one mask, goes on once every lane of the mask
+            // has arrived with that mask or returned (returned lanes count as arrived, as on a
+            // GPU; reading a returned lane's value is the error, in rt_shfl).
+            Warp& warp = l.warps[w];
+            unsigned waiting = 0, gone = 0;
             for (unsigned lane = 0; lane < 32; lane++) {
-                unsigned i = w * 32 + lane;
-                if (!(l.warps[w].present >> lane & 1u)) continue;
-                const Thread& t = l.thread[i];
-                if (t.state == ThreadState::AtWarp) {
-                    waiting |= 1u << lane;
-                    named |= t.warp_mask;
-                } else if (t.state == ThreadState::Done) {
-                    gone |= 1u << lane;
-                }
+                if (!(warp.present >> lane & 1u)) continue;
+                ThreadState st = l.thread[w * 32 + lane].state;
+                if (st == ThreadState::AtWarp) waiting |= 1u << lane;
+                if (st == ThreadState::Done) gone |= 1u << lane;
             }
-            if (!waiting) continue;
-            if (named & gone) {
-                const Thread& t = l.thread[w * 32 + __builtin_ctz(waiting)];
-                fail(l, CUDA_ERROR_LAUNCH_FAILED,
-                     thread_name(l, t) + ": warp shuffle or __syncwarp waits for lanes that have "
-                                         "returned from the kernel");
-                return;
-            }
-            if ((named & ~waiting) == 0) {
+            bool delivered_now = false;
+            while (waiting) {
+                unsigned mask = l.thread[w * 32 + __builtin_ctz(waiting)].warp_mask, group = 0;
                 for (unsigned lane = 0; lane < 32; lane++)
-                    if (waiting >> lane & 1u) l.thread[w * 32 + lane].state = ThreadState::Runnable;
+                    if ((waiting >> lane & 1u) && l.thread[w * 32 + lane].warp_mask == mask)
+                        group |= 1u << lane;
+                waiting &= ~group;
+                if (mask & ~(group | gone)) continue;  // lanes still elsewhere
+                if (!delivered_now) warp.delivered_lanes = 0;
+                delivered_now = true;
+                for (unsigned lane = 0; lane < 32; lane++) {
+                    if (!(group >> lane & 1u)) continue;
+                    warp.delivered[lane] = warp.posted[lane];
+                    l.thread[w * 32 + lane].state = ThreadState::Runnable;
+                }
+                warp.delivered_lanes |= group;
                 released = true;
             }
         }
         if (released) continue;
-        if (at_barrier > 0 && at_barrier + done == l.threads) {
+        if (at_barrier > 0 && at_barrier + done == l.thread_count) {
             if (done > 0) {
                 const Thread* gone = nullptr;
                 for (const Thread& t : l.thread)
@@ -554,7 +573,8 @@ void run_block(Launch& l) {
             for (Thread& t : l.thread) t.state = ThreadState::Runnable;
             continue;
         }
-        // Nothing can go on: some threads wait at __syncthreads, others at a warp operation.
+        // Nothing can go on: threads wait at __syncthreads while others wait at a warp
+        // operation, or a warp operation waits for lanes that are at another one.
         const Thread* barrier = nullptr;
         const Thread* warp = nullptr;
         for (const Thread& t : l.thread) {
@@ -562,9 +582,14 @@ void run_block(Launch& l) {
             if (!warp && t.state == ThreadState::AtWarp) warp = &t;
         }
         std::string what = "deadlock: ";
-        what += barrier ? thread_name(l, *barrier) + " waits at __syncthreads" : "";
-        what += barrier && warp ? " while " : "";
-        what += warp ? thread_name(l, *warp) + " waits at a warp shuffle or __syncwarp" : "";
+        if (barrier) what += thread_name(l, *barrier) + " waits at __syncthreads";
+        if (barrier && warp) what += " while ";
+        if (warp) {
+            char mask[48];
+            snprintf(mask, sizeof mask, " (mask 0x%08x)", warp->warp_mask);
+            what += thread_name(l, *warp) + " waits at a warp operation" + mask +
+                    " for lanes that wait elsewhere";
+        }
         fail(l, CUDA_ERROR_LAUNCH_FAILED, what);
         return;
     }
@@ -572,7 +597,7 @@ void run_block(Launch& l) {
 
 CUresult run_launch(Launch& l, size_t dynamic_shared) {
     // Fiber stacks (with a guard page below each) and the dynamic shared memory, reused.
-    while (g_stacks.size() < l.threads) {
+    while (g_stacks.size() < l.thread_count) {
         size_t len = kFiberStack + page_size();
         void* p = mmap(nullptr, len, PROT_READ | PROT_WRITE,
                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
@@ -595,36 +620,53 @@ CUresult run_launch(Launch& l, size_t dynamic_shared) {
     char* dynamic = g_dynamic_shared + g_dynamic_shared_len -
                     round_up(std::max<size_t>(dynamic_shared, 1), 16);
 
-    l.thread.resize(l.threads);
-    l.warps.resize((l.threads + 31) / 32);
+    l.thread.resize(l.thread_count);
+    l.warps.resize((l.thread_count + 31) / 32);
     cudaemu_block_state* s = l.fn->module->state;
     s->blockDim = l.block;
     s->gridDim = l.grid;
     s->dynamic_smem = dynamic_shared ? dynamic : nullptr;
     s->rt = &g_runtime;
 
+    // The blocks' order as arithmetic on the block index, so that a grid of 2^31 blocks needs
+    // no list: forward, reverse, or a random affine permutation b -> (a·b + c) mod blocks with
+    // a coprime to the block count.
     unsigned long long blocks = (unsigned long long)l.grid.x * l.grid.y * l.grid.z;
-    std::vector<unsigned> block_order;
-    std::vector<unsigned long long> block_list;
-    // Orders of up to 2^32 blocks are drawn by index; larger grids run forward.
-    if (blocks <= 0xffffffffull) arrange(block_order, (unsigned)blocks);
+    unsigned long long stride = 1, offset = 0;
+    if (g_order == Order::Reverse) {
+        stride = blocks - 1;  // -1 mod blocks
+        offset = blocks - 1;
+    } else if (g_order == Order::Random && blocks > 1) {
+        stride = 1 + g_rng() % (blocks - 1);
+        while (std::gcd(stride, blocks) != 1) stride = stride % (blocks - 1) + 1;
+        offset = g_rng() % blocks;
+    }
+    const cudaemu_block_state launch_state = *s;
 
     install_fault_handler();
     sigjmp_buf jump;
     g_launch = &l;
+    // However this function is left (an exception included), no fault jumps here afterwards.
+    struct Scope {
+        ~Scope() {
+            g_fault_jump = nullptr;
+            g_launch = nullptr;
+        }
+    } scope;
     if (sigsetjmp(jump, 1) != 0) {
-        t_fault_jump = nullptr;
+        g_fault_jump = nullptr;
         g_launch = nullptr;
-        report("kernel %s, block (%u,%u,%u): %s at address %p (outside every live allocation, or "
-               "past the end of shared memory)",
+        report("kernel %s, block (%u,%u,%u): %s at address %p (outside every live allocation, "
+               "past the end of shared memory, or beyond a thread's 256 KiB stack)",
                l.fn->name.c_str(), l.block_idx.x, l.block_idx.y, l.block_idx.z,
-               t_fault_signal == SIGBUS ? "bus error" : "illegal memory access",
-               (void*)t_fault_address);
+               g_fault_signal == SIGBUS ? "bus error" : "illegal memory access",
+               (void*)g_fault_address);
         return CUDA_ERROR_ILLEGAL_ADDRESS;
     }
-    t_fault_jump = &jump;
+    g_fault_thread = (pid_t)syscall(SYS_gettid);
+    g_fault_jump = &jump;
     for (unsigned long long b = 0; b < blocks; b++) {
-        unsigned long long id = blocks <= 0xffffffffull ? block_order[b] : b;
+        unsigned long long id = (unsigned long long)(((unsigned __int128)stride * b + offset) % blocks);
         l.block_idx = {(unsigned)(id % l.grid.x), (unsigned)(id / l.grid.x % l.grid.y),
                        (unsigned)(id / ((unsigned long long)l.grid.x * l.grid.y))};
         if (l.fn->module->shared_end > l.fn->module->shared_begin)
@@ -633,8 +675,20 @@ CUresult run_launch(Launch& l, size_t dynamic_shared) {
         if (dynamic_shared) memset(dynamic, 0xFF, dynamic_shared);
         run_block(l);
         if (!l.error.empty()) break;
+        // The module's state lies in memory next to its static shared arrays: a write past
+        // the end of one lands there.
+        if (memcmp(&s->blockDim, &launch_state.blockDim, sizeof s->blockDim) != 0 ||
+            memcmp(&s->gridDim, &launch_state.gridDim, sizeof s->gridDim) != 0 ||
+            s->dynamic_smem != launch_state.dynamic_smem || s->rt != launch_state.rt) {
+            fail(l, CUDA_ERROR_ILLEGAL_ADDRESS,
+                 "block (" + std::to_string(l.block_idx.x) + "," + std::to_string(l.block_idx.y) +
+                     "," + std::to_string(l.block_idx.z) +
+                     ") wrote past the end of a __shared__ array (over the module's own state)");
+            *s = launch_state;
+            break;
+        }
     }
-    t_fault_jump = nullptr;
+    g_fault_jump = nullptr;
     g_launch = nullptr;
     if (!l.error.empty()) {
         report("kernel %s: %s", l.fn->name.c_str(), l.error.c_str());
@@ -891,7 +945,7 @@ API CUresult cuStreamQuery(CUstream s) { return cuStreamSynchronize(s); }
 API CUresult cuStreamWaitEvent(CUstream s, CUevent ev, unsigned) {
     std::lock_guard<std::mutex> g(g_lock);
     if (CUresult e = enter()) return e;
-    if (!valid_stream(s) || !ev) return CUDA_ERROR_INVALID_HANDLE;
+    if (!valid_stream(s) || !owns(g_events, ev)) return CUDA_ERROR_INVALID_HANDLE;
     return CUDA_SUCCESS;
 }
 
@@ -899,20 +953,26 @@ API CUresult cuEventCreate(CUevent* ev, unsigned) {
     if (!ev) return CUDA_ERROR_INVALID_VALUE;
     std::lock_guard<std::mutex> g(g_lock);
     if (CUresult e = enter()) return e;
-    *ev = new Event;
+    g_events.push_back(std::unique_ptr<Event>(new Event));
+    *ev = g_events.back().get();
     return CUDA_SUCCESS;
 }
 
 API CUresult cuEventDestroy_v2(CUevent ev) {
-    if (!ev) return CUDA_ERROR_INVALID_HANDLE;
-    delete ev;
-    return CUDA_SUCCESS;
+    std::lock_guard<std::mutex> g(g_lock);
+    for (auto it = g_events.begin(); it != g_events.end(); ++it) {
+        if (it->get() == ev) {
+            g_events.erase(it);
+            return CUDA_SUCCESS;
+        }
+    }
+    return CUDA_ERROR_INVALID_HANDLE;
 }
 
 API CUresult cuEventRecord(CUevent ev, CUstream s) {
     std::lock_guard<std::mutex> g(g_lock);
     if (CUresult e = enter()) return e;
-    if (!ev || !valid_stream(s)) return CUDA_ERROR_INVALID_HANDLE;
+    if (!owns(g_events, ev) || !valid_stream(s)) return CUDA_ERROR_INVALID_HANDLE;
     ev->at = std::chrono::steady_clock::now();
     ev->recorded = true;
     return CUDA_SUCCESS;
@@ -921,7 +981,7 @@ API CUresult cuEventRecord(CUevent ev, CUstream s) {
 API CUresult cuEventSynchronize(CUevent ev) {
     std::lock_guard<std::mutex> g(g_lock);
     if (CUresult e = enter()) return e;
-    return ev ? CUDA_SUCCESS : CUDA_ERROR_INVALID_HANDLE;
+    return owns(g_events, ev) ? CUDA_SUCCESS : CUDA_ERROR_INVALID_HANDLE;
 }
 
 API CUresult cuEventQuery(CUevent ev) { return cuEventSynchronize(ev); }
@@ -930,7 +990,7 @@ API CUresult cuEventElapsedTime(float* ms, CUevent start, CUevent end) {
     if (!ms) return CUDA_ERROR_INVALID_VALUE;
     std::lock_guard<std::mutex> g(g_lock);
     if (CUresult e = enter()) return e;
-    if (!start || !end) return CUDA_ERROR_INVALID_HANDLE;
+    if (!owns(g_events, start) || !owns(g_events, end)) return CUDA_ERROR_INVALID_HANDLE;
     if (!start->recorded || !end->recorded) return CUDA_ERROR_INVALID_HANDLE;
     *ms = std::chrono::duration<float, std::milli>(end->at - start->at).count();
     return CUDA_SUCCESS;
@@ -952,19 +1012,28 @@ API CUresult cuMemAlloc_v2(CUdeviceptr* ptr, size_t bytes) {
 }
 
 API CUresult cuMemAllocAsync(CUdeviceptr* ptr, size_t bytes, CUstream s) {
-    if (!valid_stream(s)) return CUDA_ERROR_INVALID_HANDLE;
+    {
+        std::lock_guard<std::mutex> g(g_lock);
+        if (!valid_stream(s)) return CUDA_ERROR_INVALID_HANDLE;
+    }
     return cuMemAlloc_v2(ptr, bytes);
 }
 
+// Frees first, then reports a kernel's pending error: the memory is released either way.
 API CUresult cuMemFree_v2(CUdeviceptr ptr) {
     std::lock_guard<std::mutex> g(g_lock);
+    if (!g_initialized) return CUDA_ERROR_NOT_INITIALIZED;
+    if (!t_current) return CUDA_ERROR_INVALID_CONTEXT;
+    bool freed = ptr == 0 || release(ptr);
     if (CUresult e = enter()) return e;
-    if (ptr == 0) return CUDA_SUCCESS;
-    return release(ptr) ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
+    return freed ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
 }
 
 API CUresult cuMemFreeAsync(CUdeviceptr ptr, CUstream s) {
-    if (!valid_stream(s)) return CUDA_ERROR_INVALID_HANDLE;
+    {
+        std::lock_guard<std::mutex> g(g_lock);
+        if (!valid_stream(s)) return CUDA_ERROR_INVALID_HANDLE;
+    }
     return cuMemFree_v2(ptr);
 }
 
@@ -1165,7 +1234,8 @@ API CUresult cuFuncSetCacheConfig(CUfunction f, int) {
     return valid_function(f) ? CUDA_SUCCESS : CUDA_ERROR_INVALID_HANDLE;
 }
 
-API CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx,
+namespace {
+CUresult launch_kernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx,
                             unsigned by, unsigned bz, unsigned shared_bytes, CUstream s,
                             void** params, void** extra) {
     std::lock_guard<std::mutex> g(g_lock);
@@ -1213,16 +1283,30 @@ API CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz,
                    f->name.c_str(), k, count);
             return CUDA_ERROR_INVALID_VALUE;
         }
-    Launch l;
+    Launch l;  // (the caller turns a failed allocation in here into an error code)
     l.fn = f;
     l.params = params;
     l.grid = {gx, gy, gz};
     l.block = {bx, by, bz};
-    l.threads = (unsigned)threads;
+    l.thread_count = (unsigned)threads;
     CUresult r = run_launch(l, shared_bytes);
     if (r == CUDA_ERROR_INVALID_VALUE || r == CUDA_ERROR_OUT_OF_MEMORY) return r;
     if (r != CUDA_SUCCESS) t_current->pending = r;  // reported by the next call, as on a GPU
     return CUDA_SUCCESS;
+}
+}  // namespace
+
+// No C++ exception may cross the C ABI: an allocation that fails becomes an error code.
+API CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx,
+                            unsigned by, unsigned bz, unsigned shared_bytes, CUstream s,
+                            void** params, void** extra) {
+    try {
+        return launch_kernel(f, gx, gy, gz, bx, by, bz, shared_bytes, s, params, extra);
+    } catch (const std::bad_alloc&) {
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    } catch (...) {
+        return CUDA_ERROR_UNKNOWN;
+    }
 }
 
 // --- Hooks for tests and the other emulated libraries -----------------------------------------
@@ -1235,8 +1319,11 @@ API int cudaemu_set_order(const char* order) {
     return parse_order(order) ? 0 : -1;
 }
 
-// Whether [ptr, ptr + bytes) is inside one live allocation (for the emulated cuBLAS).
+// For the emulated cuBLAS, which works on device memory like a kernel: it holds the device
+// lock while it checks its operands and computes, so that no other thread frees them between.
+API void cudaemu_lock_device() { g_lock.lock(); }
+API void cudaemu_unlock_device() { g_lock.unlock(); }
+// Whether [ptr, ptr + bytes) is inside one live allocation; the caller holds the device lock.
 API int cudaemu_check_range(unsigned long long ptr, size_t bytes) {
-    std::lock_guard<std::mutex> g(g_lock);
     return bytes == 0 || in_live_allocation(ptr, bytes);
 }

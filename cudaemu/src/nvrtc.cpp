@@ -14,7 +14,10 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cstdio>
+#include <map>
+#include <mutex>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
@@ -74,6 +77,29 @@ std::string strip_comments(const std::string& s) {
     return out;
 }
 
+// `extern __shared__ T name[];` names the launch's dynamic shared memory. Inside a function it
+// becomes a local pointer to it; at file scope a macro, since a global would be initialised
+// once, when the module is loaded, before any launch has a buffer.
+std::string rewrite_dynamic_shared(const std::string& src) {
+    static const std::regex declaration(
+        R"(extern\s+__shared__\s+((?:[A-Za-z_]\w*\s+)*?[A-Za-z_]\w*)\s*([A-Za-z_]\w*)\s*\[\s*\]\s*;)");
+    std::string out;
+    size_t copied = 0;
+    int depth = 0;
+    size_t scanned = 0;
+    for (auto it = std::sregex_iterator(src.begin(), src.end(), declaration);
+         it != std::sregex_iterator(); ++it) {
+        size_t at = it->position(0);
+        for (; scanned < at; scanned++) depth += src[scanned] == '{' ? 1 : src[scanned] == '}' ? -1 : 0;
+        std::string type = (*it)[1], name = (*it)[2];
+        out += src.substr(copied, at - copied);
+        out += depth > 0 ? type + "* " + name + " = (" + type + "*)cudaemu_dynamic_smem();"
+                         : "#define " + name + " ((" + type + "*)cudaemu_dynamic_smem())\n";
+        copied = at + it->length(0);
+    }
+    return out + src.substr(copied);
+}
+
 std::string trim(const std::string& s) {
     size_t b = s.find_first_not_of(" \t\r\n"), e = s.find_last_not_of(" \t\r\n");
     return b == std::string::npos ? std::string() : s.substr(b, e - b + 1);
@@ -82,7 +108,7 @@ std::string trim(const std::string& s) {
 // The entry points and parameter tables of every `extern "C" __global__` kernel of `src`.
 bool kernel_entries(const std::string& src, std::string& out, std::string& log) {
     static const std::regex kernel(
-        R"(extern\s+"C"\s+__global__\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?void\s+([A-Za-z_]\w*)\s*\()");
+        R"(extern\s+"C"\s+__global__\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?void\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?([A-Za-z_]\w*)\s*\()");
     for (auto it = std::sregex_iterator(src.begin(), src.end(), kernel);
          it != std::sregex_iterator(); ++it) {
         std::string name = (*it)[1];
@@ -132,6 +158,24 @@ std::string directory_of_this_library() {
 }
 
 bool is_executable(const std::string& path) { return access(path.c_str(), X_OK) == 0; }
+
+// The compiler's path and what it says its version is, for the cache key: an upgraded
+// compiler recompiles.
+std::string compiler_identity(const std::string& compiler) {
+    static std::mutex lock;
+    static std::map<std::string, std::string> known;
+    std::lock_guard<std::mutex> g(lock);
+    auto it = known.find(compiler);
+    if (it != known.end()) return it->second;
+    std::string version;
+    if (FILE* p = popen(("'" + compiler + "' --version 2>&1").c_str(), "r")) {
+        char buf[512];
+        size_t n;
+        while ((n = fread(buf, 1, sizeof buf, p)) > 0) version.append(buf, n);
+        pclose(p);
+    }
+    return known[compiler] = compiler + "\n" + version;
+}
 
 std::string find_compiler() {
     if (const char* cxx = getenv("CUDAEMU_CXX"); cxx && *cxx) return cxx;
@@ -217,9 +261,7 @@ nvrtcResult compile(Program& prog, const std::vector<std::string>& options) {
         }
     }
     std::string src = strip_comments(prog.source);
-    static const std::regex dynamic_shared(
-        R"(extern\s+__shared__\s+((?:[A-Za-z_]\w*\s+)*?[A-Za-z_]\w*)\s*([A-Za-z_]\w*)\s*\[\s*\]\s*;)");
-    src = std::regex_replace(src, dynamic_shared, "$1* $2 = ($1*)cudaemu_dynamic_smem();");
+    src = rewrite_dynamic_shared(src);
     std::string entries;
     if (!kernel_entries(src, entries, prog.log)) return NVRTC_ERROR_COMPILATION;
     src += "\n" + entries;
@@ -236,16 +278,21 @@ nvrtcResult compile(Program& prog, const std::vector<std::string>& options) {
         return NVRTC_ERROR_INTERNAL_ERROR;
     }
     const char* extra = getenv("CUDAEMU_CXXFLAGS");
+    // -fstack-clash-protection: a kernel's large local array probes its stack page by page,
+    // so overrunning a fiber's stack hits its guard page instead of another fiber's stack.
     std::string flags = "-std=c++17 -O2 -fPIC -shared -ffp-contract=off -fno-fast-math "
-                        "-fvisibility=hidden -Wno-attributes" +
+                        "-fstack-clash-protection -fvisibility=hidden -Wno-attributes" +
                         defines + (extra ? " " + std::string(extra) : "");
-    std::string key_text = compiler + "\n" + flags + "\n" + header_text + "\n" + src;
+    std::string key_text = compiler_identity(compiler) + "\n" + flags + "\n" + header_text + "\n" + src;
     char key[32];
     snprintf(key, sizeof key, "%016llx", fnv1a(key_text));
     std::string dir = cache_dir();
     std::string module = dir + "/" + key + ".so";
     if (access(module.c_str(), R_OK) != 0) {
-        std::string stem = dir + "/" + key + ".tmp-" + std::to_string(getpid());
+        // A name no other process or thread uses: pid, and a per-process counter.
+        static std::atomic<unsigned> counter{0};
+        std::string stem = dir + "/" + key + ".tmp-" + std::to_string(getpid()) + "-" +
+                           std::to_string(counter++);
         {
             std::ofstream f(stem + ".cpp", std::ios::binary);
             f << src;
@@ -324,9 +371,15 @@ __attribute__((visibility("default"))) nvrtcResult nvrtcCompileProgram(
     nvrtcProgram prog, int num_options, const char* const* options) {
     if (!prog) return NVRTC_ERROR_INVALID_PROGRAM;
     if (num_options < 0 || (num_options > 0 && !options)) return NVRTC_ERROR_INVALID_INPUT;
-    std::vector<std::string> opts(options, options + num_options);
-    prog->log.clear();
-    return compile(*prog, opts);
+    try {
+        std::vector<std::string> opts(options, options + num_options);
+        prog->log.clear();
+        return compile(*prog, opts);
+    } catch (const std::bad_alloc&) {
+        return NVRTC_ERROR_OUT_OF_MEMORY;
+    } catch (...) {
+        return NVRTC_ERROR_INTERNAL_ERROR;
+    }
 }
 
 __attribute__((visibility("default"))) nvrtcResult nvrtcGetProgramLogSize(nvrtcProgram prog,

@@ -114,8 +114,8 @@ pub fn load_if_requested() -> Result<()> {
     let dir = if value == "1" {
         built_dir().map(Path::to_path_buf).ok_or_else(|| {
             Error::Cuda(
-                "TOKENFORMER_CUDA_EMU=1, but the CUDA emulator was not built (no C++ compiler was \
-                 found when this program was compiled)"
+                "TOKENFORMER_CUDA_EMU=1, but the CUDA emulator was not built with this program (it \
+                 needs a C++ compiler at build time, on x86-64 Linux)"
                     .into(),
             )
         })?
@@ -138,7 +138,9 @@ pub fn use_for_tests_if_no_driver() -> Result<bool> {
     }
     let Some(dir) = built_dir() else {
         return Err(Error::Cuda(
-            "no CUDA driver, and no CUDA emulator (no C++ compiler was found at build time)".into(),
+            "no CUDA driver, and no CUDA emulator (it is built where a C++ compiler is found, on \
+             x86-64 Linux)"
+                .into(),
         ));
     };
     let first = !is_loaded();
