@@ -285,7 +285,7 @@ impl TrainSettings {
     /// checkpoint it started from.
     pub fn model_name(&self) -> String {
         match (&self.init_from, &self.model) {
-            (Some(ckpt), _) => format!("the model of {}", ckpt.display()),
+            (Some(ckpt), _) => format!("{}'s", ckpt.display()),
             (None, Some(_)) => format!("a variant of {}", self.preset),
             (None, None) => self.preset.clone(),
         }
