@@ -15,7 +15,8 @@ use tokenformer_models::checkpoint::{
 use tokenformer_models::config::TokenGroup;
 use tokenformer_models::data::{StreamDecoder, Tokenizer};
 use tokenformer_models::evaluate::{
-    evaluate_tokens, evaluate_tokens_per_position, parse_token_ids,
+    evaluate_tokens, evaluate_tokens_per_position, parse_token_ids, save_token_ids, text_token_ids,
+    write_token_ids,
 };
 use tokenformer_models::experiment::{
     default_experiment_dir, results_table, run_growth_experiment, ExperimentControl, Plan, Scale,
@@ -28,9 +29,10 @@ use tokenformer_models::memory;
 use tokenformer_models::progress::{thousands, Progress};
 use tokenformer_models::run_dir::{clear_unfinished, RunLock};
 use tokenformer_models::train::{
-    check_new_run, load_model, saved_run, train_new, train_resume_with, TrainControl, TrainSettings,
+    check_new_run, load_model, resume_plan, train_new, train_resume_options, ResumeOptions,
+    StageLr, TrainControl, TrainSettings,
 };
-use tokenformer_models::{Arch, GrowInit, ModelConfig, Theta, TokenFormer};
+use tokenformer_models::{config::SizeOverrides, Arch, GrowInit, ModelConfig, Theta, TokenFormer};
 
 #[derive(Parser)]
 #[command(
@@ -56,8 +58,10 @@ enum Command {
     /// Convert the authors' released weights (torch.save .bin/.pt, a DeepSpeed checkpoint
     /// folder, or safetensors with their names) into a checkpoint directory
     Import(ImportArgs),
-    /// Mean next-token loss of a checkpoint on a file of token ids
+    /// Mean next-token loss of a checkpoint on a text file or a file of token ids
     Eval(EvalArgs),
+    /// Write the token ids of a text file, as `eval --tokens` reads them
+    Tokenize(TokenizeArgs),
     /// Sample text from a checkpoint
     Generate(GenerateArgs),
     /// Time full training steps (forward, backward, AdamW) and a large matmul
@@ -76,18 +80,19 @@ enum ExperimentCommand {
 
 #[derive(Args)]
 struct GrowthExperimentArgs {
-    /// Experiment directory (default: runs/experiment-growth-N, the first free N)
+    /// Experiment directory [default: runs/experiment-growth-N, the first free N]
     #[arg(long)]
     out: Option<PathBuf>,
-    /// cpu or cuda
+    /// Where to train: cpu or cuda
     #[arg(long, default_value = "cpu")]
     device: String,
     /// small (under 20 minutes on two idle CPU cores) or medium (sized for one GPU)
     #[arg(long, default_value = "small")]
     scale: String,
-    /// The same pipeline at a toy size, in seconds
+    /// The same pipeline at a toy size, in seconds [default: off]
     #[arg(long)]
     quick: bool,
+    /// Seed of every arm's initialisation and batches
     #[arg(long, default_value_t = TrainSettings::default().seed)]
     seed: u64,
     /// A folder with train/ and val/ folders of .txt books
@@ -96,111 +101,177 @@ struct GrowthExperimentArgs {
     /// Growths from a quarter of the final tokens to the final size
     #[arg(long, default_value_t = 3)]
     growths: usize,
-    /// Share of the steps the base model trains before the first growth (default: all stages
-    /// equally long)
+    /// Share of the steps the base model trains before the first growth [default: all stages
+    /// equally long]
     #[arg(long)]
     base_share: Option<f64>,
     /// The grown arms' learning rate after a growth: continue (one schedule, as scratch's) or
     /// restart (a new warmup and cosine per stage)
-    #[arg(long, default_value = "continue")]
+    #[arg(long, default_value_t = StageLr::default().to_string())]
     stage_lr: String,
     /// Add a sixth arm: scratch with the grown arms' τ = √n₀ (n₀ the base's token counts)
+    /// [default: off]
     #[arg(long)]
     tau_control: bool,
     /// Run only these arms (comma-separated; scratch must be one): scratch, grown, transformer,
-    /// grown-random, grown-frozen, scratch-tau
+    /// grown-random, grown-frozen, scratch-tau [default: the five arms, six with --tau-control]
     #[arg(long, value_delimiter = ',')]
     arms: Vec<String>,
 }
 
 #[derive(Args)]
 struct TrainArgs {
-    /// Model preset (tiny, small, 150M, 450M, ...)
+    /// Model preset: tiny, small, 150M, 450M, ... [default: tiny]
     #[arg(long)]
     preset: Option<String>,
-    /// Text files or directories (default: built-in tiny shakespeare)
+    /// Text files or directories [default: the built-in tiny shakespeare]
     #[arg(long, num_args = 1..)]
     data: Vec<PathBuf>,
-    /// Validation text files or directories (default: the last 10% of --data)
+    /// Validation text files or directories [default: the last 10% of --data]
     #[arg(long, num_args = 1..)]
     val_data: Vec<PathBuf>,
-    /// byte, gpt2 or neox
+    /// byte, gpt2 or neox [default: byte; with --init-from, the checkpoint's]
     #[arg(long)]
     tokenizer: Option<String>,
+    /// Optimizer steps of the run; on --resume of a finished run, more steps extend it by a new
+    /// stage [default: 1500]
     #[arg(long)]
     steps: Option<u64>,
+    /// Sequences per micro-batch [default: 16]
     #[arg(long)]
     batch: Option<usize>,
+    /// Tokens per sequence (at most the model's max_seq_len) [default: 64]
     #[arg(long)]
     seq: Option<usize>,
+    /// Micro-batches per optimizer step (gradient accumulation) [default: 1]
     #[arg(long)]
     grad_accum: Option<usize>,
+    /// Peak learning rate, reached at the end of the warmup [default: 5e-3]
     #[arg(long, allow_negative_numbers = true)]
     lr: Option<f32>,
+    /// Learning rate at the end of the cosine decay [default: 5e-4]
     #[arg(long, allow_negative_numbers = true)]
     min_lr: Option<f32>,
+    /// Steps of linear warmup to --lr [default: 30]
     #[arg(long)]
     warmup: Option<u64>,
+    /// AdamW's decoupled weight decay [default: 0.1]
     #[arg(long, allow_negative_numbers = true)]
     weight_decay: Option<f32>,
-    /// Global gradient-norm clip (0 disables)
+    /// Global gradient-norm clip, 0 disables [default: 1]
     #[arg(long, allow_negative_numbers = true)]
     clip: Option<f32>,
+    /// Seed of the initialisation and of the batches [default: 1337]
     #[arg(long)]
     seed: Option<u64>,
+    /// Steps between validation losses (and plot redraws) [default: 250]
     #[arg(long)]
     eval_every: Option<u64>,
+    /// Steps between checkpoints (one is also saved at the end) [default: 500]
     #[arg(long)]
     save_every: Option<u64>,
     /// Grow the model after STEP steps (repeatable). SPEC: qkv=+64,proj=+64,ffn=+256,layers=+2
     /// (+N adds, N grows to), or preset=NAME; optionally layer-at=interleave, init=random
+    /// [default: no growth]
     #[arg(long, value_name = "STEP:SPEC")]
     grow_at: Vec<String>,
-    /// The learning rate after a growth: restart (a new warmup and cosine per stage) or
-    /// continue (one schedule over the run)
+    /// The learning rate after a growth (or in the new stage of an extended run): continue
+    /// (one schedule over the run) or restart (a new warmup and cosine per stage)
+    /// [default: continue]
     #[arg(long)]
     stage_lr: Option<String>,
     /// After a growth, train only what it added (old tokens, embedding and norm stay fixed);
-    /// also on --resume of a run grown by `grow`
+    /// also on --resume of a run grown by `grow` [default: off]
     #[arg(long)]
     freeze_old: bool,
     #[command(flatten)]
     arch: ArchArgs,
-    /// Run directory (default: runs/<preset>-N, the first free N)
+    /// Run directory [default: runs/<preset>-N, the first free N]
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Continue the run in this directory with its own settings
+    /// Continue the run in this directory with its own settings (--steps, --stage-lr and
+    /// --freeze-old may change what is still ahead of it) [default: a new run]
     #[arg(long)]
     resume: Option<PathBuf>,
-    /// Start from the weights of this checkpoint (an imported or trained model; its config
-    /// and tokenizer) instead of a fresh init: fine-tuning, with a new optimizer and schedule
-    #[arg(long, value_name = "DIR", conflicts_with_all = ["resume", "preset", "arch", "d_ff"], requires = "out")]
+    /// Start a new run from the model of this checkpoint directory (made by init, grow or
+    /// train), with a fresh optimizer and schedule [default: a freshly initialised model]
+    #[arg(long, value_name = "CHECKPOINT", conflicts_with_all = [
+        "resume", "preset", "arch", "d_ff", "layers", "d_model", "heads", "qkv_tokens",
+        "proj_tokens", "ffn_tokens", "max_seq_len",
+    ])]
     init_from: Option<PathBuf>,
     /// Start again in an --out directory whose run stopped before its first checkpoint
+    /// [default: off]
     #[arg(long, conflicts_with = "resume")]
     overwrite: bool,
-    /// cpu or cuda
+    /// Where to train: cpu or cuda
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// Characters (bytes or tokens) of text sampled at the end of the run
+    /// Tokens (characters, with the byte tokenizer) of text sampled at the end of the run
     #[arg(long, default_value_t = 400)]
     sample_tokens: usize,
 }
 
-/// The architecture flags of `train`, `init`, `info` and `bench`.
+/// The architecture and size flags of `train`, `init`, `info` and `bench`: each changes the
+/// preset's value.
 #[derive(Args)]
 struct ArchArgs {
     /// tokenformer (Pattentions over parameter tokens) or transformer (the same decoder with
-    /// linear layers: the baseline)
+    /// linear layers: the baseline) [default: tokenformer]
     #[arg(long)]
     arch: Option<String>,
     /// A transformer's MLP width: a number, or `match` for the parameter count of the
-    /// TokenFormer preset (default: 4·d_model)
+    /// TokenFormer preset [default: 4·d_model]
     #[arg(long)]
     d_ff: Option<String>,
+    /// Decoder layers [default: the preset's]
+    #[arg(long)]
+    layers: Option<usize>,
+    /// Model width d (a multiple of --heads) [default: the preset's]
+    #[arg(long)]
+    d_model: Option<usize>,
+    /// Attention heads [default: the preset's]
+    #[arg(long)]
+    heads: Option<usize>,
+    /// Parameter tokens of each query, key and value Pattention [default: the preset's]
+    #[arg(long)]
+    qkv_tokens: Option<usize>,
+    /// Parameter tokens of each attention output Pattention [default: the preset's]
+    #[arg(long)]
+    proj_tokens: Option<usize>,
+    /// Parameter tokens of each MLP Pattention [default: the preset's]
+    #[arg(long)]
+    ffn_tokens: Option<usize>,
+    /// Longest context the model reads [default: the preset's]
+    #[arg(long)]
+    max_seq_len: Option<usize>,
 }
 
 impl ArchArgs {
+    fn sizes(&self) -> SizeOverrides {
+        SizeOverrides {
+            n_layers: self.layers,
+            d_model: self.d_model,
+            n_heads: self.heads,
+            qkv_tokens: self.qkv_tokens,
+            proj_tokens: self.proj_tokens,
+            ffn_tokens: self.ffn_tokens,
+            max_seq_len: self.max_seq_len,
+        }
+    }
+
+    /// `preset` with the size flags, for a model of architecture `arch`.
+    fn sized(&self, preset: &ModelConfig, arch: Arch) -> Result<ModelConfig> {
+        let tokens = [self.qkv_tokens, self.proj_tokens, self.ffn_tokens];
+        if arch != Arch::TokenFormer && tokens.iter().any(Option::is_some) {
+            return Err(Error::invalid(
+                "--qkv-tokens, --proj-tokens and --ffn-tokens size a tokenformer's Pattentions; \
+                 a transformer's MLP width is --d-ff",
+            ));
+        }
+        self.sizes().apply(preset)
+    }
+
     fn arch(&self) -> Result<Option<Arch>> {
         self.arch.as_deref().map(str::parse).transpose()
     }
@@ -222,17 +293,20 @@ impl ArchArgs {
         }
     }
 
-    /// `preset` in the architecture asked for.
+    /// `preset` in the architecture and sizes asked for.
     fn apply(&self, preset: &ModelConfig) -> Result<ModelConfig> {
         let arch = self.arch()?.unwrap_or_default();
-        preset.with_arch(arch, self.d_ff(arch, preset)?)
+        let sized = self.sized(preset, arch)?;
+        sized.with_arch(arch, self.d_ff(arch, &sized)?)
     }
 }
 
 #[derive(Args)]
 struct GrowArgs {
+    /// Checkpoint directory to grow (it is only read)
     #[arg(long)]
     checkpoint: PathBuf,
+    /// New directory for the grown checkpoint
     #[arg(long)]
     out: PathBuf,
     /// Tokens added to every query, key and value Pattention
@@ -250,7 +324,8 @@ struct GrowArgs {
     /// Where new layers go: end, or interleave (spread among the old ones)
     #[arg(long, default_value = "end")]
     layer_at: String,
-    /// Grow to this preset (it may differ only in token counts and depth)
+    /// Grow to this preset (it may differ only in token counts and depth) [default: the counts
+    /// above]
     #[arg(long, conflicts_with_all = ["qkv", "proj", "ffn", "layers"])]
     to_preset: Option<String>,
     /// exact (zero keys: outputs unchanged) or random (new keys and values from the init:
@@ -261,27 +336,33 @@ struct GrowArgs {
     /// the optimizer restarts: the official recipe with --init random; outputs change)
     #[arg(long, default_value = "frozen")]
     tau: String,
+    /// Seed of the new tokens' values
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// cpu or cuda: where the tokens are appended (the result is the same on either)
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Grow into an --out directory whose earlier grow stopped before its checkpoint
+    /// [default: off]
     #[arg(long)]
     overwrite: bool,
 }
 
 #[derive(Args)]
 struct InitArgs {
+    /// Model preset: tiny, small, 150M, 450M, ... (the size flags below change it)
     #[arg(long)]
     preset: String,
+    /// New directory for the checkpoint
     #[arg(long)]
     out: PathBuf,
+    /// Seed of the initialisation
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Vocabulary size [default: the preset's]
     #[arg(long)]
     vocab_size: Option<usize>,
-    /// l2_norm_gelu, gelu_l2_norm or softmax
+    /// Θ of every Pattention: l2_norm_gelu, gelu_l2_norm or softmax [default: l2_norm_gelu]
     #[arg(long)]
     norm: Option<String>,
     #[command(flatten)]
@@ -290,8 +371,10 @@ struct InitArgs {
 
 #[derive(Args)]
 struct InfoArgs {
+    /// Model preset to describe (the flags below change it) [default: give --checkpoint]
     #[arg(long, required_unless_present = "checkpoint", conflicts_with = "checkpoint")]
     preset: Option<String>,
+    /// Checkpoint directory to describe [default: give --preset]
     #[arg(long)]
     checkpoint: Option<PathBuf>,
     /// With --preset
@@ -307,39 +390,58 @@ struct ImportArgs {
     /// The checkpoint directory to write
     #[arg(long)]
     out: PathBuf,
-    /// Attention heads (default: the released config the shapes match)
+    /// Attention heads [default: the released config's, when the shapes match one]
     #[arg(long)]
     heads: Option<usize>,
-    /// Context length (default: the released config the shapes match)
+    /// Context length [default: the released config's, when the shapes match one]
     #[arg(long)]
     max_seq_len: Option<usize>,
-    /// byte, gpt2 or neox (default: the released config's, neox)
+    /// byte, gpt2 or neox [default: the released config's, neox]
     #[arg(long)]
     tokenizer: Option<String>,
-    /// l2_norm_gelu, gelu_l2_norm or softmax (default: l2_norm_gelu, as released)
+    /// l2_norm_gelu, gelu_l2_norm or softmax [default: l2_norm_gelu, as released]
     #[arg(long)]
     norm: Option<String>,
     /// A config.json (SPEC §6.2) giving every setting; its shapes must match the tensors'
+    /// [default: settings from the shapes and the flags above]
     #[arg(long)]
     config: Option<PathBuf>,
 }
 
 #[derive(Args)]
 struct EvalArgs {
+    /// Checkpoint directory of the model
     #[arg(long)]
     checkpoint: PathBuf,
-    /// File of whitespace-separated token ids
-    #[arg(long)]
-    tokens: PathBuf,
-    /// Print one JSON object: {"loss": ..., "tokens": ...}
+    /// File of whitespace-separated token ids, as `tokenize` writes [default: give --text]
+    #[arg(long, required_unless_present = "text", conflicts_with = "text")]
+    tokens: Option<PathBuf>,
+    /// Text file (`-`: standard input), tokenized with the checkpoint's tokenizer [default:
+    /// give --tokens]
+    #[arg(long, value_name = "FILE")]
+    text: Option<PathBuf>,
+    /// Print one JSON object: {"loss": ..., "tokens": ...} [default: off]
     #[arg(long)]
     json: bool,
     /// Also write the loss at every predicted position to FILE (.json or .safetensors; a new
-    /// file), to compare with another implementation token by token
+    /// file), to compare with another implementation token by token [default: off]
     #[arg(long, value_name = "FILE")]
     per_token: Option<PathBuf>,
+    /// Where to evaluate: cpu or cuda
     #[arg(long, default_value = "cpu")]
     device: String,
+}
+
+#[derive(Args)]
+struct TokenizeArgs {
+    /// Text file to tokenize (`-`: standard input)
+    file: PathBuf,
+    /// byte, gpt2 or neox: the tokenizer of the model to evaluate (its config.json names it)
+    #[arg(long, default_value = "byte")]
+    tokenizer: String,
+    /// New file for the ids [default: standard output]
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 /// The prompt and temperature of `generate`, also used for the sample at the end of `train`.
@@ -348,45 +450,59 @@ const DEFAULT_TEMPERATURE: f32 = 0.8;
 
 #[derive(Args)]
 struct GenerateArgs {
+    /// Checkpoint directory of the model
     #[arg(long)]
     checkpoint: PathBuf,
+    /// Text the sample continues
     #[arg(long, default_value = DEFAULT_PROMPT)]
     prompt: String,
+    /// Tokens to sample
     #[arg(long, default_value_t = 500)]
     max_tokens: usize,
+    /// Softmax temperature of the sampling (0: always the likeliest token)
     #[arg(long, default_value_t = DEFAULT_TEMPERATURE)]
     temperature: f32,
+    /// Sample only among the K likeliest tokens [default: the whole vocabulary]
     #[arg(long)]
     top_k: Option<usize>,
+    /// Seed of the sampling
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Where to run: cpu or cuda
     #[arg(long, default_value = "cpu")]
     device: String,
 }
 
 #[derive(Args)]
 struct BenchArgs {
+    /// Where to run: cpu or cuda
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Model preset (the flags below change it)
     #[arg(long, default_value = "tiny")]
     preset: String,
     #[command(flatten)]
     arch: ArchArgs,
+    /// Sequences per step
     #[arg(long, default_value_t = 8)]
     batch: usize,
+    /// Tokens per sequence
     #[arg(long, default_value_t = 64)]
     seq: usize,
+    /// Steps timed (after two untimed warm-up steps)
     #[arg(long, default_value_t = 10)]
     steps: usize,
-    /// Allow TF32 tensor cores for fp32 matmuls (CUDA)
+    /// Allow TF32 tensor cores for fp32 matmuls (CUDA) [default: off]
     #[arg(long)]
     tf32: bool,
     /// Size of the square matmul timed first (0 skips it)
     #[arg(long, default_value_t = 1024)]
     matmul: usize,
     /// Also print the time per op, forward and backward, and its share of the step
+    /// [default: off]
     #[arg(long)]
     profile: bool,
+    /// Print one JSON object instead of the table [default: off]
     #[arg(long)]
     json: bool,
 }
@@ -401,6 +517,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Some(Command::Info(a)) => info(a),
         Some(Command::Import(a)) => import(a),
         Some(Command::Eval(a)) => eval(a),
+        Some(Command::Tokenize(a)) => tokenize(a),
         Some(Command::Generate(a)) => generate_text(a),
         Some(Command::Bench(a)) => bench(a),
         Some(Command::Experiment(ExperimentCommand::Growth(a))) => growth_experiment(a),
@@ -484,7 +601,20 @@ fn apply_train_flags(a: &TrainArgs, base: &mut TrainSettings, check: Option<&Pat
     set("preset", a.preset.clone(), &mut base.preset, check)?;
     let arch = a.arch.arch()?;
     set("arch", arch, &mut base.arch, check)?;
-    let d_ff = a.arch.d_ff(base.arch, &ModelConfig::preset(&base.preset)?)?;
+    let sizes = a.arch.sizes();
+    if !sizes.is_empty() {
+        if let Some(dir) = check {
+            return Err(Error::invalid(format!(
+                "{} sizes a new model; the run in {} keeps its own (start a new run from it with \
+                 --init-from)",
+                sizes.flags().join(" "),
+                dir.display()
+            )));
+        }
+        base.model = Some(a.arch.sized(&ModelConfig::preset(&base.preset)?, base.arch)?);
+    }
+    let preset = ModelConfig::preset(&base.preset)?;
+    let d_ff = a.arch.d_ff(base.arch, base.model.as_ref().unwrap_or(&preset))?;
     set("d-ff", d_ff.map(Some), &mut base.d_ff, check)?;
     // Absolute, as a run stores them: the same files whatever directory a resume runs from.
     use tokenformer_models::train::absolute_paths;
@@ -540,40 +670,47 @@ fn train(a: TrainArgs) -> Result<()> {
                     ));
                 }
             }
-            let (mut saved, step) = saved_run(dir)?;
+            let options = ResumeOptions {
+                freeze_old: a.freeze_old,
+                steps: a.steps,
+                stage_lr: a.stage_lr.as_deref().map(str::parse).transpose()?,
+            };
+            let plan = resume_plan(dir, &options)?;
+            let (mut saved, step) = (plan.settings, plan.step);
             apply_train_flags(&a, &mut saved, Some(dir))?;
             if step >= saved.steps {
                 eprintln!(
-                    "nothing to train: the run in {} is complete (step {step} of {})",
+                    "nothing to train: the run in {} is complete (step {step} of {}; --steps N \
+                     trains it on to step N)",
                     dir.display(),
                     saved.steps
                 );
                 return Ok(());
             }
             // The data paths come from the run directory: say what will be read.
-            eprintln!(
-                "resuming {} at step {step} of {}, reading {}",
-                dir.display(),
-                saved.steps,
-                describe_data(&saved)
-            );
-            (dir.clone(), step, train_resume_with(dir, device, control, a.freeze_old)?)
+            match plan.extends {
+                Some(before) => eprintln!(
+                    "extending {} from {before} to {} steps (a new stage from step {step}), \
+                     reading {}",
+                    dir.display(),
+                    saved.steps,
+                    describe_data(&saved)
+                ),
+                None => eprintln!(
+                    "resuming {} at step {step} of {}, reading {}",
+                    dir.display(),
+                    saved.steps,
+                    describe_data(&saved)
+                ),
+            }
+            (dir.clone(), step, train_resume_options(dir, device, control, &options)?)
         }
         None => {
             let mut settings = TrainSettings::default();
-            apply_train_flags(&a, &mut settings, None)?;
-            if let Some(from) = &a.init_from {
-                // The model is the checkpoint's; the tokenizer too, unless --tokenizer says
-                // otherwise (then the vocabularies must agree).
-                let config = inspect_checkpoint(from)?.config;
-                settings.arch = config.arch;
-                settings.d_ff = (config.arch == Arch::Transformer).then_some(config.d_ff);
-                if a.tokenizer.is_none() {
-                    settings.tokenizer = config.tokenizer.clone();
-                }
-                settings.model = Some(config);
-                settings.init_from = Some(from.clone());
+            if let Some(ckpt) = &a.init_from {
+                settings.start_from(ckpt)?;
             }
+            apply_train_flags(&a, &mut settings, None)?;
             let dir = a.out.clone().unwrap_or_else(|| default_run_dir(&settings));
             // Held until the run has started (train_new takes it again, reentrantly).
             let mut _lock = None;
@@ -761,8 +898,14 @@ fn init(a: InitArgs) -> Result<()> {
         config.norm = norm.parse::<Theta>()?;
     }
     config.validate()?;
+    let sizes = a.arch.sizes().flags();
+    let name = if sizes.is_empty() {
+        a.preset.clone()
+    } else {
+        format!("{} {}", a.preset, sizes.join(" "))
+    };
     memory::check(
-        &format!("initialising {} with vocab_size {}", a.preset, config.vocab_size),
+        &format!("initialising {name} with vocab_size {}", config.vocab_size),
         memory::checkpoint_bytes(&config, false),
     )?;
     let refuse = |out: &Path| -> Result<()> {
@@ -789,7 +932,7 @@ fn init(a: InitArgs) -> Result<()> {
     )?;
     println!(
         "wrote {} {} ({} parameters, seed {}) to {}",
-        a.preset,
+        name,
         config.arch,
         thousands(config.param_count()),
         a.seed,
@@ -802,9 +945,10 @@ fn info(a: InfoArgs) -> Result<()> {
     let config = match (&a.preset, &a.checkpoint) {
         (Some(p), _) => a.arch.apply(&ModelConfig::preset(p)?)?,
         (None, Some(dir)) => {
-            if a.arch.arch.is_some() || a.arch.d_ff.is_some() {
+            if a.arch.arch.is_some() || a.arch.d_ff.is_some() || !a.arch.sizes().is_empty() {
                 return Err(Error::invalid(
-                    "--arch and --d-ff go with --preset; a checkpoint's config.json has its arch",
+                    "--arch, --d-ff and the size flags go with --preset; a checkpoint's \
+                     config.json has its model",
                 ));
             }
             // The config and the model file's header: counting needs no tensor.
@@ -896,16 +1040,11 @@ fn eval(a: EvalArgs) -> Result<()> {
         }
     }
     let model = load_model(&a.checkpoint, parse_device(&a.device)?)?;
-    let (file, len) = open_regular(&a.tokens)?;
-    // The text, then up to one id (4 bytes) per two bytes of it.
-    memory::check(
-        &format!("reading {} ({}) as token ids", a.tokens.display(), bytes_text(len)),
-        Some(3 * u128::from(len)),
-    )?;
-    let bytes = read_open(file, &a.tokens, len, len, "a file of token ids")?;
-    let text = String::from_utf8(bytes)
-        .map_err(|_| Error::format(a.tokens.display(), "not UTF-8 text of token ids"))?;
-    let ids = parse_token_ids(&text, &a.tokens.display().to_string())?;
+    let ids = match (&a.text, &a.tokens) {
+        (Some(text), _) => text_token_ids(text, tokenizer_of(&model)?)?,
+        (None, Some(tokens)) => read_token_ids(tokens)?,
+        (None, None) => return Err(Error::invalid("give --text FILE or --tokens FILE")),
+    };
     // A bar on stderr (hidden when stderr is not a terminal), so `--json` stdout stays one line.
     let windows = ids.len().div_ceil(model.config.max_seq_len) as u64;
     let bar = Progress::new(windows, 0);
@@ -975,6 +1114,37 @@ fn write_per_token(path: &Path, targets: &[u32], losses: &[f32], mean: f64) -> R
         Error::invalid(format!("--per-token: {} is not a file name", path.display()))
     })?;
     replace_file(dir, name, &bytes)
+}
+
+fn read_token_ids(path: &Path) -> Result<Vec<u32>> {
+    let (file, len) = open_regular(path)?;
+    // The text, then up to one id (4 bytes) per two bytes of it.
+    memory::check(
+        &format!("reading {} ({}) as token ids", path.display(), bytes_text(len)),
+        Some(3 * u128::from(len)),
+    )?;
+    let bytes = read_open(file, path, len, len, "a file of token ids")?;
+    let text = String::from_utf8(bytes)
+        .map_err(|_| Error::format(path.display(), "not UTF-8 text of token ids"))?;
+    parse_token_ids(&text, &path.display().to_string())
+}
+
+fn tokenize(a: TokenizeArgs) -> Result<()> {
+    let tokenizer = Tokenizer::from_name(&a.tokenizer)?;
+    let ids = text_token_ids(&a.file, tokenizer)?;
+    match &a.out {
+        Some(out) => {
+            save_token_ids(out, &ids)?;
+            eprintln!(
+                "wrote {} token ids ({} tokenizer) to {}",
+                thousands(ids.len()),
+                tokenizer.name(),
+                out.display()
+            );
+            Ok(())
+        }
+        None => write_token_ids(&mut std::io::stdout().lock(), &ids, "stdout"),
+    }
 }
 
 /// The `--profile` table: milliseconds per step for each op, forward and backward.

@@ -635,8 +635,9 @@ fn bad_settings_are_refused_and_runs_left_alone() {
     assert!(err.contains("already holds a run") && err.contains("--resume"), "{err}");
     let err = t.fails(&["train", "--resume", s(&run), "--lr", "0.5"]);
     assert!(err.contains("--lr") && err.contains("contradicts"), "{err}");
-    let err = t.fails(&["train", "--resume", s(&run), "--steps", "100000"]);
-    assert!(err.contains("--steps") && err.contains("contradicts"), "{err}");
+    // More steps extend a finished run (tests/growth_workflow.rs); fewer than it took are refused.
+    let err = t.fails(&["train", "--resume", s(&run), "--steps", "1"]);
+    assert!(err.contains("--steps 1") && err.contains("has taken 2 steps"), "{err}");
     let err = t.fails(&["train", "--resume", s(&run), "--out", s(&fresh)]);
     assert!(err.contains("--out"), "{err}");
     assert_unchanged(&run, &before, "a refused train");
@@ -931,4 +932,239 @@ fn a_diverging_run_stops_with_one_error() {
     assert!((1..50).contains(&steps), "{steps} steps logged");
     assert_eq!(saved_step(&dir), steps as u64);
     assert!(err.contains(&format!("at step {}", steps + 1)), "{err}");
+}
+
+#[test]
+fn init_from_starts_a_run_from_any_checkpoint() {
+    let t = Scratch::new("init-from");
+    // An `init` checkpoint with the run's own seed and size is the run's first model: training
+    // from it is training from scratch, bit for bit.
+    let size = ["--layers", "3", "--d-model", "192"];
+    let ck = t.path("ck");
+    let stdout =
+        t.ok(
+            &[&["init", "--preset", "tiny", "--out", s(&ck), "--seed", "1337"][..], &size].concat()
+        );
+    assert!(stdout.contains("tiny --layers 3 --d-model 192"), "{stdout}");
+    let from = t.path("from");
+    t.ok(&[&["train", "--out", s(&from), "--init-from", s(&ck)][..], &SHORT].concat());
+    let scratch = t.path("scratch");
+    t.ok(&[&["train", "--out", s(&scratch)][..], &size, &SHORT].concat());
+    let model = |dir: &Path| std::fs::read(dir.join("model.safetensors")).unwrap();
+    let losses = |dir: &Path| std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+    assert_eq!(model(&from), model(&scratch));
+    let config = |dir: &Path| std::fs::read_to_string(dir.join("config.json")).unwrap();
+    assert_eq!(config(&from), config(&ck));
+    // Another seed is another starting model.
+    let other = t.init("other", &["--seed", "7"]);
+    let from_other = t.path("from-other");
+    t.ok(&[&["train", "--out", s(&from_other), "--init-from", s(&other)][..], &SHORT].concat());
+    let tiny = t.short_run("tiny");
+    assert_ne!(model(&from_other), model(&tiny));
+
+    // A trained run's checkpoint, and a grown one: the new run starts at step 0 from its model.
+    let grown = t.path("grown");
+    t.ok(&["grow", "--checkpoint", s(&from), "--out", s(&grown), "--ffn", "8"]);
+    let again = t.path("again");
+    t.ok(&[&["train", "--out", s(&again), "--init-from", s(&grown)][..], &SHORT].concat());
+    assert_eq!(config(&again), config(&grown));
+    assert_eq!(saved_step(&again), 2);
+    assert_ne!(losses(&again), losses(&from));
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(again.join("train_state.json")).unwrap())
+            .unwrap();
+    assert_eq!(state["settings"]["init_from"], s(&std::path::absolute(&grown).unwrap()));
+
+    // What the checkpoint fixes cannot be asked for differently; nothing is written.
+    let bad = t.path("bad");
+    let err = t.fails(&["train", "--out", s(&bad), "--init-from", s(&ck), "--tokenizer", "gpt2"]);
+    assert!(err.contains("--init-from") && err.contains("vocab_size 256"), "{err}");
+    t.usage_error(&["train", "--out", s(&bad), "--init-from", s(&ck), "--layers", "2"]);
+    t.usage_error(&["train", "--resume", s(&from), "--init-from", s(&ck)]);
+    let err = t.fails(&["train", "--out", s(&bad), "--init-from", s(&t.path("missing"))]);
+    assert!(err.contains("--init-from") && err.contains("missing"), "{err}");
+    assert!(!bad.exists());
+    // An `init` checkpoint cannot be resumed; the error says what to do instead.
+    let err = t.fails(&["train", "--resume", s(&ck)]);
+    assert!(err.contains("--init-from"), "{err}");
+}
+
+#[test]
+fn model_sizes_come_from_flags_over_a_preset() {
+    let t = Scratch::new("sizes");
+    let flags = [
+        "--layers",
+        "3",
+        "--d-model",
+        "96",
+        "--heads",
+        "3",
+        "--qkv-tokens",
+        "40",
+        "--proj-tokens",
+        "24",
+        "--ffn-tokens",
+        "80",
+        "--max-seq-len",
+        "48",
+    ];
+    let stdout = t.ok(&[&["info", "--preset", "tiny"][..], &flags].concat());
+    let json: String = stdout.lines().take_while(|l| *l != "}").chain(["}"]).collect();
+    let config: serde_json::Value = serde_json::from_str(&json).unwrap();
+    for (key, want) in [
+        ("n_layers", 3),
+        ("d_model", 96),
+        ("n_heads", 3),
+        ("qkv_tokens", 40),
+        ("proj_tokens", 24),
+        ("ffn_tokens", 80),
+        ("max_seq_len", 48),
+        ("qkv_scale_tokens", 40),
+        ("ffn_scale_tokens", 80),
+    ] {
+        assert_eq!(config[key], want, "{key} in\n{stdout}");
+    }
+    let ck = t.path("ck");
+    t.ok(&[&["init", "--preset", "tiny", "--out", s(&ck)][..], &flags].concat());
+    let info = t.ok(&["info", "--checkpoint", s(&ck)]);
+    assert_eq!(info_line(&info, "total parameters"), info_line(&stdout, "total parameters"));
+    let run = t.path("run");
+    t.ok(&[&["train", "--out", s(&run)][..], &flags, &SHORT].concat());
+    let info = t.ok(&["info", "--checkpoint", s(&run)]);
+    assert_eq!(info_line(&info, "total parameters"), info_line(&stdout, "total parameters"));
+
+    // Checked before anything is allocated or written.
+    let bad = t.path("bad");
+    let err = t.fails(&[
+        "init",
+        "--preset",
+        "tiny",
+        "--out",
+        s(&bad),
+        "--d-model",
+        "100",
+        "--heads",
+        "3",
+    ]);
+    assert!(err.contains("n_heads 3") && err.contains("d_model 100"), "{err}");
+    let err = t.fails(&["init", "--preset", "tiny", "--out", s(&bad), "--d-model", "1000000000"]);
+    assert!(err.contains("memory"), "{err}");
+    let err =
+        t.fails(&[&["train", "--out", s(&bad), "--ffn-tokens", "4000000000"][..], &SHORT].concat());
+    assert!(err.contains("memory"), "{err}");
+    let err = t.fails(&["train", "--out", s(&bad), "--arch", "transformer", "--qkv-tokens", "4"]);
+    assert!(err.contains("--qkv-tokens") && err.contains("--d-ff"), "{err}");
+    let err = t.fails(&[&["train", "--out", s(&bad), "--max-seq-len", "8"][..], &SHORT].concat());
+    assert!(err.contains("--seq 16") && err.contains("max_seq_len 8"), "{err}");
+    assert!(!bad.exists());
+    let err = t.fails(&["train", "--resume", s(&run), "--layers", "2"]);
+    assert!(err.contains("--layers 2") && err.contains("--init-from"), "{err}");
+    let err = t.fails(&["info", "--checkpoint", s(&ck), "--layers", "2"]);
+    assert!(err.contains("--preset"), "{err}");
+}
+
+#[test]
+fn eval_reads_text_with_the_checkpoints_tokenizer() {
+    let t = Scratch::new("eval-text");
+    let ck = t.init("ck", &[]);
+    let text = t.file("text.txt", "To be, or not to be, that is the question:\n");
+    let ids = t.path("ids");
+    t.ok(&["tokenize", s(&text), "--out", s(&ids)]);
+    let written = std::fs::read_to_string(&ids).unwrap();
+    let want: Vec<String> = "To be, or not".bytes().map(|b| b.to_string()).collect();
+    assert!(written.starts_with(&want.join(" ")), "{written}");
+    let (by_ids, tokens, _) = eval(&t, &ck, &ids);
+    assert_eq!(tokens, 42, "43 bytes predict 42 tokens");
+    let by_text = t.ok(&["eval", "--checkpoint", s(&ck), "--text", s(&text), "--json"]);
+    assert_eq!(one_json(&by_text)["loss"].as_f64(), Some(by_ids));
+    let mut stdin = t.command(&["eval", "--checkpoint", s(&ck), "--text", "-", "--json"]);
+    stdin.stdin(std::fs::File::open(&text).unwrap());
+    let out = stdin.output().unwrap();
+    assert_eq!(one_json(&texts(&out).0)["loss"].as_f64(), Some(by_ids));
+    // Without --out the ids go to stdout; another tokenizer gives other ids.
+    assert_eq!(t.ok(&["tokenize", s(&text)]), written);
+    let gpt2 = t.ok(&["tokenize", "--tokenizer", "gpt2", s(&text)]);
+    assert!(gpt2.starts_with("2514 307 11"), "{gpt2}");
+
+    // An existing --out is never replaced; a missing text is one error line.
+    let before = std::fs::read(&ids).unwrap();
+    let err = t.fails(&["tokenize", s(&text), "--out", s(&ids)]);
+    assert!(err.contains("already exists"), "{err}");
+    assert_eq!(std::fs::read(&ids).unwrap(), before);
+    let err = t.fails(&["eval", "--checkpoint", s(&ck), "--text", "missing.txt"]);
+    assert!(err.contains("missing.txt"), "{err}");
+    t.usage_error(&["eval", "--checkpoint", s(&ck)]);
+    t.usage_error(&["eval", "--checkpoint", s(&ck), "--text", s(&text), "--tokens", s(&ids)]);
+}
+
+#[test]
+fn every_option_has_a_description_and_a_default() {
+    let t = Scratch::new("help");
+    let top = t.ok(&["--help"]);
+    let mut commands: Vec<Vec<String>> = help_section(&top, "Commands:")
+        .iter()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| *c != "help")
+        .map(|c| vec![c.to_string()])
+        .collect();
+    assert!(commands.len() >= 9, "{top}");
+    commands.push(vec!["experiment".into(), "growth".into()]);
+    for command in commands {
+        let mut args = command.clone();
+        args.push("--help".into());
+        let help = t.ok(&args);
+        if help_section(&help, "Commands:").len() > 1 {
+            continue;
+        }
+        // Options in the usage line outside [OPTIONS] are required: they need no default.
+        let usage = help.lines().find(|l| l.starts_with("Usage:")).unwrap();
+        for line in help_section(&help, "Options:") {
+            let flag = line.split_whitespace().find(|w| w.starts_with("--")).unwrap().to_string();
+            if flag == "--help" || flag == "--version" {
+                continue;
+            }
+            let value = line.split_once(&flag).unwrap().1.trim_start();
+            let value = value.strip_prefix('<').map_or(value, |v| v.split_once('>').unwrap().1);
+            let value = value.trim_start_matches(['.']);
+            assert!(value.trim().len() > 10, "{command:?} {flag} has no description: {line}");
+            let required = usage.contains(&format!("{flag} <"));
+            assert!(
+                required || line.contains("[default: "),
+                "{command:?} {flag} does not say its default: {line}"
+            );
+        }
+        for line in help_section(&help, "Arguments:") {
+            assert!(line.split_whitespace().count() > 3, "{command:?}: {line}");
+        }
+    }
+    // The defaults the help states are the defaults a run has.
+    let train = t.ok(&["train", "--help"]);
+    let defaults = tokenformer::models::train::TrainSettings::default();
+    for (flag, value) in [
+        ("--steps", defaults.steps.to_string()),
+        ("--batch", defaults.batch.to_string()),
+        ("--seq", defaults.seq.to_string()),
+        ("--warmup", defaults.warmup.to_string()),
+        ("--seed", defaults.seed.to_string()),
+        ("--eval-every", defaults.eval_every.to_string()),
+        ("--save-every", defaults.save_every.to_string()),
+        ("--grad-accum", defaults.grad_accum.to_string()),
+        ("--lr", format!("{:e}", defaults.lr)),
+        ("--min-lr", format!("{:e}", defaults.min_lr)),
+        ("--weight-decay", defaults.weight_decay.to_string()),
+        ("--clip", defaults.clip.to_string()),
+        ("--stage-lr", defaults.stage_lr.to_string()),
+        ("--preset", defaults.preset.clone()),
+    ] {
+        let line = train
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(flag))
+            .unwrap_or_else(|| panic!("no {flag} in\n{train}"));
+        assert!(line.ends_with(&format!("[default: {value}]")), "{line}");
+    }
+}
+
+/// The lines of a `--help` section (after `title`, up to the next blank line).
+fn help_section<'a>(help: &'a str, title: &str) -> Vec<&'a str> {
+    help.lines().skip_while(|l| *l != title).skip(1).take_while(|l| !l.trim().is_empty()).collect()
 }

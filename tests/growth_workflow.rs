@@ -14,7 +14,8 @@ use tokenformer::models::checkpoint::load_checkpoint;
 use tokenformer::models::growth::{grow_checkpoint, GrowSpec, GrowthPoint};
 use tokenformer::models::metrics::{read_metrics, Record};
 use tokenformer::models::train::{
-    train_new, train_resume, train_resume_with, StageLr, TrainControl, TrainSettings,
+    resume_plan, train_new, train_resume, train_resume_options, train_resume_with, ResumeOptions,
+    StageLr, TrainControl, TrainSettings,
 };
 use tokenformer::models::ModelConfig;
 
@@ -573,4 +574,150 @@ fn runs_saved_before_growth_schedules_resume() {
     let saved: serde_json::Value =
         serde_json::from_slice(&bytes(&dir, "train_state.json")).unwrap();
     assert_eq!(saved["settings"]["stage_lr"], "continue");
+}
+
+/// Every file of a checkpoint directory that holds numbers: the model and AdamW's moments.
+fn checkpoint_bits(dir: &Path) -> Vec<Vec<u8>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no .safetensors in {}", dir.display());
+    files.iter().map(|p| std::fs::read(p).unwrap()).collect()
+}
+
+#[test]
+fn train_grow_and_train_on_is_the_run_that_grew_on_schedule() {
+    let t = Scratch::new("extend");
+    // Twelve steps that grow at step 6, restarting the learning rate there ...
+    let whole = t.path("whole");
+    let mut args = vec!["train", "--out", s(&whole)];
+    args.extend(&RUN[..8]);
+    args.extend(["--steps", "12", "--eval-every", "3", "--grow-at", "6:ffn=+8"]);
+    args.extend(["--stage-lr", "restart"]);
+    t.ok(&args);
+
+    // ... and six steps, `grow` with the same new tokens, then `--resume --steps 12`.
+    let part = t.path("part");
+    let mut args = vec!["train", "--out", s(&part)];
+    args.extend(&RUN[..8]);
+    args.extend(["--steps", "6", "--eval-every", "3", "--stage-lr", "restart"]);
+    t.ok(&args);
+    let grown = t.path("grown");
+    let seed = TrainSettings::default().growth_seed(0).to_string();
+    t.ok(&["grow", "--checkpoint", s(&part), "--out", s(&grown), "--ffn", "8", "--seed", &seed]);
+    let mut finished = t.command(&["train", "--resume", s(&grown), "--sample-tokens", "0"]);
+    let stderr = texts(&finished.output().unwrap()).1;
+    assert!(stderr.contains("complete (step 6 of 6; --steps N"), "{stderr}");
+    let mut out =
+        t.command(&["train", "--resume", s(&grown), "--steps", "12", "--sample-tokens", "0"]);
+    let out = out.output().unwrap();
+    let stderr = texts(&out).1;
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("extending") && stderr.contains("from 6 to 12 steps"), "{stderr}");
+    assert!(
+        stderr.contains("step      6: learning rate: warmup restarts: 2 steps to 5e-3, then cosine to 5e-4 at step 12"),
+        "{stderr}"
+    );
+    assert_eq!(history(&grown), history(&whole));
+    assert_eq!(checkpoint_bits(&grown), checkpoint_bits(&whole));
+    let saved: serde_json::Value =
+        serde_json::from_slice(&bytes(&grown, "train_state.json")).unwrap();
+    assert_eq!((saved["step"].as_u64(), saved["settings"]["steps"].as_u64()), (Some(12), Some(12)));
+
+    // A finished run that never grew extends too; with `continue` its one schedule now runs
+    // to the new end, and the growth-less run asked for 12 steps has the same rates from there.
+    let mut out =
+        t.command(&["train", "--resume", s(&part), "--steps", "12", "--stage-lr", "continue"]);
+    let out = out.arg("--sample-tokens").arg("0").output().unwrap();
+    let stderr = texts(&out).1;
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("continues the run's one schedule over 12 steps"), "{stderr}");
+    let straight = t.path("straight");
+    let mut args = vec!["train", "--out", s(&straight)];
+    args.extend(RUN);
+    args.extend(["--steps", "12", "--eval-every", "3"]);
+    t.ok(&args);
+    let rates = |dir: &Path| metrics(dir).iter().map(|r| r.lr.to_bits()).collect::<Vec<_>>();
+    assert_eq!(rates(&part)[6..], rates(&straight)[6..]);
+    assert_ne!(rates(&part)[..6], rates(&straight)[..6]);
+}
+
+#[test]
+fn a_schedule_changes_only_where_a_stage_begins() {
+    let t = Scratch::new("extend-refused");
+    let dir = t.path("run");
+    train_new(&dir, settings(6, &[]), Device::Cpu, stop_at(3)).unwrap();
+    let before = checkpoint_bits(&dir);
+    let options = |steps, stage_lr| ResumeOptions { steps, stage_lr, ..ResumeOptions::default() };
+    // In the middle of its only stage: the steps already taken assumed the old end.
+    for (steps, stage_lr, flag) in
+        [(Some(9), None, "--steps 9"), (None, Some(StageLr::Continue), "--stage-lr continue")]
+    {
+        let err = resume_plan(&dir, &options(steps, stage_lr)).unwrap_err().to_string();
+        assert!(err.contains(flag) && err.contains("contradicts"), "{err}");
+        let err = train_resume_options(&dir, Device::Cpu, quiet(), &options(steps, stage_lr))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(flag), "{err}");
+    }
+    assert_eq!(checkpoint_bits(&dir), before, "a refused resume changed the checkpoint");
+    // Fewer steps than it has taken is no extension.
+    let err = resume_plan(&dir, &options(Some(2), None)).unwrap_err().to_string();
+    assert!(err.contains("has taken 3 steps"), "{err}");
+    // Finished, it extends, and the new stage may choose its schedule.
+    train_resume(&dir, Device::Cpu, quiet()).unwrap();
+    let plan = resume_plan(&dir, &options(Some(9), Some(StageLr::Continue))).unwrap();
+    assert_eq!((plan.step, plan.extends, plan.settings.steps), (6, Some(6), 9));
+    train_resume_options(&dir, Device::Cpu, quiet(), &options(Some(9), Some(StageLr::Continue)))
+        .unwrap();
+    let rows = metrics(&dir);
+    assert_eq!(rows.iter().map(|r| r.step).collect::<Vec<_>>(), (1..=9).collect::<Vec<_>>());
+}
+
+#[test]
+fn train_and_experiment_share_one_stage_schedule_and_say_what_it_does() {
+    assert_eq!(TrainSettings::default().stage_lr, StageLr::Continue);
+    let plan =
+        tokenformer::models::experiment::Plan::new(tokenformer::models::experiment::Scale::Quick);
+    assert_eq!(plan.stage_lr, TrainSettings::default().stage_lr);
+
+    let t = Scratch::new("rate-lines");
+    let dir = t.path("run");
+    let mut args = vec!["train", "--out", s(&dir)];
+    args.extend(&RUN[..4]);
+    args.extend(["--steps", "9", "--eval-every", "3", "--grow-at", "3:ffn=+8"]);
+    args.extend(["--grow-at", "6:ffn=+8", "--stage-lr", "restart", "--warmup", "0"]);
+    args.extend(["--sample-tokens", "0"]);
+    let stderr = texts(&t.command(&args).output().unwrap()).1;
+    assert!(
+        stderr
+            .contains("step      3: learning rate restarts at 5e-3, then cosine to 5e-4 at step 6"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("restarts at 5e-3, then cosine to 5e-4 at step 9"), "{stderr}");
+    let dir = t.path("default");
+    let mut args = vec!["train", "--out", s(&dir)];
+    args.extend(&RUN[..8]);
+    args.extend(["--steps", "9", "--eval-every", "3", "--grow-at", "3:ffn=+8"]);
+    let stderr = texts(&t.command(&args).output().unwrap()).1;
+    let line =
+        stderr.lines().find(|l| l.contains("learning rate")).unwrap_or_else(|| panic!("{stderr}"));
+    let rate_at_4 = metrics(&dir)[3].lr as f32;
+    assert!(
+        line.ends_with(&format!(
+            "learning rate continues the run's one schedule over 9 steps: {} now, cosine to 5e-4 at step 9 (--stage-lr continue)",
+            shown_rate(rate_at_4)
+        )),
+        "{line}"
+    );
+}
+
+/// A rate written as the run's messages write it (three significant digits).
+fn shown_rate(lr: f32) -> String {
+    let text = format!("{lr:.2e}");
+    let (mantissa, exponent) = text.split_once('e').unwrap();
+    format!("{}e{exponent}", mantissa.trim_end_matches('0').trim_end_matches('.'))
 }

@@ -941,7 +941,7 @@ fn clear_lines_for_common_mistakes() {
     let before = snapshot(&run);
     let (_, stderr) = t.ok(&["train", "--resume", s(&run)]);
     assert!(
-        stderr.contains("nothing to train: the run") && stderr.contains("complete (step 3 of 3)"),
+        stderr.contains("nothing to train: the run") && stderr.contains("complete (step 3 of 3;"),
         "{stderr}"
     );
     assert_eq!(snapshot(&run), before);

@@ -236,6 +236,60 @@ const PRESETS: &[Preset] = &[
     ("owt-1.4B", 12, 768, 12, 8620, 8620, 34480, 1024, 50304, "gpt2"),
 ];
 
+/// Sizes that override a preset's (`init` and `train` flags `--layers`, `--d-model`, …): each
+/// `None` keeps the preset's value. A token count given here is also the n₀ of τ = √n₀: the
+/// model is created with it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SizeOverrides {
+    pub n_layers: Option<usize>,
+    pub d_model: Option<usize>,
+    pub n_heads: Option<usize>,
+    pub qkv_tokens: Option<usize>,
+    pub proj_tokens: Option<usize>,
+    pub ffn_tokens: Option<usize>,
+    pub max_seq_len: Option<usize>,
+}
+
+impl SizeOverrides {
+    pub fn is_empty(&self) -> bool {
+        *self == SizeOverrides::default()
+    }
+
+    /// The flags given, as the command line writes them (for messages).
+    pub fn flags(&self) -> Vec<String> {
+        [
+            ("--layers", self.n_layers),
+            ("--d-model", self.d_model),
+            ("--heads", self.n_heads),
+            ("--qkv-tokens", self.qkv_tokens),
+            ("--proj-tokens", self.proj_tokens),
+            ("--ffn-tokens", self.ffn_tokens),
+            ("--max-seq-len", self.max_seq_len),
+        ]
+        .into_iter()
+        .filter_map(|(flag, v)| v.map(|v| format!("{flag} {v}")))
+        .collect()
+    }
+
+    /// `preset` (a TokenFormer config) with these sizes, checked against the rules of SPEC §2;
+    /// nothing is allocated.
+    pub fn apply(&self, preset: &ModelConfig) -> Result<ModelConfig> {
+        let mut config = preset.clone();
+        let set = |slot: &mut usize, v: Option<usize>| *slot = v.unwrap_or(*slot);
+        set(&mut config.n_layers, self.n_layers);
+        set(&mut config.d_model, self.d_model);
+        set(&mut config.n_heads, self.n_heads);
+        set(&mut config.max_seq_len, self.max_seq_len);
+        set(&mut config.qkv_tokens, self.qkv_tokens);
+        set(&mut config.proj_tokens, self.proj_tokens);
+        set(&mut config.ffn_tokens, self.ffn_tokens);
+        (config.qkv_scale_tokens, config.proj_scale_tokens, config.ffn_scale_tokens) =
+            (config.qkv_tokens, config.proj_tokens, config.ffn_tokens);
+        config.validate()?;
+        Ok(config)
+    }
+}
+
 impl ModelConfig {
     pub fn preset_names() -> Vec<&'static str> {
         PRESETS.iter().map(|p| p.0).collect()

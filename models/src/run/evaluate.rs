@@ -6,7 +6,12 @@
 //! fewer than 2 ids predicts nothing and is dropped. The result is the mean cross-entropy over
 //! all predicted positions.
 
+use crate::data::Tokenizer;
+use crate::files::{bytes_text, open_regular, read_open};
+use crate::memory;
 use crate::model::TokenFormer;
+use std::io::{Read, Write};
+use std::path::Path;
 use tokenformer_autograd::no_grad;
 use tokenformer_core::{Error, Result, Tensor};
 use tokenformer_ops::cross_entropy::cross_entropy;
@@ -157,4 +162,61 @@ pub fn parse_token_ids(text: &str, source: &str) -> Result<Vec<u32>> {
             })
         })
         .collect()
+}
+
+/// The bytes of the file `path`, or of standard input when `path` is `-`. A file is checked
+/// against the machine's memory before it is read: it and what is made of it take `per_byte`
+/// bytes of memory for each of its bytes.
+pub fn read_input(path: &Path, what: &str, per_byte: u128) -> Result<Vec<u8>> {
+    if path == Path::new("-") {
+        let mut bytes = Vec::new();
+        std::io::stdin().lock().read_to_end(&mut bytes).map_err(|e| Error::io("stdin", e))?;
+        return Ok(bytes);
+    }
+    let (file, len) = open_regular(path)?;
+    memory::check(
+        &format!("reading {} ({}) as {what}", path.display(), bytes_text(len)),
+        Some(per_byte * u128::from(len)),
+    )?;
+    read_open(file, path, len, len, what)
+}
+
+/// The token ids of the text in `path` (`-`: standard input) under `tokenizer`: what `eval
+/// --text` evaluates and `tokenize` writes.
+pub fn text_token_ids(path: &Path, tokenizer: Tokenizer) -> Result<Vec<u32>> {
+    // The text, then at most one id (4 bytes) per byte of it.
+    let bytes = read_input(path, "text", 5)?;
+    tokenizer.encode_bytes(&bytes)
+}
+
+/// Writes `ids` as `eval --tokens` reads them: whitespace-separated, 20 to a line.
+pub fn write_token_ids(out: &mut impl Write, ids: &[u32], name: &str) -> Result<()> {
+    for line in ids.chunks(20) {
+        let text: Vec<String> = line.iter().map(u32::to_string).collect();
+        writeln!(out, "{}", text.join(" ")).map_err(|e| Error::io(name, e))?;
+    }
+    out.flush().map_err(|e| Error::io(name, e))
+}
+
+/// Writes `ids` to a new file `path` (as [`write_token_ids`]); an existing file is never
+/// replaced, and a file left half-written by an error is removed.
+pub fn save_token_ids(path: &Path, ids: &[u32]) -> Result<()> {
+    let file =
+        std::fs::OpenOptions::new().write(true).create_new(true).open(path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                Error::io(
+                    path.display(),
+                    "already exists; choose another --out (it is left as it is)",
+                )
+            } else {
+                Error::io(path.display(), e)
+            }
+        })?;
+    let mut out = std::io::BufWriter::new(file);
+    let written = write_token_ids(&mut out, ids, &path.display().to_string());
+    drop(out);
+    if written.is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+    written
 }

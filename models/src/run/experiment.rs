@@ -169,7 +169,7 @@ impl Plan {
             data_dir: PathBuf::from(DEFAULT_DATA_DIR),
             growths: 3,
             base_share: None,
-            stage_lr: StageLr::Continue,
+            stage_lr: StageLr::default(),
             tau_control: false,
             only_arms: Vec::new(),
         }

@@ -96,20 +96,26 @@ pub struct TrainSettings {
     /// final norm) that existed before stays fixed, its AdamW moments too.
     #[serde(default)]
     pub freeze_old: bool,
-    /// The checkpoint whose weights the run starts from (fine-tuning an imported or trained
-    /// model) instead of a fresh init; `model` is then its config, and AdamW starts afresh.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The checkpoint directory whose model the run started from (`train --init-from`), instead
+    /// of a fresh initialisation; `model` then holds that model's config.
+    #[serde(default)]
     pub init_from: Option<PathBuf>,
 }
 
 /// How the learning rate goes on after a growth.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// The default is `Continue`, for `train` and `experiment growth` alike: it is the schedule the
+/// growth experiment measured (docs/growth.md: the grown arm reached scratch's final loss with
+/// 68% of its FLOPs), and it leaves an exact growth without a bump, where `Restart` warms up
+/// to the peak rate again and the loss rises for a while after the growth.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum StageLr {
     /// Each stage (the steps between two growths) gets its own warmup and cosine decay, as the
     /// paper's stagewise runs did.
     Restart,
     /// One warmup and cosine over the whole run, whatever grows.
+    #[default]
     Continue,
 }
 
@@ -169,7 +175,7 @@ impl Default for TrainSettings {
             val_spread: false,
             save_every: 500,
             grow_at: Vec::new(),
-            stage_lr: StageLr::Restart,
+            stage_lr: StageLr::default(),
             freeze_old: false,
             init_from: None,
         }
@@ -259,8 +265,34 @@ impl TrainSettings {
         Ok(plan)
     }
 
+    /// Starts the run from the model of the checkpoint directory `ckpt` (made by `init`, `grow`
+    /// or `train`): its config becomes the run's model, with its architecture and tokenizer.
+    /// Only the model is taken: the run's step, optimizer and schedule start afresh.
+    pub fn start_from(&mut self, ckpt: &Path) -> Result<()> {
+        let config = inspect_checkpoint(ckpt)
+            .map_err(|e| Error::invalid(format!("--init-from {}: {e}", ckpt.display())))?
+            .config;
+        self.arch = config.arch;
+        self.d_ff = (config.arch == Arch::Transformer).then_some(config.d_ff);
+        self.tokenizer = config.tokenizer.clone();
+        self.model = Some(config);
+        self.init_from =
+            Some(std::path::absolute(ckpt).map_err(|e| Error::io(ckpt.display(), e.to_string()))?);
+        Ok(())
+    }
+
+    /// The model of the run as its messages name it: the preset, a variant of it, or the
+    /// checkpoint it started from.
+    pub fn model_name(&self) -> String {
+        match (&self.init_from, &self.model) {
+            (Some(ckpt), _) => format!("{}'s", ckpt.display()),
+            (None, Some(_)) => format!("a variant of {}", self.preset),
+            (None, None) => self.preset.clone(),
+        }
+    }
+
     /// The seed of the new tokens of scheduled growth `index`.
-    fn growth_seed(&self, index: usize) -> u64 {
+    pub fn growth_seed(&self, index: usize) -> u64 {
         self.seed ^ (0x9E37_79B9_7F4A_7C15u64.wrapping_mul(index as u64 + 1))
     }
 
@@ -404,8 +436,8 @@ pub fn is_run_dir(dir: &Path) -> bool {
 pub fn check_new_run(out: &Path, settings: &TrainSettings) -> Result<ModelConfig> {
     settings.validate()?;
     let config = settings.model_config()?;
-    if let Some(from) = &settings.init_from {
-        check_init_from(from, &inspect_checkpoint(from)?.config, &config)?;
+    if let Some(ckpt) = &settings.init_from {
+        check_start_model(ckpt, &config)?;
     }
     // The largest model of the run is the one its last growth makes.
     let plan = settings.growth_plan(&config)?;
@@ -433,6 +465,30 @@ pub fn check_new_run(out: &Path, settings: &TrainSettings) -> Result<ModelConfig
     Ok(config)
 }
 
+/// Refuses a run whose model (`config`, from its settings) is not the model of the checkpoint
+/// it starts from: another tokenizer gives another vocabulary.
+fn check_start_model(ckpt: &Path, config: &ModelConfig) -> Result<()> {
+    let source = inspect_checkpoint(ckpt)?.config;
+    if source.tokenizer != config.tokenizer || source.vocab_size != config.vocab_size {
+        return Err(Error::invalid(format!(
+            "--init-from {}: its model reads tokenizer {} (vocab_size {}); the run's tokenizer {} \
+             has vocab_size {} (leave out --tokenizer to use the checkpoint's)",
+            ckpt.display(),
+            source.tokenizer,
+            source.vocab_size,
+            config.tokenizer,
+            config.vocab_size
+        )));
+    }
+    if source != *config {
+        return Err(Error::invalid(format!(
+            "--init-from {}: the run's model differs from the checkpoint's",
+            ckpt.display()
+        )));
+    }
+    Ok(())
+}
+
 /// `paths` made absolute against the current directory, so that a run resumed from another
 /// directory reads the same files.
 pub fn absolute_paths(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
@@ -454,7 +510,7 @@ pub fn train_new(
     // Again under the lock: another process may have started a run here meanwhile.
     let config = check_new_run(out, &settings)?;
     let model = match &settings.init_from {
-        Some(dir) => start_from(dir, &config, device)?,
+        Some(ckpt) => load_model(ckpt, device)?,
         None => TokenFormer::init(&config, settings.seed, device)?,
     };
     let optimizer = Optimizer::new(&model, settings.adamw())?;
@@ -484,41 +540,113 @@ pub fn train_new(
     }
 }
 
-/// Refuses to start a run whose model (`config`) is not the checkpoint's (`found`).
-fn check_init_from(dir: &Path, found: &ModelConfig, config: &ModelConfig) -> Result<()> {
-    if found == config {
-        return Ok(());
-    }
-    Err(Error::invalid(format!(
-        "--init-from {}: the run's model differs from the checkpoint's (tokenizer {} gives \
-         vocab_size {}; the checkpoint has vocab_size {} and tokenizer {})",
-        dir.display(),
-        config.tokenizer,
-        config.vocab_size,
-        found.vocab_size,
-        found.tokenizer
-    )))
-}
-
-/// The model of the checkpoint in `dir`, which must have the run's config, on `device`.
-fn start_from(dir: &Path, config: &ModelConfig, device: Device) -> Result<TokenFormer> {
-    let ckpt = load_checkpoint(dir)?;
-    check_init_from(dir, &ckpt.config, config)?;
-    let params = ckpt
-        .params
-        .into_iter()
-        .map(|(n, t)| Ok((n, t.to_device(device)?)))
-        .collect::<Result<Vec<_>>>()?;
-    TokenFormer::from_named(ckpt.config, params)
-}
-
 /// The settings a run directory was started with and the step its checkpoint is at (for
 /// `--resume` flag checks), read without loading tensors and checked as `--resume` checks them.
 pub fn saved_run(dir: &Path) -> Result<(TrainSettings, u64)> {
+    let state = saved_state(dir)?;
+    Ok((state.settings, state.step))
+}
+
+fn saved_state(dir: &Path) -> Result<TrainState> {
     check_run_dir(dir)?;
     let config = inspect_checkpoint(dir)?.config;
-    let state = parse_state(dir, read_train_state(dir)?, &config)?;
-    Ok((state.settings, state.step))
+    parse_state(dir, read_train_state(dir)?, &config)
+}
+
+/// What `train --resume` may change of a run. Everything else a run keeps; these change what
+/// is still ahead of it, never what it has done.
+#[derive(Clone, Debug, Default)]
+pub struct ResumeOptions {
+    /// Train only what the latest growth added from now on (docs/growth.md §4).
+    pub freeze_old: bool,
+    /// Train to this many steps. More than a finished run asked for extends it by a new stage
+    /// that begins at its last step; a run that has just grown (`grow`) or that is at the start
+    /// of a stage may be given another end for that stage.
+    pub steps: Option<u64>,
+    /// The learning rate of the stage that begins now (allowed only at the start of a stage:
+    /// an extension, or a run that has just grown).
+    pub stage_lr: Option<StageLr>,
+}
+
+/// A run as `train --resume` with some [`ResumeOptions`] will continue it.
+#[derive(Clone, Debug)]
+pub struct ResumePlan {
+    /// The run's settings, with the options applied.
+    pub settings: TrainSettings,
+    /// The step its checkpoint is at.
+    pub step: u64,
+    /// The steps the run asked for before, when the options extend it by a new stage.
+    pub extends: Option<u64>,
+}
+
+/// What `train --resume DIR` with `options` will do, read without loading tensors: the CLI
+/// checks its flags against the settings this returns, and says what will happen.
+pub fn resume_plan(dir: &Path, options: &ResumeOptions) -> Result<ResumePlan> {
+    let mut state = saved_state(dir)?;
+    let before = state.settings.steps;
+    options.apply(dir, &mut state)?;
+    let extends = (state.settings.steps != before && state.step >= before).then_some(before);
+    Ok(ResumePlan { settings: state.settings, step: state.step, extends })
+}
+
+impl ResumeOptions {
+    /// Applies the options to the saved state of the run in `dir`, refusing a change of
+    /// schedule in the middle of a stage (it would change the steps already taken, which a
+    /// resumed run could then not reproduce).
+    fn apply(&self, dir: &Path, state: &mut TrainState) -> Result<()> {
+        let s = &mut state.settings;
+        if let Some(steps) = self.steps.filter(|&n| n != s.steps) {
+            let finished = state.step >= s.steps;
+            if steps <= state.step {
+                return Err(Error::invalid(format!(
+                    "--steps {steps}: the run in {} has taken {} steps already; give more to \
+                     train it further",
+                    dir.display(),
+                    state.step
+                )));
+            }
+            if !finished && state.stage_start != state.step {
+                return Err(Error::invalid(format!(
+                    "--steps {steps} contradicts the run in {} (steps {}, at step {} of a stage \
+                     that began at step {}): a run takes more steps once it has finished, or \
+                     right after a growth",
+                    dir.display(),
+                    s.steps,
+                    state.step,
+                    state.stage_start
+                )));
+            }
+            if finished {
+                state.stage_start = state.step;
+            }
+            s.steps = steps;
+        }
+        if let Some(stage_lr) = self.stage_lr.filter(|&l| l != s.stage_lr) {
+            if state.stage_start != state.step {
+                return Err(Error::invalid(format!(
+                    "--stage-lr {stage_lr} contradicts the run in {} (stage-lr {}, at step {} of \
+                     a stage that began at step {}): the learning rate of a stage is chosen \
+                     where it begins (after a growth, or with --steps on a finished run)",
+                    dir.display(),
+                    s.stage_lr,
+                    state.step,
+                    state.stage_start
+                )));
+            }
+            s.stage_lr = stage_lr;
+        }
+        if self.freeze_old && !s.freeze_old {
+            if state.old_rows.is_none() && state.scheduled >= s.grow_at.len() {
+                return Err(Error::invalid(format!(
+                    "--freeze-old: the run in {} has not grown and has no growth ahead; nothing \
+                     is old",
+                    dir.display()
+                )));
+            }
+            s.freeze_old = true;
+        }
+        Ok(())
+    }
 }
 
 fn check_run_dir(dir: &Path) -> Result<()> {
@@ -551,7 +679,8 @@ fn parse_state(
     let path = dir.join("train_state.json");
     let state = state.ok_or_else(|| {
         Error::invalid(format!(
-            "{} holds a model but no training state (made by `init` or `grow` of a model, not by `train`)",
+            "{0} holds a model but no training state (made by `init` or `grow` of a model, not by \
+             `train`): start a run from it with `train --init-from {0}`",
             dir.display()
         ))
     })?;
@@ -593,18 +722,23 @@ pub fn train_resume_with(
     control: TrainControl,
     freeze_old: bool,
 ) -> Result<TrainSummary> {
+    let options = ResumeOptions { freeze_old, ..ResumeOptions::default() };
+    train_resume_options(dir, device, control, &options)
+}
+
+/// Continues the run in `dir` with what [`ResumeOptions`] may change: with more `steps` than a
+/// finished run asked for, it trains on as a new stage (its learning rate as `stage_lr` says:
+/// a new warmup and cosine to the new end, or the run's one schedule stretched to it).
+pub fn train_resume_options(
+    dir: &Path,
+    device: Device,
+    control: TrainControl,
+    options: &ResumeOptions,
+) -> Result<TrainSummary> {
     check_run_dir(dir)?;
     let _lock = RunLock::acquire(dir)?;
     let (ckpt, mut state) = load_run(dir)?;
-    if freeze_old && !state.settings.freeze_old {
-        if state.old_rows.is_none() && state.scheduled >= state.settings.grow_at.len() {
-            return Err(Error::invalid(format!(
-                "--freeze-old: the run in {} has not grown and has no growth ahead; nothing is old",
-                dir.display()
-            )));
-        }
-        state.settings.freeze_old = true;
-    }
+    options.apply(dir, &mut state)?;
     state.settings.validate()?;
     let s = &state.settings;
     // The largest model the rest of the schedule reaches must fit too, checked now rather than
@@ -853,8 +987,9 @@ impl<'a> Run<'a> {
         }
         run.apply_freeze()?;
         run.say(format!(
-            "training {} {} ({} parameters) on {}: {}; {} steps of {}×{}×{} tokens",
-            run.settings.preset,
+            "training {} {} ({} parameters) on {}: {}; {} steps of {}×{}×{} tokens \
+             (grad-accum × batch × seq)",
+            run.settings.model_name(),
             run.settings.arch,
             crate::progress::thousands(run.model.config.param_count()),
             run.model.device(),
@@ -864,6 +999,12 @@ impl<'a> Run<'a> {
             run.settings.batch,
             run.settings.seq
         ));
+        // A stage that begins here (after `grow`, or extended by --steps): say what its
+        // learning rate does.
+        let at_stage_start = run.state.step == run.state.stage_start;
+        if at_stage_start && run.state.step > 0 && run.state.step < run.settings.steps {
+            run.say(format!("step {:>6}: {}", run.state.step, run.rate_ahead()));
+        }
         Ok(run)
     }
 
@@ -919,7 +1060,37 @@ impl<'a> Run<'a> {
             crate::progress::thousands(self.model.config.param_count()),
             self.state.stage
         ));
+        self.say(format!("step {:>6}: {}", self.state.step, self.rate_ahead()));
         Ok(())
+    }
+
+    /// What the learning rate does from the current step on, in words, e.g. `learning rate:
+    /// warmup restarts: 30 steps to 5e-3, then cosine to 5e-4 at step 600`.
+    fn rate_ahead(&self) -> String {
+        let s = &self.settings;
+        let step = self.state.step;
+        let stage_end = s.grow_at.get(self.state.scheduled).map_or(s.steps, |p| p.step);
+        let end = if s.stage_lr == StageLr::Restart { stage_end } else { s.steps };
+        let floor = format!("cosine to {} at step {end}", rate(s.min_lr));
+        match s.stage_lr {
+            StageLr::Restart if s.warmup == 0 => {
+                format!(
+                    "learning rate restarts at {}, then {floor} (--stage-lr restart)",
+                    rate(s.lr)
+                )
+            }
+            StageLr::Restart => format!(
+                "learning rate: warmup restarts: {} steps to {}, then {floor} (--stage-lr restart)",
+                s.warmup,
+                rate(s.lr)
+            ),
+            StageLr::Continue => format!(
+                "learning rate continues the run's one schedule over {} steps: {} now, {floor} \
+                 (--stage-lr continue)",
+                s.steps,
+                rate(self.lr_at(step))
+            ),
+        }
     }
 
     /// The learning rate of step `step` (0-based).
@@ -1079,6 +1250,14 @@ impl<'a> Run<'a> {
             evaluations: self.evaluations,
         })
     }
+}
+
+/// A learning rate as the run's messages write it: three significant digits, e.g. `2.75e-3`.
+fn rate(lr: f32) -> String {
+    let text = format!("{lr:.2e}");
+    let (mantissa, exponent) = text.split_once('e').unwrap_or((&text, "0"));
+    let mantissa = mantissa.trim_end_matches('0').trim_end_matches('.');
+    format!("{mantissa}e{exponent}")
 }
 
 fn run(
