@@ -129,6 +129,7 @@ fn attention_heads() {
             "layer 3",
             "head 3:",
             "what its most active parameter tokens respond to",
+            "the strongest token of each group that responds most to the same character",
         ],
     );
     assert_pngs(&out, &["attention_heads.png", "pattention_scores.png"]);
