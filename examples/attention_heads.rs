@@ -21,8 +21,14 @@
 //! After 300 steps the heads of layer 0 are already specialised: one reads the character
 //! itself, others the one or two before it or the start of the current word. In layer 1 most
 //! queries park their attention on one early position (the line break), a common pattern in
-//! trained transformers. The Pattention tokens sort themselves into detectors of spaces,
-//! punctuation, vowels or word-initial letters.
+//! trained transformers. The feed-forward Pattention tokens of layer 0 sort themselves into
+//! detectors: of spaces, of punctuation and line breaks, of vowels, of the last letter of a
+//! word, of a few consonants. The program prints the strongest token of each such group (the
+//! tokens that respond most to the same character).
+//!
+//! Every character of the sentence is labelled on both axes of the attention heatmaps (the
+//! picture grows with the sentence, up to a limit past which every k-th one is, as the title
+//! then says). The Pattention heatmap's colours span the scores' own range, lowest to highest.
 
 mod common;
 
@@ -31,7 +37,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
-use common::{byte_label, draw_heatmap, out_file, Corpus, Heatmap, Result, Trainer};
+use common::{byte_label, draw_heatmap, heatmap_side, out_file, Corpus, Heatmap, Result, Trainer};
 use plotters::prelude::*;
 use tokenformer::autograd::no_grad;
 use tokenformer::core::Tensor;
@@ -142,6 +148,22 @@ fn describe_head(probs: &[f32], t: usize, head: usize) -> String {
     )
 }
 
+/// What a detector responds to, where its characters are all of one kind.
+fn detector_kind(chars: &[u8]) -> Option<&'static str> {
+    let all = |f: fn(&u8) -> bool| !chars.is_empty() && chars.iter().all(f);
+    if all(|&c| c == b' ') {
+        Some("spaces")
+    } else if all(|c| c.is_ascii_punctuation() || c.is_ascii_whitespace()) {
+        Some("punctuation and breaks")
+    } else if all(|c| b"aeiouAEIOU".contains(c)) {
+        Some("vowels")
+    } else if all(|c| c.is_ascii_alphabetic() && !b"aeiouAEIOU".contains(c)) {
+        Some("consonants")
+    } else {
+        None
+    }
+}
+
 fn main() -> ExitCode {
     common::exit_code(run(Args::parse()))
 }
@@ -200,7 +222,10 @@ fn run(args: Args) -> Result<()> {
     }
 
     let path = out_file(&args.out, "attention_heads.png")?;
-    let root = BitMapBackend::new(&path, (1400, 1400)).into_drawing_area();
+    // Large enough for a label on every character of the default sentence, and of any up to
+    // about 125 characters; a 2×2 grid of panels.
+    let side = 2 * heatmap_side(t, 700, 1600);
+    let root = BitMapBackend::new(&path, (side, side)).into_drawing_area();
     root.fill(&WHITE)?;
     let panels = root.split_evenly((2, 2));
     for (head, panel) in panels.iter().enumerate().take(h) {
@@ -256,7 +281,11 @@ fn run(args: Args) -> Result<()> {
     chosen.sort_by(|&a, &b| best(a).0.cmp(&best(b).0).then(best(b).1.total_cmp(&best(a).1)));
     let shown: Vec<f32> =
         (0..t).flat_map(|i| chosen.iter().map(move |&j| scores[i * n + j])).collect();
-    let max_abs = shown.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    // The colour scale spans the scores' own range, from the lowest to the highest: GELU is
+    // never below −0.17 while the positive scores reach several units, so a scale symmetric
+    // about 0 would leave most of its negative half unused.
+    let low = shown.iter().copied().fold(0.0f32, f32::min);
+    let high = shown.iter().copied().fold(0.0f32, f32::max);
     let path = out_file(&args.out, "pattention_scores.png")?;
     let root = BitMapBackend::new(&path, (1100, 1200)).into_drawing_area();
     root.fill(&WHITE)?;
@@ -273,10 +302,12 @@ fn run(args: Args) -> Result<()> {
             cols: chosen.len(),
             row_labels: labels.clone(),
             col_labels: chosen.iter().map(|j| j.to_string()).collect(),
-            x_desc: "parameter token".into(),
+            x_desc: format!(
+                "parameter token   (colours span the scores' range: {low:.2} dark purple to {high:.2} yellow)"
+            ),
             y_desc: "input character".into(),
-            range: (-max_abs, max_abs),
-            signed: true,
+            range: (low, high),
+            signed: false,
         },
     )?;
     root.present()?;
@@ -286,13 +317,18 @@ fn run(args: Args) -> Result<()> {
         args.layer
     );
     println!(
-        "(the characters of the sentence where a token's mean score is at least half its best)"
+        "(the strongest token of each group that responds most to the same character, and the"
     );
-    let mut seen: Vec<String> = Vec::new();
+    println!("characters of the sentence where its mean score is at least half its best)");
+    let mut seen: Vec<usize> = Vec::new();
     let mut by_strength = chosen.clone();
     by_strength.sort_by(|&a, &b| best(b).1.total_cmp(&best(a).1));
     for &j in &by_strength {
-        let top = best(j).1;
+        let (group, top) = best(j);
+        if seen.contains(&group) {
+            continue;
+        }
+        seen.push(group);
         let mut chars: Vec<(u8, f32)> = distinct
             .iter()
             .copied()
@@ -301,12 +337,12 @@ fn run(args: Args) -> Result<()> {
             .collect();
         chars.sort_by(|a, b| b.1.total_cmp(&a.1));
         let set = chars.iter().map(|&(ch, _)| byte_label(ch)).collect::<Vec<_>>().join(" ");
-        if seen.contains(&set) {
-            continue;
-        }
-        println!("  token {j:>3} (score {top:.2}): {set}");
-        seen.push(set);
-        if seen.len() == 8 {
+        let kind = detector_kind(&chars.iter().map(|&(ch, _)| ch).collect::<Vec<_>>());
+        println!(
+            "  token {j:>3} (score {top:.2}){}: {set}",
+            kind.map_or(String::new(), |k| format!(", {k}"))
+        );
+        if seen.len() == 10 {
             break;
         }
     }

@@ -9,7 +9,9 @@
 //!    train on. The loss curve continues from where it was, with no bump at the growth step.
 //!
 //! It prints the losses and the text before and after, and draws the loss curve with the
-//! growth step marked.
+//! growth step marked, above a zoom on the steps around the growth: there the validation loss
+//! is measured every few steps, and the training loss is shown with its running mean taken on
+//! each side of the growth separately, so that a bump could not be averaged away.
 //!
 //! ```sh
 //! cargo run --release --example grow_a_language_model
@@ -24,7 +26,7 @@ use std::time::Instant;
 use clap::Parser;
 use common::{
     draw_curves, out_file, print_sample, sample, validation_loss, Corpus, Curve, Result, Trainer,
-    BLUE, ORANGE,
+    BLUE, ORANGE, PALE_BLUE,
 };
 use plotters::prelude::*;
 use tokenformer::core::{Device, Error, Tensor};
@@ -64,6 +66,34 @@ struct Args {
 const SEQ: usize = 64;
 /// Steps between two measurements of the validation loss.
 const EVAL_EVERY: u64 = 50;
+/// The zoom shows this many steps on each side of the growth step...
+const ZOOM_HALF_WIDTH: u64 = 40;
+/// ...with the validation loss measured every this many steps there...
+const ZOOM_EVAL_EVERY: u64 = 5;
+/// ...and the training loss's running mean over this many steps.
+const ZOOM_MEAN_OVER: usize = 10;
+
+/// The steps around the growth step and the validation losses measured in them.
+struct Zoom {
+    steps: std::ops::RangeInclusive<u64>,
+    val: Vec<(f64, f64)>,
+}
+
+/// The running mean of `losses` (step, loss) over up to `over` steps, restarted after step
+/// `growth` so that no mean mixes steps from before and after it.
+fn running_mean(losses: &[(f64, f64)], growth: f64, over: usize) -> Vec<(f64, f64)> {
+    let mut means = Vec::with_capacity(losses.len());
+    let mut start = 0;
+    for (i, &(step, _)) in losses.iter().enumerate() {
+        if step > growth && losses[start].0 <= growth {
+            start = i;
+        }
+        let from = start.max((i + 1).saturating_sub(over));
+        let window = &losses[from..=i];
+        means.push((step, window.iter().map(|p| p.1).sum::<f64>() / window.len() as f64));
+    }
+    means
+}
 
 /// Every moment tensor of `old` padded with zero rows to the shape of the grown model's
 /// parameter of the same name: the new tokens start with no history, the old ones keep theirs.
@@ -100,16 +130,28 @@ fn train_phase(
     steps: u64,
     windows: usize,
     val_points: &mut Vec<(f64, f64)>,
+    zoom: &mut Zoom,
 ) -> Result<()> {
     let last = trainer.step + steps;
     for _ in 0..steps {
         trainer.step(&corpus.train)?;
-        if trainer.step.is_multiple_of(EVAL_EVERY) || trainer.step == last {
-            let val = validation_loss(&trainer.model, &corpus.val, SEQ, windows)?;
-            val_points.push((trainer.step as f64, val));
+        let step = trainer.step;
+        let printed = step.is_multiple_of(EVAL_EVERY) || step == last;
+        let zoomed =
+            zoom.steps.contains(&step) && (step.is_multiple_of(ZOOM_EVAL_EVERY) || step == last);
+        if !(printed || zoomed) {
+            continue;
+        }
+        // The validation windows are fixed and no random draw is made: measuring more often
+        // does not change the training.
+        let val = validation_loss(&trainer.model, &corpus.val, SEQ, windows)?;
+        if zoomed {
+            zoom.val.push((step as f64, val));
+        }
+        if printed {
+            val_points.push((step as f64, val));
             println!(
-                "  step {:>4}: train loss {:.4}, validation {val:.4}",
-                trainer.step,
+                "  step {step:>4}: train loss {:.4}, validation {val:.4}",
                 trainer.losses.last().map_or(f64::NAN, |l| l.1)
             );
         }
@@ -144,7 +186,9 @@ fn run(args: Args) -> Result<()> {
     let total = before_steps + after_steps;
     let mut trainer = Trainer::new(model, 8, SEQ, total)?;
     let mut val_points = vec![(0.0, validation_loss(&trainer.model, &corpus.val, SEQ, windows)?)];
-    train_phase(&mut trainer, &corpus, before_steps, windows, &mut val_points)?;
+    let steps = before_steps.saturating_sub(ZOOM_HALF_WIDTH)..=before_steps + ZOOM_HALF_WIDTH;
+    let mut zoom = Zoom { steps, val: Vec::new() };
+    train_phase(&mut trainer, &corpus, before_steps, windows, &mut val_points, &mut zoom)?;
     let before = validation_loss(&trainer.model, &corpus.val, SEQ, windows)?;
     let text_before = sample(&trainer.model, corpus.tokenizer, &args.prompt, sample_len)?;
     println!("text at step {before_steps}:");
@@ -177,7 +221,7 @@ fn run(args: Args) -> Result<()> {
     trainer.model = grown;
 
     println!("phase 2: the grown model, {after_steps} more steps");
-    train_phase(&mut trainer, &corpus, after_steps, windows, &mut val_points)?;
+    train_phase(&mut trainer, &corpus, after_steps, windows, &mut val_points, &mut zoom)?;
     let end = validation_loss(&trainer.model, &corpus.val, SEQ, windows)?;
     println!(
         "validation loss: {before:.4} at the growth step, {end:.4} after {after_steps} more steps"
@@ -186,8 +230,35 @@ fn run(args: Args) -> Result<()> {
     print_sample(&sample(&trainer.model, corpus.tokenizer, &args.prompt, sample_len)?);
 
     let path = out_file(&args.out, "grow_a_language_model.png")?;
-    let root = BitMapBackend::new(&path, (1000, 600)).into_drawing_area();
+    let root = BitMapBackend::new(&path, (1000, 1000)).into_drawing_area();
     root.fill(&WHITE)?;
+    let (whole, zoomed) = root.split_vertically(560);
+    let in_zoom = |points: &[(f64, f64)]| -> Vec<(f64, f64)> {
+        points.iter().copied().filter(|p| zoom.steps.contains(&(p.0 as u64))).collect()
+    };
+    let growth_step = before_steps as f64;
+    let zoom_curves = [
+        Curve {
+            label: "training loss".into(),
+            color: PALE_BLUE,
+            points: in_zoom(&trainer.losses),
+            dots: false,
+        },
+        Curve {
+            label: format!(
+                "training loss, mean of {ZOOM_MEAN_OVER} steps (restarted at the growth)"
+            ),
+            color: BLUE,
+            points: in_zoom(&running_mean(&trainer.losses, growth_step, ZOOM_MEAN_OVER)),
+            dots: false,
+        },
+        Curve {
+            label: format!("validation loss, every {ZOOM_EVAL_EVERY} steps"),
+            color: ORANGE,
+            points: zoom.val.clone(),
+            dots: true,
+        },
+    ];
     let curves = [
         Curve {
             label: "training loss".into(),
@@ -206,11 +277,21 @@ fn run(args: Args) -> Result<()> {
         ),
     )];
     draw_curves(
-        &root,
+        &whole,
         "tiny on tiny shakespeare, grown mid-training",
         ("step", "loss (nats per byte)"),
         false,
         &curves,
+        &mark,
+        SeriesLabelPosition::UpperRight,
+    )?;
+    let (first, last) = (zoom.steps.start(), zoom.steps.end().min(&total));
+    draw_curves(
+        &zoomed,
+        &format!("zoom on the growth step: steps {first} to {last}"),
+        ("step", "loss (nats per byte)"),
+        false,
+        &zoom_curves,
         &mark,
         SeriesLabelPosition::UpperRight,
     )?;

@@ -50,6 +50,8 @@ pub fn out_file(dir: &Path, name: &str) -> Result<PathBuf> {
 
 pub const BLUE: RGBColor = RGBColor(31, 119, 180);
 pub const ORANGE: RGBColor = RGBColor(255, 127, 14);
+/// BLUE faded towards white, for a noisy series drawn behind its smoothed one.
+pub const PALE_BLUE: RGBColor = RGBColor(166, 203, 227);
 pub const GREEN: RGBColor = RGBColor(44, 160, 44);
 pub const RED: RGBColor = RGBColor(214, 39, 40);
 pub const GREY: RGBColor = RGBColor(120, 120, 120);
@@ -104,7 +106,8 @@ pub fn draw_curves(
         .margin_right(24)
         .x_label_area_size(40)
         .y_label_area_size(70)
-        .build_cartesian_2d(x_min..x_max, lo..hi)?;
+        // A little room past the last point, so that its dot is drawn whole.
+        .build_cartesian_2d(x_min..x_max + (x_max - x_min) * 0.015, lo..hi)?;
     let y_label = |v: &f64| {
         if log_y {
             let y = 10f64.powf(*v);
@@ -201,17 +204,45 @@ pub struct Heatmap<'a> {
     pub signed: bool,
 }
 
+/// Labels fit one per cell when the cell is at least this many pixels (the labels' font size
+/// and a little air); with smaller cells only every k-th is written.
+const LABEL_PIXELS: f64 = 11.0 * 1.1;
+
+/// How many labels of `count` cells spread over `length` pixels are written: every k-th.
+fn label_every(length: usize, count: usize) -> usize {
+    let cell = length as f64 / count.max(1) as f64;
+    ((LABEL_PIXELS / cell).ceil() as usize).max(1)
+}
+
+/// The side of a square heatmap panel, between `min` and `max` pixels, on which each of `cells`
+/// rows and columns gets a label of its own where that fits (see [`draw_heatmap`]'s margins).
+pub fn heatmap_side(cells: usize, min: u32, max: u32) -> u32 {
+    let needed = (HEATMAP_MARGINS.0 + HEATMAP_MARGINS.2) as f64 + LABEL_PIXELS * cells as f64;
+    (needed.ceil() as u32 + 2).clamp(min, max)
+}
+
+/// The margins of a heatmap around its cells: left, top, right (labels, title, colour bar)
+/// and bottom.
+const HEATMAP_MARGINS: (i32, i32, i32, i32) = (56, 34, 70, 46);
+
 /// Draws a heatmap filling `area`: cells, row and column labels (every label when the cells
-/// are large enough to hold one, else every k-th), a title and a colour bar.
+/// are large enough to hold one, else every k-th, which the title then says), a title and a
+/// colour bar.
 pub fn draw_heatmap(area: &DrawingArea<BitMapBackend, Shift>, h: &Heatmap) -> Result<()> {
     let (width, height) = area.dim_in_pixel();
     let (width, height) = (width as i32, height as i32);
-    let (left, top, right, bottom) = (56, 34, 70, 46);
+    let (left, top, right, bottom) = HEATMAP_MARGINS;
     let cell_w = ((width - left - right) as f64 / h.cols as f64).max(1.0);
     let cell_h = ((height - top - bottom) as f64 / h.rows as f64).max(1.0);
     let x_at = |c: usize| left + (c as f64 * cell_w).round() as i32;
     let y_at = |r: usize| top + (r as f64 * cell_h).round() as i32;
-    area.draw(&Text::new(h.title.clone(), (left, 8), font(17)))?;
+    let row_every = label_every((height - top - bottom).max(1) as usize, h.rows);
+    let col_every = label_every((width - left - right).max(1) as usize, h.cols);
+    let title = match row_every.max(col_every) {
+        1 => h.title.clone(),
+        k => format!("{} (one label in {k} shown)", h.title),
+    };
+    area.draw(&Text::new(title, (left, 8), font(17)))?;
     let (lo, hi) = (h.range.0 as f64, h.range.1 as f64);
     let color_of = |v: f64| {
         if h.signed {
@@ -228,15 +259,12 @@ pub fn draw_heatmap(area: &DrawingArea<BitMapBackend, Shift>, h: &Heatmap) -> Re
             area.draw(&Rectangle::new(rect, color_of(v).filled()))?;
         }
     }
-    let every = |cell: f64, size: f64| ((size * 1.1 / cell).ceil() as usize).max(1);
     let label_font = font(11);
-    let row_every = every(cell_h, 11.0);
     for (r, label) in h.row_labels.iter().enumerate().step_by(row_every) {
         let y = y_at(r) + (cell_h / 2.0) as i32;
         let anchor = Pos::new(HPos::Right, VPos::Center);
         area.draw(&Text::new(label.clone(), (left - 4, y), label_font.pos(anchor)))?;
     }
-    let col_every = every(cell_w, 11.0);
     for (c, label) in h.col_labels.iter().enumerate().step_by(col_every) {
         let x = x_at(c) + (cell_w / 2.0) as i32;
         let anchor = Pos::new(HPos::Center, VPos::Top);
@@ -259,8 +287,16 @@ pub fn draw_heatmap(area: &DrawingArea<BitMapBackend, Shift>, h: &Heatmap) -> Re
         let rect = [(bar_x, bar_top + i), (bar_x + 12, bar_top + i + 1)];
         area.draw(&Rectangle::new(rect, color_of(v).filled()))?;
     }
-    let ends = [(hi, bar_top, VPos::Top), (lo, bar_bottom, VPos::Bottom)];
-    for (v, y, v_pos) in ends {
+    // The two ends, and 0 where the range straddles it.
+    let mut marks = vec![(hi, bar_top, VPos::Top), (lo, bar_bottom, VPos::Bottom)];
+    if lo < 0.0 && hi > 0.0 {
+        let zero_at = bar_top + ((hi / (hi - lo)) * (bar_bottom - bar_top) as f64).round() as i32;
+        // Left out where it would overprint an end's label.
+        if zero_at - bar_top > 14 && bar_bottom - zero_at > 14 {
+            marks.push((0.0, zero_at, VPos::Center));
+        }
+    }
+    for (v, y, v_pos) in marks {
         let text = format!("{v:.2}");
         area.draw(&Text::new(text, (bar_x + 15, y), font(11).pos(Pos::new(HPos::Left, v_pos))))?;
     }

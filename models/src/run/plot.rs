@@ -1,5 +1,7 @@
 //! The loss plot a run leaves next to its checkpoint: training and validation loss against
-//! step, as a PNG, with a dashed line at every step where the model grew. And curves against a
+//! step, as a PNG, with a dashed line at every step where the model grew. The loss is a
+//! cross-entropy in nats per token, which the y axis says (nats per byte for the byte
+//! tokenizer, read from the run's `config.json`). And curves against a
 //! logarithmic axis (`plot_curves`: the growth experiment's validation loss against FLOPs).
 //!
 //! Text in a bitmap needs a font, and no font is guaranteed to be installed (containers, CI),
@@ -9,6 +11,7 @@
 use std::path::Path;
 use std::sync::OnceLock;
 
+use crate::checkpoint::CONFIG_FILE;
 use crate::files::TempFile;
 use plotters::prelude::*;
 use plotters::style::{register_font, FontStyle};
@@ -18,6 +21,12 @@ use crate::metrics::Record;
 
 const FONT: &[u8] = include_bytes!("../../assets/DejaVuSans.ttf");
 const SIZE: (u32, u32) = (1000, 600);
+/// The loss plot's margins and label areas, in pixels: what is left of `SIZE.0` is the width of
+/// the plotting area.
+const MARGIN: (u32, u32) = (16, 32);
+const Y_LABEL_AREA: u32 = 64;
+/// The radius of a validation point's dot, in pixels.
+const DOT_RADIUS: u32 = 4;
 
 /// Registers the built-in font as plotters' `sans-serif` family (once per process). Call it
 /// before drawing any text with plotters; `plot_run` does.
@@ -39,12 +48,38 @@ pub fn growth_steps(records: &[Record]) -> Vec<u64> {
     records.windows(2).filter(|w| stage(&w[1]) != stage(&w[0])).map(|w| w[0].step).collect()
 }
 
+/// The unit of a run's loss: a cross-entropy over tokens is in nats per token, and a token of
+/// the byte tokenizer is a byte. Read from the `config.json` in `run_dir`; without a readable
+/// one the answer is "nats per token", which holds for every tokenizer.
+pub fn loss_unit(run_dir: &Path) -> &'static str {
+    let tokenizer = std::fs::read(run_dir.join(CONFIG_FILE))
+        .ok()
+        .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
+        .and_then(|config| config.get("tokenizer")?.as_str().map(str::to_owned));
+    match tokenizer.as_deref() {
+        Some("byte") => "nats per byte",
+        _ => "nats per token",
+    }
+}
+
+/// The step axis from 0 to a little past the last step, so that the last point's dot is drawn
+/// whole rather than cut in half by the plot's right edge.
+fn step_axis(x_max: f64) -> std::ops::Range<f64> {
+    let end = x_max.max(1.0);
+    let plot_width = (SIZE.0 - MARGIN.0 - MARGIN.1 - Y_LABEL_AREA) as f64;
+    // Room for the dot and as much again, in steps: `pad` is that many pixels of the final axis.
+    let pixels = 2.0 * DOT_RADIUS as f64 + 2.0;
+    let pad = end * pixels / (plot_width - pixels);
+    0.0..end + pad
+}
+
 /// Draws `train` and `val` (step, loss) points as two lines. Non-finite losses (a diverged step)
 /// are left out. The picture is drawn in memory, encoded as PNG into a new temporary file
 /// (created exclusively: never through a link planted in the run directory) and renamed over
 /// `path`, so a reader (or a crash) never sees half a PNG.
 ///
-/// A vertical dashed line marks each step of `growth` (the model grew there).
+/// A vertical dashed line marks each step of `growth` (the model grew there). The y axis names
+/// the loss's unit ([`loss_unit`] of the directory `path` is in).
 pub fn plot_run(
     path: &Path,
     train: &[(u64, f64)],
@@ -65,7 +100,8 @@ pub fn plot_run(
     let y_max = all.map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
     // A little headroom, and a non-empty range even when every loss is equal.
     let pad = ((y_max - y_min) * 0.05).max(1e-3);
-    let x_range = 0.0..x_max.max(1.0);
+    let x_range = step_axis(x_max);
+    let y_desc = format!("loss ({})", loss_unit(path.parent().unwrap_or(Path::new("."))));
     let y_range = (y_min - pad).max(0.0)..y_max + pad;
     let chart_y = y_range.clone();
 
@@ -75,15 +111,15 @@ pub fn plot_run(
         root.fill(&WHITE)?;
         let mut chart = ChartBuilder::on(&root)
             .caption(title, ("sans-serif", 26))
-            .margin(16)
-            .margin_right(32)
+            .margin(MARGIN.0)
+            .margin_right(MARGIN.1)
             .x_label_area_size(48)
-            .y_label_area_size(64)
+            .y_label_area_size(Y_LABEL_AREA)
             .build_cartesian_2d(x_range, chart_y)?;
         chart
             .configure_mesh()
             .x_desc("step")
-            .y_desc("loss")
+            .y_desc(y_desc.as_str())
             .x_label_formatter(&|x| format!("{x:.0}"))
             .label_style(("sans-serif", 16))
             .axis_desc_style(("sans-serif", 18))
@@ -117,7 +153,7 @@ pub fn plot_run(
                 .legend(move |(x, y)| {
                     PathElement::new([(x, y), (x + 20, y)], orange.stroke_width(2))
                 });
-            chart.draw_series(val.iter().map(|&p| Circle::new(p, 4, orange.filled())))?;
+            chart.draw_series(val.iter().map(|&p| Circle::new(p, DOT_RADIUS, orange.filled())))?;
         }
         chart
             .configure_series_labels()
@@ -340,6 +376,31 @@ mod tests {
         if std::env::var_os("KEEP_PLOT").is_none() {
             std::fs::remove_dir_all(&dir).unwrap();
         }
+    }
+
+    #[test]
+    fn the_last_point_is_drawn_whole() {
+        let plot_width = (SIZE.0 - MARGIN.0 - MARGIN.1 - Y_LABEL_AREA) as f64;
+        for x_max in [1.0, 7.0, 300.0, 20_000.0] {
+            let axis = step_axis(x_max);
+            let pixels_right = (axis.end - x_max) / (axis.end - axis.start) * plot_width;
+            assert!(pixels_right >= DOT_RADIUS as f64 + 1.0, "{x_max}: {pixels_right} px");
+            assert!(pixels_right < 20.0, "{x_max}: {pixels_right} px wasted");
+        }
+    }
+
+    #[test]
+    fn the_loss_unit_follows_the_tokenizer() {
+        let dir = std::env::temp_dir().join(format!("tf-plot-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        assert_eq!(loss_unit(&dir), "nats per token");
+        let config =
+            |tokenizer: &str| format!("{{\"preset\": \"tiny\", \"tokenizer\": \"{tokenizer}\"}}");
+        std::fs::write(dir.join(CONFIG_FILE), config("byte")).unwrap();
+        assert_eq!(loss_unit(&dir), "nats per byte");
+        std::fs::write(dir.join(CONFIG_FILE), config("gpt2")).unwrap();
+        assert_eq!(loss_unit(&dir), "nats per token");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
