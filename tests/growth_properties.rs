@@ -5,6 +5,10 @@
 //! and reloaded model is bit-identical. Depth growth, for all three Θ and both placements of the
 //! new layers: the same identities, and at the first step only the new layers' output values
 //! learn.
+//!
+//! What equivalence cannot see, checked against values from outside the grown model: the AdamW
+//! moments growth hands on and the training step that follows, the distributions new tokens and
+//! layers are drawn from, and every option of a growth spec reaching the grown model.
 
 use proptest::prelude::*;
 use std::collections::BTreeMap;
