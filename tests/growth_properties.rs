@@ -5,12 +5,19 @@
 //! and reloaded model is bit-identical. Depth growth, for all three Θ and both placements of the
 //! new layers: the same identities, and at the first step only the new layers' output values
 //! learn.
+//!
+//! What equivalence cannot see, checked against values from outside the grown model: the AdamW
+//! moments growth hands on and the training step that follows, the distributions new tokens and
+//! layers are drawn from, and every option of a growth spec reaching the grown model.
 
 use proptest::prelude::*;
+use std::collections::BTreeMap;
 use tokenformer::core::{Device, Rng, Tensor};
 use tokenformer::models::checkpoint::{load_checkpoint, save_checkpoint, Checkpoint};
-use tokenformer::models::growth::{grow_model, GrowSpec, LayerPlacement};
+use tokenformer::models::growth::{grow_model, GrowSpec, GrowthTarget, LayerPlacement};
+use tokenformer::models::optim::Optimizer;
 use tokenformer::models::{GrowInit, ModelConfig, Theta, TokenFormer};
+use tokenformer::ops::adamw::AdamW;
 use tokenformer::ops::testing::{bits, cases};
 
 #[derive(Debug, Clone)]
@@ -195,6 +202,7 @@ fn tau_keeps_its_creation_value_through_growth() {
     let (mlp, grown_mlp) =
         (model.layers[0].mlp.pattention().unwrap(), grown.layers[0].mlp.pattention().unwrap());
     assert_eq!(grown_mlp.tau(), mlp.tau());
+    assert!((grown_mlp.tau() - 22.627_417).abs() < 2e-6, "τ = √512 = 16·√2, not √542");
     assert_eq!(grown_mlp.tokens(), 542);
 }
 
@@ -316,4 +324,371 @@ fn growing_a_transformer_is_refused() {
     let model = TokenFormer::init(&config, 0, Device::Cpu).unwrap();
     let err = grow_model(&model, &GrowSpec { layers: 1, ..GrowSpec::default() }).err().unwrap();
     assert!(err.to_string().contains("transformer has no parameter tokens"), "{err}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The optimizer state of a grown model (SPEC §4, rule 5): exact growth keeps every old row's
+// AdamW moments and starts new rows and new layers at zero; random growth restarts the
+// optimizer. `Grown::old_rows` says which rows are old, which `--freeze-old` keeps fixed.
+
+const HP: AdamW = AdamW { lr: 1e-2, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
+
+/// One unclipped AdamW step on the loss of `ids` against `targets`.
+fn train_step(model: &mut TokenFormer, optimizer: &mut Optimizer, ids: &Tensor, targets: &Tensor) {
+    let (_, grads) = loss_and_grads(model, ids, targets);
+    let grads: Vec<Tensor> = grads.into_iter().map(|(_, g)| g).collect();
+    optimizer.update(model, &grads, HP.lr).unwrap();
+}
+
+/// A model trained for a few steps, so that its moments are not zero, and an exact growth of
+/// it: in width (the L2 variants of Θ, the ones that grow exactly), in depth at either place
+/// (every Θ), or both.
+#[derive(Debug, Clone)]
+struct TrainedCase {
+    base: Case,
+    steps: usize,
+    spec: GrowSpec,
+}
+
+fn trained_case() -> impl Strategy<Value = TrainedCase> {
+    (
+        case(),
+        prop::sample::select(Theta::ALL.to_vec()),
+        0usize..=3,
+        prop::sample::select(vec![LayerPlacement::End, LayerPlacement::Interleave]),
+        any::<bool>(),
+        1usize..=3,
+    )
+        .prop_map(|(mut base, norm, layers, layer_at, widen, steps)| {
+            base.config.norm = norm;
+            let widen = norm != Theta::Softmax && (widen || layers == 0);
+            let layers = if widen { layers } else { layers.max(1) };
+            let (qkv, proj, ffn) = if widen { base.grow_b } else { (0, 0, 0) };
+            let seed = base.seed.wrapping_add(5);
+            let spec = GrowSpec { qkv, proj, ffn, layers, layer_at, seed, ..GrowSpec::default() };
+            TrainedCase { base, steps, spec }
+        })
+}
+
+/// For each parameter of the model `spec` grows from one of `old_layers` layers: the name it
+/// had before the growth, or `None` for a parameter of a new layer. Worked out from the names
+/// and [`LayerPlacement::origins`], independently of `grow_model`'s own bookkeeping.
+fn name_before_growth(name: &str, spec: &GrowSpec, old_layers: usize) -> Option<String> {
+    let Some(rest) = name.strip_prefix("layers.") else { return Some(name.to_string()) };
+    let (index, leaf) = rest.split_once('.').unwrap();
+    let origins = spec.layer_at.origins(old_layers, spec.layers);
+    origins[index.parse::<usize>().unwrap()].map(|old| format!("layers.{old}.{leaf}"))
+}
+
+/// The moment `before` (one of m or v of the model before growth), as it should be for each
+/// parameter of `grown` after exact growth: the old values, then +0.0 for every new row; +0.0
+/// everywhere in a new layer. Built element by element, as a model built at the larger size
+/// would be given them.
+fn carried_by_hand(
+    grown: &TokenFormer,
+    before: &BTreeMap<String, Tensor>,
+    spec: &GrowSpec,
+    old_layers: usize,
+) -> Vec<(String, Tensor)> {
+    grown
+        .named_params()
+        .into_iter()
+        .map(|(name, p)| {
+            let mut values = match name_before_growth(&name, spec, old_layers) {
+                Some(old) => before[&old].to_vec().unwrap(),
+                None => Vec::new(),
+            };
+            values.resize(p.value().numel(), 0.0);
+            (name, Tensor::from_vec(values, p.dims()).unwrap())
+        })
+        .collect()
+}
+
+fn bits_of_all(named: &[(String, Tensor)]) -> Vec<(String, Vec<u32>)> {
+    named.iter().map(|(n, t)| (n.clone(), bits(t))).collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(48), failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn growth_carries_the_optimizer_state_and_the_next_step(case in trained_case()) {
+        let TrainedCase { base, steps, spec } = &case;
+        let old_layers = base.config.n_layers;
+        let mut model = TokenFormer::init(&base.config, base.seed, Device::Cpu).unwrap();
+        let mut optimizer = Optimizer::new(&model, HP).unwrap();
+        for s in 0..*steps as u64 {
+            train_step(&mut model, &mut optimizer, &tokens(base, 10 + s), &tokens(base, 20 + s));
+        }
+        let (m, v) = optimizer.named_moments(&model);
+        let old_m: BTreeMap<String, Tensor> = m.iter().cloned().collect();
+        let old_v: BTreeMap<String, Tensor> = v.iter().cloned().collect();
+        prop_assert!(old_m.values().any(|t| t.to_vec().unwrap().iter().any(|&x| x != 0.0)));
+
+        let grown = grow_model(&model, spec).unwrap();
+        let (grown_m, grown_v) =
+            (grown.moments(m.clone(), GrowInit::Exact).unwrap(), grown.moments(v.clone(), GrowInit::Exact).unwrap());
+        // Old rows bit-identical, new rows and new layers +0.0 (bits 0), one moment per
+        // parameter of the grown model, in its order and with its shape.
+        let want_m = carried_by_hand(&grown.model, &old_m, spec, old_layers);
+        let want_v = carried_by_hand(&grown.model, &old_v, spec, old_layers);
+        prop_assert_eq!(bits_of_all(&grown_m), bits_of_all(&want_m));
+        prop_assert_eq!(bits_of_all(&grown_v), bits_of_all(&want_v));
+
+        // What `--freeze-old` keeps: every row of an old parameter that existed before, none
+        // of a new layer's.
+        let before: BTreeMap<String, usize> =
+            model.named_params().into_iter().map(|(n, p)| (n, p.dims()[0])).collect();
+        let want_old_rows: BTreeMap<String, usize> = grown
+            .model
+            .named_params()
+            .into_iter()
+            .map(|(name, _)| {
+                let rows = name_before_growth(&name, spec, old_layers).map_or(0, |old| before[&old]);
+                (name, rows)
+            })
+            .collect();
+        prop_assert_eq!(grown.old_rows(), want_old_rows.clone());
+
+        // Random growth restarts the optimizer: every moment +0.0, with the grown shapes; the
+        // old rows are the same.
+        let random = grow_model(&model, &GrowSpec { init: GrowInit::Random, ..spec.clone() }).unwrap();
+        let restarted = random.moments(m.clone(), GrowInit::Random).unwrap();
+        prop_assert_eq!(restarted.len(), random.model.named_params().len());
+        for ((name, t), (param_name, p)) in restarted.iter().zip(random.model.named_params()) {
+            prop_assert_eq!(name, &param_name);
+            prop_assert_eq!(t.dims(), p.dims());
+            prop_assert!(bits(t).iter().all(|&b| b == 0), "moment of {} not restarted", name);
+        }
+        prop_assert_eq!(random.old_rows(), want_old_rows);
+
+        // The next step, taken three ways. (1) The grown model with its carried moments.
+        let (ids, targets) = (tokens(base, 30), tokens(base, 31));
+        let mut built = TokenFormer::from_named(grown.model.config.clone(), grown.model.named_tensors()).unwrap();
+        let mut after = grown.model;
+        let mut after_opt = Optimizer::from_named(&after, HP, optimizer.step, grown_m, grown_v).unwrap();
+        train_step(&mut after, &mut after_opt, &ids, &targets);
+        // (2) A model built at the larger size from the same parameters, given the moments
+        // written by hand: the same step, bit for bit.
+        let mut built_opt = Optimizer::from_named(&built, HP, optimizer.step, want_m, want_v).unwrap();
+        train_step(&mut built, &mut built_opt, &ids, &targets);
+        prop_assert_eq!(bits_of_all(&after.named_tensors()), bits_of_all(&built.named_tensors()));
+        let (after_m, after_v) = after_opt.named_moments(&after);
+        let (built_m, built_v) = built_opt.named_moments(&built);
+        prop_assert_eq!(bits_of_all(&after_m), bits_of_all(&built_m));
+        prop_assert_eq!(bits_of_all(&after_v), bits_of_all(&built_v));
+        // (3) The model before growth takes the same step: the old rows of the grown one moved
+        // exactly as it did (same gradients, same moments, and AdamW works element by element).
+        train_step(&mut model, &mut optimizer, &ids, &targets);
+        let small: BTreeMap<String, Tensor> = model.named_tensors().into_iter().collect();
+        let (small_m, _) = optimizer.named_moments(&model);
+        let small_m: BTreeMap<String, Tensor> = small_m.into_iter().collect();
+        for ((name, p), (_, mt)) in after.named_tensors().iter().zip(&after_m) {
+            if let Some(old) = name_before_growth(name, spec, old_layers) {
+                for (grown_t, small_t, what) in [(p, &small[&old], "parameter"), (mt, &small_m[&old], "m")] {
+                    let want = bits(small_t);
+                    prop_assert_eq!(&bits(grown_t)[..want.len()], &want[..], "{} {} (was {})", what, name, old);
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// What growth draws. Exact: new keys exactly zero, new values from the value init N(0, σ²) with
+// σ = 2/(L·√d) of the model being grown; a new layer is drawn as the grown config's init would
+// draw it, except that its output values (attention output and FFN) are zero. Random: new keys
+// from N(0, 0.02²) too, and a new layer entirely from the init (SPEC §2 and §4).
+
+/// Mean and standard deviation of `xs`, in f64.
+fn mean_and_std(xs: &[f32]) -> (f64, f64) {
+    let n = xs.len() as f64;
+    let mean = xs.iter().map(|&x| x as f64).sum::<f64>() / n;
+    let var = xs.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n;
+    (mean, var.sqrt())
+}
+
+#[test]
+fn growth_draws_new_tokens_and_layers_from_the_stated_distributions() {
+    let mut config = ModelConfig::preset("tiny").unwrap();
+    (config.n_layers, config.d_model, config.n_heads, config.vocab_size) = (2, 32, 2, 50);
+    (config.qkv_tokens, config.proj_tokens, config.ffn_tokens) = (8, 8, 16);
+    (config.qkv_scale_tokens, config.proj_scale_tokens, config.ffn_scale_tokens) = (8, 8, 16);
+    let model = TokenFormer::init(&config, 1, Device::Cpu).unwrap();
+    let d = config.d_model as f64;
+    let key_std = 0.02;
+    let old_value_std = 2.0 / (2.0 * d.sqrt()); // L = 2, the model being grown
+    let new_layer_value_std = 2.0 / (3.0 * d.sqrt()); // L = 3, the grown config
+
+    for init in [GrowInit::Exact, GrowInit::Random] {
+        let spec = GrowSpec {
+            qkv: 64,
+            proj: 64,
+            ffn: 128,
+            layers: 1,
+            init,
+            seed: 9,
+            ..GrowSpec::default()
+        };
+        let grown = grow_model(&model, &spec).unwrap();
+        // The new entries, by what they should be drawn from (None: exactly zero).
+        let mut drawn: BTreeMap<String, (Option<f64>, Vec<f32>)> = BTreeMap::new();
+        for ((name, p), origin) in grown.model.named_params().into_iter().zip(&grown.origins) {
+            let values = p.value().to_vec().unwrap();
+            let is_key = name.ends_with("key_param_tokens");
+            let writes_residual = name.ends_with("attention.proj.value_param_tokens")
+                || name.ends_with("mlp.value_param_tokens");
+            let (what, std, new) = match origin {
+                Some((_, rows)) if is_key || name.ends_with("value_param_tokens") => {
+                    let new = &values[rows * config.d_model..];
+                    match (is_key, init) {
+                        (true, GrowInit::Exact) => ("new keys", None, new),
+                        (true, GrowInit::Random) => ("new keys", Some(key_std), new),
+                        (false, _) => ("new values", Some(old_value_std), new),
+                    }
+                }
+                Some(_) => continue,
+                None if is_key => ("new layer's keys", Some(key_std), &values[..]),
+                None if writes_residual && init == GrowInit::Exact => {
+                    ("new layer's output values", None, &values[..])
+                }
+                None => ("new layer's values", Some(new_layer_value_std), &values[..]),
+            };
+            let entry = drawn.entry(what.to_string()).or_insert((std, Vec::new()));
+            entry.1.extend_from_slice(new);
+            // Each new token (a row of width d) is drawn, not left at zero.
+            if std.is_some() {
+                for (r, token) in new.chunks(config.d_model).enumerate() {
+                    assert!(
+                        token.iter().any(|&x| x != 0.0),
+                        "{init:?}: token {r} of {name} is zero"
+                    );
+                }
+            }
+        }
+        assert_eq!(
+            drawn.len(),
+            if init == GrowInit::Exact { 5 } else { 4 },
+            "{init:?}: {:?}",
+            drawn.keys()
+        );
+        for (what, (std, xs)) in &drawn {
+            match std {
+                None => assert!(bits_are_zero(xs), "{init:?}: {what} are not all +0.0"),
+                Some(std) => {
+                    // A fixed seed, so this is deterministic; the bounds are 6 standard errors
+                    // of the estimates, far from the other distributions' σ.
+                    let (mean, sample_std) = mean_and_std(xs);
+                    let n = xs.len() as f64;
+                    assert!(mean.abs() < 6.0 * std / n.sqrt(), "{init:?}: {what}: mean {mean}");
+                    let rel = (sample_std / std - 1.0).abs();
+                    assert!(
+                        rel < 6.0 / (2.0 * n).sqrt(),
+                        "{init:?}: {what}: std {sample_std}, want {std} (n = {n})"
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn bits_are_zero(xs: &[f32]) -> bool {
+    xs.iter().all(|x| x.to_bits() == 0)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Every option of a growth spec reaches the growth: `GrowSpec::to_preset` (grow --to-preset)
+// and `GrowthTarget::resolve` (a schedule's `preset=NAME` or amounts, with `layer-at=` and
+// `init=`) give the spec written by hand, and the grown model shows its placement, its init
+// and its seed.
+
+#[derive(Debug, Clone)]
+struct OptionsCase {
+    from: ModelConfig,
+    layer_at: LayerPlacement,
+    init: GrowInit,
+    seed: u64,
+    /// How the schedule writes it: 0 `preset=tiny`; otherwise amounts, `+N` for the keys whose
+    /// bit is set in the mask, `N` for the others.
+    form: (bool, u8),
+    /// Whether defaults (`layer-at=end`, `init=exact`) are written out too.
+    explicit: bool,
+}
+
+fn options_case() -> impl Strategy<Value = OptionsCase> {
+    (
+        (1usize..=3, 1usize..=128, 1usize..=128, 1usize..=512),
+        prop::sample::select(vec![LayerPlacement::End, LayerPlacement::Interleave]),
+        prop::sample::select(vec![GrowInit::Exact, GrowInit::Random]),
+        any::<u64>(),
+        (any::<bool>(), 0u8..16),
+        any::<bool>(),
+    )
+        .prop_map(|((layers, qkv, proj, ffn), layer_at, init, seed, form, explicit)| {
+            let mut from = ModelConfig::preset("tiny").unwrap();
+            from.n_layers = layers;
+            (from.qkv_tokens, from.proj_tokens, from.ffn_tokens) = (qkv, proj, ffn);
+            (from.qkv_scale_tokens, from.proj_scale_tokens, from.ffn_scale_tokens) =
+                (qkv, proj, ffn);
+            OptionsCase { from, layer_at, init, seed, form, explicit }
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(24), failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn every_option_of_a_growth_spec_reaches_the_grown_model(case in options_case()) {
+        let OptionsCase { from, layer_at, init, seed, form: (as_preset, plus_mask), explicit } = &case;
+        let (layer_at, init, seed) = (*layer_at, *init, *seed);
+        let to = ModelConfig::preset("tiny").unwrap();
+        let want = GrowSpec {
+            qkv: to.qkv_tokens - from.qkv_tokens,
+            proj: to.proj_tokens - from.proj_tokens,
+            ffn: to.ffn_tokens - from.ffn_tokens,
+            layers: to.n_layers - from.n_layers,
+            layer_at,
+            init,
+            seed,
+        };
+        prop_assert_eq!(GrowSpec::to_preset(from, "tiny", layer_at, init, seed).unwrap(), want.clone());
+
+        let mut parts = if *as_preset {
+            vec!["preset=tiny".to_string()]
+        } else {
+            [("qkv", from.qkv_tokens, to.qkv_tokens), ("proj", from.proj_tokens, to.proj_tokens),
+             ("ffn", from.ffn_tokens, to.ffn_tokens), ("layers", from.n_layers, to.n_layers)]
+                .iter()
+                .enumerate()
+                .map(|(i, (key, a, b))| {
+                    if plus_mask & (1 << i) != 0 { format!("{key}=+{}", b - a) } else { format!("{key}={b}") }
+                })
+                .collect()
+        };
+        if *explicit || layer_at != LayerPlacement::End {
+            parts.push(format!("layer-at={}", layer_at.name()));
+        }
+        if *explicit || init != GrowInit::Exact {
+            parts.push(format!("init={}", init.name()));
+        }
+        let text = parts.join(",");
+        let target: GrowthTarget = text.parse().unwrap();
+        prop_assert_eq!(target.resolve(from, seed).unwrap(), want.clone(), "{}", text);
+
+        // The grown model: its new layers where `layer_at` puts them, its new keys zero exactly
+        // when the init is exact, and its draws those of the seed.
+        let model = TokenFormer::init(from, seed ^ 1, Device::Cpu).unwrap();
+        let grown = grow_model(&model, &target.resolve(from, seed).unwrap()).unwrap();
+        let new_layers: Vec<bool> = grown.model.named_params().iter().zip(&grown.origins)
+            .filter(|((name, _), _)| name.ends_with("attention.query.key_param_tokens"))
+            .map(|(_, origin)| origin.is_none())
+            .collect();
+        let want_new: Vec<bool> = layer_at.origins(from.n_layers, want.layers).iter().map(Option::is_none).collect();
+        prop_assert_eq!(new_layers, want_new);
+        let query = grown.model.layers[0].query.pattention().unwrap().key_tokens.value().to_vec().unwrap();
+        let new_keys = &query[from.qkv_tokens * from.d_model..];
+        prop_assert_eq!(bits_are_zero(new_keys), init == GrowInit::Exact || new_keys.is_empty());
+        let reseeded = grow_model(&model, &GrowSpec { seed: seed ^ 2, ..want }).unwrap();
+        prop_assert_ne!(bits_of_all(&grown.model.named_tensors()), bits_of_all(&reseeded.model.named_tensors()));
+    }
 }

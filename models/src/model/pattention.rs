@@ -141,6 +141,57 @@ impl Pattention {
 mod tests {
     use super::*;
     use tokenformer_autograd::{gradcheck, GradcheckOptions};
+    use tokenformer_core::Device;
+
+    /// A layer whose value tokens are the n×n identity, so that its output rows are S = Θ(A).
+    fn showing_scores(keys: Tensor, scale_tokens: usize, norm: Theta) -> Pattention {
+        let n = keys.dims()[0];
+        let identity = (0..n * n).map(|i| if i / n == i % n { 1.0 } else { 0.0 }).collect();
+        Pattention {
+            key_tokens: Var::param(keys),
+            value_tokens: Var::param(Tensor::from_vec(identity, &[n, n]).unwrap()),
+            scale_tokens,
+            norm,
+        }
+    }
+
+    #[test]
+    fn tau_is_the_square_root_of_the_creation_count_before_and_after_growth() {
+        // τ against values worked out by hand: √16 = 4, √128 = 8·√2 = 11.3137085, √512 =
+        // 16·√2 = 22.627417; growth keeps n₀, so a layer created with 16 tokens keeps τ = 4
+        // after 9 more (not √25 = 5).
+        let with_scale = |n0| {
+            showing_scores(Tensor::zeros(&[1, 1], Device::Cpu).unwrap(), n0, Theta::L2NormGelu)
+        };
+        assert_eq!(with_scale(16).tau(), 4.0);
+        assert!((with_scale(128).tau() - 11.313_708).abs() < 2e-6);
+        assert!((with_scale(512).tau() - 22.627_417).abs() < 2e-6);
+
+        // And τ is the one the layer computes with: for gelu_l2_norm every row of S has norm
+        // τ, for softmax every row sums to τ².
+        let mut rng = Rng::new(7);
+        let x = Var::param(Tensor::randn(&[5, 3], 1.0, &mut rng));
+        let keys = Tensor::randn(&[16, 3], 1.0, &mut rng);
+        for norm in [Theta::GeluL2Norm, Theta::Softmax] {
+            let layer = showing_scores(keys.clone(), 16, norm);
+            let grown = layer.grow(9, GrowInit::Exact, 0.02, 0.1, &mut rng).unwrap();
+            assert_eq!((grown.tokens(), grown.tau()), (25, 4.0));
+            let grown = showing_scores(grown.key_tokens.value().clone(), 16, norm);
+            for (what, layer) in [("created", &layer), ("grown", &grown)] {
+                let out = layer.forward(&x).unwrap().value().to_vec().unwrap();
+                for row in out.chunks(layer.tokens()) {
+                    let (measured, want) = match norm {
+                        Theta::Softmax => (row.iter().map(|&s| s as f64).sum::<f64>(), 16.0),
+                        _ => (row.iter().map(|&s| (s as f64).powi(2)).sum::<f64>().sqrt(), 4.0),
+                    };
+                    assert!(
+                        (measured - want).abs() < 1e-4,
+                        "{norm:?}, {what}: {measured}, want {want}"
+                    );
+                }
+            }
+        }
+    }
 
     #[test]
     fn mix_matches_the_plain_chain_bit_for_bit_and_passes_gradcheck() {

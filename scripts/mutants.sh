@@ -1,0 +1,180 @@
+#!/usr/bin/env bash
+# Mutation testing of the growth code: cargo-mutants changes one thing at a time in
+# models/src/model/{growth,pattention,optim}.rs and ops/src/pattention_norm/ (a function body
+# replaced by a constant, an operator swapped, a match arm deleted, ...), rebuilds, and runs the
+# tests. A mutant that no test fails on is "missed": a change to the code that the tests cannot
+# see. docs/mutation_testing.md keeps the last result and says why each missed mutant left is
+# harmless.
+#
+# Not run in CI: every mutant is a rebuild and a test run, a minute or two on 2 cores, and these
+# files give a few hundred mutants. Run it in shards, and resume it:
+#
+#   scripts/mutants.sh                        # every file above, every mutant
+#   scripts/mutants.sh --shard 1/4            # a quarter: the 1st, 5th, 9th, ... mutant
+#   FILES=growth scripts/mutants.sh           # one file: growth, pattention, optim or norm
+#   scripts/mutants.sh --shard 1/4 --resume   # go on where that shard's runs stopped
+#   scripts/mutants.sh --list                 # the mutants, without running anything
+#
+# Shards count from 1 and are fixed: shard K of N is every N-th mutant of the list, from the
+# K-th. --resume skips the mutants that an earlier run of the same files and shard finished
+# (caught, missed, timed out or unviable); without it, earlier runs are set aside and the
+# shard starts over. (cargo-mutants' own --shard and --iterate do not combine so: it shards
+# what is left after skipping, so a resumed shard would be another shard.)
+#
+# Any other option is cargo-mutants' own (`cargo mutants --help`). Results go to
+# target/mutants/FILES[-shard-K-of-N]/ (OUT overrides it): the shard's mutants (mutants.txt),
+# one cargo-mutants output folder per run (run-1/mutants.out, run-2/...; each holds caught.txt,
+# missed.txt, timeout.txt, unviable.txt, outcomes.json and a log per mutant), and summary.txt,
+# the counts over all runs and the mutants missed.
+#
+# Each mutant runs the unit tests of the models, ops and CLI crates and the property and
+# workflow tests of growth and of the ops (tests/growth_properties.rs, tests/growth_workflow.rs,
+# tests/ops_properties/): the tests that pin what growth computes, in about 20 seconds.
+#
+# The mutants are applied in a private copy of this checkout, target/mutants/tree, never in the
+# checkout itself. It is kept between runs, so that each mutant rebuilds only the crates it
+# touches: its sources are brought up to date with the checkout's before every run, and its
+# target/ starts as a copy of the checkout's (timestamps kept, so that cargo reuses it).
+#
+# Needs cargo-mutants: `cargo install --locked cargo-mutants` (tested with 27.1).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+checkout=$PWD
+
+if ! cargo mutants --version >/dev/null 2>&1; then
+    echo "mutants.sh: cargo-mutants is not installed (cargo install --locked cargo-mutants)" >&2
+    exit 1
+fi
+
+FILES=${FILES:-all}
+case "$FILES" in
+    all) globs=(models/src/model/growth.rs models/src/model/pattention.rs
+                models/src/model/optim.rs 'ops/src/pattention_norm/*.rs') ;;
+    growth | pattention | optim) globs=("models/src/model/$FILES.rs") ;;
+    norm) globs=('ops/src/pattention_norm/*.rs') ;;
+    *) echo "mutants.sh: FILES must be all, growth, pattention, optim or norm, got '$FILES'" >&2
+       exit 1 ;;
+esac
+file_args=()
+for glob in "${globs[@]}"; do file_args+=(--file "$glob"); done
+
+packages=(tokenformer-models tokenformer-ops tokenformer)
+targets=(--lib --test growth_properties --test growth_workflow --test ops_properties)
+
+# The options this script handles itself; the rest go to cargo-mutants.
+shard="" resume=false listing=false args=()
+while (($#)); do
+    case "$1" in
+        --shard) shard=${2:-}; shift ;;
+        --shard=*) shard=${1#--shard=} ;;
+        --resume) resume=true ;;
+        --list | --list-files) listing=true; args+=("$1") ;;
+        *) args+=("$1") ;;
+    esac
+    shift
+done
+if [[ -n "$shard" ]]; then
+    if [[ ! "$shard" =~ ^([0-9]+)/([0-9]+)$ ]] ||
+        ((BASH_REMATCH[1] < 1 || BASH_REMATCH[1] > BASH_REMATCH[2])); then
+        echo "mutants.sh: --shard must be K/N with 1 <= K <= N, got '$shard'" >&2
+        exit 1
+    fi
+fi
+
+# The private tree: every file git tracks or would track, rewritten only where it differs (a
+# rewritten file gets a new timestamp, so cargo rebuilds what depends on it, including a file
+# that a run stopped in the middle of a mutant left mutated).
+tree=$checkout/target/mutants/tree
+mkdir -p "$tree"
+if [[ ! -d "$tree/target/release" && -d target/release ]]; then
+    mkdir -p "$tree/target"
+    cp -a target/release "$tree/target/"
+fi
+git ls-files --cached --others --exclude-standard -z | while IFS= read -r -d '' file; do
+    [[ -f "$file" ]] || continue
+    if ! cmp -s "$file" "$tree/$file"; then
+        mkdir -p "$tree/$(dirname "$file")"
+        cp "$file" "$tree/$file"
+    fi
+done
+cd "$tree"
+
+common=(--workspace "${file_args[@]}")
+if $listing; then
+    exec cargo mutants "${common[@]}" "${args[@]}"
+fi
+
+# This shard's mutants, less those that earlier runs finished when resuming.
+name=$FILES
+if [[ -n "$shard" ]]; then name="$name-shard-${shard/\//-of-}"; fi
+OUT=${OUT:-$checkout/target/mutants/$name}
+mkdir -p "$OUT"
+cargo mutants "${common[@]}" --list >"$OUT/all.txt"
+if [[ -n "$shard" ]]; then
+    k=${shard%/*} n=${shard#*/}
+    awk -v k="$k" -v n="$n" '(NR - k) % n == 0' "$OUT/all.txt" >"$OUT/mutants.txt"
+else
+    cp "$OUT/all.txt" "$OUT/mutants.txt"
+fi
+if ! $resume && compgen -G "$OUT/run-*" >/dev/null; then
+    set_aside="$OUT/set-aside-$(date +%Y%m%d-%H%M%S)"
+    mkdir -p "$set_aside"
+    mv "$OUT"/run-* "$set_aside/"
+fi
+finished() {
+    cat "$OUT"/run-*/mutants.out/{caught,missed,timeout,unviable}.txt 2>/dev/null | sort -u
+}
+todo=$(grep -vxF -f <(finished) "$OUT/mutants.txt" || true)
+summary() {
+    {
+        echo "files: ${globs[*]}; shard: ${shard:-all}; mutants: $(wc -l <"$OUT/mutants.txt")"
+        for outcome in caught missed timeout unviable; do
+            count=$(cat "$OUT"/run-*/mutants.out/$outcome.txt 2>/dev/null |
+                grep -cxF -f "$OUT/mutants.txt" || true)
+            echo "$outcome: $count"
+        done
+        echo "not yet run: $(grep -cvxF -f <(finished) "$OUT/mutants.txt" || true)"
+        echo "missed:"
+        cat "$OUT"/run-*/mutants.out/missed.txt 2>/dev/null | grep -xF -f "$OUT/mutants.txt" |
+            sed 's/^/  /' || true
+    } | tee "$OUT/summary.txt"
+}
+if [[ -z "$todo" ]]; then
+    summary
+    exit 0
+fi
+
+packages=(tokenformer-models tokenformer-ops tokenformer)
+targets=(--lib --test growth_properties --test growth_workflow --test ops_properties)
+package_args=()
+for p in "${packages[@]}"; do package_args+=(--package "$p"); done
+# The baseline: the same tests on the unmutated tree. cargo-mutants' own baseline would run
+# only the mutated crate's tests, which do not include the CLI crate's test files.
+echo "mutants.sh: baseline: cargo test --release ${package_args[*]} ${targets[*]}"
+if ! cargo test --release "${package_args[@]}" "${targets[@]}" >"$OUT/baseline.log" 2>&1; then
+    echo "mutants.sh: the tests fail without any mutant; see $OUT/baseline.log" >&2
+    exit 1
+fi
+
+# The mutants to run, named exactly (one anchored regex each). The test targets go to every
+# cargo command (--cargo-arg), so that the build before the tests links only those, not every
+# test binary of the three crates. --timeout: a mutant that makes a test loop is stopped after
+# 5 minutes (the tests take about 20 seconds).
+pick=()
+while IFS= read -r mutant; do
+    pick+=(--re "^$(printf '%s' "$mutant" | sed 's/[][\\.^$*+?(){}|]/\\&/g')\$")
+done <<<"$todo"
+target_args=()
+for t in "${targets[@]}"; do target_args+=("--cargo-arg=$t"); done
+run=1
+while [[ -e "$OUT/run-$run" ]]; do run=$((run + 1)); done
+mkdir -p "$OUT/run-$run"
+echo "mutants.sh: $(wc -l <<<"$todo") mutants to run; results in $OUT/run-$run"
+status=0
+cargo mutants "${common[@]}" "${pick[@]}" --in-place --output "$OUT/run-$run" \
+    --profile release --baseline skip --timeout 300 --build-timeout 1200 \
+    --test-package "$(IFS=,; echo "${packages[*]}")" "${target_args[@]}" "${args[@]}" ||
+    status=$?
+summary
+# cargo-mutants exits 2 when mutants were missed, 3 on timeouts: results, not failures here.
+if ((status != 0 && status != 2 && status != 3)); then exit "$status"; fi
