@@ -14,7 +14,7 @@ use proptest::prelude::*;
 use std::collections::BTreeMap;
 use tokenformer::core::{Device, Rng, Tensor};
 use tokenformer::models::checkpoint::{load_checkpoint, save_checkpoint, Checkpoint};
-use tokenformer::models::growth::{grow_model, GrowSpec, GrowthTarget, LayerPlacement};
+use tokenformer::models::growth::{grow_model, GrowSpec, GrowthTarget, LayerPlacement, TauRule};
 use tokenformer::models::optim::Optimizer;
 use tokenformer::models::{GrowInit, ModelConfig, Theta, TokenFormer};
 use tokenformer::ops::adamw::AdamW;
@@ -650,6 +650,8 @@ proptest! {
             layer_at,
             init,
             seed,
+            // A schedule's growth keeps τ frozen (`grow --tau current` is the one-off choice).
+            tau: TauRule::Frozen,
         };
         prop_assert_eq!(GrowSpec::to_preset(from, "tiny", layer_at, init, seed).unwrap(), want.clone());
 
