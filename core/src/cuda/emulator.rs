@@ -128,7 +128,21 @@ pub fn load_if_requested() -> Result<()> {
 /// For the GPU tests: where no CUDA driver is installed, loads the emulator built with this
 /// crate and says so once on stderr. Returns whether the tests run on the emulator; an error
 /// when there is neither a driver nor an emulator (the tests then skip, saying why).
+///
+/// Decided once per process, by the first caller, while the others wait: a test thread that
+/// looked for a driver while another was loading the emulator's three libraries would find its
+/// libcuda.so already there, take it for a real driver, and miss its NVRTC.
 pub fn use_for_tests_if_no_driver() -> Result<bool> {
+    static DECISION: std::sync::OnceLock<std::result::Result<bool, String>> =
+        std::sync::OnceLock::new();
+    let message = |e: Error| match e {
+        Error::Cuda(m) => m,
+        other => other.to_string(),
+    };
+    DECISION.get_or_init(|| decide_for_tests().map_err(message)).clone().map_err(Error::Cuda)
+}
+
+fn decide_for_tests() -> Result<bool> {
     load_if_requested()?;
     if is_loaded() {
         return Ok(true);
@@ -143,16 +157,13 @@ pub fn use_for_tests_if_no_driver() -> Result<bool> {
                 .into(),
         ));
     };
-    let first = !is_loaded();
     load(dir)?;
-    if first {
-        use std::io::Write;
-        let _ = writeln!(
-            std::io::stderr(),
-            "no CUDA driver on this machine: the GPU tests run on the CUDA emulator (CPU) from {}",
-            dir.display()
-        );
-    }
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr(),
+        "no CUDA driver on this machine: the GPU tests run on the CUDA emulator (CPU) from {}",
+        dir.display()
+    );
     Ok(true)
 }
 
