@@ -124,7 +124,8 @@ pub fn check_driver_present() -> Result<()> {
     } else {
         Err(Error::Cuda(
             "the CUDA driver library (libcuda.so) was not found: install the NVIDIA driver, or add \
-             the folder that holds libcuda.so to LD_LIBRARY_PATH"
+             the folder that holds libcuda.so to LD_LIBRARY_PATH (without a GPU, \
+             TOKENFORMER_CUDA_EMU=1 runs the CUDA path on the CPU emulator)"
                 .into(),
         ))
     }
