@@ -218,6 +218,18 @@ bool owns(const std::vector<std::unique_ptr<T>>& v, const T* p) {
     return false;
 }
 
+// Destroys the handle `p` of `v`; false when `v` holds no such handle.
+template <typename T>
+bool destroy(std::vector<std::unique_ptr<T>>& v, const T* p) {
+    for (auto it = v.begin(); it != v.end(); ++it) {
+        if (it->get() == p) {
+            v.erase(it);
+            return true;
+        }
+    }
+    return false;
+}
+
 // The check at the top of every call that needs a context: initialised, a context current,
 // and no error left over from a kernel.
 CUresult enter() {
@@ -925,13 +937,7 @@ API CUresult cuCtxGetStreamPriorityRange(int* least, int* greatest) {
 
 API CUresult cuStreamDestroy_v2(CUstream s) {
     std::lock_guard<std::mutex> g(g_lock);
-    for (auto it = g_streams.begin(); it != g_streams.end(); ++it) {
-        if (it->get() == s) {
-            g_streams.erase(it);
-            return CUDA_SUCCESS;
-        }
-    }
-    return CUDA_ERROR_INVALID_HANDLE;
+    return destroy(g_streams, s) ? CUDA_SUCCESS : CUDA_ERROR_INVALID_HANDLE;
 }
 
 API CUresult cuStreamSynchronize(CUstream s) {
@@ -960,13 +966,7 @@ API CUresult cuEventCreate(CUevent* ev, unsigned) {
 
 API CUresult cuEventDestroy_v2(CUevent ev) {
     std::lock_guard<std::mutex> g(g_lock);
-    for (auto it = g_events.begin(); it != g_events.end(); ++it) {
-        if (it->get() == ev) {
-            g_events.erase(it);
-            return CUDA_SUCCESS;
-        }
-    }
-    return CUDA_ERROR_INVALID_HANDLE;
+    return destroy(g_events, ev) ? CUDA_SUCCESS : CUDA_ERROR_INVALID_HANDLE;
 }
 
 API CUresult cuEventRecord(CUevent ev, CUstream s) {
@@ -1161,15 +1161,9 @@ API CUresult cuModuleLoadData(CUmodule* module, const void* image) {
 
 API CUresult cuModuleUnload(CUmodule module) {
     std::lock_guard<std::mutex> g(g_lock);
-    for (auto it = g_modules.begin(); it != g_modules.end(); ++it) {
-        if (it->get() == module) {
-            // The shared object stays mapped: a function handle used after unloading its module
-            // is then reported as an invalid handle rather than a jump into unmapped code.
-            g_modules.erase(it);
-            return CUDA_SUCCESS;
-        }
-    }
-    return CUDA_ERROR_INVALID_HANDLE;
+    // The shared object stays mapped: a function handle used after unloading its module is
+    // then reported as an invalid handle rather than a jump into unmapped code.
+    return destroy(g_modules, module) ? CUDA_SUCCESS : CUDA_ERROR_INVALID_HANDLE;
 }
 
 API CUresult cuModuleGetFunction(CUfunction* fn, CUmodule module, const char* name) {
