@@ -33,8 +33,7 @@
 //! the sources are absent): the training data is the corpus built into the binary.
 
 use std::path::{Path, PathBuf};
-use tokenformer::core::cuda::{cuda_required, emulator, CudaBackend};
-use tokenformer::core::testing::report_skip;
+use tokenformer::core::testing::cuda_device_or_skip;
 use tokenformer::core::{Device, Rng, Tensor};
 use tokenformer::models::bench::bench_train;
 use tokenformer::models::checkpoint::{load_checkpoint, save_checkpoint, Checkpoint};
@@ -47,21 +46,9 @@ use tokenformer::ops::testing::{bits, values};
 
 const GPU: Device = Device::Cuda(0);
 
-/// Whether a GPU is here; prints why not when it is absent.
-fn have_cuda() -> bool {
-    match emulator::use_for_tests_if_no_driver().and_then(|_| CudaBackend::get(0)) {
-        Ok(_) => true,
-        Err(e) => {
-            assert!(!cuda_required(), "TOKENFORMER_REQUIRE_CUDA=1 but no CUDA device: {e}");
-            report_skip(&format!("no CUDA device ({e})"));
-            false
-        }
-    }
-}
-
 macro_rules! require_cuda {
     () => {
-        if !have_cuda() {
+        if !cuda_device_or_skip() {
             return;
         }
     };

@@ -16,11 +16,10 @@
 //!
 //! Where no CUDA driver is installed, the tests run on the CUDA emulator (cudaemu/, built by the
 //! core crate with the system C++ compiler); only where there is neither a driver nor a
-//! compiler does each test print "skipped: no CUDA device (<reason>)" to stderr and return.
+//! compiler does each test print "skipped: <test>: no CUDA device (<reason>)" to stderr and return.
 //! With `TOKENFORMER_REQUIRE_CUDA=1` (set by scripts/gpu-check.sh) a skip is a failure.
 
-use tokenformer_core::cuda::{cuda_required, emulator, CudaBackend};
-use tokenformer_core::testing::report_skip;
+use tokenformer_core::testing::cuda_device_or_skip;
 use tokenformer_core::{Device, Rng, Tensor};
 use tokenformer_ops::adamw::{
     adamw_step, adamw_step_many, clip_factor, sum_squares, sum_squares_many, AdamW,
@@ -71,22 +70,9 @@ type BinaryOp = fn(&Tensor, &Tensor) -> tokenformer_core::Result<Tensor>;
 /// (a's batch dims, b's batch dims, m, k, n) of a product op(a)·op(b).
 type MatmulCase = (&'static [usize], &'static [usize], usize, usize, usize);
 
-/// The device to test on, or None after printing why the test is skipped. Where no CUDA driver
-/// is installed, the device is the CUDA emulator (it says so once).
-fn cuda_or_skip() -> Option<Device> {
-    match emulator::use_for_tests_if_no_driver().and_then(|_| CudaBackend::get(0)) {
-        Ok(_) => Some(GPU),
-        Err(e) => {
-            assert!(!cuda_required(), "TOKENFORMER_REQUIRE_CUDA=1 but no CUDA device: {e}");
-            report_skip(&format!("no CUDA device ({e})"));
-            None
-        }
-    }
-}
-
 macro_rules! require_cuda {
     () => {
-        if cuda_or_skip().is_none() {
+        if !cuda_device_or_skip() {
             return;
         }
     };
