@@ -73,28 +73,36 @@ enum Command {
 
 #[derive(Subcommand)]
 enum ExperimentCommand {
-    /// Growth against training from scratch: five arms on the same data, budget and seed;
-    /// results.md, results.json and loss_vs_flops.png
+    /// Growth against training from scratch: six arms on the same data and budget, each over
+    /// --seeds seeds; results.md, results.json and loss_vs_flops.png
     Growth(GrowthExperimentArgs),
 }
 
 #[derive(Args)]
 struct GrowthExperimentArgs {
-    /// Experiment directory [default: runs/experiment-growth-N, the first free N]
+    /// Experiment directory [default: runs/experiment-growth-N, the first free N]; the same
+    /// command on an interrupted experiment's directory continues it
     #[arg(long)]
     out: Option<PathBuf>,
     /// Where to train: cpu or cuda
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// small (under 20 minutes on two idle CPU cores) or medium (sized for one GPU)
+    /// small (about 16 minutes a seed on two CPU cores) or medium (sized for one GPU)
     #[arg(long, default_value = "small")]
     scale: String,
     /// The same pipeline at a toy size, in seconds [default: off]
     #[arg(long)]
     quick: bool,
-    /// Seed of every arm's initialisation and batches
+    /// The first seed of every arm's initialisation and batches
     #[arg(long, default_value_t = TrainSettings::default().seed)]
     seed: u64,
+    /// Seeds per arm: SEED, SEED+1, ...; the tables give mean ± sd over them
+    #[arg(long, default_value_t = 1)]
+    seeds: usize,
+    /// First sweep the learning rate (x1/4 ... x4 of the scale's) of each model the arms start
+    /// from, then train every arm at its model's best [default: off]
+    #[arg(long)]
+    tune_lr: bool,
     /// A folder with train/ and val/ folders of .txt books
     #[arg(long, default_value = tokenformer_models::experiment::DEFAULT_DATA_DIR)]
     data_dir: PathBuf,
@@ -114,7 +122,8 @@ struct GrowthExperimentArgs {
     #[arg(long)]
     tau_control: bool,
     /// Run only these arms (comma-separated; scratch must be one): scratch, grown, transformer,
-    /// grown-random, grown-frozen, scratch-tau [default: the five arms, six with --tau-control]
+    /// grown-random, grown-official, grown-frozen, scratch-tau [default: the six arms, seven
+    /// with --tau-control]
     #[arg(long, value_delimiter = ',')]
     arms: Vec<String>,
 }
@@ -1242,6 +1251,8 @@ fn growth_experiment(a: GrowthExperimentArgs) -> Result<()> {
     }
     let plan = Plan {
         seed: a.seed,
+        seeds: a.seeds,
+        tune_lr: a.tune_lr,
         data_dir: a.data_dir,
         growths: a.growths,
         base_share: a.base_share,
@@ -1251,22 +1262,21 @@ fn growth_experiment(a: GrowthExperimentArgs) -> Result<()> {
         ..Plan::new(scale)
     };
     // Bad flags and a missing data folder fail before any directory is made.
-    plan.growth_steps()?;
-    plan.arms()?;
-    plan.check_data()?;
+    plan.check()?;
     let out = a.out.unwrap_or_else(default_experiment_dir);
     let control = ExperimentControl::default();
     stop_on_signals(&control.stop)?;
     let Some(results) = run_growth_experiment(&out, &plan, device, control)? else {
         return Err(Error::invalid(format!(
-            "experiment growth was stopped before it finished: no results in {}",
+            "experiment growth was stopped before it finished: the same command with --out {} \
+             continues it",
             out.display()
         )));
     };
     println!("{}", results_table(&results));
     println!(
-        "scratch's final validation loss {:.4}; results.md, results.json and loss_vs_flops.png \
-         are in {}",
+        "target (scratch's mean final validation loss) {:.4}; results.md, results.json and \
+         loss_vs_flops.png are in {}",
         results.target_val_loss,
         out.display()
     );

@@ -598,20 +598,22 @@ fn bits_are_zero(xs: &[f32]) -> bool {
 
 // ---------------------------------------------------------------------------------------------
 // Every option of a growth spec reaches the growth: `GrowSpec::to_preset` (grow --to-preset)
-// and `GrowthTarget::resolve` (a schedule's `preset=NAME` or amounts, with `layer-at=` and
-// `init=`) give the spec written by hand, and the grown model shows its placement, its init
-// and its seed.
+// and `GrowthTarget::resolve` (a schedule's `preset=NAME` or amounts, with `layer-at=`,
+// `init=` and `tau=`) give the spec written by hand, and the grown model shows its placement,
+// its init, its τ and its seed.
 
 #[derive(Debug, Clone)]
 struct OptionsCase {
     from: ModelConfig,
     layer_at: LayerPlacement,
     init: GrowInit,
+    /// τ in a schedule (`GrowSpec::to_preset` always keeps it frozen).
+    tau: TauRule,
     seed: u64,
     /// How the schedule writes it: 0 `preset=tiny`; otherwise amounts, `+N` for the keys whose
     /// bit is set in the mask, `N` for the others.
     form: (bool, u8),
-    /// Whether defaults (`layer-at=end`, `init=exact`) are written out too.
+    /// Whether defaults (`layer-at=end`, `init=exact`, `tau=frozen`) are written out too.
     explicit: bool,
 }
 
@@ -620,17 +622,18 @@ fn options_case() -> impl Strategy<Value = OptionsCase> {
         (1usize..=3, 1usize..=128, 1usize..=128, 1usize..=512),
         prop::sample::select(vec![LayerPlacement::End, LayerPlacement::Interleave]),
         prop::sample::select(vec![GrowInit::Exact, GrowInit::Random]),
+        prop::sample::select(vec![TauRule::Frozen, TauRule::Current]),
         any::<u64>(),
         (any::<bool>(), 0u8..16),
         any::<bool>(),
     )
-        .prop_map(|((layers, qkv, proj, ffn), layer_at, init, seed, form, explicit)| {
+        .prop_map(|((layers, qkv, proj, ffn), layer_at, init, tau, seed, form, explicit)| {
             let mut from = ModelConfig::preset("tiny").unwrap();
             from.n_layers = layers;
             (from.qkv_tokens, from.proj_tokens, from.ffn_tokens) = (qkv, proj, ffn);
             (from.qkv_scale_tokens, from.proj_scale_tokens, from.ffn_scale_tokens) =
                 (qkv, proj, ffn);
-            OptionsCase { from, layer_at, init, seed, form, explicit }
+            OptionsCase { from, layer_at, init, tau, seed, form, explicit }
         })
 }
 
@@ -639,8 +642,8 @@ proptest! {
 
     #[test]
     fn every_option_of_a_growth_spec_reaches_the_grown_model(case in options_case()) {
-        let OptionsCase { from, layer_at, init, seed, form: (as_preset, plus_mask), explicit } = &case;
-        let (layer_at, init, seed) = (*layer_at, *init, *seed);
+        let OptionsCase { from, layer_at, init, tau, seed, form: (as_preset, plus_mask), explicit } = &case;
+        let (layer_at, init, tau, seed) = (*layer_at, *init, *tau, *seed);
         let to = ModelConfig::preset("tiny").unwrap();
         let want = GrowSpec {
             qkv: to.qkv_tokens - from.qkv_tokens,
@@ -650,10 +653,10 @@ proptest! {
             layer_at,
             init,
             seed,
-            // A schedule's growth keeps τ frozen (`grow --tau current` is the one-off choice).
             tau: TauRule::Frozen,
         };
         prop_assert_eq!(GrowSpec::to_preset(from, "tiny", layer_at, init, seed).unwrap(), want.clone());
+        let want = GrowSpec { tau, ..want };
 
         let mut parts = if *as_preset {
             vec!["preset=tiny".to_string()]
@@ -673,6 +676,9 @@ proptest! {
         if *explicit || init != GrowInit::Exact {
             parts.push(format!("init={}", init.name()));
         }
+        if *explicit || tau != TauRule::Frozen {
+            parts.push(format!("tau={}", tau.name()));
+        }
         let text = parts.join(",");
         let target: GrowthTarget = text.parse().unwrap();
         prop_assert_eq!(target.resolve(from, seed).unwrap(), want.clone(), "{}", text);
@@ -690,6 +696,11 @@ proptest! {
         let query = grown.model.layers[0].query.pattention().unwrap().key_tokens.value().to_vec().unwrap();
         let new_keys = &query[from.qkv_tokens * from.d_model..];
         prop_assert_eq!(bits_are_zero(new_keys), init == GrowInit::Exact || new_keys.is_empty());
+        // τ = √n₀: n₀ stays the base's count, or becomes the grown count under `tau=current`.
+        let n0 = if tau == TauRule::Current { to.qkv_tokens } else { from.qkv_scale_tokens };
+        prop_assert_eq!(grown.model.config.qkv_scale_tokens, n0);
+        prop_assert_eq!(target.to_string().contains("tau=current"), tau == TauRule::Current);
+        prop_assert_eq!(target.to_string().parse::<GrowthTarget>().unwrap(), target.clone());
         let reseeded = grow_model(&model, &GrowSpec { seed: seed ^ 2, ..want }).unwrap();
         prop_assert_ne!(bits_of_all(&grown.model.named_tensors()), bits_of_all(&reseeded.model.named_tensors()));
     }

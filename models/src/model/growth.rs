@@ -254,6 +254,16 @@ impl GrowSpec {
     pub fn restarts_optimizer(&self) -> bool {
         self.init == GrowInit::Random || self.tau == TauRule::Current
     }
+
+    /// The rule [`Grown::moments`] applies to the optimizer state: `Random` (every moment
+    /// restarts at zero) for any growth that restarts the optimizer, else `Exact`.
+    pub fn moments_rule(&self) -> GrowInit {
+        if self.restarts_optimizer() {
+            GrowInit::Random
+        } else {
+            GrowInit::Exact
+        }
+    }
 }
 
 /// Refuses a model that has no parameter tokens (a Transformer), in one line.
@@ -294,8 +304,9 @@ impl fmt::Display for Amount {
 
 /// What one growth of a schedule does, written as `preset=NAME` (grow to that preset) or as
 /// comma-separated amounts `qkv=+64,proj=+64,ffn=+256,layers=+2` (`+N` adds N, a bare `N`
-/// grows to N), either way optionally followed by `layer-at=end|interleave` and
-/// `init=exact|random`. It is resolved against the model as it is when the growth happens.
+/// grows to N), either way optionally followed by `layer-at=end|interleave`,
+/// `init=exact|random` and `tau=frozen|current`. It is resolved against the model as it is when
+/// the growth happens.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct GrowthTarget {
     pub preset: Option<String>,
@@ -303,6 +314,7 @@ pub struct GrowthTarget {
     pub amounts: Vec<(&'static str, Amount)>,
     pub layer_at: LayerPlacement,
     pub init: GrowInit,
+    pub tau: TauRule,
 }
 
 /// The keys of a growth target's amounts: the token groups, then the depth.
@@ -331,7 +343,7 @@ impl GrowthTarget {
         if spec.is_empty() {
             return Err(Error::invalid(format!("growth '{self}' adds nothing to the model")));
         }
-        Ok(spec)
+        Ok(GrowSpec { tau: self.tau, ..spec })
     }
 }
 
@@ -346,6 +358,9 @@ impl fmt::Display for GrowthTarget {
         }
         if self.init != GrowInit::default() {
             parts.push(format!("init={}", self.init.name()));
+        }
+        if self.tau != TauRule::default() {
+            parts.push(format!("tau={}", self.tau.name()));
         }
         f.write_str(&parts.join(","))
     }
@@ -369,6 +384,7 @@ impl FromStr for GrowthTarget {
                 "preset" if target.preset.is_none() => target.preset = Some(value.to_string()),
                 "layer-at" => target.layer_at = value.parse().map_err(|e| bad(format!("{e}")))?,
                 "init" => target.init = value.parse().map_err(|e| bad(format!("{e}")))?,
+                "tau" => target.tau = value.parse().map_err(|e| bad(format!("{e}")))?,
                 _ => {
                     let key = AMOUNT_KEYS
                         .into_iter()
@@ -618,8 +634,7 @@ pub fn grow_checkpoint(
     let optimizer = match ckpt.optimizer {
         None => None,
         Some((m, v)) => {
-            // `moments` restarts every moment for `Random`: the rule for any restarting growth.
-            let rule = if spec.restarts_optimizer() { GrowInit::Random } else { GrowInit::Exact };
+            let rule = spec.moments_rule();
             Some((grown.moments(m, rule)?, grown.moments(v, rule)?))
         }
     };

@@ -176,6 +176,8 @@ pub struct Curve {
     pub points: Vec<(f64, f64)>,
     /// Drawn as triangles on the line (growth points, in the growth experiment).
     pub marks: Vec<(f64, f64)>,
+    /// (x, low, high): a shaded band around the line (the spread over seeds); empty for none.
+    pub band: Vec<(f64, f64, f64)>,
 }
 
 /// What [`plot_curves`] draws besides the curves.
@@ -209,10 +211,26 @@ pub fn plot_curves(path: &Path, curves: &[Curve], chart: &CurvesChart) -> Result
     };
     let curves: Vec<Curve> = curves
         .iter()
-        .map(|c| Curve { label: c.label.clone(), points: keep(&c.points), marks: keep(&c.marks) })
+        .map(|c| Curve {
+            label: c.label.clone(),
+            points: keep(&c.points),
+            marks: keep(&c.marks),
+            band: c
+                .band
+                .iter()
+                .copied()
+                .filter(|&(x, lo, hi)| x > 0.0 && x.is_finite() && lo.is_finite() && hi.is_finite())
+                .collect(),
+        })
         .collect();
-    let all: Vec<(f64, f64)> =
-        curves.iter().flat_map(|c| c.points.iter().chain(&c.marks)).copied().collect();
+    let band_edges =
+        curves.iter().flat_map(|c| c.band.iter().flat_map(|&(x, lo, hi)| [(x, lo), (x, hi)]));
+    let all: Vec<(f64, f64)> = curves
+        .iter()
+        .flat_map(|c| c.points.iter().chain(&c.marks))
+        .copied()
+        .chain(band_edges)
+        .collect();
     if all.is_empty() {
         return Err(Error::invalid(format!("{}: no points to plot", path.display())));
     }
@@ -257,6 +275,16 @@ pub fn plot_curves(path: &Path, curves: &[Curve], chart: &CurvesChart) -> Result
             plot.draw_series(line)?.label(label).legend(move |(x, y)| {
                 PathElement::new([(x, y), (x + 20, y)], grey.stroke_width(2))
             });
+        }
+        for (i, curve) in curves.iter().enumerate().filter(|(_, c)| c.band.len() > 1) {
+            let colour = PALETTE[i % PALETTE.len()];
+            let outline: Vec<(f64, f64)> = curve
+                .band
+                .iter()
+                .map(|&(x, _, hi)| (x, hi))
+                .chain(curve.band.iter().rev().map(|&(x, lo, _)| (x, lo)))
+                .collect();
+            plot.draw_series(std::iter::once(Polygon::new(outline, colour.mix(0.18).filled())))?;
         }
         for (i, curve) in curves.iter().enumerate() {
             let colour = PALETTE[i % PALETTE.len()];
@@ -412,11 +440,15 @@ mod tests {
             label: label.into(),
             points: (1..=20).map(|i| (scale * 1e9 * i as f64, 3.0 / (i as f64).sqrt())).collect(),
             marks: vec![(scale * 5e9, 3.0 / 5f64.sqrt())],
+            band: (1..=20)
+                .map(|i| (scale * 1e9 * i as f64, 2.9 / (i as f64).sqrt(), 3.1 / (i as f64).sqrt()))
+                .collect(),
         };
         let mut curves = vec![curve("a", 1.0), curve("b", 0.6)];
         // Points a log axis cannot show are left out, not an error.
         curves[0].points.push((0.0, 1.0));
         curves[1].points.push((2e9, f64::NAN));
+        curves[1].band.push((2e9, f64::NAN, 1.0));
         let chart = CurvesChart {
             title: "t",
             x_desc: "FLOPs",
@@ -427,7 +459,8 @@ mod tests {
         plot_curves(&path, &curves, &chart).unwrap();
         let bytes = std::fs::read(&path).unwrap();
         assert!(bytes.len() > 1000 && &bytes[1..4] == b"PNG");
-        let empty = [Curve { label: "x".into(), points: vec![(0.0, 1.0)], marks: vec![] }];
+        let empty =
+            [Curve { label: "x".into(), points: vec![(0.0, 1.0)], marks: vec![], band: vec![] }];
         assert!(plot_curves(&dir.join("none.png"), &empty, &chart).is_err());
         assert_eq!(
             [1e12, 2e12, 3e12, 5e12, 9.99e12].map(|x| log_label(&x)),

@@ -53,6 +53,11 @@ impl Progress {
         self.bar.set_position(position);
     }
 
+    /// Adds `steps` to the total (work found to be needed on the way).
+    pub fn add_steps(&self, steps: u64) {
+        self.bar.inc_length(steps);
+    }
+
     /// Removes the bar from the screen.
     pub fn clear(&self) {
         self.bar.finish_and_clear();

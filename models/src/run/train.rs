@@ -425,6 +425,15 @@ pub struct Evaluation {
     pub stage: u64,
 }
 
+/// How the error of a run stopped by a non-finite loss begins.
+const DIVERGED: &str = "the loss became non-finite";
+
+/// Whether `e` is the error of a run stopped by a non-finite loss (a learning-rate sweep
+/// records such a rate as diverged and goes on).
+pub fn is_divergence(e: &Error) -> bool {
+    matches!(e, Error::Invalid(msg) if msg.starts_with(DIVERGED))
+}
+
 /// True when `dir` holds a training run: a checkpoint, or the metrics of a run the tool started
 /// there (in a directory it marked; anyone else's `metrics.jsonl` is no run of ours).
 pub fn is_run_dir(dir: &Path) -> bool {
@@ -1036,7 +1045,8 @@ impl<'a> Run<'a> {
             .map_err(fail)?;
         let (m, v) = self.optimizer.named_moments(&self.model);
         let grown = grow_model(&self.model, &spec).map_err(fail)?;
-        let (m, v) = (grown.moments(m, spec.init)?, grown.moments(v, spec.init)?);
+        let rule = spec.moments_rule();
+        let (m, v) = (grown.moments(m, rule)?, grown.moments(v, rule)?);
         let optimizer =
             Optimizer::from_named(&grown.model, self.optimizer.hp, self.optimizer.step, m, v)?;
         let before = self.model.config.param_count();
@@ -1179,7 +1189,7 @@ impl<'a> Run<'a> {
             format!("no checkpoint had been saved in {} yet", self.dir.display())
         };
         Error::invalid(format!(
-            "the loss became non-finite ({loss}) at step {}; stopping: {kept} (try a lower --lr or {advice})",
+            "{DIVERGED} ({loss}) at step {}; stopping: {kept} (try a lower --lr or {advice})",
             self.state.step + 1
         ))
     }
