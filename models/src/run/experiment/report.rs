@@ -478,7 +478,7 @@ pub fn results_table(results: &Results) -> String {
         let (reached, share) = match (f.mean, f.sd) {
             (Some(m), Some(s)) => (
                 format!("{m:.3e} ± {s:.1e}"),
-                format!("{:.0} ± {:.0}%", 100.0 * m / scratch_flops, 100.0 * s / scratch_flops),
+                format!("{:.1} ± {:.1}%", 100.0 * m / scratch_flops, 100.0 * s / scratch_flops),
             ),
             (Some(m), None) => (format!("{m:.3e}"), format!("{:.0}%", 100.0 * m / scratch_flops)),
             _ => ("not reached".into(), "–".into()),
@@ -699,7 +699,7 @@ fn plot_results(path: &Path, r: &Results) -> Result<()> {
         })
         .collect();
     let title = format!(
-        "Growth experiment, scale {}: validation loss vs training FLOPs ({} seeds, mean and min-max band)",
+        "Growth experiment, scale {}: {} seeds (mean, min-max band)",
         r.scale,
         r.seeds.len()
     );
