@@ -87,7 +87,7 @@ struct GrowthExperimentArgs {
     /// Where to train: cpu or cuda
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// small (about 16 minutes a seed on two CPU cores) or medium (sized for one GPU)
+    /// small (about 15 minutes a seed on two CPU cores) or medium (sized for one GPU)
     #[arg(long, default_value = "small")]
     scale: String,
     /// The same pipeline at a toy size, in seconds [default: off]
@@ -180,8 +180,8 @@ struct TrainArgs {
     #[arg(long)]
     save_every: Option<u64>,
     /// Grow the model after STEP steps (repeatable). SPEC: qkv=+64,proj=+64,ffn=+256,layers=+2
-    /// (+N adds, N grows to), or preset=NAME; optionally layer-at=interleave, init=random
-    /// [default: no growth]
+    /// (+N adds, N grows to), or preset=NAME; optionally layer-at=interleave, init=random,
+    /// tau=current [default: no growth]
     #[arg(long, value_name = "STEP:SPEC")]
     grow_at: Vec<String>,
     /// The learning rate after a growth (or in the new stage of an extended run): continue

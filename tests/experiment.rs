@@ -289,38 +289,53 @@ fn mtimes(dir: &Path) -> Vec<(PathBuf, std::time::SystemTime)> {
     out
 }
 
-#[test]
-fn an_experiment_killed_in_its_third_arm_finishes_as_an_uninterrupted_one() {
-    let scratch = Scratch::new("killed");
-    let (whole, killed) = (scratch.path("whole"), scratch.path("killed"));
-    let (uninterrupted, _) = experiment(&whole, &[], "2");
-
+/// Starts the experiment in `out` and kills it (SIGKILL: no chance to save) once the run in
+/// `run_dir` has logged a step.
+fn kill_once_running(out: &Path, extra: &[&str], run_dir: &Path) {
+    let mut args = vec!["experiment", "growth", "--quick", "--seeds", "2", "--out", s(out)];
+    args.extend_from_slice(extra);
     let mut child = Command::new(BIN)
-        .args(["experiment", "growth", "--quick", "--seeds", "2", "--out", s(&killed)])
+        .args(&args)
         .current_dir(ROOT)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    // Killed (no chance to save) once the third arm has logged a step.
-    let third = killed.join("seed-1337").join("transformer");
     let start = std::time::Instant::now();
-    while !std::fs::read(third.join("metrics.jsonl")).is_ok_and(|m| !m.is_empty()) {
-        assert!(child.try_wait().unwrap().is_none(), "the experiment ended before its third arm");
-        assert!(start.elapsed().as_secs() < 120, "no third arm after 120 s");
+    while !std::fs::read(run_dir.join("metrics.jsonl")).is_ok_and(|m| !m.is_empty()) {
+        assert!(child.try_wait().unwrap().is_none(), "ended before {}", run_dir.display());
+        assert!(start.elapsed().as_secs() < 120, "{} not started after 120 s", run_dir.display());
         std::thread::sleep(std::time::Duration::from_millis(2));
     }
     child.kill().unwrap();
     child.wait().unwrap();
-    assert!(!killed.join("results.json").exists());
-    assert!(!killed.join("seed-1337").join("transformer.json").exists(), "killed in the arm");
+    assert!(!out.join("results.json").exists());
+    let name = run_dir.file_name().unwrap().to_str().unwrap();
+    assert!(!run_dir.with_file_name(format!("{name}.json")).exists(), "killed in {name}");
+}
+
+#[test]
+fn an_experiment_killed_in_its_third_arm_finishes_as_an_uninterrupted_one() {
+    let scratch = Scratch::new("killed");
+    let (whole, killed) = (scratch.path("whole"), scratch.path("killed"));
+    let tune = ["--tune-lr"];
+    let (uninterrupted, _) = experiment(&whole, &tune, "2");
+
+    // Killed in the sweep, then in the third arm of the first seed.
+    kill_once_running(&killed, &tune, &killed.join("lr-sweep").join("tokenformer-base-lr0.0025"));
+    kill_once_running(&killed, &tune, &killed.join("seed-1337").join("transformer"));
     let finished: Vec<PathBuf> =
         ["scratch", "grown"].iter().map(|arm| killed.join("seed-1337").join(arm)).collect();
     let before: Vec<_> = finished.iter().map(|d| mtimes(d)).collect();
 
-    let (resumed, stderr) = experiment(&killed, &[], "2");
-    assert_eq!(without_wall_times(&resumed), without_wall_times(&uninterrupted));
+    let (resumed, stderr) = experiment(&killed, &tune, "2");
+    let comparable = |r: &serde_json::Value| {
+        let mut r = without_wall_times(r);
+        r.as_object_mut().unwrap().remove("runs_wall_seconds");
+        r
+    };
+    assert_eq!(comparable(&resumed), comparable(&uninterrupted));
     // The finished arms were kept as they were, not trained again.
     for (dir, before) in finished.iter().zip(before) {
         assert_eq!(mtimes(dir), before, "{}", dir.display());
@@ -330,8 +345,59 @@ fn an_experiment_killed_in_its_third_arm_finishes_as_an_uninterrupted_one() {
         assert!(line.contains("finished before, kept"), "{arm}: {stderr}");
     }
     // Once more: everything is kept, and the results are the same again.
-    let (third_time, _) = experiment(&killed, &[], "1");
-    assert_eq!(without_wall_times(&third_time), without_wall_times(&uninterrupted));
+    let (third_time, _) = experiment(&killed, &tune, "1");
+    assert_eq!(comparable(&third_time), comparable(&uninterrupted));
+    // Continued on another device, or with other arms, it is refused.
+    refused(
+        &[
+            "experiment",
+            "growth",
+            "--quick",
+            "--seeds",
+            "2",
+            "--tune-lr",
+            "--out",
+            s(&killed),
+            "--device",
+            "cuda",
+        ],
+        &["continue it with --device cpu"],
+    );
+    refused(
+        &["experiment", "growth", "--quick", "--seeds", "2", "--out", s(&killed)],
+        &["holds the experiment", "--tune-lr"],
+    );
+}
+
+#[test]
+fn a_run_stopped_by_a_non_finite_loss_is_told_apart_from_other_errors() {
+    use tokenformer::models::train::{is_divergence, train_new, TrainControl, TrainSettings};
+    let scratch = Scratch::new("diverged");
+    let settings = TrainSettings {
+        lr: 1e6,
+        clip: 0.0,
+        warmup: 0,
+        steps: 50,
+        batch: 2,
+        seq: 16,
+        eval_every: 1000,
+        save_every: 1000,
+        ..TrainSettings::default()
+    };
+    let control =
+        || TrainControl { stop: Default::default(), after_micro_batch: None, quiet: true };
+    let err = train_new(
+        &scratch.path("run"),
+        settings.clone(),
+        tokenformer::core::Device::Cpu,
+        control(),
+    )
+    .unwrap_err();
+    assert!(is_divergence(&err), "{err}");
+    let bad = TrainSettings { batch: 0, ..settings };
+    let err = train_new(&scratch.path("other"), bad, tokenformer::core::Device::Cpu, control())
+        .unwrap_err();
+    assert!(!is_divergence(&err), "{err}");
 }
 
 /// Runs a command that must fail with one line on stderr containing each of `needles`.
@@ -373,8 +439,8 @@ fn bad_experiment_input_is_refused_in_one_line() {
     // Another experiment's directory is continued only by its own command.
     let other = scratch.path("other");
     std::fs::create_dir_all(&other).unwrap();
-    let manifest =
-        r#"{"experiment": "growth", "command": "tokenformer experiment growth --quick --seed 7"}"#;
+    let manifest = r#"{"experiment": "growth", "command": "tokenformer experiment growth --quick --seed 7",
+        "device": "cpu"}"#;
     std::fs::write(other.join("experiment.json"), manifest).unwrap();
     refused(
         &["experiment", "growth", "--quick", "--out", s(&other)],

@@ -415,7 +415,7 @@ pub struct TrainSummary {
 }
 
 /// One validation loss of a run, with what had been spent to reach it.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Evaluation {
     pub step: u64,
     pub val_loss: f64,

@@ -54,8 +54,8 @@ pub const DEFAULT_DATA_DIR: &str = "data/gutenberg";
 pub enum Scale {
     /// The whole pipeline in seconds, on a model too small to say anything (tests).
     Quick,
-    /// A 1.08 M-parameter final model (preset `tiny`): some 16 minutes a seed on two CPU
-    /// cores, and 10 more for `--tune-lr`.
+    /// A 1.08 M-parameter final model (preset `tiny`): about 15 minutes a seed for the six arms
+    /// on two CPU cores, and the `--tune-lr` sweep's 15 to 18 shorter runs.
     Small,
     /// Sized for one GPU: a 19 M-parameter final model (preset `small`'s shape with 512/512/2048
     /// tokens).
@@ -149,6 +149,17 @@ struct Size {
 
 /// The learning rates a sweep tries, as multiples of the scale's rate: a factor of 2 apart.
 pub const LR_FACTORS: [f32; 5] = [0.25, 0.5, 1.0, 2.0, 4.0];
+
+/// Every arm's name, in the order the arms run.
+const ARM_NAMES: [&str; 7] = [
+    "scratch",
+    "grown",
+    "transformer",
+    "grown-random",
+    "grown-official",
+    "grown-frozen",
+    "scratch-tau",
+];
 
 /// The most seeds an experiment takes (each is a full run of every arm).
 const MAX_SEEDS: usize = 100;
@@ -511,7 +522,12 @@ impl Plan {
             cmd.push_str(" --tau-control");
         }
         if !self.only_arms.is_empty() {
-            cmd.push_str(&format!(" --arms {}", self.only_arms.join(",")));
+            // In the order the arms run, so that the same choice is the same experiment.
+            let order = |name: &String| ARM_NAMES.iter().position(|a| a == name);
+            let mut arms = self.only_arms.clone();
+            arms.sort_by_key(order);
+            arms.dedup();
+            cmd.push_str(&format!(" --arms {}", arms.join(",")));
         }
         if self.data_dir != default.data_dir {
             cmd.push_str(&format!(" --data-dir {}", self.data_dir.display()));
@@ -799,6 +815,15 @@ mod tests {
         let two = Plan { only_arms: vec!["scratch".into(), "transformer".into()], ..plan };
         let models: Vec<SweepModel> = two.sweep_runs().unwrap().iter().map(|r| r.model).collect();
         assert!(!models.contains(&SweepModel::TokenFormerBase) && models.len() == 10);
+        // The same arms in another order are the same experiment.
+        let order = |names: &[&str]| Plan {
+            only_arms: names.iter().map(|n| n.to_string()).collect(),
+            ..Plan::new(Scale::Small)
+        };
+        assert_eq!(
+            order(&["grown", "scratch"]).command_line(),
+            order(&["scratch", "grown"]).command_line()
+        );
     }
 
     #[test]

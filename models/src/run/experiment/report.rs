@@ -7,7 +7,9 @@
 //! A run reaches it between two evaluations, (f₀, l₀) with l₀ above it and (f₁, l₁) at or below
 //! it; its FLOPs to the target are read off the straight line between them,
 //! f₀ + (l₀ − target)/(l₀ − l₁)·(f₁ − f₀) (f₁ itself if its first evaluation is already at or
-//! below). Growth happens right after an evaluation, so no such segment spans one.
+//! below). A growth comes right after an evaluation, so such a segment may begin at the loss
+//! just before a growth: for exact growth that is also the loss just after it; for random
+//! growth, whose loss jumps at the growth, the line then runs from the loss before the jump.
 
 use super::{best_rate, Arm, Plan, Scale, SweepModel, SweepRun, MAX_EXTRA_RATES};
 use crate::config::ModelConfig;
@@ -22,15 +24,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use tokenformer_core::{Device, Error, Result};
 
-/// One validation point of a run.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct EvalPoint {
-    pub step: u64,
-    pub flops: f64,
-    pub val_loss: f64,
-    pub params: usize,
-    pub stage: u64,
-}
+/// One validation point of a run: step, loss, FLOPs so far, parameters and stage.
+pub use crate::train::Evaluation as EvalPoint;
 
 /// What a finished run left: `NAME.json` beside its run directory.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -156,6 +151,9 @@ pub struct SweepResult {
     /// The final validation loss at each of `lrs`; `None`: diverged.
     pub final_val_loss: Vec<Option<f64>>,
     pub chosen_lr: f32,
+    /// Whether a rate tried on each side of the chosen one did worse (or diverged). `false`:
+    /// the best was still at an end when the sweep had gone as far past it as it goes.
+    pub bracketed: bool,
 }
 
 /// The learning-rate sweep of `--tune-lr`.
@@ -219,7 +217,11 @@ pub struct Results {
     pub target_val_loss: f64,
     pub arms: Vec<ArmSummary>,
     pub paired: Vec<Paired>,
-    /// Wall time of this invocation (an experiment continued after a stop: its last part).
+    /// The wall times of every sweep run and every arm's runs, added up (a run resumed after a
+    /// stop counts from its resume): the experiment's cost, however many invocations it took.
+    pub runs_wall_seconds: f64,
+    /// Wall time of this invocation (an experiment continued after a stop: its last part; one
+    /// re-run after it finished: seconds).
     pub wall_seconds: f64,
 }
 
@@ -262,6 +264,7 @@ pub(super) fn lr_sweep(plan: &Plan, swept: &[(SweepRun, RunRecord)]) -> Result<O
             lrs: tried.iter().map(|t| t.0).collect(),
             final_val_loss: tried.iter().map(|t| t.1).collect(),
             chosen_lr,
+            bracketed: SweepRun::beyond_the_edge(&tried).is_none(),
         });
     }
     Ok(Some(LrSweep {
@@ -324,9 +327,9 @@ pub(super) fn results(
             .get(&(arm, seed))
             .ok_or_else(|| Error::invalid(format!("{arm}, seed {seed}: no record")))
     }
-    let record = |arm: &'static str, seed: u64| record(records, arm, seed);
+    let record_of = |arm: &'static str, seed: u64| record(records, arm, seed);
     let final_loss = |arm: &'static str, seed: u64| -> Result<f64> {
-        let last = record(arm, seed)?.evaluations.last().ok_or_else(|| {
+        let last = record_of(arm, seed)?.evaluations.last().ok_or_else(|| {
             Error::invalid(format!("{arm}, seed {seed}: the run made no evaluation"))
         })?;
         Ok(last.val_loss)
@@ -341,7 +344,7 @@ pub(super) fn results(
         let settings = arm.settings_for(seeds[0], lr);
         let mut runs = Vec::with_capacity(seeds.len());
         for &seed in &seeds {
-            let r = record(arm.name, seed)?;
+            let r = record_of(arm.name, seed)?;
             let growths = if arm.settings.grow_at.is_empty() {
                 Vec::new()
             } else {
@@ -394,6 +397,8 @@ pub(super) fn results(
     }
 
     let common = plan.common_settings();
+    let sweep_seconds = lr_sweep.as_ref().map_or(0.0, |s| s.wall_seconds);
+    let runs_wall_seconds = sweep_seconds + summaries.iter().map(|a| a.wall_seconds).sum::<f64>();
     Ok(Results {
         experiment: "growth".into(),
         command: plan.command_line(),
@@ -420,6 +425,7 @@ pub(super) fn results(
         target_val_loss: target,
         arms: summaries,
         paired,
+        runs_wall_seconds,
         wall_seconds,
     })
 }
@@ -467,7 +473,8 @@ pub fn duration(seconds: f64) -> String {
 
 /// The results table, one row per arm (mean ± sample sd over the seeds), as Markdown.
 pub fn results_table(results: &Results) -> String {
-    let scratch_flops = results.arms[0].flops;
+    let scratch_flops =
+        results.arms.iter().find(|a| a.name == "scratch").map_or(f64::NAN, |a| a.flops);
     let seeds = results.seeds.len();
     let mut table = String::from(
         "| arm | lr | parameters (end) | training FLOPs | final val loss | FLOPs to reach the target | % of scratch's FLOPs | seeds reaching it | wall time |\n\
@@ -545,7 +552,8 @@ fn sweep_table(sweep: &LrSweep) -> String {
             };
             table.push_str(&format!(" {cell} |"));
         }
-        table.push_str(&format!(" {} |\n", m.chosen_lr));
+        let note = if m.bracketed { "" } else { " (still at an end of the rates tried)" };
+        table.push_str(&format!(" {}{note} |\n", m.chosen_lr));
     }
     table
 }
@@ -572,9 +580,10 @@ fn results_markdown(r: &Results) -> String {
     let seeds: Vec<String> = r.seeds.iter().map(|s| s.to_string()).collect();
     let mut md = format!("# Growth experiment: scale {}, seeds {}\n\n", r.scale, seeds.join(", "));
     md.push_str(&format!(
-        "Command: `{}` (device {}; this invocation {})\n\n",
+        "Command: `{}` (device {}; the runs' wall times add up to {}, this invocation took {})\n\n",
         r.command,
         r.device,
+        duration(r.runs_wall_seconds),
         duration(r.wall_seconds)
     ));
     md.push_str(&format!(
@@ -665,7 +674,9 @@ fn results_markdown(r: &Results) -> String {
 
 /// Each arm's mean validation loss over the seeds against cumulative training FLOPs (log x),
 /// the band between the seeds' lowest and highest, growth points marked, the target as a dashed
-/// line. The seeds of an arm evaluate at the same steps with the same FLOPs.
+/// line. The seeds of an arm evaluate at the same steps with the same FLOPs. The grown arms
+/// share their base stage, so until the first growth their curves lie on one another (the
+/// last drawn on top).
 fn plot_results(path: &Path, r: &Results) -> Result<()> {
     let curves: Vec<Curve> = r
         .arms

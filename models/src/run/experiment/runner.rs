@@ -16,7 +16,7 @@
 //! times). Nothing finished is deleted.
 
 use super::report::{self, EvalPoint, RunRecord};
-use super::{Plan, SweepModel, SweepRun, MAX_EXTRA_RATES};
+use super::{Arm, Plan, SweepModel, SweepRun, MAX_EXTRA_RATES};
 use crate::checkpoint::is_checkpoint_dir;
 use crate::files::{entry_exists, replace_file};
 use crate::metrics::read_metrics;
@@ -41,6 +41,8 @@ const MANIFEST: &str = "experiment.json";
 struct Manifest {
     experiment: String,
     command: String,
+    /// The device its runs train on: a continued experiment keeps it.
+    device: String,
 }
 
 /// How the caller stops the experiment (the signal handlers set `stop`), and whether it shows
@@ -59,42 +61,90 @@ pub fn default_experiment_dir() -> PathBuf {
         .expect("unbounded")
 }
 
-/// One training run of the experiment.
+/// One training run of the experiment: `PARENT/NAME/`, its record `PARENT/NAME.json`.
 struct Job {
     /// How the progress bar and the messages name it, e.g. `grown, seed 1338`.
     label: String,
-    dir: PathBuf,
+    parent: PathBuf,
+    name: String,
     settings: TrainSettings,
     /// A sweep run may diverge (its rate too high): that is a result, not an error.
     may_diverge: bool,
 }
 
 impl Job {
-    fn new(label: String, dir: PathBuf, mut settings: TrainSettings, may_diverge: bool) -> Job {
+    fn new(
+        label: String,
+        parent: PathBuf,
+        name: String,
+        mut settings: TrainSettings,
+        may_diverge: bool,
+    ) -> Job {
         // As the trainer saves them, so that a resumed run's saved settings compare equal.
         if let (Ok(data), Ok(val)) =
             (absolute_paths(&settings.data), absolute_paths(&settings.val_data))
         {
             (settings.data, settings.val_data) = (data, val);
         }
-        Job { label, dir, settings, may_diverge }
+        Job { label, parent, name, settings, may_diverge }
     }
 
-    /// `NAME.json` beside the run directory.
-    fn record_path(&self) -> PathBuf {
-        let name = self.dir.file_name().map_or(String::new(), |n| n.to_string_lossy().into());
-        self.dir.with_file_name(format!("{name}.json"))
+    fn dir(&self) -> PathBuf {
+        self.parent.join(&self.name)
+    }
+
+    fn record_name(&self) -> String {
+        format!("{}.json", self.name)
     }
 
     /// The checks made before the experiment trains anything: a run not begun yet must be able
-    /// to start in its directory; one begun is checked when it resumes.
-    fn check(&self) -> Result<()> {
-        if entry_exists(&self.record_path()) || is_run_dir(&self.dir) {
+    /// to start in its directory; one begun must have been begun with these settings (but for
+    /// the learning rate when `rate_known` is false: a tuned rate is known after the sweep).
+    fn check(&self, rate_known: bool) -> Result<()> {
+        let dir = self.dir();
+        if entry_exists(&self.parent.join(self.record_name())) {
             return Ok(());
         }
-        check_new_run(&self.dir, &self.settings)
+        if is_checkpoint_dir(&dir) {
+            let ignored: &[&str] = if rate_known { &[] } else { &["lr", "min_lr"] };
+            return self.check_saved(ignored);
+        }
+        if is_run_dir(&dir) {
+            return Ok(());
+        }
+        check_new_run(&dir, &self.settings)
             .map(|_| ())
             .map_err(|e| Error::invalid(format!("{}: {e}", self.label)))
+    }
+
+    /// Refuses a run directory whose saved settings are not this job's (another build of the
+    /// experiment, or other data), naming the settings that differ; `ignored` are not compared.
+    fn check_saved(&self, ignored: &[&str]) -> Result<()> {
+        let dir = self.dir();
+        let (saved, _) =
+            saved_run(&dir).map_err(|e| Error::invalid(format!("{}: {e}", self.label)))?;
+        let as_map = |s: &TrainSettings| match serde_json::to_value(s) {
+            Ok(serde_json::Value::Object(map)) => map,
+            _ => serde_json::Map::new(),
+        };
+        let (saved, wanted) = (as_map(&saved), as_map(&self.settings));
+        let differing: Vec<&str> = wanted
+            .iter()
+            .filter(|(key, value)| {
+                !ignored.contains(&key.as_str()) && saved.get(*key) != Some(value)
+            })
+            .map(|(key, _)| key.as_str())
+            .collect();
+        if differing.is_empty() {
+            return Ok(());
+        }
+        Err(Error::invalid(format!(
+            "{}: {} holds a run whose settings differ from this experiment's in {}; move it \
+             away, or choose another --out",
+            self.label,
+            dir.display(),
+            differing.join(", ")
+        )))
     }
 }
 
@@ -121,23 +171,25 @@ pub fn run_growth_experiment(
     let default_lr = plan.common_settings().lr;
     let sweep_job = |r: &SweepRun| {
         let label = format!("lr sweep, {} at {}", r.model.name(), r.lr);
-        Job::new(label, out.join("lr-sweep").join(r.name()), r.settings.clone(), true)
+        Job::new(label, out.join("lr-sweep"), r.name(), r.settings.clone(), true)
     };
     let sweep_jobs: Vec<Job> = sweep_runs.iter().map(sweep_job).collect();
-    let arm_dir = |seed: u64, name: &str| out.join(format!("seed-{seed}")).join(name);
+    let arm_job = |seed: u64, arm: &Arm, lr: f32| {
+        let label = format!("{}, seed {seed}", arm.name);
+        let parent = out.join(format!("seed-{seed}"));
+        Job::new(label, parent, arm.name.to_string(), arm.settings_for(seed, lr), false)
+    };
     // Every run's settings and directory are checked before the first one trains (the arms at
-    // the scale's rate: a tuned rate changes nothing that is checked).
+    // the scale's rate, which is theirs unless the sweep tunes it).
     for job in &sweep_jobs {
-        job.check()?;
+        job.check(true)?;
     }
     for seed in plan.seed_list() {
         for arm in &arms {
-            let label = format!("{}, seed {seed}", arm.name);
-            let settings = arm.settings_for(seed, default_lr);
-            Job::new(label, arm_dir(seed, arm.name), settings, false).check()?;
+            arm_job(seed, arm, default_lr).check(!plan.tune_lr)?;
         }
     }
-    open_experiment_dir(out, plan)?;
+    open_experiment_dir(out, plan, device)?;
     let data = report::data_info(plan)?;
 
     let size = plan.scale.size();
@@ -271,13 +323,7 @@ pub fn run_growth_experiment(
     let mut records: BTreeMap<(&'static str, u64), RunRecord> = BTreeMap::new();
     for seed in plan.seed_list() {
         for arm in &arms {
-            let settings = arm.settings_for(seed, lr_of(arm.lr_model));
-            let job = Job::new(
-                format!("{}, seed {seed}", arm.name),
-                arm_dir(seed, arm.name),
-                settings,
-                false,
-            );
+            let job = arm_job(seed, arm, lr_of(arm.lr_model));
             let Some(record) = run(&job, &mut done_steps, total_jobs)? else { return Ok(None) };
             records.insert((arm.name, seed), record);
         }
@@ -299,8 +345,9 @@ pub fn run_growth_experiment(
 
 /// Makes `out` the experiment's directory: a new or empty one gets the manifest; one that has
 /// it must have been started by the same command (it is continued); anything else is refused.
-fn open_experiment_dir(out: &Path, plan: &Plan) -> Result<()> {
+fn open_experiment_dir(out: &Path, plan: &Plan, device: Device) -> Result<()> {
     let command = plan.command_line();
+    let device = device.to_string();
     let manifest_path = out.join(MANIFEST);
     if entry_exists(&manifest_path) {
         let text = std::fs::read_to_string(&manifest_path)
@@ -315,6 +362,13 @@ fn open_experiment_dir(out: &Path, plan: &Plan) -> Result<()> {
                 manifest.command
             )));
         }
+        if manifest.device != device {
+            return Err(Error::invalid(format!(
+                "{} holds an experiment whose runs train on {}; continue it with --device {1}",
+                out.display(),
+                manifest.device
+            )));
+        }
         return Ok(());
     }
     if out.exists() {
@@ -327,7 +381,7 @@ fn open_experiment_dir(out: &Path, plan: &Plan) -> Result<()> {
         }
     }
     std::fs::create_dir_all(out).map_err(|e| Error::io(out.display(), e))?;
-    let manifest = Manifest { experiment: "growth".into(), command };
+    let manifest = Manifest { experiment: "growth".into(), command, device };
     let json = serde_json::to_string_pretty(&manifest)
         .map_err(|e| Error::invalid(format!("{MANIFEST}: {e}")))?;
     replace_file(out, MANIFEST, format!("{json}\n").as_bytes())
@@ -344,7 +398,8 @@ fn run_job(
     bar: &Progress,
     done_before: u64,
 ) -> Result<Outcome> {
-    let record_path = job.record_path();
+    let (dir, record_name) = (job.dir(), job.record_name());
+    let record_path = job.parent.join(&record_name);
     if entry_exists(&record_path) {
         let text = std::fs::read_to_string(&record_path)
             .map_err(|e| Error::io(record_path.display(), e))?;
@@ -364,28 +419,21 @@ fn run_job(
     };
     let started = Instant::now();
     let fail = |e: Error| Error::invalid(format!("{}: {e}", job.label));
-    let trained = if is_checkpoint_dir(&job.dir) {
-        let (saved, step) = saved_run(&job.dir).map_err(fail)?;
-        if saved != job.settings {
-            return Err(Error::invalid(format!(
-                "{}: {} holds a run with other settings than this experiment gives it; move it \
-                 away, or choose another --out",
-                job.label,
-                job.dir.display()
-            )));
-        }
-        if step >= saved.steps {
+    let trained = if is_checkpoint_dir(&dir) {
+        job.check_saved(&[])?;
+        let (_, step) = saved_run(&dir).map_err(fail)?;
+        if step >= job.settings.steps {
             Ok(None)
         } else {
-            train_resume(&job.dir, device, train_control).map(Some)
+            train_resume(&dir, device, train_control).map(Some)
         }
     } else {
-        if is_run_dir(&job.dir) {
+        if is_run_dir(&dir) {
             // Killed before its first checkpoint: nothing of it is kept but its metrics.
-            let lock = RunLock::acquire(&job.dir).map_err(fail)?;
+            let lock = RunLock::acquire(&dir).map_err(fail)?;
             clear_unfinished(&lock).map_err(fail)?;
         }
-        train_new(&job.dir, job.settings.clone(), device, train_control).map(Some)
+        train_new(&dir, job.settings.clone(), device, train_control).map(Some)
     };
     let diverged = match trained {
         Ok(Some(summary)) if summary.interrupted || control.stop.load(Ordering::SeqCst) => {
@@ -398,14 +446,12 @@ fn run_job(
     let record = RunRecord {
         diverged,
         wall_seconds: started.elapsed().as_secs_f64(),
-        evaluations: evaluations_in(&job.dir)?,
+        evaluations: evaluations_in(&dir)?,
     };
-    remove_token_caches(&job.dir)?;
+    remove_token_caches(&dir)?;
     let json = serde_json::to_string_pretty(&record)
         .map_err(|e| Error::invalid(format!("{}: {e}", record_path.display())))?;
-    let parent = record_path.parent().unwrap_or(Path::new("."));
-    let name = record_path.file_name().map_or(String::new(), |n| n.to_string_lossy().into());
-    replace_file(parent, &name, format!("{json}\n").as_bytes())?;
+    replace_file(&job.parent, &record_name, format!("{json}\n").as_bytes())?;
     Ok(Outcome::Finished { record, kept: false })
 }
 
