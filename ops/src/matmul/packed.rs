@@ -629,24 +629,47 @@ mod x86 {
 pub(crate) const PARALLEL_MIN_MACS: usize = 1 << 18;
 
 /// Tasks a parallel product is cut into: enough that work stealing evens out the threads'
-/// shares on any small thread count, few enough that each still reuses its blocks.
-const TASKS: usize = 16;
+/// shares on any small thread count (24 tasks of equal size share out evenly between 1, 2, 3,
+/// 4, 6, 8 or 12 threads), few enough that each still reuses its blocks.
+const TASKS: usize = 24;
 
-/// How the output of an (m × k)·(k × n) product is cut into tasks: (rows per task, B panels
-/// per task). It depends on the shape and the tile only, never on the thread count. Rows come
-/// in blocks of whole tiles (at least two); where that gives fewer than half the tasks (a
-/// product with few rows, as the backward pass's sums over a few hundred parameter tokens
-/// can be), the columns are split as well, so every thread has work.
-pub(crate) fn split(blocking: &Blocking, m: usize, k: usize, n: usize) -> (usize, usize) {
-    let panels = n.div_ceil(blocking.nr).max(1);
-    if m * k * n < PARALLEL_MIN_MACS {
-        return (m.max(1), panels);
+/// How the output of an (m × k)·(k × n) product is cut into tasks: a grid of row ranges by
+/// column ranges. It depends on the shape and the tile only, never on the thread count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Split {
+    /// Row tiles (MR rows each, the last maybe partial) and NR-wide panels of B.
+    tiles: usize,
+    panels: usize,
+    row_tasks: usize,
+    column_tasks: usize,
+}
+
+impl Split {
+    /// Rows come in runs of whole tiles (at least two), as even as whole tiles allow; where
+    /// that gives fewer than half the tasks (a product with few rows, as the backward pass's
+    /// sums over a few hundred parameter tokens can be), the columns are split as well, so
+    /// every thread has work.
+    pub(crate) fn new(blocking: &Blocking, m: usize, k: usize, n: usize) -> Split {
+        let tiles = m.div_ceil(blocking.mr).max(1);
+        let panels = n.div_ceil(blocking.nr).max(1);
+        if m * k * n < PARALLEL_MIN_MACS {
+            return Split { tiles, panels, row_tasks: 1, column_tasks: 1 };
+        }
+        let row_tasks = (tiles / 2).clamp(1, TASKS);
+        let column_tasks = if row_tasks < TASKS / 2 { (TASKS / row_tasks).min(panels) } else { 1 };
+        Split { tiles, panels, row_tasks, column_tasks }
     }
-    let mr = blocking.mr;
-    let row_block = m.div_ceil(TASKS).next_multiple_of(mr).max(2 * mr);
-    let row_tasks = m.div_ceil(row_block);
-    let column_tasks = if row_tasks < TASKS / 2 { (TASKS / row_tasks).min(panels) } else { 1 };
-    (row_block, panels.div_ceil(column_tasks))
+
+    pub(crate) fn tasks(&self) -> usize {
+        self.row_tasks * self.column_tasks
+    }
+
+    /// Task `task`'s tiles and panels: the `i`-th of `parts` near-equal runs of `count`.
+    fn ranges(&self, task: usize) -> (std::ops::Range<usize>, std::ops::Range<usize>) {
+        let run = |i: usize, parts: usize, count: usize| i * count / parts..(i + 1) * count / parts;
+        let (row, column) = (task / self.column_tasks, task % self.column_tasks);
+        (run(row, self.row_tasks, self.tiles), run(column, self.column_tasks, self.panels))
+    }
 }
 
 /// c (m × n, row-major) = a·b (or += when `accumulate`), B prepared once (`b_operand`) and the rows of C cut
@@ -691,9 +714,8 @@ pub(crate) fn gemm_packed<T: OutputElem>(
     if m == 0 || n == 0 {
         return;
     }
-    let (row_block, panel_block) = split(&b.blocking, m, b.k, n);
-    let panels = n.div_ceil(b.blocking.nr);
-    if row_block >= m && panel_block >= panels {
+    let split = Split::new(&b.blocking, m, b.k, n);
+    if split.tasks() == 1 {
         return gemm_rows(a, m, b, c, n, accumulate);
     }
     assert!(
@@ -702,13 +724,12 @@ pub(crate) fn gemm_packed<T: OutputElem>(
     );
     assert!(c.len() >= m * n, "gemm_packed: output too short");
     assert!(a.covers(m, b.k), "gemm_packed: operand too short for {m}x{}", b.k);
-    let column_tasks = panels.div_ceil(panel_block);
+    let mr = b.blocking.mr;
     let output = SharedOutput(c.as_mut_ptr() as *mut f32);
-    (0..m.div_ceil(row_block) * column_tasks).into_par_iter().for_each(|task| {
-        let (first_row, first_panel) =
-            (task / column_tasks * row_block, task % column_tasks * panel_block);
-        let rows = row_block.min(m - first_row);
-        let task_panels = first_panel..(first_panel + panel_block).min(panels);
+    (0..split.tasks()).into_par_iter().for_each(|task| {
+        let (tiles, panels) = split.ranges(task);
+        let first_row = tiles.start * mr;
+        let rows = (tiles.end * mr).min(m) - first_row;
         // SAFETY: each task writes its own rows × panels rectangle of the m × n output (checked
         // above), and A covers m × k.
         unsafe {
@@ -716,7 +737,7 @@ pub(crate) fn gemm_packed<T: OutputElem>(
                 a.rows_from(first_row),
                 rows,
                 b,
-                task_panels,
+                panels,
                 output.at(first_row * n),
                 n,
                 accumulate,
@@ -875,16 +896,22 @@ mod tests {
                         if m * k * n < PARALLEL_MIN_MACS {
                             continue;
                         }
-                        let (rows, panels) = split(&blocking, m, k, n);
-                        let tasks = m.div_ceil(rows) * n.div_ceil(blocking.nr).div_ceil(panels);
+                        let split = Split::new(&blocking, m, k, n);
                         let least = if m >= 128 { 8 } else { 4 };
-                        assert!(tasks >= least, "{isa:?} {m}x{k}x{n}: {tasks} tasks");
-                        assert_eq!(rows % blocking.mr, 0, "{isa:?} {m}x{k}x{n}");
+                        assert!(split.tasks() >= least, "{isa:?} {m}x{k}x{n}: {split:?}");
+                        // Every task has rows and columns, and together they cover C once.
+                        let mut covered = 0;
+                        for task in 0..split.tasks() {
+                            let (tiles, panels) = split.ranges(task);
+                            assert!(!tiles.is_empty() && !panels.is_empty(), "{split:?}");
+                            covered += tiles.len() * panels.len();
+                        }
+                        assert_eq!(covered, split.tiles * split.panels, "{split:?}");
                     }
                 }
             }
             // Below the parallel threshold, one task.
-            assert_eq!(split(&blocking, 10, 10, 10), (10, 1));
+            assert_eq!(Split::new(&blocking, 10, 10, 10).tasks(), 1);
         }
     }
 
