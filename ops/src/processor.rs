@@ -506,6 +506,17 @@ mod tests {
     }
 
     #[test]
+    fn cpuid_and_sysfs_agree_on_the_first_level_where_both_can_be_read() {
+        let (Some(from_cpuid), Some(from_sysfs)) = (cpuid::caches(), sysfs_caches()) else {
+            let test = "cpuid_and_sysfs_agree_on_the_first_level_where_both_can_be_read";
+            eprintln!("skipped: {test}: CPUID or sysfs gives no cache figures here");
+            return;
+        };
+        assert_eq!(from_cpuid.l1d, from_sysfs.l1d, "{from_cpuid:?} {from_sysfs:?}");
+        assert_eq!(from_cpuid.l2.size, from_sysfs.l2.size, "{from_cpuid:?} {from_sysfs:?}");
+    }
+
+    #[test]
     fn the_caches_of_this_machine_are_plausible() {
         let info = cache_info();
         assert!(info.l1d.size >= 4 << 10 && info.l1d.size <= info.l2.size, "{info:?}");
