@@ -8,10 +8,14 @@
 //! puts each operand in the cache level that matches its reuse:
 //!
 //! - the register tile MR × NR: NR is two vectors (the kernels load two vectors of B per
-//!   step), and MR is as many rows as the registers hold: MR·NR/lanes accumulators, NR/lanes
-//!   B vectors and one broadcast of A in the architectural registers. That is 6 × 16 with AVX2
-//!   (16 registers) and 14 × 32 with AVX-512 (32), and either way far more accumulators than
-//!   FMA latency × FMA pipes (4 × 2 on current x86 cores) needs in flight;
+//!   step), and MR the fewest rows whose MR·NR/lanes accumulators cover FMA latency × FMA pipes
+//!   (4 × 2 on current x86 cores) twice over, as far as the registers allow next to NR/lanes B
+//!   vectors and one broadcast of A: 8 × 32 with AVX-512 (16 of 32 registers accumulate) and
+//!   6 × 16 with AVX2 (12 of 16, the most that fit). The model's bound alone (covering the
+//!   latency once) would allow 4 × 32, whose B loads per FMA are half as many again; filling
+//!   every register (14 × 32) ran 7% slower on Zen 4 than 8 × 32 (1024³, one thread: 97 against
+//!   104 GFLOP/s), its extra rows buying no FMA throughput but more A streams and address
+//!   arithmetic;
 //! - KC from the L1 data cache: a KC × NR micro-panel of B stays there while MR × KC panels
 //!   of A stream through. Of the cache's W ways one is left for C and the lines in flight,
 //!   and the rest are shared in proportion NR : MR, so B gets C_B = ⌊(W − 1) / (1 + MR/NR)⌋
@@ -36,8 +40,9 @@ use crate::processor::{CacheInfo, CacheLevel, VectorIsa};
 const ELEM: usize = 4;
 
 /// FMA latency (cycles) × FMA pipes that the register tile must cover with independent
-/// accumulators: 4 × 2 on Skylake to Sapphire Rapids and Zen 2 to Zen 5, 5 × 2 on Haswell.
-const FMA_IN_FLIGHT: usize = 10;
+/// accumulators: 4 × 2 on Skylake to Sapphire Rapids and Zen 2 to Zen 5 (Zen 4 runs a 512-bit
+/// FMA on both of its 256-bit pipes: 4 × 1 then).
+const FMA_IN_FLIGHT: usize = 8;
 
 /// The block sizes of one product (see the module doc).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,14 +65,15 @@ impl std::fmt::Display for Blocking {
     }
 }
 
-/// The register tile (MR, NR) for an instruction set: NR two vectors, MR the rows whose
-/// accumulators fit the registers next to two B vectors and one broadcast.
+/// The register tile (MR, NR) for an instruction set: NR two vectors; MR the fewest rows
+/// whose accumulators cover FMA latency × pipes twice over, within the registers that two B
+/// vectors and one broadcast of A leave.
 pub fn register_tile(isa: VectorIsa) -> (usize, usize) {
     let vectors_per_row = 2;
     let nr = vectors_per_row * isa.lanes();
-    let mr = (isa.registers() - vectors_per_row - 1) / vectors_per_row;
-    debug_assert!(mr * vectors_per_row >= FMA_IN_FLIGHT.min(isa.registers() / 2));
-    (mr, nr)
+    let fits = (isa.registers() - vectors_per_row - 1) / vectors_per_row;
+    let covers = (2 * FMA_IN_FLIGHT).div_ceil(vectors_per_row);
+    (covers.min(fits), nr)
 }
 
 /// Ways of `cache` that `bytes` laid out contiguously occupy (rounded up).
@@ -113,7 +119,7 @@ mod tests {
     #[test]
     fn the_register_tile_fills_the_registers() {
         assert_eq!(register_tile(VectorIsa::Avx2), (6, 16));
-        assert_eq!(register_tile(VectorIsa::Avx512), (14, 32));
+        assert_eq!(register_tile(VectorIsa::Avx512), (8, 32));
     }
 
     #[test]
@@ -122,13 +128,13 @@ mod tests {
         // sets) and 1.875 MiB 15-way of L3 (2048 sets).
         let spr = caches((48 << 10, 12), (2 << 20, 16), (1920 << 10, 15));
         let b = blocking(&spr, VectorIsa::Avx512);
-        // L1: B gets ⌊11 · 32 / (32 + 14)⌋ = 7 ways: KC = 7 · 64 · 64 / (32 · 4) = 224.
-        // L2: the 224 × 32 panel (28 KiB) takes one way of 128 KiB, C one, A the other 14:
-        //     MC = 14 · 128 KiB / (224 · 4) = 2048, down to a multiple of 14: 2044.
-        // L3: 14 ways of 128 KiB for B: NC = 14 · 128 KiB / (224 · 4) = 2048.
-        assert_eq!(b, Blocking { mr: 14, nr: 32, kc: 224, mc: 2044, nc: 2048 });
+        // L1: B gets ⌊11 · 32 / (32 + 8)⌋ = 8 ways: KC = 8 · 64 · 64 / (32 · 4) = 256.
+        // L2: the 256 × 32 panel (32 KiB) takes one way of 128 KiB, C one, A the other 14:
+        //     MC = 14 · 128 KiB / (256 · 4) = 1792.
+        // L3: 14 ways of 128 KiB for B: NC = 14 · 128 KiB / (256 · 4) = 1792.
+        assert_eq!(b, Blocking { mr: 8, nr: 32, kc: 256, mc: 1792, nc: 1792 });
         // AVX2 on the same core: B gets ⌊11 · 16 / 22⌋ = 8 ways: KC = 8 · 4096 / 64 = 512;
-        // MC = 14 · 128 KiB / 2048 = 896; NC = 14 · 128 KiB / 2048 = 896.
+        // MC = 14 · 128 KiB / 2048 = 896, down to a multiple of 6: 894; NC = 896.
         let b = blocking(&spr, VectorIsa::Avx2);
         assert_eq!(b, Blocking { mr: 6, nr: 16, kc: 512, mc: 894, nc: 896 });
 
@@ -136,11 +142,11 @@ mod tests {
         // 16-way L3 shared by 8 cores: 4 MiB (4096 sets) each.
         let zen4 = caches((32 << 10, 8), (1 << 20, 8), (4 << 20, 16));
         let b = blocking(&zen4, VectorIsa::Avx512);
-        // L1: B gets ⌊7 · 32 / 46⌋ = 4 ways: KC = 4 · 4096 / 128 = 128.
-        // L2: the 128 × 32 panel (16 KiB) takes one way, C one, A the other 6:
-        //     MC = 6 · 128 KiB / 512 = 1536, down to a multiple of 14: 1526.
-        // L3: 15 ways of 256 KiB for B: NC = 15 · 256 KiB / 512 = 7680.
-        assert_eq!(b, Blocking { mr: 14, nr: 32, kc: 128, mc: 1526, nc: 7680 });
+        // L1: B gets ⌊7 · 32 / 40⌋ = 5 ways: KC = 5 · 4096 / 128 = 160.
+        // L2: the 160 × 32 panel (20 KiB) takes one way, C one, A the other 6:
+        //     MC = 6 · 128 KiB / 640 = 1228, down to a multiple of 8: 1224.
+        // L3: 15 ways of 256 KiB for B: NC = 15 · 256 KiB / 640 = 6144.
+        assert_eq!(b, Blocking { mr: 8, nr: 32, kc: 160, mc: 1224, nc: 6144 });
         // AVX2: B gets ⌊7 · 16 / 22⌋ = 5 ways: KC = 5 · 4096 / 64 = 320; MC = 6 · 128 KiB /
         // 1280 = 614, down to 612; NC = 15 · 256 KiB / 1280 = 3072.
         let b = blocking(&zen4, VectorIsa::Avx2);

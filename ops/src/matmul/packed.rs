@@ -321,14 +321,17 @@ thread_local! {
 /// Whether blocks of A are copied into contiguous micro-panels (as BLIS always does) rather
 /// than read in place through their strides.
 ///
-/// In place saves the copy, which costs as much as a good share of the product when few panels
-/// of B reuse it (a Pattention's blocks of rows against a few hundred columns: copying made a
-/// 2048 × 1536 × 384 product 9% slower). A copy pays where all MR rows of a micro-panel (or,
-/// for a transposed A, all its steps) fall in one set of L1, as with a stride of 4 KiB (1,024
-/// columns): the product then ran at 0.8× of its speed with the copy.
-fn pack_a_blocks(a: &View<'_>, n: usize, nr: usize) -> bool {
+/// In place saves the copy, which costs a good share of the product when few panels of B reuse
+/// it (a Pattention's blocks of rows against a few hundred columns: copying made the model's
+/// steps 2% slower). A copy pays where the MR rows a micro-panel reads at one step (or, for a
+/// transposed A, its successive steps) fall in so few L1 sets that they cannot all stay there:
+/// with 14-row tiles and a stride of 4 KiB (1,024 columns), which puts all 14 in one 8-way
+/// set, a product ran at 0.8× of its speed without the copy. With 8 rows in 8 ways, in place
+/// was still 2% faster.
+fn pack_a_blocks(a: &View<'_>, n: usize, blocking: &Blocking) -> bool {
     let step = if a.col_stride == 1 { a.row_stride } else { a.col_stride };
-    n >= 4 * nr && l1_sets_reached(step) == 1
+    let ways = crate::processor::cache_info().l1d.ways;
+    n >= 4 * blocking.nr && blocking.mr.div_ceil(l1_sets_reached(step)) > ways
 }
 
 /// C[0..rows, panels·NR] (row stride ldc) = a·b (or += when `accumulate`), blocked as
@@ -362,8 +365,9 @@ unsafe fn gemm_block(
         }
         return;
     }
-    let pack_all =
-        b.copy_a.unwrap_or_else(|| pack_a_blocks(&a, (panels.end - panels.start) * nr, nr));
+    let pack_all = b
+        .copy_a
+        .unwrap_or_else(|| pack_a_blocks(&a, (panels.end - panels.start) * nr, &b.blocking));
     let mc_max = mc_max.min(rows.next_multiple_of(mr));
     let panels_per_slab = (nc / nr).max(1);
     let mut packed_a = A_BLOCKS.with(|cell| std::mem::take(&mut *cell.borrow_mut()));
