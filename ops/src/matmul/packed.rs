@@ -83,7 +83,7 @@ pub(crate) enum Isa {
 }
 
 /// The largest register tile any kernel has, in floats (the scratch tile at the edges).
-const MAX_TILE: usize = 14 * 32;
+const MAX_TILE: usize = 8 * 32;
 
 impl Isa {
     fn vector(self) -> VectorIsa {
@@ -538,8 +538,6 @@ unsafe fn kernel(
     let (b, ldb) = (b.0.as_ptr(), b.1);
     #[cfg(target_arch = "x86_64")]
     match (isa, mr) {
-        (Isa::Avx512, 14) => x86::kernel_avx512::<14>(kc, a, a_rs, a_cs, b, ldb, c, ldc, load_c),
-        (Isa::Avx512, 12) => x86::kernel_avx512::<12>(kc, a, a_rs, a_cs, b, ldb, c, ldc, load_c),
         (Isa::Avx512, 8) => x86::kernel_avx512::<8>(kc, a, a_rs, a_cs, b, ldb, c, ldc, load_c),
         (Isa::Avx2Fma, 6) => x86::kernel_avx2::<6>(kc, a, a_rs, a_cs, b, ldb, c, ldc, load_c),
         _ => unreachable!("no {isa:?} kernel with {mr} rows"),
@@ -848,7 +846,7 @@ mod tests {
         for isa in kernels() {
             let base = isa.blocking();
             let (nr, heights) = match isa {
-                Isa::Avx512 => (32, vec![8, 12, 14]),
+                Isa::Avx512 => (32, vec![8]),
                 Isa::Avx2Fma => (16, vec![6]),
             };
             assert_eq!(base.nr, nr);

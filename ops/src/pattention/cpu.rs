@@ -24,9 +24,9 @@ use std::cell::RefCell;
 use std::mem::MaybeUninit;
 use tokenformer_core::{Result, Tensor};
 
-/// Rows per block: the first multiple of the GEMM tile's height (MR) from 24 on (24 for tiles
-/// of 6, 8 or 12 rows, 28 for 14), so that no block ends in a partial tile, small enough that
-/// the blocks share out evenly between threads (512 rows make about 20 blocks) and that a
+/// Rows per block: the first multiple of the GEMM tile's height (MR) from 24 on (24 for the
+/// tiles of 6 and 8 rows), so that no block ends in a partial tile, small enough that
+/// the blocks share out evenly between threads (512 rows make 22 blocks) and that a
 /// block's [rows, n] arrays stay in a core's L2 cache.
 fn block_rows(isa: Isa) -> usize {
     24usize.next_multiple_of(isa.blocking().mr)
