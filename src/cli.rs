@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use tokenformer_core::{Device, Error, Result};
-use tokenformer_models::bench::{bench_matmul, bench_train};
+use tokenformer_models::bench::{bench_matmul, bench_train, cpu_info, MatmulShape};
 use tokenformer_models::checkpoint::inspect_checkpoint;
 use tokenformer_models::checkpoint::{
     is_checkpoint_dir, parse_config_json, save_checkpoint, Checkpoint,
@@ -498,15 +498,18 @@ struct BenchArgs {
     /// Tokens per sequence
     #[arg(long, default_value_t = 64)]
     seq: usize,
-    /// Steps timed (after two untimed warm-up steps)
+    /// Steps timed (after two untimed warm-up steps); 0 times only the matmul
     #[arg(long, default_value_t = 10)]
     steps: usize,
     /// Allow TF32 tensor cores for fp32 matmuls (CUDA) [default: off]
     #[arg(long)]
     tf32: bool,
-    /// Size of the square matmul timed first (0 skips it)
-    #[arg(long, default_value_t = 1024)]
-    matmul: usize,
+    /// The matmul timed first: a size N (N x N times N x N) or a shape MxKxN (0 skips it)
+    #[arg(long, default_value = "1024")]
+    matmul: String,
+    /// Also time the matmul's backward pass (its two gradient products) [default: off]
+    #[arg(long)]
+    matmul_backward: bool,
     /// Also print the time per op, forward and backward, and its share of the step
     /// [default: off]
     #[arg(long)]
@@ -517,6 +520,8 @@ struct BenchArgs {
 }
 
 pub fn run(cli: Cli) -> Result<()> {
+    // An unreadable TOKENFORMER_CPU_ISA stops every command before it starts work.
+    tokenformer_ops::processor::isa_cap()?;
     match cli.command {
         // No subcommand: `train` with every flag at its default.
         None => run(Cli::parse_from(["tokenformer", "train"])),
@@ -1184,32 +1189,111 @@ fn print_profile(
 fn bench(a: BenchArgs) -> Result<()> {
     let device = parse_device(&a.device)?;
     let config = a.arch.apply(&ModelConfig::preset(&a.preset)?)?;
-    let n = a.matmul as u128;
+    let shape = MatmulShape::parse(&a.matmul)?;
+    let (m, k, n) = (shape.m as u128, shape.k as u128, shape.n as u128);
+    let operands = if a.matmul_backward { 2 } else { 1 };
     memory::check(
         &format!("bench --matmul {}", a.matmul),
-        n.checked_mul(n).and_then(|n2| n2.checked_mul(3 * 4)),
+        m.checked_mul(k)
+            .zip(k.checked_mul(n))
+            .zip(m.checked_mul(n))
+            .and_then(|((ak, kn), mn)| ak.checked_add(kn)?.checked_add(mn))
+            .and_then(|values| values.checked_mul(operands * 4)),
     )?;
-    memory::check_training(&config, a.batch, a.seq, 1)?;
-    let matmul = if a.matmul > 0 { Some(bench_matmul(a.matmul, 5, device)?) } else { None };
-    let r = bench_train(&a.preset, &config, a.batch, a.seq, a.steps, device, a.tf32, a.profile)?;
+    if a.steps > 0 {
+        memory::check_training(&config, a.batch, a.seq, 1)?;
+    }
+    let cpu = if device.is_cuda() { None } else { Some(cpu_info()?) };
+    let matmul = if shape.is_empty() {
+        None
+    } else {
+        Some(bench_matmul(shape, a.matmul_backward, 5, device)?)
+    };
+    let train = if a.steps > 0 {
+        let r =
+            bench_train(&a.preset, &config, a.batch, a.seq, a.steps, device, a.tf32, a.profile)?;
+        Some(match &cpu {
+            Some(cpu) => r.with_peak(cpu.peak_gflops_all_threads / 1e3),
+            None => r,
+        })
+    } else {
+        None
+    };
+    // The share of the peak on the threads the product ran on.
+    let of_peak = |gflops: f64| cpu.as_ref().map(|c| gflops / c.peak_gflops_all_threads);
     if a.json {
-        let mut v = serde_json::to_value(&r).map_err(|e| Error::invalid(e.to_string()))?;
-        if let Some(m) = &matmul {
-            v["matmul_gflops"] = serde_json::json!(m.gflops);
-            v["matmul_size"] = serde_json::json!(m.size);
+        let mut v = match &train {
+            Some(r) => serde_json::to_value(r).map_err(|e| Error::invalid(e.to_string()))?,
+            None => serde_json::json!({ "device": device.to_string() }),
+        };
+        if let Some(cpu) = &cpu {
+            v["cpu"] = serde_json::to_value(cpu).map_err(|e| Error::invalid(e.to_string()))?;
+        }
+        if let Some(mm) = &matmul {
+            v["matmul_gflops"] = serde_json::json!(mm.gflops);
+            v["matmul_size"] = serde_json::json!(mm.shape.m);
+            v["matmul_shape"] = serde_json::json!([mm.shape.m, mm.shape.k, mm.shape.n]);
+            v["matmul_peak_fraction"] = serde_json::json!(of_peak(mm.gflops));
+            if let Some(g) = mm.backward_gflops {
+                v["matmul_backward_gflops"] = serde_json::json!(g);
+                v["matmul_backward_peak_fraction"] = serde_json::json!(of_peak(g));
+            }
         }
         println!("{v}");
         return Ok(());
     }
-    println!("device: {} ({})", r.device, r.device_name);
-    if let Some(m) = matmul {
+    match (&train, &cpu) {
+        (Some(r), _) => println!("device: {} ({})", r.device, r.device_name),
+        (None, Some(c)) => println!("device: cpu ({})", c.processor),
+        (None, None) => println!("device: {device}"),
+    }
+    if let Some(c) = &cpu {
+        let kib = |bytes: usize| {
+            if bytes >= 1 << 20 && bytes.is_multiple_of(1 << 20) {
+                format!("{} MiB", bytes >> 20)
+            } else {
+                format!("{} KiB", bytes >> 10)
+            }
+        };
         println!(
-            "matmul {0}x{0}x{0}: {1:.2} ms, {2:.1} GFLOP/s",
-            m.size,
-            m.seconds * 1e3,
-            m.gflops
+            "cpu: {} threads, vector unit {} ({} lanes), caches per core L1d {} L2 {} L3 {} ({})",
+            c.threads,
+            c.vector_isa,
+            c.vector_lanes,
+            kib(c.l1d_bytes),
+            kib(c.l2_bytes),
+            kib(c.l3_bytes),
+            c.cache_source
+        );
+        match &c.gemm_blocking {
+            Some(b) => println!(
+                "  GEMM blocking        tile {}x{}, KC {}, MC {}, NC {}",
+                b.mr, b.nr, b.kc, b.mc, b.nc
+            ),
+            None => println!("  GEMM blocking        reference GEMM (matrixmultiply)"),
+        }
+        println!(
+            "  fp32 peak            {:.1} GFLOP/s on 1 thread, {:.1} on {} (FMA loop)",
+            c.peak_gflops_one_thread, c.peak_gflops_all_threads, c.threads
         );
     }
+    if let Some(mm) = &matmul {
+        let share = |gflops: f64| match of_peak(gflops) {
+            Some(f) => format!(", {:.1}% of peak", f * 100.0),
+            None => String::new(),
+        };
+        println!(
+            "matmul {}: {:.2} ms, {:.1} GFLOP/s{}",
+            mm.shape,
+            mm.seconds * 1e3,
+            mm.gflops,
+            share(mm.gflops)
+        );
+        if let (Some(s), Some(g)) = (mm.backward_seconds, mm.backward_gflops) {
+            println!("  backward (G·Bᵀ, Aᵀ·G): {:.2} ms, {:.1} GFLOP/s{}", s * 1e3, g, share(g));
+        }
+    }
+    let Some(r) = train else { return Ok(()) };
     println!(
         "train step, preset {} ({} params), batch {} x seq {}{}:",
         r.preset,
@@ -1229,10 +1313,15 @@ fn bench(a: BenchArgs) -> Result<()> {
         r.model_tflops
     );
     match (r.peak_tflops, r.mfu) {
-        (Some(peak), Some(mfu)) => println!(
+        (Some(peak), Some(mfu)) if device.is_cuda() => println!(
             "  MFU                  {:.1}% of {peak} TFLOP/s ({})",
             mfu * 100.0,
             r.device_name
+        ),
+        (Some(peak), Some(mfu)) => println!(
+            "  MFU                  {:.1}% of the measured fp32 peak, {:.1} GFLOP/s",
+            mfu * 100.0,
+            peak * 1e3
         ),
         _ => println!("  MFU                  n/a (no peak known for {})", r.device_name),
     }

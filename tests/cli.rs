@@ -529,6 +529,79 @@ fn tokenformer_fused_selects_the_plain_paths() {
 }
 
 #[test]
+fn tokenformer_cpu_isa_holds_the_kernels_to_narrower_vectors() {
+    let t = Scratch::new("cpu-isa");
+    let train = |name: &str, isa: Option<&str>| -> (Vec<f64>, Vec<u8>) {
+        let dir = t.path(name);
+        let args = [&["train", "--out", s(&dir)][..], &SHORT].concat();
+        let mut cmd = t.command(&args);
+        cmd.env_remove("TOKENFORMER_CPU_ISA");
+        if let Some(value) = isa {
+            cmd.env("TOKENFORMER_CPU_ISA", value);
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{isa:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let losses = std::fs::read_to_string(dir.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64())
+            .collect();
+        (losses, std::fs::read(dir.join("model.safetensors")).unwrap())
+    };
+    let widest = train("widest", None);
+    assert!(!widest.0.is_empty());
+    // The AVX2 copies of every kernel compute the bits of the AVX-512 ones.
+    let avx2 = train("avx2", Some("avx2"));
+    assert_eq!(avx2.0, widest.0, "losses differ with TOKENFORMER_CPU_ISA=avx2");
+    assert!(avx2.1 == widest.1, "parameters differ with TOKENFORMER_CPU_ISA=avx2");
+    // The plain copies and the reference GEMM round otherwise: the same losses to 1e-4.
+    let plain = train("plain", Some("plain")).0;
+    assert_eq!(plain.len(), widest.0.len());
+    for (p, w) in plain.iter().zip(&widest.0) {
+        assert!((p - w).abs() <= 1e-4 * w.abs(), "plain {plain:?} vs widest {:?}", widest.0);
+    }
+    // bench names the width in use.
+    let flags = ["bench", "--steps", "0", "--matmul", "64", "--json"];
+    let out = t.command(&flags).env("TOKENFORMER_CPU_ISA", "plain").output().unwrap();
+    let obj = one_json(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(obj["cpu"]["vector_isa"].as_str(), Some("plain"), "{obj:?}");
+    assert!(obj["cpu"]["gemm_blocking"].is_null(), "{obj:?}");
+    let mut cmd = t.command(&["train", "--out", "bad", "--steps", "1"]);
+    let out = cmd.env("TOKENFORMER_CPU_ISA", "sse9").output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("TOKENFORMER_CPU_ISA") && stderr.contains("avx2"), "{stderr}");
+}
+
+#[test]
+fn bench_reports_the_processor_its_peak_and_mfu() {
+    let t = Scratch::new("bench-cpu");
+    let flags = ["bench", "--steps", "1", "--batch", "2", "--seq", "8", "--matmul", "96x64x80"];
+    let stdout = t.ok(&[&flags[..], &["--matmul-backward"]].concat());
+    for line in ["cpu: ", "GEMM blocking", "fp32 peak", "matmul 96x64x80", "backward", "MFU"] {
+        assert!(stdout.contains(line), "no {line:?}: {stdout}");
+    }
+    assert!(!stdout.contains("n/a"), "{stdout}");
+    let obj = one_json(&t.ok(&[&flags[..], &["--json"]].concat()));
+    let cpu = &obj["cpu"];
+    let peak = cpu["peak_gflops_all_threads"].as_f64().expect("a measured peak");
+    assert!(peak > 0.0 && cpu["peak_gflops_one_thread"].as_f64().unwrap() > 0.0, "{obj:?}");
+    assert!(!cpu["processor"].as_str().unwrap().is_empty(), "{obj:?}");
+    let mfu = obj["mfu"].as_f64().expect("MFU on the CPU");
+    let model_gflops = obj["model_tflops"].as_f64().unwrap() * 1e3;
+    assert!((mfu - model_gflops / peak).abs() <= 1e-9 * mfu.abs().max(1.0), "{obj:?}");
+    assert_eq!(obj["matmul_shape"], serde_json::json!([96, 64, 80]), "{obj:?}");
+    let share = obj["matmul_peak_fraction"].as_f64().unwrap();
+    assert!((share - obj["matmul_gflops"].as_f64().unwrap() / peak).abs() < 1e-9, "{obj:?}");
+    // Only the matmul, and a shape that is not one.
+    let only = t.ok(&["bench", "--steps", "0", "--matmul", "32"]);
+    assert!(only.contains("matmul 32x32x32") && !only.contains("train step"), "{only}");
+    let err = t.fails(&["bench", "--steps", "0", "--matmul", "3x4"]);
+    assert!(err.contains("--matmul") && err.contains("MxKxN"), "{err}");
+}
+
+#[test]
 fn bench_profile_prints_a_table_of_ops() {
     let t = Scratch::new("bench-profile");
     let flags = ["--steps", "1", "--batch", "2", "--seq", "8", "--matmul", "0", "--profile"];

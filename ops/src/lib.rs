@@ -26,6 +26,7 @@ pub mod layout;
 pub mod matmul;
 pub mod pattention;
 pub mod pattention_norm;
+pub mod processor;
 pub mod reduce;
 pub mod rope;
 pub mod softmax;
@@ -301,18 +302,15 @@ pub(crate) mod wide_loops {
         Plain,
     }
 
-    /// The widest copy this processor can run.
+    /// The widest copy this processor can run (held to `TOKENFORMER_CPU_ISA` where set).
     pub(crate) fn width() -> Width {
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("fma") {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                return Width::Avx512;
-            }
-            if std::arch::is_x86_feature_detected!("avx2") {
-                return Width::Avx2;
-            }
+        match crate::processor::vector_isa() {
+            #[cfg(target_arch = "x86_64")]
+            crate::processor::VectorIsa::Avx512 => Width::Avx512,
+            #[cfg(target_arch = "x86_64")]
+            crate::processor::VectorIsa::Avx2 => Width::Avx2,
+            _ => Width::Plain,
         }
-        Width::Plain
     }
 
     /// Runs `f`, inlined into a copy compiled for the widest vector unit the processor has:

@@ -3,7 +3,8 @@
 //!
 //! Model FLOPs follow SPEC §2: 6·(matmul parameters) + 12·L·d·T per token, attention counted
 //! non-causally as llm.c and PaLM do; MFU divides by the card's peak for the arithmetic mode in
-//! use (fp32 CUDA cores, or TF32 tensor cores with `--tf32`).
+//! use (fp32 CUDA cores, or TF32 tensor cores with `--tf32`), or on the CPU by the fp32 peak
+//! an FMA loop measures on the same threads (see [`cpu_info`]).
 
 use crate::config::ModelConfig;
 use crate::model::TokenFormer;
@@ -14,33 +15,164 @@ use std::time::Instant;
 use tokenformer_autograd::profile;
 use tokenformer_core::{Device, Error, Result, Rng, Tensor};
 use tokenformer_ops::adamw::AdamW;
-use tokenformer_ops::matmul::matmul;
+use tokenformer_ops::matmul::{matmul, matmul_backward};
+
+/// The shape of a timed product: (m × k)·(k × n).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct MatmulShape {
+    pub m: usize,
+    pub k: usize,
+    pub n: usize,
+}
+
+impl MatmulShape {
+    /// `N` (a square product) or `MxKxN`.
+    pub fn parse(text: &str) -> Result<MatmulShape> {
+        let bad = || {
+            Error::invalid(format!(
+                "--matmul {text:?}: expected a size N or a shape MxKxN (as 2048x384x1536)"
+            ))
+        };
+        let dims: Vec<usize> = text
+            .split(['x', 'X'])
+            .map(|d| d.trim().parse::<usize>().map_err(|_| bad()))
+            .collect::<Result<_>>()?;
+        match dims[..] {
+            [n] => Ok(MatmulShape { m: n, k: n, n }),
+            [m, k, n] => Ok(MatmulShape { m, k, n }),
+            _ => Err(bad()),
+        }
+    }
+
+    /// Whether nothing is to be timed (a zero anywhere).
+    pub fn is_empty(&self) -> bool {
+        self.m == 0 || self.k == 0 || self.n == 0
+    }
+
+    /// Multiply-adds of one product.
+    fn macs(&self) -> f64 {
+        self.m as f64 * self.k as f64 * self.n as f64
+    }
+}
+
+impl std::fmt::Display for MatmulShape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}x{}x{}", self.m, self.k, self.n)
+    }
+}
 
 #[derive(Debug, Serialize)]
 pub struct MatmulBench {
-    pub size: usize,
+    pub shape: MatmulShape,
+    /// The best time of C = A·B.
     pub seconds: f64,
     pub gflops: f64,
+    /// With `backward`: the best time of both gradient products, G·Bᵀ and Aᵀ·G.
+    pub backward_seconds: Option<f64>,
+    pub backward_gflops: Option<f64>,
 }
 
-/// GFLOP/s of an n×n by n×n matmul on `device`: the best of `repeats` timed runs after one
-/// warm-up.
-pub fn bench_matmul(n: usize, repeats: usize, device: Device) -> Result<MatmulBench> {
+/// GFLOP/s of an (m × k)·(k × n) matmul on `device`, and with `backward` of its two gradient
+/// products: the best of `repeats` timed runs after one warm-up.
+pub fn bench_matmul(
+    shape: MatmulShape,
+    backward: bool,
+    repeats: usize,
+    device: Device,
+) -> Result<MatmulBench> {
     let mut rng = Rng::new(0);
-    let a = Tensor::randn(&[n, n], 1.0, &mut rng).to_device(device)?;
-    let b = Tensor::randn(&[n, n], 1.0, &mut rng).to_device(device)?;
-    let run = || -> Result<f64> {
-        let start = Instant::now();
-        let c = matmul(&a, &b, false, false)?;
-        synchronize(&c)?;
-        Ok(start.elapsed().as_secs_f64())
+    let MatmulShape { m, k, n } = shape;
+    let a = Tensor::randn(&[m, k], 1.0, &mut rng).to_device(device)?;
+    let b = Tensor::randn(&[k, n], 1.0, &mut rng).to_device(device)?;
+    let best = |f: &dyn Fn() -> Result<Tensor>| -> Result<f64> {
+        synchronize(&f()?)?;
+        let mut best = f64::INFINITY;
+        for _ in 0..repeats.max(1) {
+            let start = Instant::now();
+            let out = f()?;
+            synchronize(&out)?;
+            best = best.min(start.elapsed().as_secs_f64());
+        }
+        Ok(best)
     };
-    run()?;
-    let mut best = f64::INFINITY;
-    for _ in 0..repeats.max(1) {
-        best = best.min(run()?);
-    }
-    Ok(MatmulBench { size: n, seconds: best, gflops: 2.0 * (n as f64).powi(3) / best / 1e9 })
+    let seconds = best(&|| matmul(&a, &b, false, false))?;
+    let backward_seconds = if backward {
+        let g = Tensor::randn(&[m, n], 1.0, &mut rng).to_device(device)?;
+        Some(best(&|| {
+            let (ga, gb) = matmul_backward(&a, &b, &g, false, false)?;
+            synchronize(&ga)?;
+            Ok(gb)
+        })?)
+    } else {
+        None
+    };
+    let gflops = |flops: f64, s: f64| flops / s / 1e9;
+    Ok(MatmulBench {
+        shape,
+        seconds,
+        gflops: gflops(2.0 * shape.macs(), seconds),
+        backward_seconds,
+        backward_gflops: backward_seconds.map(|s| gflops(4.0 * shape.macs(), s)),
+    })
+}
+
+/// The processor as the CPU kernels see it, with its measured peak.
+#[derive(Debug, Serialize)]
+pub struct CpuInfo {
+    /// The model name (`/proc/cpuinfo`).
+    pub processor: String,
+    /// rayon's pool size: the threads a step runs on.
+    pub threads: usize,
+    /// The vector instructions the kernels use: avx512, avx2 or plain.
+    pub vector_isa: String,
+    /// Floats per vector register.
+    pub vector_lanes: usize,
+    /// Data cache bytes per core and where they were read.
+    pub l1d_bytes: usize,
+    pub l2_bytes: usize,
+    pub l3_bytes: usize,
+    pub cache_source: String,
+    /// The GEMM's register tile and blocks, where the packed GEMM runs.
+    pub gemm_blocking: Option<GemmBlocking>,
+    /// fp32 FLOP/s of an FMA loop on one thread and on all of the pool's threads.
+    pub peak_gflops_one_thread: f64,
+    pub peak_gflops_all_threads: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct GemmBlocking {
+    pub mr: usize,
+    pub nr: usize,
+    pub kc: usize,
+    pub mc: usize,
+    pub nc: usize,
+}
+
+/// Reads the processor's name, caches and vector unit, and measures its fp32 peak.
+pub fn cpu_info() -> Result<CpuInfo> {
+    use tokenformer_ops::processor;
+    let isa = processor::checked_isa()?;
+    let cache = processor::cache_info();
+    let gemm_blocking = tokenformer_ops::matmul::cpu_gemm_choice()?.map(|(_, b)| GemmBlocking {
+        mr: b.mr,
+        nr: b.nr,
+        kc: b.kc,
+        mc: b.mc,
+        nc: b.nc,
+    });
+    Ok(CpuInfo {
+        processor: processor::model_name(),
+        threads: rayon::current_num_threads(),
+        vector_isa: isa.name().to_string(),
+        vector_lanes: isa.lanes(),
+        l1d_bytes: cache.l1d.size,
+        l2_bytes: cache.l2.size,
+        l3_bytes: cache.l3.size,
+        cache_source: cache.source.to_string(),
+        gemm_blocking,
+        peak_gflops_one_thread: processor::peak_flops(false) / 1e9,
+        peak_gflops_all_threads: processor::peak_flops(true) / 1e9,
+    })
 }
 
 /// Waits until the work that produced `t` is done (a no-op on the CPU).
@@ -70,12 +202,23 @@ pub struct TrainBench {
     pub forward_backward_seconds: f64,
     pub tokens_per_sec: f64,
     pub model_tflops: f64,
-    /// Peak of the card for this mode, in TFLOP/s, when the card is known.
+    /// Peak for this mode, in TFLOP/s: the card's where the card is known, or the CPU's
+    /// measured fp32 peak on all threads (see [`TrainBench::with_peak`]).
     pub peak_tflops: Option<f64>,
     pub mfu: Option<f64>,
     pub peak_memory_bytes: u64,
     /// Time per op over the timed steps, when asked for (`--profile`).
     pub profile: Option<Vec<ProfileRow>>,
+}
+
+impl TrainBench {
+    /// Sets the peak (TFLOP/s) that MFU divides by: on the CPU the measured one of
+    /// [`CpuInfo`], which `bench_train` does not measure itself.
+    pub fn with_peak(mut self, peak_tflops: f64) -> TrainBench {
+        self.peak_tflops = Some(peak_tflops);
+        self.mfu = Some(self.model_tflops / peak_tflops);
+        self
+    }
 }
 
 /// One line of the profile: an op (or a piece of work outside the graph) and its time per step.
@@ -261,7 +404,7 @@ pub fn bench_train(
     let tokens_per_sec = (batch * seq) as f64 / step_seconds;
     let model_tflops = tokens_per_sec * config.train_flops_per_token(seq) / 1e12;
     let (device_name, peak_memory_bytes) = match device {
-        Device::Cpu => ("cpu".to_string(), peak_rss_bytes()),
+        Device::Cpu => (tokenformer_ops::processor::model_name(), peak_rss_bytes()),
         Device::Cuda(ordinal) => {
             let backend = tokenformer_core::cuda::CudaBackend::get(ordinal)?;
             (backend.name()?, backend.memory_stats()?.peak_bytes as u64)

@@ -74,9 +74,10 @@ enum Isa {
 }
 
 impl Isa {
+    /// AVX2 and FMA where the processor has them and `TOKENFORMER_CPU_ISA` allows them.
     fn detect() -> Isa {
         #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        if crate::processor::vector_isa() >= crate::processor::VectorIsa::Avx2 {
             return Isa::Avx2Fma;
         }
         Isa::Baseline

@@ -13,9 +13,12 @@
 //! the other. Transposes are read through strides, never copied. A shared operand was used by every batch, so its gradient sums over the batch; when A's
 //! batch can be folded into its rows, that sum is one GEMM over the folded rows.
 
+pub mod blocking;
 mod cpu;
 mod cuda;
 pub(crate) mod packed;
+
+pub use packed::cpu_gemm_choice;
 
 use tokenformer_core::{Device, Error, Result, Shape, Tensor};
 

@@ -5,9 +5,14 @@
 //! Why our own: the model's products are thin (T·B rows by a few hundred columns, reduced over
 //! a few hundred terms), where a general GEMM spends much of its time packing both operands
 //! again in every thread and every call. Here A is read in place through its strides (only a
-//! partial last tile of rows is copied), B is packed once per product and shared by the threads
-//! (or read in place, for a row-major B under a product with few rows: see `b_operand`), and the
-//! caller can keep a packed B (a Pattention's key or value tokens) across many row blocks.
+//! partial last tile of rows is copied, or whole blocks where its strides would crowd one cache
+//! set: see `pack_a_blocks`), B is packed once per product and shared by the threads (or read in
+//! place, for a row-major B under a product with few rows: see `b_operand`), and the caller can
+//! keep a packed B (a Pattention's key or value tokens) across many row blocks.
+//!
+//! The block sizes and the register tile's height come from the processor's caches and
+//! registers at run time (`blocking.rs`); the output is cut into tasks, over rows and, for a
+//! product with few rows, over columns too, from the shape alone (`split`).
 //!
 //! The arithmetic, which is the contract the tests check bit for bit: every element of C is one
 //! chain of fused multiply-adds over the reduction index in order,
@@ -22,6 +27,8 @@
 //! count, nor where the element falls in a tile; and appending terms whose a (or b) is an exact
 //! zero, as exact growth of a Pattention does, leaves every bit of C unchanged.
 
+use super::blocking::{blocking, Blocking};
+use crate::processor::VectorIsa;
 use rayon::prelude::*;
 use std::borrow::Cow;
 use std::mem::MaybeUninit;
@@ -65,65 +72,60 @@ impl<'a> View<'a> {
     }
 }
 
-const AVX512_MR: usize = 8;
-
-/// The register tile of a kernel: MR rows of C by NR columns, and the depth of one k-block.
+/// The kernel family of a product: which instructions its register tiles use. The tile's
+/// size and the block sizes come from [`Isa::blocking`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Isa {
-    /// 8 × 32 tile in zmm registers.
+    /// 512-bit tiles in zmm registers (NR = 32).
     Avx512,
-    /// 6 × 16 tile in ymm registers.
+    /// 256-bit tiles in ymm registers with FMA (NR = 16).
     Avx2Fma,
 }
 
+/// The largest register tile any kernel has, in floats (the scratch tile at the edges).
+const MAX_TILE: usize = 8 * 32;
+
 impl Isa {
-    const fn mr(self) -> usize {
+    fn vector(self) -> VectorIsa {
         match self {
-            Isa::Avx512 => AVX512_MR,
-            Isa::Avx2Fma => 6,
+            Isa::Avx512 => VectorIsa::Avx512,
+            Isa::Avx2Fma => VectorIsa::Avx2,
         }
     }
-    const fn nr(self) -> usize {
-        match self {
-            Isa::Avx512 => 32,
-            Isa::Avx2Fma => 16,
-        }
+
+    /// This process's blocking for the kernel family: derived once from the caches.
+    pub(crate) fn blocking(self) -> Blocking {
+        static BLOCKINGS: OnceLock<[Blocking; 2]> = OnceLock::new();
+        let all = BLOCKINGS.get_or_init(|| {
+            let cache = crate::processor::cache_info();
+            [Isa::Avx512, Isa::Avx2Fma].map(|isa| blocking(&cache, isa.vector()))
+        });
+        all[self as usize]
     }
-    /// k-block depth: a packed B panel (KC × NR) stays in the L1 cache.
-    const fn kc(self) -> usize {
-        match self {
-            Isa::Avx512 => 192,
-            Isa::Avx2Fma => 256,
-        }
+
+    pub(crate) fn nr(self) -> usize {
+        self.blocking().nr
     }
 }
 
 /// The kernel this process runs: `None` where the processor has neither AVX-512 nor AVX2 and
-/// FMA, or where `TOKENFORMER_FUSED` turns `matmul` off (then the reference path runs).
+/// FMA, where `TOKENFORMER_CPU_ISA` holds the kernels to their plain copies, or where
+/// `TOKENFORMER_FUSED` turns `matmul` off (then the reference path runs).
 pub(crate) fn isa() -> Result<Option<Isa>> {
     if !crate::fused::enabled("matmul")? {
         return Ok(None);
     }
-    Ok(detected_isa())
+    Ok(match crate::processor::checked_isa()? {
+        VectorIsa::Avx512 => Some(Isa::Avx512),
+        VectorIsa::Avx2 => Some(Isa::Avx2Fma),
+        VectorIsa::Plain => None,
+    })
 }
 
-/// The best kernel this processor can run.
-fn detected_isa() -> Option<Isa> {
-    static ISA: OnceLock<Option<Isa>> = OnceLock::new();
-    *ISA.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                return Some(Isa::Avx512);
-            }
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                return Some(Isa::Avx2Fma);
-            }
-        }
-        None
-    })
+/// What the CPU GEMM runs on this processor: the kernel's instruction set and its blocking,
+/// or `None` where the reference GEMM runs.
+pub fn cpu_gemm_choice() -> Result<Option<(VectorIsa, Blocking)>> {
+    Ok(isa()?.map(|isa| (isa.vector(), isa.blocking())))
 }
 
 /// B (k × n) as the kernels read it: in panels of NR columns, where the NR values
@@ -135,6 +137,10 @@ fn detected_isa() -> Option<Isa> {
 /// pass, a pass over g_O and X for every chunk of rows).
 pub(crate) struct PackedB<'a> {
     isa: Isa,
+    /// The blocks the products with this B run in (NR is the panels' width).
+    blocking: Blocking,
+    /// Whether blocks of A are copied (`None`: as [`pack_a_blocks`] decides; tests set it).
+    copy_a: Option<bool>,
     data: Cow<'a, [f32]>,
     ldb: usize,
     panel_stride: usize,
@@ -191,7 +197,17 @@ pub(crate) fn pack_b(isa: Isa, b: View<'_>, k: usize, n: usize) -> PackedB<'_> {
     }
     // SAFETY: `fill` wrote every value of each of the `panels` panels of k·NR values.
     unsafe { data.set_len(len) };
-    PackedB { isa, data: Cow::Owned(data), ldb: nr, panel_stride: k * nr, k, n }
+    let blocking = isa.blocking();
+    PackedB {
+        isa,
+        blocking,
+        copy_a: None,
+        data: Cow::Owned(data),
+        ldb: nr,
+        panel_stride: k * nr,
+        k,
+        n,
+    }
 }
 
 /// Products whose A has at most this many rows read a row-major B in place (see
@@ -203,19 +219,49 @@ const IN_PLACE_MAX_ROWS: usize = 512;
 /// when A has few rows: then few row tiles share each panel, and the copy, which brings B in
 /// from memory once more, is a large share of the product (the sums over rows of a Pattention's
 /// backward pass, with as many rows as parameter tokens, ran 4% faster at `tiny` shapes). With
-/// many rows a packed panel, contiguous in the L1 cache, wins; and a row stride that is a
-/// multiple of 4 KiB puts every row of a panel in the same cache set, so those are packed too.
+/// many rows a packed panel, contiguous in the L1 cache, wins; and where B's rows fall in fewer
+/// than 4 of L1's sets (a row stride of 4 KiB, or of 6 KiB as with 1,536 columns, puts them in
+/// one or two), a panel cannot stay in L1, so those are packed too.
 pub(crate) fn b_operand(isa: Isa, b: View<'_>, k: usize, n: usize, rows: usize) -> PackedB<'_> {
     let in_place = b.col_stride == 1
         && n.is_multiple_of(isa.nr())
         && k > 0
         && rows <= IN_PLACE_MAX_ROWS
-        && !b.row_stride.is_multiple_of(1024);
+        && l1_sets_reached(b.row_stride) >= 4;
     if !in_place {
         return pack_b(isa, b, k, n);
     }
     assert!(b.covers(k, n), "b_operand: operand too short for {k}x{n}");
-    PackedB { isa, data: Cow::Borrowed(b.data), ldb: b.row_stride, panel_stride: isa.nr(), k, n }
+    PackedB {
+        isa,
+        blocking: isa.blocking(),
+        copy_a: None,
+        data: Cow::Borrowed(b.data),
+        ldb: b.row_stride,
+        panel_stride: isa.nr(),
+        k,
+        n,
+    }
+}
+
+/// Into how many of the L1 data cache's sets a run of values `stride` floats apart falls (by
+/// the sets their lines start in): all of them for a stride that is not a whole number of
+/// lines, one for a multiple of (sets × line), 4 KiB on every current x86 core.
+fn l1_sets_reached(stride: usize) -> usize {
+    let l1 = crate::processor::cache_info().l1d;
+    let sets = l1.sets();
+    let bytes = stride * std::mem::size_of::<f32>();
+    if !bytes.is_multiple_of(l1.line) {
+        return sets;
+    }
+    let lines = (bytes / l1.line) % sets;
+    let gcd = |mut a: usize, mut b: usize| {
+        while b != 0 {
+            (a, b) = (b, a % b);
+        }
+        a
+    };
+    sets / gcd(lines, sets)
 }
 
 /// An element type a product can write into: `f32`, or a not yet initialised
@@ -237,9 +283,6 @@ impl OutputElem for MaybeUninit<f32> {
 /// c (rows × n, row-major, row stride `ldc`) = a·b, or c += a·b (continuing each element's
 /// chain) when `accumulate`; on the calling thread. Into an uninitialised `c` (only without
 /// `accumulate`), every element (i, j) with j < n is written; a gap between n and ldc is not.
-///
-/// A is read in place through its strides (a packed copy would cost as much as the product
-/// when n is small); only a last, partial panel of rows is copied into a zero-padded tile.
 pub(crate) fn gemm_rows<T: OutputElem>(
     a: View<'_>,
     rows: usize,
@@ -248,76 +291,189 @@ pub(crate) fn gemm_rows<T: OutputElem>(
     ldc: usize,
     accumulate: bool,
 ) {
-    let (k, n, isa) = (b.k, b.n, b.isa);
+    let n = b.n;
     assert!(T::INITIALISED || !accumulate, "gemm_rows: accumulating into an uninitialised output");
     if rows == 0 || n == 0 {
         return;
     }
     assert!(ldc >= n && c.len() >= (rows - 1) * ldc + n, "gemm_rows: output too short");
-    // f32 and MaybeUninit<f32> share a layout; from here on C is written (and, once written,
-    // read) only through this pointer, inside the bounds just checked.
-    let c = c.as_mut_ptr() as *mut f32;
+    assert!(a.covers(rows, b.k), "gemm_rows: operand too short for {rows}x{}", b.k);
+    // SAFETY: f32 and MaybeUninit<f32> share a layout; the block is rows × n of C at stride
+    // ldc, inside `c` (checked above), and A covers rows × k.
+    unsafe {
+        gemm_block(
+            a,
+            rows,
+            b,
+            0..n.div_ceil(b.blocking.nr),
+            c.as_mut_ptr() as *mut f32,
+            ldc,
+            accumulate,
+        )
+    }
+}
+
+thread_local! {
+    /// Per-thread buffer for packed blocks of A, kept between products.
+    static A_BLOCKS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Whether blocks of A are copied into contiguous micro-panels (as BLIS always does) rather
+/// than read in place through their strides.
+///
+/// In place saves the copy, which costs a good share of the product when few panels of B reuse
+/// it (a Pattention's blocks of rows against a few hundred columns: copying made the model's
+/// steps 2% slower). A copy pays where the MR rows a micro-panel reads at one step (or, for a
+/// transposed A, its successive steps) fall in so few L1 sets that they cannot all stay there:
+/// with 14-row tiles and a stride of 4 KiB (1,024 columns), which puts all 14 in one 8-way
+/// set, a product ran at 0.8× of its speed without the copy. With 8 rows in 8 ways, in place
+/// was still 2% faster.
+fn pack_a_blocks(a: &View<'_>, n: usize, blocking: &Blocking) -> bool {
+    let step = if a.col_stride == 1 { a.row_stride } else { a.col_stride };
+    let ways = crate::processor::cache_info().l1d.ways;
+    n >= 4 * blocking.nr && blocking.mr.div_ceil(l1_sets_reached(step)) > ways
+}
+
+/// C[0..rows, panels·NR] (row stride ldc) = a·b (or += when `accumulate`), blocked as
+/// `b.blocking` says: B's columns in slabs of NC, k in blocks of KC, A's rows in blocks of MC
+/// (copied into micro-panels, see [`pack_a_blocks`]), then each NR-column micro-panel of B
+/// against every MR-row micro-panel of A. Every k-block continues the chains of the ones
+/// before it, so the bits are those of one chain per element whatever the blocks.
+///
+/// # Safety
+/// `c` must be writable for `rows` rows at stride `ldc` over the columns of `panels` (the last
+/// panel up to b.n), and readable there when `accumulate`; A must cover rows × b.k.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_block(
+    a: View<'_>,
+    rows: usize,
+    b: &PackedB<'_>,
+    panels: std::ops::Range<usize>,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+) {
+    let (k, n, isa) = (b.k, b.n, b.isa);
+    let Blocking { mr, nr, kc: kc_max, mc: mc_max, nc } = b.blocking;
     if k == 0 {
         if !accumulate {
+            let (first, last) = (panels.start * nr, (panels.end * nr).min(n));
             for i in 0..rows {
-                // SAFETY: row i's first n values lie inside `c` (checked above).
-                unsafe { std::ptr::write_bytes(c.add(i * ldc), 0, n) };
+                // SAFETY: row i's columns first..last lie inside C (the caller's contract).
+                unsafe { std::ptr::write_bytes(c.add(i * ldc + first), 0, last - first) };
             }
         }
         return;
     }
-    assert!(a.covers(rows, k), "gemm_rows: operand too short for {rows}x{k}");
-    let (mr, nr, kc_max) = (isa.mr(), isa.nr(), isa.kc());
-    let full_panels = rows / mr;
-    let edge_rows = rows - full_panels * mr;
-    // Only a product whose row count is not a multiple of MR needs the edge tile.
-    let mut edge = if edge_rows > 0 { vec![0.0f32; mr * kc_max.min(k)] } else { Vec::new() };
-    let mut p0 = 0;
-    while p0 < k {
-        let kc = kc_max.min(k - p0);
-        if edge_rows > 0 {
-            // The last rows, zero-padded to MR, laid out as the kernel reads a transposed A.
-            let first = full_panels * mr;
-            for p in 0..kc {
-                for i in 0..mr {
-                    edge[p * mr + i] = if i < edge_rows { a.at(first + i, p0 + p) } else { 0.0 };
+    let pack_all = b
+        .copy_a
+        .unwrap_or_else(|| pack_a_blocks(&a, (panels.end - panels.start) * nr, &b.blocking));
+    let mc_max = mc_max.min(rows.next_multiple_of(mr));
+    let panels_per_slab = (nc / nr).max(1);
+    let mut packed_a = A_BLOCKS.with(|cell| std::mem::take(&mut *cell.borrow_mut()));
+    let need = if pack_all { mc_max * kc_max.min(k) } else { mr * kc_max.min(k) };
+    if packed_a.len() < need {
+        packed_a.resize(need, 0.0);
+    }
+    let mut slab = panels.start;
+    while slab < panels.end {
+        let slab_end = (slab + panels_per_slab).min(panels.end);
+        let mut p0 = 0;
+        while p0 < k {
+            let kc = kc_max.min(k - p0);
+            // The first k-block starts each chain from 0 (or from C when accumulating), and
+            // the later ones continue it from the values the earlier ones wrote.
+            let load_c = accumulate || p0 > 0;
+            let mut i0 = 0;
+            while i0 < rows {
+                let block_rows = mc_max.min(rows - i0);
+                let full = block_rows / mr;
+                let edge_rows = block_rows - full * mr;
+                let tiles = full + (edge_rows > 0) as usize;
+                // Copied micro-panels: all of the block's, or only a last partial one.
+                let first_copied = if pack_all { 0 } else { full };
+                for r in first_copied..tiles {
+                    let panel = &mut packed_a[(r - first_copied) * mr * kc..][..mr * kc];
+                    pack_a_panel(&a, i0 + r * mr, (block_rows - r * mr).min(mr), p0, kc, mr, panel);
+                }
+                for q in slab..slab_end {
+                    let b_panel =
+                        &b.data[q * b.panel_stride + p0 * b.ldb..][..(kc - 1) * b.ldb + nr];
+                    let cols = nr.min(n - q * nr);
+                    for r in 0..tiles {
+                        let tile_rows = (block_rows - r * mr).min(mr);
+                        let a_tile = if r >= first_copied {
+                            (packed_a[(r - first_copied) * mr * kc..].as_ptr(), 1, mr)
+                        } else {
+                            let offset = (i0 + r * mr) * a.row_stride + p0 * a.col_stride;
+                            (a.data[offset..].as_ptr(), a.row_stride, a.col_stride)
+                        };
+                        // SAFETY: A covers rows × k (so every (i, p) of an in-place panel is
+                        // inside it), a copied panel holds kc·MR values, the B panel kc rows
+                        // of NR values at stride ldb, and the tile reads (when load_c, values
+                        // an earlier k-block or the caller wrote) and writes tile_rows rows of
+                        // `cols` values at stride ldc from this corner, inside C.
+                        unsafe {
+                            run_tile(
+                                isa,
+                                mr,
+                                kc,
+                                a_tile,
+                                (b_panel, b.ldb),
+                                c.add((i0 + r * mr) * ldc + q * nr),
+                                ldc,
+                                tile_rows,
+                                cols,
+                                load_c,
+                            )
+                        };
+                    }
+                }
+                i0 += block_rows;
+            }
+            p0 += kc;
+        }
+        slab = slab_end;
+    }
+    A_BLOCKS.with(|cell| {
+        let mut kept = cell.borrow_mut();
+        if kept.len() < packed_a.len() {
+            *kept = packed_a;
+        }
+    });
+}
+
+/// Rows first..first+rows (at most MR) of A over k in p0..p0+kc, zero-padded to MR rows and
+/// laid out as the kernels read a transposed A: value (i, p) at p·MR + i.
+fn pack_a_panel(
+    a: &View<'_>,
+    first: usize,
+    rows: usize,
+    p0: usize,
+    kc: usize,
+    mr: usize,
+    out: &mut [f32],
+) {
+    if a.row_stride == 1 {
+        // A transposed: the MR values of one step are contiguous.
+        for (p, dst) in out.chunks_exact_mut(mr).take(kc).enumerate() {
+            let src = &a.data[first + (p0 + p) * a.col_stride..][..rows];
+            dst[..rows].copy_from_slice(src);
+            dst[rows..].fill(0.0);
+        }
+    } else {
+        for i in 0..mr {
+            if i < rows {
+                let start = (first + i) * a.row_stride + p0 * a.col_stride;
+                for p in 0..kc {
+                    out[p * mr + i] = a.data[start + p * a.col_stride];
+                }
+            } else {
+                for p in 0..kc {
+                    out[p * mr + i] = 0.0;
                 }
             }
         }
-        // The first k-block starts each chain from 0 (or from C when accumulating), and the
-        // later ones continue it from the values the earlier ones wrote.
-        let load_c = accumulate || p0 > 0;
-        for q in 0..n.div_ceil(nr) {
-            let b_panel = &b.data[q * b.panel_stride + p0 * b.ldb..][..(kc - 1) * b.ldb + nr];
-            let cols = nr.min(n - q * nr);
-            for r in 0..full_panels + (edge_rows > 0) as usize {
-                let (a_ptr, a_rs, a_cs, tile_rows) = if r < full_panels {
-                    let offset = r * mr * a.row_stride + p0 * a.col_stride;
-                    (a.data[offset..].as_ptr(), a.row_stride, a.col_stride, mr)
-                } else {
-                    (edge.as_ptr(), 1, mr, edge_rows)
-                };
-                // SAFETY: `a.covers(rows, k)` bounds every (i, p) the kernel reads of a full
-                // panel, the edge tile holds kc·MR values, the B panel kc rows of NR values at
-                // stride ldb, and the tile reads (when load_c, values an earlier k-block or the
-                // caller wrote) and writes tile_rows rows of `cols` values at stride ldc from
-                // this corner, inside C.
-                unsafe {
-                    run_tile(
-                        isa,
-                        kc,
-                        (a_ptr, a_rs, a_cs),
-                        (b_panel, b.ldb),
-                        c.add(r * mr * ldc + q * nr),
-                        ldc,
-                        tile_rows,
-                        cols,
-                        load_c,
-                    )
-                };
-            }
-        }
-        p0 += kc;
     }
 }
 
@@ -331,6 +487,7 @@ pub(crate) fn gemm_rows<T: OutputElem>(
 #[inline]
 unsafe fn run_tile(
     isa: Isa,
+    mr: usize,
     kc: usize,
     a: (*const f32, usize, usize),
     b: (&[f32], usize),
@@ -340,26 +497,36 @@ unsafe fn run_tile(
     cols: usize,
     load_c: bool,
 ) {
-    let (mr, nr) = (isa.mr(), isa.nr());
+    let nr = b_width(isa);
     if tile_rows == mr && cols == nr {
-        return kernel(isa, kc, a, b, c, ldc, load_c);
+        return kernel(isa, mr, kc, a, b, c, ldc, load_c);
     }
-    let mut tile = [0.0f32; AVX512_MR * 32];
+    let mut tile = [0.0f32; MAX_TILE];
     if load_c {
         for i in 0..tile_rows {
             std::ptr::copy_nonoverlapping(c.add(i * ldc), tile[i * nr..].as_mut_ptr(), cols);
         }
     }
-    kernel(isa, kc, a, b, tile.as_mut_ptr(), nr, load_c);
+    kernel(isa, mr, kc, a, b, tile.as_mut_ptr(), nr, load_c);
     for i in 0..tile_rows {
         std::ptr::copy_nonoverlapping(tile[i * nr..].as_ptr(), c.add(i * ldc), cols);
     }
 }
 
-/// The full-tile kernel of `isa` (see `run_tile` for the safety contract).
+/// NR of a kernel family: two vectors.
+const fn b_width(isa: Isa) -> usize {
+    match isa {
+        Isa::Avx512 => 32,
+        Isa::Avx2Fma => 16,
+    }
+}
+
+/// The full-tile kernel of `isa` with `mr` rows (see `run_tile` for the safety contract).
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn kernel(
     isa: Isa,
+    mr: usize,
     kc: usize,
     a: (*const f32, usize, usize),
     b: (&[f32], usize),
@@ -370,23 +537,26 @@ unsafe fn kernel(
     let (a, a_rs, a_cs) = a;
     let (b, ldb) = (b.0.as_ptr(), b.1);
     #[cfg(target_arch = "x86_64")]
-    match isa {
-        Isa::Avx512 => x86::kernel_avx512::<AVX512_MR>(kc, a, a_rs, a_cs, b, ldb, c, ldc, load_c),
-        Isa::Avx2Fma => x86::kernel_6x16(kc, a, a_rs, a_cs, b, ldb, c, ldc, load_c),
+    match (isa, mr) {
+        (Isa::Avx512, 8) => x86::kernel_avx512::<8>(kc, a, a_rs, a_cs, b, ldb, c, ldc, load_c),
+        (Isa::Avx2Fma, 6) => x86::kernel_avx2::<6>(kc, a, a_rs, a_cs, b, ldb, c, ldc, load_c),
+        _ => unreachable!("no {isa:?} kernel with {mr} rows"),
     }
     #[cfg(not(target_arch = "x86_64"))]
-    unreachable!("no packed GEMM kernel here: {isa:?} {kc} {a:?} {a_rs} {a_cs} {b:?} {ldb} {c:?}");
+    unreachable!(
+        "no packed GEMM kernel here: {isa:?} {mr} {kc} {a:?} {a_rs} {a_cs} {b:?} {ldb} {c:?}"
+    );
 }
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
 
-    /// C[0..6, 0..16] (stride ldc) = (load_c ? C : 0) + A·B over kc, one FMA per term; row p of
-    /// the B panel starts at b + p·ldb.
+    /// C[0..MR, 0..16] (stride ldc) = (load_c ? C : 0) + A·B over kc, one FMA per term; row p
+    /// of the B panel starts at b + p·ldb.
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn kernel_6x16(
+    pub(super) unsafe fn kernel_avx2<const MR: usize>(
         kc: usize,
         a: *const f32,
         a_rs: usize,
@@ -397,7 +567,7 @@ mod x86 {
         ldc: usize,
         load_c: bool,
     ) {
-        let mut acc = [[_mm256_setzero_ps(); 2]; 6];
+        let mut acc = [[_mm256_setzero_ps(); 2]; MR];
         if load_c {
             for (i, row) in acc.iter_mut().enumerate() {
                 row[0] = _mm256_loadu_ps(c.add(i * ldc));
@@ -460,13 +630,48 @@ mod x86 {
 /// Below this many multiply-adds a product runs on the calling thread.
 pub(crate) const PARALLEL_MIN_MACS: usize = 1 << 18;
 
-/// How the rows of an m-row product are cut into tasks: depends only on the shape.
-pub(crate) fn row_block(isa: Isa, m: usize, k: usize, n: usize) -> usize {
-    if m * k * n < PARALLEL_MIN_MACS {
-        return m.max(1);
+/// Tasks a parallel product is cut into: enough that work stealing evens out the threads'
+/// shares on any small thread count (24 tasks of equal size share out evenly between 1, 2, 3,
+/// 4, 6, 8 or 12 threads), few enough that each still reuses its blocks.
+const TASKS: usize = 24;
+
+/// How the output of an (m × k)·(k × n) product is cut into tasks: a grid of row ranges by
+/// column ranges. It depends on the shape and the tile only, never on the thread count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Split {
+    /// Row tiles (MR rows each, the last maybe partial) and NR-wide panels of B.
+    tiles: usize,
+    panels: usize,
+    row_tasks: usize,
+    column_tasks: usize,
+}
+
+impl Split {
+    /// Rows come in runs of whole tiles (at least two), as even as whole tiles allow; where
+    /// that gives fewer than half the tasks (a product with few rows, as the backward pass's
+    /// sums over a few hundred parameter tokens can be), the columns are split as well, so
+    /// every thread has work.
+    pub(crate) fn new(blocking: &Blocking, m: usize, k: usize, n: usize) -> Split {
+        let tiles = m.div_ceil(blocking.mr).max(1);
+        let panels = n.div_ceil(blocking.nr).max(1);
+        if m * k * n < PARALLEL_MIN_MACS {
+            return Split { tiles, panels, row_tasks: 1, column_tasks: 1 };
+        }
+        let row_tasks = (tiles / 2).clamp(1, TASKS);
+        let column_tasks = if row_tasks < TASKS / 2 { (TASKS / row_tasks).min(panels) } else { 1 };
+        Split { tiles, panels, row_tasks, column_tasks }
     }
-    // About 16 blocks, so that work stealing evens out the threads' shares.
-    m.div_ceil(16).next_multiple_of(isa.mr()).max(2 * isa.mr())
+
+    pub(crate) fn tasks(&self) -> usize {
+        self.row_tasks * self.column_tasks
+    }
+
+    /// Task `task`'s tiles and panels: the `i`-th of `parts` near-equal runs of `count`.
+    fn ranges(&self, task: usize) -> (std::ops::Range<usize>, std::ops::Range<usize>) {
+        let run = |i: usize, parts: usize, count: usize| i * count / parts..(i + 1) * count / parts;
+        let (row, column) = (task / self.column_tasks, task % self.column_tasks);
+        (run(row, self.row_tasks, self.tiles), run(column, self.column_tasks, self.panels))
+    }
 }
 
 /// c (m × n, row-major) = a·b (or += when `accumulate`), B prepared once (`b_operand`) and the rows of C cut
@@ -486,7 +691,20 @@ pub(crate) fn gemm<T: OutputElem>(
     gemm_packed(a, m, &packed, c, accumulate);
 }
 
-/// As [`gemm`], with B already packed.
+/// C's data shared by the tasks of one product, each of which writes its own rectangle.
+struct SharedOutput(*mut f32);
+// SAFETY: the tasks write disjoint rectangles of C, and `gemm_packed` outlives them all.
+unsafe impl Send for SharedOutput {}
+unsafe impl Sync for SharedOutput {}
+
+impl SharedOutput {
+    fn at(&self, offset: usize) -> *mut f32 {
+        // SAFETY (for the callers): offsets stay inside the m × n output.
+        self.0.wrapping_add(offset)
+    }
+}
+
+/// As [`gemm`], with B already packed: the tasks of [`split`] in parallel.
 pub(crate) fn gemm_packed<T: OutputElem>(
     a: View<'_>,
     m: usize,
@@ -498,13 +716,35 @@ pub(crate) fn gemm_packed<T: OutputElem>(
     if m == 0 || n == 0 {
         return;
     }
-    let block = row_block(b.isa, m, b.k, n);
-    if block >= m {
+    let split = Split::new(&b.blocking, m, b.k, n);
+    if split.tasks() == 1 {
         return gemm_rows(a, m, b, c, n, accumulate);
     }
-    c[..m * n].par_chunks_mut(block * n).enumerate().for_each(|(i, c_block)| {
-        let rows = c_block.len() / n;
-        gemm_rows(a.rows_from(i * block), rows, b, c_block, n, accumulate)
+    assert!(
+        T::INITIALISED || !accumulate,
+        "gemm_packed: accumulating into an uninitialised output"
+    );
+    assert!(c.len() >= m * n, "gemm_packed: output too short");
+    assert!(a.covers(m, b.k), "gemm_packed: operand too short for {m}x{}", b.k);
+    let mr = b.blocking.mr;
+    let output = SharedOutput(c.as_mut_ptr() as *mut f32);
+    (0..split.tasks()).into_par_iter().for_each(|task| {
+        let (tiles, panels) = split.ranges(task);
+        let first_row = tiles.start * mr;
+        let rows = (tiles.end * mr).min(m) - first_row;
+        // SAFETY: each task writes its own rows × panels rectangle of the m × n output (checked
+        // above), and A covers m × k.
+        unsafe {
+            gemm_block(
+                a.rows_from(first_row),
+                rows,
+                b,
+                panels,
+                output.at(first_row * n),
+                n,
+                accumulate,
+            )
+        };
     });
 }
 
@@ -595,6 +835,85 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn every_tile_blocking_copy_and_split_gives_the_same_bits() {
+        // The blocking a processor's caches pick, and others as another processor could: every
+        // tile height the kernels have, blocks smaller than the product in each direction, A
+        // copied or read in place; and products that split over rows or over columns.
+        for isa in kernels() {
+            let base = isa.blocking();
+            let (nr, heights) = match isa {
+                Isa::Avx512 => (32, vec![8]),
+                Isa::Avx2Fma => (16, vec![6]),
+            };
+            assert_eq!(base.nr, nr);
+            assert!(heights.contains(&base.mr), "{isa:?} has no kernel for {base:?}");
+            let shapes = [(50, 513, 70), (37, 300, 200), (9, 700, 96), (200, 64, 129)];
+            for &(m, k, n) in &shapes {
+                for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                    let a_data = crate::testing::values(&randn(&[m * k], (m + k) as u64));
+                    let b_data = crate::testing::values(&randn(&[k * n], (k + n) as u64));
+                    let a = View::new(&a_data, k, m, ta);
+                    let b = View::new(&b_data, n, k, tb);
+                    let want = chain(a, b, m, k, n, &vec![0.0; m * n]);
+                    for &mr in &heights {
+                        for (kc, mc, nc) in
+                            [(16, mr, nr), (100, 3 * mr, 2 * nr), (base.kc, base.mc, base.nc)]
+                        {
+                            for copy_a in [Some(true), Some(false), None] {
+                                let mut packed = b_operand(isa, b, k, n, m);
+                                packed.blocking = Blocking { mr, nr, kc, mc, nc };
+                                packed.copy_a = copy_a;
+                                let mut c = vec![f32::NAN; m * n];
+                                gemm_packed(a, m, &packed, &mut c, false);
+                                let what = format!(
+                                    "{isa:?} {m}x{k}x{n} trans {ta} {tb} {:?} copy {copy_a:?}",
+                                    packed.blocking
+                                );
+                                assert!(
+                                    c.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits()),
+                                    "{what}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_model_s_products_give_every_thread_work() {
+        // Rows of a step (batch × seq, 512 to 2048) and the backward pass's sums over rows
+        // (as many rows as parameter tokens, 128 to 1536), against 128 to 1536 columns: at
+        // least eight tasks each, whatever the tile; a handful of rows splits over columns.
+        for isa in [VectorIsa::Avx512, VectorIsa::Avx2] {
+            let blocking = blocking(&crate::processor::CacheInfo::DEFAULT, isa);
+            for m in [8, 128, 384, 512, 1536, 2048] {
+                for k in [128, 384, 1536, 2048] {
+                    for n in [128, 384, 1536] {
+                        if m * k * n < PARALLEL_MIN_MACS {
+                            continue;
+                        }
+                        let split = Split::new(&blocking, m, k, n);
+                        let least = if m >= 128 { 8 } else { 4 };
+                        assert!(split.tasks() >= least, "{isa:?} {m}x{k}x{n}: {split:?}");
+                        // Every task has rows and columns, and together they cover C once.
+                        let mut covered = 0;
+                        for task in 0..split.tasks() {
+                            let (tiles, panels) = split.ranges(task);
+                            assert!(!tiles.is_empty() && !panels.is_empty(), "{split:?}");
+                            covered += tiles.len() * panels.len();
+                        }
+                        assert_eq!(covered, split.tiles * split.panels, "{split:?}");
+                    }
+                }
+            }
+            // Below the parallel threshold, one task.
+            assert_eq!(Split::new(&blocking, 10, 10, 10).tasks(), 1);
         }
     }
 

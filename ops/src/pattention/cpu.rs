@@ -24,22 +24,25 @@ use std::cell::RefCell;
 use std::mem::MaybeUninit;
 use tokenformer_core::{Result, Tensor};
 
-/// Rows per block: a multiple of both GEMM tiles' heights (6 and 8), small enough that the
-/// blocks share out evenly between threads (512 rows make 22 blocks) and that a block's
-/// [rows, n] arrays stay in a core's L2 cache.
-const BLOCK_ROWS: usize = 24;
+/// Rows per block: the first multiple of the GEMM tile's height (MR) from 24 on (24 for the
+/// tiles of 6 and 8 rows), so that no block ends in a partial tile, small enough that
+/// the blocks share out evenly between threads (512 rows make 22 blocks) and that a
+/// block's [rows, n] arrays stay in a core's L2 cache.
+fn block_rows(isa: Isa) -> usize {
+    24usize.next_multiple_of(isa.blocking().mr)
+}
 
-/// Rows per chunk of the backward pass: a multiple of BLOCK_ROWS with enough blocks (16) to
-/// share out between threads, and of the AVX-512 GEMM's k-block (192), so that the row sums
-/// run in whole k-blocks.
-const CHUNK_ROWS: usize = 384;
+/// Rows per chunk of the backward pass: 16 blocks, enough to share out between threads.
+fn chunk_rows(isa: Isa) -> usize {
+    16 * block_rows(isa)
+}
 
 /// Below this many multiply-adds the blocks run on the calling thread.
 const PARALLEL_MIN_MACS: usize = 1 << 18;
 
 thread_local! {
     /// Per-thread scratch, kept between calls: one block of S in the forward pass, the chunk
-    /// workspaces of S and g_A (4 · CHUNK_ROWS · n values) on the thread that runs a backward.
+    /// workspaces of S and g_A (4 · chunk_rows · n values) on the thread that runs a backward.
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
@@ -124,12 +127,12 @@ pub(crate) fn pattention(
     let vals = pack_b(isa, View::new(vs, d_out, n, false), n, d_out);
     let mut scores = BlockOutput::new(rows * n);
     let mut out = BlockOutput::new(rows * d_out);
-    let blocks: Vec<_> =
-        scores.blocks(BLOCK_ROWS * n).zip(out.blocks(BLOCK_ROWS * d_out)).collect();
+    let block = block_rows(isa);
+    let blocks: Vec<_> = scores.blocks(block * n).zip(out.blocks(block * d_out)).collect();
     let x_view = View::new(xs, d_in, rows, false);
     for_each_block(blocks, rows * n * (d_in + d_out), |i, (a_block, o_block)| {
         let block_rows = a_block.len() / n;
-        gemm_rows(x_view.rows_from(i * BLOCK_ROWS), block_rows, &keys_t, a_block, n, false);
+        gemm_rows(x_view.rows_from(i * block), block_rows, &keys_t, a_block, n, false);
         // SAFETY: the product wrote all block_rows × n scores (its row stride is n).
         let a_block = unsafe { written(a_block) };
         with_scratch(block_rows * n, |s| {
@@ -155,6 +158,9 @@ struct Backward<'a> {
     n: usize,
     d_in: usize,
     d_out: usize,
+    /// Rows per block and per chunk ([`block_rows`], [`chunk_rows`]).
+    block_rows: usize,
+    chunk_rows: usize,
 }
 
 impl Backward<'_> {
@@ -169,14 +175,15 @@ impl Backward<'_> {
     ) {
         let (n, d_in, d_out) = (self.n, self.d_in, self.d_out);
         let rows = g_x.len() / d_in;
+        let block = self.block_rows;
         let blocks: Vec<_> = weights[..rows * n]
-            .chunks_mut(BLOCK_ROWS * n)
-            .zip(g_scores[..rows * n].chunks_mut(BLOCK_ROWS * n))
-            .zip(g_x.chunks_mut(BLOCK_ROWS * d_in))
+            .chunks_mut(block * n)
+            .zip(g_scores[..rows * n].chunks_mut(block * n))
+            .zip(g_x.chunks_mut(block * d_in))
             .collect();
         for_each_block(blocks, rows * n * (d_in + d_out), |i, ((s_block, ga_block), gx_block)| {
             let block_rows = s_block.len() / n;
-            let block_first = first + i * BLOCK_ROWS;
+            let block_first = first + i * block;
             let a_block = &self.scores[block_first * n..][..block_rows * n];
             let g_block = View::new(self.g_out, d_out, block_first + block_rows, false);
             // g_S = g_O·Vᵀ; then S = Θ(A) and, in place, g_A by Θ's backward rule; g_X = g_A·K.
@@ -230,15 +237,15 @@ impl Backward<'_> {
         let (s_first, ga_first) = done.split_at_mut(chunk_len);
         self.chunk_blocks(0, s_first, ga_first, g_x_chunks.next().expect("rows > 0"));
         for c in 0..chunk_count {
-            let first = c * CHUNK_ROWS;
-            let rows_c = CHUNK_ROWS.min(rows - first);
+            let first = c * self.chunk_rows;
+            let rows_c = self.chunk_rows.min(rows - first);
             let (s_done, ga_done) = done.split_at(chunk_len);
             rayon::join(
                 || self.chunk_sums(isa, first, rows_c, s_done, ga_done, g_values, g_keys),
                 || {
                     if let Some(gx_next) = g_x_chunks.next() {
                         let (s_next, ga_next) = next.split_at_mut(chunk_len);
-                        self.chunk_blocks(first + CHUNK_ROWS, s_next, ga_next, gx_next);
+                        self.chunk_blocks(first + self.chunk_rows, s_next, ga_next, gx_next);
                     }
                 },
             );
@@ -274,16 +281,18 @@ pub(crate) fn pattention_backward(
         n,
         d_in,
         d_out,
+        block_rows: block_rows(isa),
+        chunk_rows: chunk_rows(isa),
     };
     let mut g_x = BlockOutput::new(rows * d_in);
     let mut g_values = vec![0.0f32; n * d_out];
     let mut g_keys = vec![0.0f32; n * d_in];
     // Two workspaces for S and g_A of a chunk: one being summed, one being filled. Every value
     // is written (S by Θ, g_A by the product g_O·Vᵀ) before it is read.
-    let chunk_len = CHUNK_ROWS.min(rows) * n;
+    let chunk_len = bw.chunk_rows.min(rows) * n;
     with_scratch(4 * chunk_len, |work| {
         let (first_work, second_work) = work.split_at_mut(2 * chunk_len);
-        let g_x_chunks = g_x.blocks(CHUNK_ROWS * d_in).collect();
+        let g_x_chunks = g_x.blocks(bw.chunk_rows * d_in).collect();
         bw.chunks(isa, rows, [first_work, second_work], g_x_chunks, &mut g_values, &mut g_keys)
     });
     // SAFETY: `chunks` ran `chunk_blocks` on every chunk of g_x, whose products wrote each
