@@ -99,8 +99,9 @@ struct GrowthExperimentArgs {
     /// Seeds per arm: SEED, SEED+1, ...; the tables give mean ± sd over them
     #[arg(long, default_value_t = 1)]
     seeds: usize,
-    /// First sweep the learning rate (x1/4 ... x4 of the scale's) of each model the arms start
-    /// from, then train every arm at its model's best [default: off]
+    /// First sweep the learning rate (x1/4 ... x4 of the scale's, further while the best is at
+    /// an end) of each model the arms start from, then train every arm at its model's best
+    /// [default: off]
     #[arg(long)]
     tune_lr: bool,
     /// A folder with train/ and val/ folders of .txt books
@@ -117,7 +118,7 @@ struct GrowthExperimentArgs {
     /// restart (a new warmup and cosine per stage)
     #[arg(long, default_value_t = StageLr::default().to_string())]
     stage_lr: String,
-    /// Add a sixth arm: scratch with the grown arms' τ = √n₀ (n₀ the base's token counts)
+    /// Add a seventh arm: scratch with the exact grown arms' τ = √n₀ (n₀ the base's token counts)
     /// [default: off]
     #[arg(long)]
     tau_control: bool,
