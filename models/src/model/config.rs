@@ -283,8 +283,7 @@ impl SizeOverrides {
         set(&mut config.qkv_tokens, self.qkv_tokens);
         set(&mut config.proj_tokens, self.proj_tokens);
         set(&mut config.ffn_tokens, self.ffn_tokens);
-        (config.qkv_scale_tokens, config.proj_scale_tokens, config.ffn_scale_tokens) =
-            (config.qkv_tokens, config.proj_tokens, config.ffn_tokens);
+        config.set_tau_from_token_counts();
         config.validate()?;
         Ok(config)
     }
@@ -304,13 +303,28 @@ impl ModelConfig {
                     ModelConfig::preset_names().join(", ")
                 ))
             })?;
-        Ok(ModelConfig {
+        Ok(ModelConfig::tokenformer(v, d, l, h, t, [qkv, proj, ffn], tokenizer))
+    }
+
+    /// A TokenFormer of these sizes with what every preset and every released model shares
+    /// (SPEC §3): Θ = L2-norm + GELU, rotary embedding on a quarter of each head at base 10,000,
+    /// and τ's n₀ the token counts `[qkv, proj, ffn]`.
+    pub fn tokenformer(
+        vocab_size: usize,
+        d_model: usize,
+        n_layers: usize,
+        n_heads: usize,
+        max_seq_len: usize,
+        [qkv, proj, ffn]: [usize; 3],
+        tokenizer: &str,
+    ) -> ModelConfig {
+        ModelConfig {
             arch: Arch::TokenFormer,
-            vocab_size: v,
-            d_model: d,
-            n_layers: l,
-            n_heads: h,
-            max_seq_len: t,
+            vocab_size,
+            d_model,
+            n_layers,
+            n_heads,
+            max_seq_len,
             qkv_tokens: qkv,
             proj_tokens: proj,
             ffn_tokens: ffn,
@@ -322,7 +336,14 @@ impl ModelConfig {
             rotary_pct: 0.25,
             rotary_base: 10000.0,
             tokenizer: tokenizer.into(),
-        })
+        }
+    }
+
+    /// Makes every group's n₀ (τ = √n₀) its current token count, as a model created at this
+    /// size has it.
+    pub fn set_tau_from_token_counts(&mut self) {
+        (self.qkv_scale_tokens, self.proj_scale_tokens, self.ffn_scale_tokens) =
+            (self.qkv_tokens, self.proj_tokens, self.ffn_tokens);
     }
 
     pub fn head_dim(&self) -> usize {

@@ -492,10 +492,7 @@ pub fn grow_model(model: &TokenFormer, spec: &GrowSpec) -> Result<Grown> {
     if spec.tau == TauRule::Current {
         // τ = √n of the grown layers: n₀ becomes the token count.
         let mut config = grown.config.clone();
-        for group in TokenGroup::ALL {
-            let n = group.counts(&config).0;
-            *group.scale_tokens_mut(&mut config) = n;
-        }
+        config.set_tau_from_token_counts();
         grown = TokenFormer::from_named(config, grown.named_tensors())?;
     }
     let old_rows: std::collections::HashMap<String, usize> = model

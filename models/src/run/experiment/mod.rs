@@ -34,7 +34,7 @@ pub use report::{
 };
 pub use runner::{default_experiment_dir, run_growth_experiment, ExperimentControl};
 
-use crate::config::{ModelConfig, TokenGroup};
+use crate::config::{ModelConfig, SizeOverrides, TokenGroup};
 use crate::growth::{GrowthPoint, TauRule};
 use crate::train::{StageLr, TrainSettings};
 use crate::{Arch, GrowInit};
@@ -219,28 +219,28 @@ impl Plan {
     /// The final model: every arm but `grown*` starts at it, those end at it.
     pub fn final_config(&self) -> Result<ModelConfig> {
         let size = self.scale.size();
-        let mut config = ModelConfig::preset(size.preset)?;
-        if let Some(layers) = size.layers {
-            config.n_layers = layers;
-        }
-        for (group, n) in TokenGroup::ALL.into_iter().zip(size.final_tokens) {
-            *group.tokens_mut(&mut config) = n;
-        }
-        (config.qkv_scale_tokens, config.proj_scale_tokens, config.ffn_scale_tokens) =
-            (config.qkv_tokens, config.proj_tokens, config.ffn_tokens);
-        Ok(config)
+        let [qkv, proj, ffn] = size.final_tokens;
+        let sizes = SizeOverrides {
+            n_layers: size.layers,
+            qkv_tokens: Some(qkv),
+            proj_tokens: Some(proj),
+            ffn_tokens: Some(ffn),
+            ..SizeOverrides::default()
+        };
+        sizes.apply(&ModelConfig::preset(size.preset)?)
     }
 
     /// The grown arms' first model: a quarter of the final token counts, the same depth, so a
     /// quarter of the non-embedding parameters; τ's n₀ is these counts, and stays so as it grows.
     pub fn base_config(&self) -> Result<ModelConfig> {
-        let mut config = self.final_config()?;
-        for group in TokenGroup::ALL {
-            *group.tokens_mut(&mut config) /= 4;
-        }
-        (config.qkv_scale_tokens, config.proj_scale_tokens, config.ffn_scale_tokens) =
-            (config.qkv_tokens, config.proj_tokens, config.ffn_tokens);
-        Ok(config)
+        let last = self.final_config()?;
+        let sizes = SizeOverrides {
+            qkv_tokens: Some(last.qkv_tokens / 4),
+            proj_tokens: Some(last.proj_tokens / 4),
+            ffn_tokens: Some(last.ffn_tokens / 4),
+            ..SizeOverrides::default()
+        };
+        sizes.apply(&last)
     }
 
     /// The steps after which the grown arms grow: the base trains `base_share` of the steps,

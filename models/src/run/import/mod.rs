@@ -23,7 +23,7 @@ pub mod pickle;
 pub mod zip;
 
 use crate::checkpoint::{expected_shapes, is_checkpoint_dir, save_checkpoint, Checkpoint};
-use crate::config::{Arch, ModelConfig, Theta};
+use crate::config::{ModelConfig, Theta};
 use crate::files::{bytes_text, open_regular};
 use crate::memory;
 use crate::run_dir::{check_writable_dir, RunLock};
@@ -688,27 +688,16 @@ impl Shapes {
         &self,
         opts: &ImportOptions,
     ) -> Result<(ModelConfig, Option<(&'static str, &'static str)>)> {
-        let [qkv, proj, ffn] = self.counts;
-        let mut config = ModelConfig {
-            arch: Arch::TokenFormer,
-            vocab_size: self.vocab,
-            d_model: self.d_model,
-            n_layers: self.n_layers,
-            n_heads: 0,
-            max_seq_len: 0,
-            qkv_tokens: qkv,
-            proj_tokens: proj,
-            ffn_tokens: ffn,
-            qkv_scale_tokens: qkv,
-            proj_scale_tokens: proj,
-            ffn_scale_tokens: ffn,
-            // What every released config uses (SPEC §3).
-            norm: Theta::L2NormGelu,
-            d_ff: 0,
-            rotary_pct: 0.25,
-            rotary_base: 10000.0,
-            tokenizer: String::new(),
-        };
+        // The heads, context and tokenizer are not in the weights: set below.
+        let mut config = ModelConfig::tokenformer(
+            self.vocab,
+            self.d_model,
+            self.n_layers,
+            0,
+            0,
+            self.counts,
+            "",
+        );
         let recognised = recognise(&config);
         if let Some(given) = &opts.config {
             let shape = |c: &ModelConfig| {
