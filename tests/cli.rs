@@ -2,11 +2,13 @@
 //! generate, bench), bad input (one clear error line, no panic, checkpoints left alone), a real
 //! SIGINT during training, and a diverging run.
 
+mod support;
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
+use support::Scratch;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tokenformer");
 
@@ -14,21 +16,8 @@ const BIN: &str = env!("CARGO_BIN_EXE_tokenformer");
 const SHORT: [&str; 10] =
     ["--steps", "2", "--batch", "2", "--seq", "16", "--eval-every", "1", "--sample-tokens", "0"];
 
-/// A scratch directory, removed when dropped. Commands run with it as working directory.
-struct Scratch(PathBuf);
-
+/// Commands run with the scratch directory as their working directory.
 impl Scratch {
-    fn new(test: &str) -> Scratch {
-        let dir = std::env::temp_dir().join(format!("tf-cli-{test}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-
     /// Writes `text` to `name` and returns its path.
     fn file(&self, name: &str, text: &str) -> PathBuf {
         let path = self.path(name);
@@ -107,12 +96,6 @@ impl Scratch {
             self.ok(&[&["init", "--preset", "tiny", "--out", s(&dir)][..], extra].concat());
         assert!(stdout.contains("1,081,600"), "{stdout}");
         dir
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 

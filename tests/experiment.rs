@@ -5,8 +5,10 @@
 //! count; an experiment killed in its third arm and run again ending with the results of an
 //! uninterrupted one, its finished runs untouched. Plus the one-line refusals of bad input.
 
+mod support;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use support::Scratch;
 use tokenformer::models::metrics::read_metrics;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tokenformer");
@@ -15,28 +17,6 @@ const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 const ARMS: [&str; 6] =
     ["scratch", "grown", "transformer", "grown-random", "grown-official", "grown-frozen"];
 const SEEDS: [u64; 2] = [1337, 1338];
-
-/// A scratch directory, removed when dropped.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(test: &str) -> Scratch {
-        let dir = std::env::temp_dir().join(format!("tf-experiment-{test}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// Runs the command from the repository root (as a user would).
 fn run(args: &[&str], threads: Option<&str>) -> Output {

@@ -2,29 +2,17 @@
 //! optimizer restarts. Against the default `--tau frozen` on the same trained checkpoint: frozen
 //! exact growth keeps the loss bit for bit, `current` changes it and says so.
 
-use std::path::{Path, PathBuf};
+mod support;
+use std::path::Path;
 use std::process::{Command, Stdio};
+use support::Scratch;
 use tokenformer_models::checkpoint::load_checkpoint;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tokenformer");
 
-struct Scratch(PathBuf);
-
 impl Scratch {
-    fn new(test: &str) -> Scratch {
-        let dir = std::env::temp_dir().join(format!("tf-tau-{test}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-    fn path(&self, name: &str) -> String {
-        self.0.join(name).to_str().unwrap().to_string()
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+    fn arg(&self, name: &str) -> String {
+        self.path(name).to_str().unwrap().to_string()
     }
 }
 
@@ -48,7 +36,7 @@ fn moments_are_zero(dir: &str) -> bool {
 #[test]
 fn tau_current_follows_the_token_count_and_restarts_the_optimizer() {
     let s = Scratch::new("current");
-    let run = s.path("run");
+    let run = s.arg("run");
     ok(&[
         "train",
         "--steps",
@@ -64,7 +52,7 @@ fn tau_current_follows_the_token_count_and_restarts_the_optimizer() {
         "--out",
         &run,
     ]);
-    let tokens = s.path("tokens.txt");
+    let tokens = s.arg("tokens.txt");
     let ids: Vec<String> = (0..200u32).map(|i| ((i * 37 + 11) % 256).to_string()).collect();
     std::fs::write(&tokens, ids.join(" ")).unwrap();
     let before = loss(&run, &tokens);
@@ -75,14 +63,14 @@ fn tau_current_follows_the_token_count_and_restarts_the_optimizer() {
         ok(&args)
     };
 
-    let frozen = s.path("frozen");
+    let frozen = s.arg("frozen");
     let said = grow(&frozen, &[]);
     assert!(said.contains("exact growth"), "{said}");
     assert_eq!(loss(&frozen, &tokens).to_bits(), before.to_bits());
     assert!(!moments_are_zero(&frozen));
 
     // The official recipe: random new tokens, τ = √n, optimizer restarted.
-    let official = s.path("official");
+    let official = s.arg("official");
     let said = grow(&official, &["--init", "random", "--tau", "current", "--seed", "5"]);
     assert!(
         said.contains("qkv √160, proj √128, ffn √576") && said.contains("not output-preserving"),
@@ -97,7 +85,7 @@ fn tau_current_follows_the_token_count_and_restarts_the_optimizer() {
     assert!(moments_are_zero(&official));
     assert_ne!(loss(&official, &tokens), before);
     // The same tokens as the random growth with τ frozen: only τ differs.
-    let random_frozen = s.path("random-frozen");
+    let random_frozen = s.arg("random-frozen");
     grow(&random_frozen, &["--init", "random", "--seed", "5"]);
     let (a, b) = (
         load_checkpoint(Path::new(&official)).unwrap(),
@@ -110,7 +98,7 @@ fn tau_current_follows_the_token_count_and_restarts_the_optimizer() {
     assert_ne!(loss(&official, &tokens), loss(&random_frozen, &tokens));
 
     // Exact keys with τ = √n: still not output-preserving, and the moments restart too.
-    let exact_current = s.path("exact-current");
+    let exact_current = s.arg("exact-current");
     let said = grow(&exact_current, &["--tau", "current"]);
     assert!(said.contains("not output-preserving"), "{said}");
     assert!(moments_are_zero(&exact_current));

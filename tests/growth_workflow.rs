@@ -5,10 +5,12 @@
 //! leaves every old token and its moments untouched; and the Transformer baseline runs through
 //! the same commands.
 
+mod support;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
+use support::Scratch;
 use tokenformer::core::{Device, Tensor};
 use tokenformer::models::checkpoint::load_checkpoint;
 use tokenformer::models::growth::{grow_checkpoint, GrowSpec, GrowthPoint};
@@ -21,21 +23,7 @@ use tokenformer::models::ModelConfig;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tokenformer");
 
-/// A scratch directory, removed when dropped.
-struct Scratch(PathBuf);
-
 impl Scratch {
-    fn new(test: &str) -> Scratch {
-        let dir = std::env::temp_dir().join(format!("tf-growth-{test}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-
     fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(BIN);
         cmd.args(args).current_dir(&self.0).stdin(Stdio::null());
@@ -59,12 +47,6 @@ impl Scratch {
         let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
         assert_eq!(errors.len(), 1, "{args:?}: {stderr}");
         errors[0].to_string()
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 

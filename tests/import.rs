@@ -5,8 +5,10 @@
 //! or damaged archives, crafted here byte by byte, are each refused in one line with nothing
 //! written and nothing executed.
 
+mod support;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use support::Scratch;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tokenformer");
 /// The reference test's tolerance (tests/reference.rs): relative loss difference.
@@ -14,27 +16,6 @@ const TOLERANCE: f64 = 1e-5;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/import")
-}
-
-/// A scratch directory, removed when dropped.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(test: &str) -> Scratch {
-        let dir = std::env::temp_dir().join(format!("tf-import-{test}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 fn run(args: &[&str]) -> Output {

@@ -7,6 +7,7 @@
 //! Runs that must stop at an exact step are made in-process with the library (its stop hook);
 //! everything a user does goes through the binary.
 
+mod support;
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
@@ -14,6 +15,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use support::Scratch;
 
 use tokenformer_core::safetensors_io::{load_safetensors, save_safetensors};
 use tokenformer_core::Device;
@@ -25,21 +27,8 @@ const BIN: &str = env!("CARGO_BIN_EXE_tokenformer");
 /// The file that marks a directory as one the tool made (`run_dir::MARKER_FILE`).
 const MARKER_FILE: &str = "tokenformer-run";
 
-/// A scratch directory, removed when dropped. Commands run with it as working directory.
-struct Scratch(PathBuf);
-
+/// Commands run with the scratch directory as their working directory.
 impl Scratch {
-    fn new(test: &str) -> Scratch {
-        let dir = std::env::temp_dir().join(format!("tf-rundir-{test}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-
     fn file(&self, name: &str, bytes: impl AsRef<[u8]>) -> PathBuf {
         let path = self.path(name);
         std::fs::write(&path, bytes).unwrap();
@@ -97,12 +86,6 @@ impl Scratch {
         assert_eq!(errors.len(), 1, "{}: want one error line:\n{stderr}", show(args));
         assert_eq!(stderr.lines().last(), Some(errors[0]), "{}:\n{stderr}", show(args));
         errors[0].to_string()
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
