@@ -18,6 +18,15 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/import")
 }
 
+/// The fp32 fixture imported into `imported/` of `scratch` (4 heads, context 16), its path.
+fn import_fp32_fixture(scratch: &Scratch) -> PathBuf {
+    let imported = scratch.path("imported");
+    let src = fixtures().join("fp32/pytorch_model.bin");
+    let (src, imported_s) = (src.to_str().unwrap(), imported.to_str().unwrap());
+    ok(&["import", src, "--out", imported_s, "--heads", "4", "--max-seq-len", "16"]);
+    imported
+}
+
 fn run(args: &[&str]) -> Output {
     Command::new(BIN).args(args).stdin(Stdio::null()).output().expect("the binary runs")
 }
@@ -423,10 +432,7 @@ fn a_checkpoint_directory_holding_released_names_says_to_import_it() {
     // SPEC §6.3: a model.safetensors under the released names is refused with a message saying
     // so, before any complaint about the tensors it lacks.
     let scratch = Scratch::new("released-names");
-    let imported = scratch.path("imported");
-    let src = fixtures().join("fp32/pytorch_model.bin");
-    let (src, imported_s) = (src.to_str().unwrap(), imported.to_str().unwrap());
-    ok(&["import", src, "--out", imported_s, "--heads", "4", "--max-seq-len", "16"]);
+    let imported = import_fp32_fixture(&scratch);
     let by_hand = scratch.path("by-hand");
     std::fs::create_dir_all(&by_hand).unwrap();
     std::fs::copy(imported.join("config.json"), by_hand.join("config.json")).unwrap();
@@ -452,10 +458,8 @@ fn a_checkpoint_directory_holding_released_names_says_to_import_it() {
 fn per_token_losses_match_the_reference_position_by_position() {
     let scratch = Scratch::new("per-token");
     let expected = expected();
-    let out = scratch.path("imported");
+    let out = import_fp32_fixture(&scratch);
     let out_s = out.to_str().unwrap();
-    let src = fixtures().join("fp32/pytorch_model.bin");
-    ok(&["import", src.to_str().unwrap(), "--out", out_s, "--heads", "4", "--max-seq-len", "16"]);
     let tokens = fixtures().join("tokens.txt");
     let tokens_s = tokens.to_str().unwrap();
     let ids: Vec<u32> = std::fs::read_to_string(&tokens)
@@ -518,10 +522,8 @@ fn per_token_losses_match_the_reference_position_by_position() {
 #[test]
 fn an_imported_model_is_fine_tuned_with_train_init_from() {
     let scratch = Scratch::new("init-from");
-    let imported = scratch.path("imported");
-    let src = fixtures().join("fp32/pytorch_model.bin");
-    let (src, imported_s) = (src.to_str().unwrap(), imported.to_str().unwrap());
-    ok(&["import", src, "--out", imported_s, "--heads", "4", "--max-seq-len", "16"]);
+    let imported = import_fp32_fixture(&scratch);
+    let imported_s = imported.to_str().unwrap();
     let run_dir = scratch.path("finetune");
     let run_s = run_dir.to_str().unwrap();
     // A learning rate too small to move any weight: the run's checkpoint must then hold the
