@@ -6,8 +6,8 @@
 # see. docs/mutation_testing.md keeps the last result and says why each missed mutant left is
 # harmless.
 #
-# Not run in CI: every mutant is a rebuild and a test run, a minute or two on 2 cores, and these
-# files give a few hundred mutants. Run it in shards, and resume it:
+# Not run in CI: every mutant is a rebuild and a test run, half a minute on 2 cores, and these
+# files give about 400 mutants. Run it in shards, and resume it:
 #
 #   scripts/mutants.sh                        # every file above, every mutant
 #   scripts/mutants.sh --shard 1/4            # a quarter: the 1st, 5th, 9th, ... mutant
@@ -27,14 +27,20 @@
 # missed.txt, timeout.txt, unviable.txt, outcomes.json and a log per mutant), and summary.txt,
 # the counts over all runs and the mutants missed.
 #
-# Each mutant runs the unit tests of the models, ops and CLI crates and the property and
-# workflow tests of growth and of the ops (tests/growth_properties.rs, tests/growth_workflow.rs,
-# tests/ops_properties/): the tests that pin what growth computes, in about 20 seconds.
+# Each mutant runs the unit tests of the models, ops and CLI crates, the property and workflow
+# tests of growth and of the ops (tests/growth_properties.rs, tests/growth_workflow.rs,
+# tests/ops_properties/) and the CUDA parity tests (ops/tests/cuda_parity.rs, on the emulator
+# where there is no GPU, for pattention_norm/cuda.rs): the tests that pin what growth computes,
+# in about 10 seconds.
+#
+# The build is the `mutation` profile (Cargo.toml): release's optimisation with incremental
+# compilation, so that a mutant rebuilds in some 20 seconds instead of the 1.5-3.5 minutes of
+# a release build of the changed crates.
 #
 # The mutants are applied in a private copy of this checkout, target/mutants/tree, never in the
 # checkout itself. It is kept between runs, so that each mutant rebuilds only the crates it
 # touches: its sources are brought up to date with the checkout's before every run, and its
-# target/ starts as a copy of the checkout's (timestamps kept, so that cargo reuses it).
+# target/ is kept too (the first run builds everything once, a few minutes).
 #
 # Needs cargo-mutants: `cargo install --locked cargo-mutants` (tested with 27.1).
 set -euo pipefail
@@ -59,7 +65,8 @@ file_args=()
 for glob in "${globs[@]}"; do file_args+=(--file "$glob"); done
 
 packages=(tokenformer-models tokenformer-ops tokenformer)
-targets=(--lib --test growth_properties --test growth_workflow --test ops_properties)
+targets=(--lib --test growth_properties --test growth_workflow --test ops_properties
+         --test cuda_parity)
 
 # The options this script handles itself; the rest go to cargo-mutants.
 shard="" resume=false listing=false args=()
@@ -86,10 +93,6 @@ fi
 # that a run stopped in the middle of a mutant left mutated).
 tree=$checkout/target/mutants/tree
 mkdir -p "$tree"
-if [[ ! -d "$tree/target/release" && -d target/release ]]; then
-    mkdir -p "$tree/target"
-    cp -a target/release "$tree/target/"
-fi
 git ls-files --cached --others --exclude-standard -z | while IFS= read -r -d '' file; do
     [[ -f "$file" ]] || continue
     if ! cmp -s "$file" "$tree/$file"; then
@@ -144,14 +147,12 @@ if [[ -z "$todo" ]]; then
     exit 0
 fi
 
-packages=(tokenformer-models tokenformer-ops tokenformer)
-targets=(--lib --test growth_properties --test growth_workflow --test ops_properties)
 package_args=()
 for p in "${packages[@]}"; do package_args+=(--package "$p"); done
 # The baseline: the same tests on the unmutated tree. cargo-mutants' own baseline would run
 # only the mutated crate's tests, which do not include the CLI crate's test files.
-echo "mutants.sh: baseline: cargo test --release ${package_args[*]} ${targets[*]}"
-if ! cargo test --release "${package_args[@]}" "${targets[@]}" >"$OUT/baseline.log" 2>&1; then
+echo "mutants.sh: baseline: cargo test --profile mutation ${package_args[*]} ${targets[*]}"
+if ! cargo test --profile mutation "${package_args[@]}" "${targets[@]}" >"$OUT/baseline.log" 2>&1; then
     echo "mutants.sh: the tests fail without any mutant; see $OUT/baseline.log" >&2
     exit 1
 fi
@@ -172,7 +173,7 @@ mkdir -p "$OUT/run-$run"
 echo "mutants.sh: $(wc -l <<<"$todo") mutants to run; results in $OUT/run-$run"
 status=0
 cargo mutants "${common[@]}" "${pick[@]}" --in-place --output "$OUT/run-$run" \
-    --profile release --baseline skip --timeout 300 --build-timeout 1200 \
+    --profile mutation --baseline skip --timeout 300 --build-timeout 1200 \
     --test-package "$(IFS=,; echo "${packages[*]}")" "${target_args[@]}" "${args[@]}" ||
     status=$?
 summary
