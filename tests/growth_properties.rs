@@ -316,6 +316,10 @@ fn layer_placement_spreads_new_layers() {
     assert_eq!(show(4, 4, LayerPlacement::Interleave), "0 n 1 n 2 n 3 n");
     assert_eq!(show(2, 3, LayerPlacement::Interleave), "0 n 1 n n");
     assert_eq!(show(3, 1, LayerPlacement::Interleave), "0 1 2 n");
+    // No old layer to follow: every layer is new, wherever they are placed.
+    assert_eq!(show(0, 2, LayerPlacement::Interleave), "n n");
+    assert_eq!(show(0, 2, LayerPlacement::End), "n n");
+    assert_eq!(show(3, 0, LayerPlacement::Interleave), "0 1 2");
 }
 
 #[test]
