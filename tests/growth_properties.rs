@@ -14,6 +14,7 @@ use proptest::prelude::*;
 use std::collections::BTreeMap;
 use tokenformer::core::{Device, Rng, Tensor};
 use tokenformer::models::checkpoint::{load_checkpoint, save_checkpoint, Checkpoint};
+use tokenformer::models::config::TokenGroup;
 use tokenformer::models::growth::{grow_model, GrowSpec, GrowthTarget, LayerPlacement, TauRule};
 use tokenformer::models::optim::Optimizer;
 use tokenformer::models::{GrowInit, ModelConfig, Theta, TokenFormer};
@@ -703,6 +704,16 @@ proptest! {
         // τ = √n₀: n₀ stays the base's count, or becomes the grown count under `tau=current`.
         let n0 = if tau == TauRule::Current { to.qkv_tokens } else { from.qkv_scale_tokens };
         prop_assert_eq!(grown.model.config.qkv_scale_tokens, n0);
+        // What the spec says of its growth (the CLI reports it): τ changes exactly when some
+        // group's n₀ does, and the outputs are kept exactly when the logits keep their bits.
+        let tau_changed = TokenGroup::ALL
+            .iter()
+            .any(|group| group.counts(from).1 != group.counts(&grown.model.config).1);
+        prop_assert_eq!(want.changes_tau(from), tau_changed);
+        let ids = Tensor::from_vec(vec![1.0, 2.0, 3.0], &[1, 3]).unwrap();
+        let same_logits = bits(model.forward(&ids).unwrap().value())
+            == bits(grown.model.forward(&ids).unwrap().value());
+        prop_assert_eq!(want.preserves_outputs(from), same_logits, "{}", text);
         prop_assert_eq!(target.to_string().contains("tau=current"), tau == TauRule::Current);
         prop_assert_eq!(target.to_string().parse::<GrowthTarget>().unwrap(), target.clone());
         let reseeded = grow_model(&model, &GrowSpec { seed: seed ^ 2, ..want }).unwrap();
