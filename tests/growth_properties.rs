@@ -625,6 +625,9 @@ struct OptionsCase {
 fn options_case() -> impl Strategy<Value = OptionsCase> {
     (
         (1usize..=3, 1usize..=128, 1usize..=128, 1usize..=512),
+        // n₀ of each group as a fraction of its count: below 1 for a model grown before with τ
+        // frozen.
+        [0.25f64..=1.0, 0.25f64..=1.0, 0.25f64..=1.0],
         prop::sample::select(vec![LayerPlacement::End, LayerPlacement::Interleave]),
         prop::sample::select(vec![GrowInit::Exact, GrowInit::Random]),
         prop::sample::select(vec![TauRule::Frozen, TauRule::Current]),
@@ -632,14 +635,17 @@ fn options_case() -> impl Strategy<Value = OptionsCase> {
         (any::<bool>(), 0u8..16),
         any::<bool>(),
     )
-        .prop_map(|((layers, qkv, proj, ffn), layer_at, init, tau, seed, form, explicit)| {
-            let mut from = ModelConfig::preset("tiny").unwrap();
-            from.n_layers = layers;
-            (from.qkv_tokens, from.proj_tokens, from.ffn_tokens) = (qkv, proj, ffn);
-            (from.qkv_scale_tokens, from.proj_scale_tokens, from.ffn_scale_tokens) =
-                (qkv, proj, ffn);
-            OptionsCase { from, layer_at, init, tau, seed, form, explicit }
-        })
+        .prop_map(
+            |((layers, qkv, proj, ffn), n0, layer_at, init, tau, seed, form, explicit)| {
+                let mut from = ModelConfig::preset("tiny").unwrap();
+                from.n_layers = layers;
+                (from.qkv_tokens, from.proj_tokens, from.ffn_tokens) = (qkv, proj, ffn);
+                let part = |n: usize, f: f64| ((n as f64 * f).round() as usize).clamp(1, n);
+                (from.qkv_scale_tokens, from.proj_scale_tokens, from.ffn_scale_tokens) =
+                    (part(qkv, n0[0]), part(proj, n0[1]), part(ffn, n0[2]));
+                OptionsCase { from, layer_at, init, tau, seed, form, explicit }
+            },
+        )
 }
 
 proptest! {
@@ -714,6 +720,17 @@ proptest! {
         let same_logits = bits(model.forward(&ids).unwrap().value())
             == bits(grown.model.forward(&ids).unwrap().value());
         prop_assert_eq!(want.preserves_outputs(from), same_logits, "{}", text);
+        // The optimizer state the grown run starts from: every old moment kept under exact
+        // growth with τ frozen; all of them restarted at zero under random growth or the
+        // official recipe (τ current).
+        let ones: Vec<(String, Tensor)> = model
+            .named_tensors()
+            .into_iter()
+            .map(|(name, t)| (name, Tensor::full(t.dims(), 1.0, Device::Cpu).unwrap()))
+            .collect();
+        let moments = grown.moments(ones, want.moments_rule()).unwrap();
+        let kept = moments.iter().any(|(_, m)| m.to_vec().unwrap().contains(&1.0));
+        prop_assert_eq!(kept, init == GrowInit::Exact && tau == TauRule::Frozen, "{}", text);
         prop_assert_eq!(target.to_string().contains("tau=current"), tau == TauRule::Current);
         prop_assert_eq!(target.to_string().parse::<GrowthTarget>().unwrap(), target.clone());
         let reseeded = grow_model(&model, &GrowSpec { seed: seed ^ 2, ..want }).unwrap();

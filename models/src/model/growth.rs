@@ -713,6 +713,23 @@ mod tests {
     }
 
     #[test]
+    fn tau_current_changes_tau_where_a_grown_count_differs_from_its_n0() {
+        let tiny = ModelConfig::preset("tiny").unwrap();
+        let current =
+            |qkv, layers| GrowSpec { qkv, layers, tau: TauRule::Current, ..GrowSpec::default() };
+        assert!(current(64, 0).changes_tau(&tiny));
+        // Depth alone keeps every count at its n₀; so does τ frozen.
+        assert!(!current(0, 1).changes_tau(&tiny));
+        assert!(!GrowSpec { qkv: 64, ..GrowSpec::default() }.changes_tau(&tiny));
+        // Grown before with τ frozen (128 tokens, n₀ = 64): τ moves to √(128 + new), also
+        // when the growth adds exactly n₀'s shortfall again, and with depth alone.
+        let mut grown_before = tiny.clone();
+        grown_before.qkv_scale_tokens = 64;
+        assert!(current(64, 0).changes_tau(&grown_before));
+        assert!(current(0, 1).changes_tau(&grown_before));
+    }
+
+    #[test]
     fn depth_growth_to_a_deeper_preset() {
         let mut from = ModelConfig::preset("owt-124M").unwrap();
         from.n_layers = 6;
