@@ -13,19 +13,22 @@
 #   scripts/mutants.sh --shard 1/4            # a quarter: the 1st, 5th, 9th, ... mutant
 #   FILES=growth scripts/mutants.sh           # one file: growth, pattention, optim or norm
 #   scripts/mutants.sh --shard 1/4 --resume   # go on where that shard's runs stopped
+#   scripts/mutants.sh --recheck              # again the mutants last missed or timed out
 #   scripts/mutants.sh --list                 # the mutants, without running anything
 #
 # Shards count from 1 and are fixed: shard K of N is every N-th mutant of the list, from the
 # K-th. --resume skips the mutants that an earlier run of the same files and shard finished
 # (caught, missed, timed out or unviable); without it, earlier runs are set aside and the
 # shard starts over. (cargo-mutants' own --shard and --iterate do not combine so: it shards
-# what is left after skipping, so a resumed shard would be another shard.)
+# what is left after skipping, so a resumed shard would be another shard.) --recheck keeps the
+# earlier runs too and runs only the mutants whose latest outcome is missed or timed out (after
+# tests were added for them); a mutant's outcome is always that of the latest run that tried it.
 #
 # Any other option is cargo-mutants' own (`cargo mutants --help`). Results go to
 # target/mutants/FILES[-shard-K-of-N]/ (OUT overrides it): the shard's mutants (mutants.txt),
 # one cargo-mutants output folder per run (run-1/mutants.out, run-2/...; each holds caught.txt,
 # missed.txt, timeout.txt, unviable.txt, outcomes.json and a log per mutant), and summary.txt,
-# the counts over all runs and the mutants missed.
+# the counts over all runs (each mutant's latest outcome) and the mutants missed.
 #
 # Each mutant runs the unit tests of the models, ops and CLI crates, the property and workflow
 # tests of growth and of the ops (tests/growth_properties.rs, tests/growth_workflow.rs,
@@ -69,12 +72,13 @@ targets=(--lib --test growth_properties --test growth_workflow --test ops_proper
          --test cuda_parity)
 
 # The options this script handles itself; the rest go to cargo-mutants.
-shard="" resume=false listing=false args=()
+shard="" resume=false recheck=false listing=false args=()
 while (($#)); do
     case "$1" in
         --shard) shard=${2:-}; shift ;;
         --shard=*) shard=${1#--shard=} ;;
         --resume) resume=true ;;
+        --recheck) resume=true recheck=true ;;
         --list | --list-files) listing=true; args+=("$1") ;;
         *) args+=("$1") ;;
     esac
@@ -124,22 +128,35 @@ if ! $resume && compgen -G "$OUT/run-*" >/dev/null; then
     mkdir -p "$set_aside"
     mv "$OUT"/run-* "$set_aside/"
 fi
-finished() {
-    cat "$OUT"/run-*/mutants.out/{caught,missed,timeout,unviable}.txt 2>/dev/null | sort -u
+# "OUTCOME<TAB>MUTANT" for each mutant of this shard that a run finished, with the outcome of
+# the latest run that did (runs in the order they were made).
+latest() {
+    local run outcome
+    for run in $(cd "$OUT" && compgen -G "run-*" | sort -t- -k2 -n); do
+        for outcome in caught missed timeout unviable; do
+            sed "s/^/$outcome\t/" "$OUT/$run/mutants.out/$outcome.txt" 2>/dev/null || true
+        done
+    done | awk -F'\t' 'NR == FNR { want[$0] = 1; next }
+                       ($2 in want) { last[$2] = $1 }
+                       END { for (m in last) print last[m] "\t" m }' "$OUT/mutants.txt" - |
+        sort -t$'\t' -k2
 }
-todo=$(grep -vxF -f <(finished) "$OUT/mutants.txt" || true)
+# The mutants whose latest outcome is $1.
+with_outcome() { latest | awk -F'\t' -v o="$1" '$1 == o { print $2 }'; }
+if $recheck; then
+    todo=$(with_outcome missed; with_outcome timeout)
+else
+    todo=$(grep -vxF -f <(latest | cut -f2; echo) "$OUT/mutants.txt" || true)
+fi
 summary() {
     {
         echo "files: ${globs[*]}; shard: ${shard:-all}; mutants: $(wc -l <"$OUT/mutants.txt")"
         for outcome in caught missed timeout unviable; do
-            count=$(cat "$OUT"/run-*/mutants.out/$outcome.txt 2>/dev/null |
-                grep -cxF -f "$OUT/mutants.txt" || true)
-            echo "$outcome: $count"
+            echo "$outcome: $(with_outcome $outcome | grep -c . || true)"
         done
-        echo "not yet run: $(grep -cvxF -f <(finished) "$OUT/mutants.txt" || true)"
+        echo "not yet run: $(grep -cvxF -f <(latest | cut -f2; echo) "$OUT/mutants.txt" || true)"
         echo "missed:"
-        cat "$OUT"/run-*/mutants.out/missed.txt 2>/dev/null | grep -xF -f "$OUT/mutants.txt" |
-            sed 's/^/  /' || true
+        with_outcome missed | sed 's/^/  /'
     } | tee "$OUT/summary.txt"
 }
 if [[ -z "$todo" ]]; then
