@@ -329,6 +329,13 @@ fn growing_a_transformer_is_refused() {
     let model = TokenFormer::init(&config, 0, Device::Cpu).unwrap();
     let err = grow_model(&model, &GrowSpec { layers: 1, ..GrowSpec::default() }).err().unwrap();
     assert!(err.to_string().contains("transformer has no parameter tokens"), "{err}");
+    // A growth schedule is refused when it is resolved, before training starts, not at its
+    // step; in both of its forms.
+    for text in ["qkv=+8,layers=+1", "preset=small"] {
+        let target: GrowthTarget = text.parse().unwrap();
+        let err = target.resolve(&config, 0).unwrap_err();
+        assert!(err.to_string().contains("transformer has no parameter tokens"), "{text}: {err}");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
