@@ -705,9 +705,16 @@ mod tests {
         assert_eq!((spec.ffn, spec.layer_at), (88, LayerPlacement::Interleave));
         let same: GrowthTarget = "preset=tiny".parse().unwrap();
         assert!(same.resolve(&tiny, 0).unwrap_err().to_string().contains("adds nothing"));
-        for bad in
-            ["", "ffn", "ffn=+", "ffn=-3", "ffn=+1,ffn=+2", "preset=tiny,ffn=+1", "init=exact"]
-        {
+        for bad in [
+            "",
+            "ffn",
+            "ffn=+",
+            "ffn=-3",
+            "ffn=+1,ffn=+2",
+            "preset=tiny,ffn=+1",
+            "preset=tiny,preset=small",
+            "init=exact",
+        ] {
             assert!(bad.parse::<GrowthTarget>().is_err(), "{bad}");
         }
     }
