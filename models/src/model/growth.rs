@@ -720,6 +720,21 @@ mod tests {
     }
 
     #[test]
+    fn moments_grow_by_zero_rows_only() {
+        let m = Tensor::from_vec(vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0], &[3, 2]).unwrap();
+        let grown = pad_rows(&m, &[5, 2]).unwrap();
+        assert_eq!(grown.dims(), [5, 2]);
+        assert_eq!(grown.to_vec().unwrap(), [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 0.0, 0.0, 0.0, 0.0]);
+        assert_eq!(pad_rows(&m, &[3, 2]).unwrap().to_vec().unwrap(), m.to_vec().unwrap());
+        // Fewer rows, or another row length (with as many rows or more): a moment that does
+        // not belong to the parameter, refused in one line.
+        for dims in [[2, 2], [3, 3], [5, 3], [2, 3]] {
+            let err = pad_rows(&m, &dims).unwrap_err().to_string();
+            assert!(err.contains("cannot grow to"), "{dims:?}: {err}");
+        }
+    }
+
+    #[test]
     fn tau_current_changes_tau_where_a_grown_count_differs_from_its_n0() {
         let tiny = ModelConfig::preset("tiny").unwrap();
         let current =
