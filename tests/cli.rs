@@ -358,7 +358,7 @@ fn grow_preserves_outputs_and_never_touches_the_source() {
     let err = t.fails(&["grow", "--checkpoint", s(&ck), "--out", s(&grown), "--qkv", "1"]);
     assert!(err.contains("already holds a checkpoint"), "{err}");
     let err = t.fails(&["grow", "--checkpoint", s(&ck), "--out", s(&ck), "--qkv", "1"]);
-    assert!(err.contains("--out"), "{err}");
+    assert!(err.contains("--out must differ from --checkpoint"), "{err}");
     let err =
         t.fails(&["grow", "--checkpoint", s(&ck), "--out", s(&t.path("x")), "--init", "zeros"]);
     assert!(err.contains("--init"), "{err}");

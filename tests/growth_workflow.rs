@@ -396,6 +396,33 @@ fn freeze_old_trains_only_what_the_growth_added() {
 }
 
 #[test]
+fn grow_carries_the_run_files_and_nothing_else() {
+    let t = Scratch::new("carry");
+    let (run, grown) = (t.path("run"), t.path("grown"));
+    t.ok(&[&["train", "--out", s(&run), "--steps", "2"][..], &RUN].concat());
+    // Someone's notes, a folder, and a loss plot that is a link to a file outside the run.
+    std::fs::write(run.join("notes.txt"), "mine").unwrap();
+    std::fs::create_dir(run.join("plots")).unwrap();
+    let outside = t.path("outside.png");
+    std::fs::write(&outside, "not ours").unwrap();
+    std::fs::remove_file(run.join("loss.png")).ok();
+    std::os::unix::fs::symlink(&outside, run.join("loss.png")).unwrap();
+    t.ok(&["grow", "--checkpoint", s(&run), "--out", s(&grown), "--ffn", "2"]);
+    assert_eq!(bytes(&grown, "metrics.jsonl"), bytes(&run, "metrics.jsonl"));
+    let caches = std::fs::read_dir(&run).unwrap().filter_map(|e| {
+        let name = e.unwrap().file_name().into_string().unwrap();
+        name.ends_with(".tokens").then_some(name)
+    });
+    for cache in caches {
+        assert_eq!(bytes(&grown, &cache), bytes(&run, &cache), "{cache}");
+    }
+    for name in ["notes.txt", "plots", "loss.png"] {
+        assert!(!grown.join(name).exists(), "grow carried {name}");
+    }
+    assert_eq!(std::fs::read(&outside).unwrap(), b"not ours");
+}
+
+#[test]
 fn growth_flags_are_checked_before_anything_is_written() {
     let t = Scratch::new("bad-flags");
     let dir = t.path("run");
