@@ -448,6 +448,16 @@ fn growth_flags_are_checked_before_anything_is_written() {
         let err = train(flags);
         assert!(err.contains(says), "{flags:?}: {err}");
     }
+    // `grow` from a directory that holds no checkpoint, or from a file.
+    let plain = t.path("plain");
+    std::fs::create_dir(&plain).unwrap();
+    let file = t.path("file");
+    std::fs::write(&file, "").unwrap();
+    for from in [&plain, &file] {
+        let err = t.fails(&["grow", "--checkpoint", s(from), "--out", s(&dir), "--ffn", "2"]);
+        assert!(err.contains("is not a checkpoint directory"), "{err}");
+        assert!(!dir.exists(), "a refused grow left a directory");
+    }
 }
 
 #[test]
