@@ -324,6 +324,141 @@ impl Optimizer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ModelConfig;
+    use std::collections::BTreeMap;
+    use tokenformer_core::Rng;
+
+    const HP: AdamW = AdamW { lr: 1.0, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.5 };
+
+    /// A one-layer TokenFormer, and gradients of its parameters' shapes drawn from `seed`.
+    fn model_and_grads(seed: u64) -> (TokenFormer, Vec<Tensor>) {
+        let config = ModelConfig::tokenformer(11, 16, 1, 2, 8, [5, 4, 6], "byte");
+        let model = TokenFormer::init(&config, seed, Device::Cpu).unwrap();
+        let mut rng = Rng::new(seed ^ 7);
+        let grads = model
+            .named_params()
+            .iter()
+            .map(|(_, p)| Tensor::randn(p.dims(), 1.0, &mut rng))
+            .collect();
+        (model, grads)
+    }
+
+    fn values(model: &TokenFormer) -> Vec<(String, Vec<f32>)> {
+        model.named_tensors().into_iter().map(|(name, t)| (name, t.to_vec().unwrap())).collect()
+    }
+
+    /// The two ways a step is applied: the plain one (`update`) and the multi-tensor one.
+    fn step(
+        fused: bool,
+        opt: &mut Optimizer,
+        model: &mut TokenFormer,
+        grads: Vec<Tensor>,
+        lr: f32,
+    ) {
+        if fused {
+            opt.clip_and_update(model, grads, lr, None).unwrap();
+        } else {
+            opt.update(model, &grads, lr).unwrap();
+        }
+    }
+
+    #[test]
+    fn weight_decay_at_the_scheduled_rate_spares_only_the_final_norm() {
+        // With zero gradients the Adam term is 0/(0 + ε) = 0: what is left is p·(1 − lr·wd), at
+        // the rate given to the step (0.1), not the optimizer's base rate (1.0).
+        for fused in [false, true] {
+            let (mut model, grads) = model_and_grads(3);
+            let before = values(&model);
+            let zeros =
+                grads.iter().map(|g| Tensor::zeros(g.dims(), Device::Cpu).unwrap()).collect();
+            let mut opt = Optimizer::new(&model, HP).unwrap();
+            step(fused, &mut opt, &mut model, zeros, 0.1);
+            for ((name, old), (_, new)) in before.iter().zip(values(&model)) {
+                let keep = if decays(name) { 1.0 - 0.1 * 0.5 } else { 1.0 };
+                for (&x, &y) in old.iter().zip(&new) {
+                    assert!(
+                        (y - x * keep).abs() <= 1e-6 * x.abs(),
+                        "{name} (fused {fused}): {x} -> {y}"
+                    );
+                }
+            }
+            assert!(before.iter().any(|(name, _)| !decays(name)), "the model has a final norm");
+            assert!(decays("embedding.weight") && decays("layers.0.ffn.in.key_param_tokens"));
+        }
+    }
+
+    #[test]
+    fn frozen_rows_keep_their_values_and_stay_out_of_the_clip() {
+        let (mut model, grads) = model_and_grads(5);
+        // The first row of every parameter is old.
+        let old_rows: BTreeMap<String, usize> =
+            model.named_params().into_iter().map(|(name, _)| (name, 1)).collect();
+        let mut opt = Optimizer::new(&model, HP).unwrap();
+        opt.freeze(&model, &old_rows).unwrap();
+        let before = values(&model);
+        let norm =
+            opt.clip_and_update(&mut model, grads.clone(), 0.1, Some(1e-3)).unwrap().unwrap();
+        // The norm the clip saw: the gradients without their first rows.
+        let squares: f64 = grads
+            .iter()
+            .map(|g| {
+                let row = g.numel() / rows(g);
+                g.to_vec().unwrap()[row..].iter().map(|&x| (x as f64).powi(2)).sum::<f64>()
+            })
+            .sum();
+        let norm = norm.to_vec().unwrap()[0] as f64;
+        assert!((norm - squares.sqrt()).abs() <= 1e-5 * norm, "{norm} vs {}", squares.sqrt());
+        for ((name, old), (_, new)) in before.iter().zip(values(&model)) {
+            let row = old.len()
+                / rows(model.named_params().iter().find(|(n, _)| n == name).unwrap().1.value());
+            assert_eq!(old[..row], new[..row], "{name}: a frozen row moved");
+            assert_ne!(old[row..], new[row..], "{name}: the trainable rows did not move");
+        }
+    }
+
+    #[test]
+    fn a_gradient_too_many_or_too_few_is_refused() {
+        for fused in [false, true] {
+            let (mut model, grads) = model_and_grads(1);
+            let mut opt = Optimizer::new(&model, HP).unwrap();
+            let extra = grads[0].clone();
+            for wrong in [grads[1..].to_vec(), [grads.clone(), vec![extra]].concat()] {
+                let err = if fused {
+                    opt.clip_and_update(&mut model, wrong, 0.1, None).map(|_| ())
+                } else {
+                    opt.update(&mut model, &wrong, 0.1)
+                };
+                assert!(err.unwrap_err().to_string().contains("gradients"), "fused {fused}");
+            }
+        }
+    }
+
+    #[test]
+    fn both_ways_of_stepping_with_a_clip_give_the_same_bits() {
+        let bits = |t: &[Tensor]| -> Vec<Vec<u32>> {
+            t.iter().map(|t| t.to_vec().unwrap().iter().map(|x| x.to_bits()).collect()).collect()
+        };
+        let (mut plain, grads) = model_and_grads(9);
+        let (mut fused, _) = model_and_grads(9);
+        let (mut opt_plain, mut opt_fused) =
+            (Optimizer::new(&plain, HP).unwrap(), Optimizer::new(&fused, HP).unwrap());
+        for lr in [0.1, 0.05] {
+            let mut clipped = grads.clone();
+            let norm_plain = clip_global_norm(&mut clipped, 0.5).unwrap();
+            opt_plain.update(&mut plain, &clipped, lr).unwrap();
+            let norm_fused = opt_fused
+                .clip_and_update(&mut fused, grads.clone(), lr, Some(0.5))
+                .unwrap()
+                .unwrap();
+            assert_eq!(bits(&[norm_plain]), bits(&[norm_fused]));
+        }
+        let tensors =
+            |m: &TokenFormer| m.named_tensors().into_iter().map(|(_, t)| t).collect::<Vec<_>>();
+        assert_eq!(bits(&tensors(&plain)), bits(&tensors(&fused)));
+        assert_eq!(bits(&opt_plain.m), bits(&opt_fused.m));
+        assert_eq!(bits(&opt_plain.v), bits(&opt_fused.v));
+    }
+
     #[test]
     fn schedule_warms_up_then_decays_to_min() {
         assert!((lr_at(0, 10, 100, 1.0, 0.1) - 0.1).abs() < 1e-6);
