@@ -108,6 +108,16 @@ mod tests {
 
     const THETAS: [Theta; 3] = [Theta::L2NormGelu, Theta::GeluL2Norm, Theta::Softmax];
 
+    #[test]
+    fn names_print_and_parse_back() {
+        for (theta, name) in THETAS.into_iter().zip(["l2_norm_gelu", "gelu_l2_norm", "softmax"]) {
+            assert_eq!((theta.name(), theta.to_string()), (name, name.to_string()));
+            assert_eq!(name.parse::<Theta>().unwrap(), theta);
+        }
+        let err = "l2norm".parse::<Theta>().unwrap_err().to_string();
+        assert!(err.contains("unknown norm 'l2norm'"), "{err}");
+    }
+
     fn gelu(x: f64) -> f64 {
         0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2))
     }
