@@ -458,6 +458,15 @@ fn growth_flags_are_checked_before_anything_is_written() {
         assert!(err.contains("is not a checkpoint directory"), "{err}");
         assert!(!dir.exists(), "a refused grow left a directory");
     }
+    // `grow` from a checkpoint into itself, or to a size that no memory holds.
+    let ck = t.path("ck");
+    t.ok(&["init", "--preset", "tiny", "--out", s(&ck)]);
+    let err = t.fails(&["grow", "--checkpoint", s(&ck), "--out", s(&ck), "--ffn", "2"]);
+    assert!(err.contains("--out must differ from --checkpoint"), "{err}");
+    let err =
+        t.fails(&["grow", "--checkpoint", s(&ck), "--out", s(&dir), "--ffn", "1000000000000"]);
+    assert!(err.contains("would need") && err.contains("of memory"), "{err}");
+    assert!(!dir.exists(), "a refused grow left a directory");
 }
 
 #[test]
