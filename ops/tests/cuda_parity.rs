@@ -508,6 +508,14 @@ fn pattention_norms_match_and_zero_rows_stay_zero() {
             c.to_vec().unwrap().iter().all(|v| v.is_finite()),
             "{theta:?}: non-finite gradient"
         );
+        // No rows, or rows of no scores: an empty result, and no launch (a GPU refuses a grid
+        // of zero blocks).
+        for dims in [[0, 7], [4, 0], [0, 0]] {
+            let empty = gpu(&Tensor::zeros(&dims, Device::Cpu).unwrap());
+            let s = pattention_norm(&empty, theta, tau).unwrap();
+            let g = pattention_norm_backward(&empty, theta, tau, &empty).unwrap();
+            assert_eq!((s.dims(), g.dims()), (&dims[..], &dims[..]), "{theta:?}");
+        }
     }
 }
 
