@@ -475,25 +475,31 @@ fn a_thread_count_beyond_reason_is_capped_and_a_bad_one_refused() {
     }
 }
 
+/// The SHORT run trained into `name` with the environment variable `var` set to `value`, or
+/// unset: its directory and the training losses it logged.
+fn short_run_with(t: &Scratch, name: &str, var: &str, value: Option<&str>) -> (PathBuf, Vec<f64>) {
+    let dir = t.path(name);
+    let args = [&["train", "--out", s(&dir)][..], &SHORT].concat();
+    let mut cmd = t.command(&args);
+    cmd.env_remove(var);
+    if let Some(value) = value {
+        cmd.env(var, value);
+    }
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{var}={value:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let losses = std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64())
+        .collect();
+    (dir, losses)
+}
+
 #[test]
 fn tokenformer_fused_selects_the_plain_paths() {
     let t = Scratch::new("fused");
-    let losses = |name: &str, fused: Option<&str>| -> Vec<f64> {
-        let dir = t.path(name);
-        let args = [&["train", "--out", s(&dir)][..], &SHORT].concat();
-        let mut cmd = t.command(&args);
-        cmd.env_remove("TOKENFORMER_FUSED");
-        if let Some(value) = fused {
-            cmd.env("TOKENFORMER_FUSED", value);
-        }
-        let out = cmd.output().unwrap();
-        assert!(out.status.success(), "{fused:?}: {}", String::from_utf8_lossy(&out.stderr));
-        std::fs::read_to_string(dir.join("metrics.jsonl"))
-            .unwrap()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64())
-            .collect()
-    };
+    let losses =
+        |name: &str, fused: Option<&str>| short_run_with(&t, name, "TOKENFORMER_FUSED", fused).1;
     let fast = losses("fast", None);
     assert!(!fast.is_empty());
     // The fused Pattention gives the bits of the composition it replaces.
@@ -515,20 +521,7 @@ fn tokenformer_fused_selects_the_plain_paths() {
 fn tokenformer_cpu_isa_holds_the_kernels_to_narrower_vectors() {
     let t = Scratch::new("cpu-isa");
     let train = |name: &str, isa: Option<&str>| -> (Vec<f64>, Vec<u8>) {
-        let dir = t.path(name);
-        let args = [&["train", "--out", s(&dir)][..], &SHORT].concat();
-        let mut cmd = t.command(&args);
-        cmd.env_remove("TOKENFORMER_CPU_ISA");
-        if let Some(value) = isa {
-            cmd.env("TOKENFORMER_CPU_ISA", value);
-        }
-        let out = cmd.output().unwrap();
-        assert!(out.status.success(), "{isa:?}: {}", String::from_utf8_lossy(&out.stderr));
-        let losses = std::fs::read_to_string(dir.join("metrics.jsonl"))
-            .unwrap()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64())
-            .collect();
+        let (dir, losses) = short_run_with(&t, name, "TOKENFORMER_CPU_ISA", isa);
         (losses, std::fs::read(dir.join("model.safetensors")).unwrap())
     };
     let widest = train("widest", None);
