@@ -31,6 +31,7 @@ pub mod reduce;
 pub mod rope;
 pub mod softmax;
 pub mod unary;
+mod vector;
 
 /// The device every operand lives on, or `Error::DeviceMismatch` naming `op`.
 pub fn same_device(op: &'static str, tensors: &[&Tensor]) -> Result<Device> {
@@ -384,7 +385,7 @@ mod tests {
         for n in [super::PARALLEL_MIN_ELEMS + 3 * super::MAP_CHUNK + 37, 1000, 0] {
             let x = crate::testing::values(&randn(&[n], 5));
             let y = crate::testing::values(&randn(&[n], 6));
-            let f = |a: f32| crate::unary::cpu::gelu_scalar(a) * 3.0 - a;
+            let f = |a: f32| crate::unary::cpu::gelu(a) * 3.0 - a;
             let expected1: Vec<f32> = x.iter().map(|&a| f(a)).collect();
             let expected2: Vec<f32> = x.iter().zip(&y).map(|(&a, &b)| a * b - f(b)).collect();
             assert_eq!(super::map1(&x, f), expected1, "map1, n {n}");

@@ -19,7 +19,8 @@
 use super::Theta;
 use crate::lanes::{combine, LANES};
 use crate::softmax::cpu::softmax_in_place;
-use crate::unary::cpu::{gelu_and_grad_scalar, gelu_grad_scalar, gelu_scalar};
+use crate::unary::cpu::{gelu, gelu_and_grad, gelu_grad};
+use crate::vector::{lanewise, Real};
 use crate::wide_loops::{width, Width};
 use crate::{cpu_tensor, PARALLEL_MIN_ELEMS};
 use rayon::prelude::*;
@@ -57,24 +58,20 @@ fn dot(x: &[f32], y: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     crate::lanes::sum2(x, y, |a, b| f(a) * b)
 }
 
-/// s = Θ(a) for one row.
+/// s = Θ(a) for one row, its GELUs evaluated `R::LANES` at a time.
 #[inline(always)]
-fn forward_row(theta: Theta, tau: f32, a: &[f32], s: &mut [f32]) {
+fn forward_row<R: Real>(theta: Theta, tau: f32, a: &[f32], s: &mut [f32]) {
     match theta {
         Theta::L2NormGelu => {
             let r = l2_norm(a);
             if r == 0.0 {
                 return s.fill(0.0);
             }
-            let scale = tau / r;
-            for (o, &x) in s.iter_mut().zip(a) {
-                *o = gelu_scalar(x * scale);
-            }
+            let scale = R::splat(tau / r);
+            lanewise([a], [s], |[x]: [R; 1], _| [gelu(x * scale)]);
         }
         Theta::GeluL2Norm => {
-            for (o, &x) in s.iter_mut().zip(a) {
-                *o = gelu_scalar(x);
-            }
+            lanewise([a], [&mut *s], |[x]: [R; 1], _| [gelu(x)]);
             let rho = l2_norm(s);
             if rho == 0.0 {
                 return s.fill(0.0);
@@ -92,7 +89,7 @@ fn forward_row(theta: Theta, tau: f32, a: &[f32], s: &mut [f32]) {
 
 /// For one row: on entry `g` holds ∂L/∂S, on exit ∂L/∂a. `p` is scratch of the row's length.
 #[inline(always)]
-fn backward_row(theta: Theta, tau: f32, a: &[f32], g: &mut [f32], p: &mut [f32]) {
+fn backward_row<R: Real>(theta: Theta, tau: f32, a: &[f32], g: &mut [f32], p: &mut [f32]) {
     let inv_tau2 = 1.0 / (tau * tau);
     match theta {
         Theta::L2NormGelu => {
@@ -102,24 +99,23 @@ fn backward_row(theta: Theta, tau: f32, a: &[f32], g: &mut [f32], p: &mut [f32])
             }
             let scale = tau / radius;
             // g becomes g_z = g ⊙ GELU′(z), z = a·τ/r; then g_a = (τ/r)(g_z − z (z·g_z)/τ²).
-            for (d, &x) in g.iter_mut().zip(a) {
-                *d *= gelu_grad_scalar(x * scale);
-            }
+            let lanes_scale = R::splat(scale);
+            lanewise([a], [&mut *g], |[x]: [R; 1], [d]| [d * gelu_grad(x * lanes_scale)]);
             let projection = dot(a, g, |x| x) * scale * inv_tau2;
             for (d, &x) in g.iter_mut().zip(a) {
                 *d = scale * (*d - x * scale * projection);
             }
         }
         Theta::GeluL2Norm => {
-            let rho = sum_squares(a, gelu_scalar).sqrt() as f32;
+            let rho = sum_squares(a, gelu).sqrt() as f32;
             if rho == 0.0 {
                 return g.fill(0.0);
             }
             let scale = tau / rho;
-            let projection = dot(a, g, |x| gelu_scalar(x) * scale) * inv_tau2;
+            let projection = dot(a, g, |x| gelu(x) * scale) * inv_tau2;
             for (d, &x) in g.iter_mut().zip(a) {
-                let s = gelu_scalar(x) * scale;
-                *d = scale * (*d - s * projection) * gelu_grad_scalar(x);
+                let s = gelu(x) * scale;
+                *d = scale * (*d - s * projection) * gelu_grad(x);
             }
         }
         Theta::Softmax => {
@@ -137,7 +133,7 @@ fn backward_row(theta: Theta, tau: f32, a: &[f32], g: &mut [f32], p: &mut [f32])
 /// s = Θ(a), and `g` from ∂L/∂S to ∂L/∂a, with one Φ per element shared by GELU and GELU′.
 /// The same bits as `forward_row` followed by `backward_row`. `p` is scratch of the row's length.
 #[inline(always)]
-fn forward_backward_row(
+fn forward_backward_row<R: Real>(
     theta: Theta,
     tau: f32,
     a: &[f32],
@@ -154,20 +150,21 @@ fn forward_backward_row(
                 return g.fill(0.0);
             }
             let scale = tau / radius;
-            for ((o, d), &x) in s.iter_mut().zip(g.iter_mut()).zip(a) {
-                let (gelu, grad) = gelu_and_grad_scalar(x * scale);
-                *o = gelu;
-                *d *= grad;
-            }
+            let lanes_scale = R::splat(scale);
+            lanewise([a], [&mut *s, &mut *g], |[x]: [R; 1], [_, d]| {
+                let (gelu, grad) = gelu_and_grad(x * lanes_scale);
+                [gelu, d * grad]
+            });
             let projection = dot(a, g, |x| x) * scale * inv_tau2;
             for (d, &x) in g.iter_mut().zip(a) {
                 *d = scale * (*d - x * scale * projection);
             }
         }
         Theta::GeluL2Norm => {
-            for ((o, q), &x) in s.iter_mut().zip(p.iter_mut()).zip(a) {
-                (*o, *q) = gelu_and_grad_scalar(x);
-            }
+            lanewise([a], [&mut *s, &mut *p], |[x]: [R; 1], _| {
+                let (gelu, grad) = gelu_and_grad(x);
+                [gelu, grad]
+            });
             let rho = sum_squares(s, |x| x).sqrt() as f32;
             if rho == 0.0 {
                 s.fill(0.0);
@@ -181,30 +178,30 @@ fn forward_backward_row(
             }
         }
         Theta::Softmax => {
-            forward_row(theta, tau, a, s);
-            backward_row(theta, tau, a, g, p);
+            forward_row::<R>(theta, tau, a, s);
+            backward_row::<R>(theta, tau, a, g, p);
         }
     }
 }
 
 #[inline(always)]
-fn forward_rows_generic(theta: Theta, tau: f32, n: usize, a: &[f32], s: &mut [f32]) {
+fn forward_rows_generic<R: Real>(theta: Theta, tau: f32, n: usize, a: &[f32], s: &mut [f32]) {
     for (a_row, s_row) in a.chunks_exact(n).zip(s.chunks_exact_mut(n)) {
-        forward_row(theta, tau, a_row, s_row);
+        forward_row::<R>(theta, tau, a_row, s_row);
     }
 }
 
 #[inline(always)]
-fn backward_rows_generic(theta: Theta, tau: f32, n: usize, a: &[f32], g: &mut [f32]) {
+fn backward_rows_generic<R: Real>(theta: Theta, tau: f32, n: usize, a: &[f32], g: &mut [f32]) {
     let mut p = if theta == Theta::Softmax { vec![0.0; n] } else { Vec::new() };
     let p_row = if theta == Theta::Softmax { &mut p[..] } else { &mut [][..] };
     for (a_row, g_row) in a.chunks_exact(n).zip(g.chunks_exact_mut(n)) {
-        backward_row(theta, tau, a_row, g_row, p_row);
+        backward_row::<R>(theta, tau, a_row, g_row, p_row);
     }
 }
 
 #[inline(always)]
-fn forward_backward_rows_generic(
+fn forward_backward_rows_generic<R: Real>(
     theta: Theta,
     tau: f32,
     n: usize,
@@ -217,13 +214,22 @@ fn forward_backward_rows_generic(
     for ((a_row, s_row), g_row) in
         a.chunks_exact(n).zip(s.chunks_exact_mut(n)).zip(g.chunks_exact_mut(n))
     {
-        forward_backward_row(theta, tau, a_row, s_row, g_row, p_row);
+        forward_backward_row::<R>(theta, tau, a_row, s_row, g_row, p_row);
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod wide {
     use super::*;
+    use crate::vector::x86::{Avx2, Avx512};
+
+    /// Registers advanced together by the row loops: two independent GELU chains, to hide
+    /// their latency. Per score of a row of 512 in cache, on one Zen 4 core: with AVX2 the
+    /// forward loop takes 1.38 ns instead of 1.57 as scalar code, forward and backward together
+    /// 2.04 instead of 2.54; with AVX-512 the same as scalar code within 5% (0.94 and 1.48 ns),
+    /// and four registers spill (1.33 and 2.18).
+    type Wide2 = Avx2<2>;
+    type Wide512 = Avx512<2>;
 
     #[target_feature(enable = "avx512f,fma")]
     pub(super) unsafe fn forward_backward_rows_avx512(
@@ -234,7 +240,7 @@ mod wide {
         s: &mut [f32],
         g: &mut [f32],
     ) {
-        forward_backward_rows_generic(t, tau, n, a, s, g)
+        forward_backward_rows_generic::<Wide512>(t, tau, n, a, s, g)
     }
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn forward_backward_rows_avx2(
@@ -245,7 +251,7 @@ mod wide {
         s: &mut [f32],
         g: &mut [f32],
     ) {
-        forward_backward_rows_generic(t, tau, n, a, s, g)
+        forward_backward_rows_generic::<Wide2>(t, tau, n, a, s, g)
     }
 
     #[target_feature(enable = "avx512f,fma")]
@@ -256,11 +262,11 @@ mod wide {
         a: &[f32],
         s: &mut [f32],
     ) {
-        forward_rows_generic(t, tau, n, a, s)
+        forward_rows_generic::<Wide512>(t, tau, n, a, s)
     }
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn forward_rows_avx2(t: Theta, tau: f32, n: usize, a: &[f32], s: &mut [f32]) {
-        forward_rows_generic(t, tau, n, a, s)
+        forward_rows_generic::<Wide2>(t, tau, n, a, s)
     }
     #[target_feature(enable = "avx512f,fma")]
     pub(super) unsafe fn backward_rows_avx512(
@@ -270,7 +276,7 @@ mod wide {
         a: &[f32],
         g: &mut [f32],
     ) {
-        backward_rows_generic(t, tau, n, a, g)
+        backward_rows_generic::<Wide512>(t, tau, n, a, g)
     }
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn backward_rows_avx2(
@@ -280,7 +286,7 @@ mod wide {
         a: &[f32],
         g: &mut [f32],
     ) {
-        backward_rows_generic(t, tau, n, a, g)
+        backward_rows_generic::<Wide2>(t, tau, n, a, g)
     }
 }
 
@@ -292,7 +298,7 @@ pub(crate) fn forward_rows(theta: Theta, tau: f32, n: usize, a: &[f32], s: &mut 
         Width::Avx512 => unsafe { wide::forward_rows_avx512(theta, tau, n, a, s) },
         #[cfg(target_arch = "x86_64")]
         Width::Avx2 => unsafe { wide::forward_rows_avx2(theta, tau, n, a, s) },
-        Width::Plain => forward_rows_generic(theta, tau, n, a, s),
+        Width::Plain => forward_rows_generic::<f32>(theta, tau, n, a, s),
     }
 }
 
@@ -304,7 +310,7 @@ pub(crate) fn backward_rows(theta: Theta, tau: f32, n: usize, a: &[f32], g: &mut
         Width::Avx512 => unsafe { wide::backward_rows_avx512(theta, tau, n, a, g) },
         #[cfg(target_arch = "x86_64")]
         Width::Avx2 => unsafe { wide::backward_rows_avx2(theta, tau, n, a, g) },
-        Width::Plain => backward_rows_generic(theta, tau, n, a, g),
+        Width::Plain => backward_rows_generic::<f32>(theta, tau, n, a, g),
     }
 }
 
@@ -324,7 +330,7 @@ pub(crate) fn forward_backward_rows(
         Width::Avx512 => unsafe { wide::forward_backward_rows_avx512(theta, tau, n, a, s, g) },
         #[cfg(target_arch = "x86_64")]
         Width::Avx2 => unsafe { wide::forward_backward_rows_avx2(theta, tau, n, a, s, g) },
-        Width::Plain => forward_backward_rows_generic(theta, tau, n, a, s, g),
+        Width::Plain => forward_backward_rows_generic::<f32>(theta, tau, n, a, s, g),
     }
 }
 
@@ -383,11 +389,11 @@ mod tests {
             let g = values(&randn(&[6 * n], 1 + n as u64));
             for theta in [Theta::L2NormGelu, Theta::GeluL2Norm, Theta::Softmax] {
                 let mut s = vec![0.0; a.len()];
-                forward_rows_generic(theta, 1.5, n, &a, &mut s);
+                forward_rows_generic::<f32>(theta, 1.5, n, &a, &mut s);
                 let mut ga = g.clone();
-                backward_rows_generic(theta, 1.5, n, &a, &mut ga);
+                backward_rows_generic::<f32>(theta, 1.5, n, &a, &mut ga);
                 let (mut s2, mut ga2) = (vec![0.0; a.len()], g.clone());
-                forward_backward_rows_generic(theta, 1.5, n, &a, &mut s2, &mut ga2);
+                forward_backward_rows_generic::<f32>(theta, 1.5, n, &a, &mut s2, &mut ga2);
                 assert_eq!(s, s2, "{theta:?} n {n}: forward_backward S");
                 assert_eq!(ga, ga2, "{theta:?} n {n}: forward_backward g_a");
                 #[cfg(target_arch = "x86_64")]

@@ -302,12 +302,12 @@ mod tests {
 
     #[test]
     fn the_gpu_norm_summed_in_double_matches_the_cpu_on_extreme_rows() {
-        use crate::unary::cpu::gelu_scalar;
+        use crate::unary::cpu::gelu;
         let block = tokenformer_core::cuda::BLOCK as usize;
         let base = values(&randn(&[1001], 8));
         let scaled = |k: f32| base.iter().map(|v| v * k).collect::<Vec<f32>>();
         // GeluL2Norm's u = GELU(a) for a row wholly below −10.5: squares under f32's range.
-        let tail: Vec<f32> = base.iter().map(|v| gelu_scalar(-11.0 - v.abs())).collect();
+        let tail: Vec<f32> = base.iter().map(|v| gelu(-11.0 - v.abs())).collect();
         let rows = [
             ("ordinary", scaled(1.0), false),
             ("tiny scores", scaled(1e-25), true),

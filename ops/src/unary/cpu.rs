@@ -1,6 +1,7 @@
 //! CPU reference kernels for the elementwise unary ops.
 
 use super::Unary;
+use crate::vector::Real;
 use crate::{cpu_tensor, map1, map2};
 use std::f32::consts::FRAC_1_SQRT_2;
 use tokenformer_core::{Error, Result, Tensor};
@@ -14,10 +15,10 @@ const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
 /// elsewhere, so the bits are the same on every processor; and half the instructions of
 /// separate multiplies and adds, in the loops that evaluate it for every Pattention score.
 #[inline(always)]
-fn horner<const N: usize>(x: f32, coefficients: [f32; N]) -> f32 {
-    let mut p = coefficients[0];
+fn horner<R: Real, const N: usize>(x: R, coefficients: [f32; N]) -> R {
+    let mut p = R::splat(coefficients[0]);
     for &c in &coefficients[1..] {
-        p = p.mul_add(x, c);
+        p = p.mul_add(x, R::splat(c));
     }
     p
 }
@@ -31,7 +32,7 @@ fn horner<const N: usize>(x: f32, coefficients: [f32; N]) -> f32 {
 /// show. Below about −103.97 (half the smallest subnormal) the result is 0. Where the
 /// result is normal, the two factors multiply exactly, to the bits of p·2ⁿ. NaN returns NaN.
 #[inline(always)]
-pub(crate) fn exp_nonpositive(x: f32) -> f32 {
+pub(crate) fn exp_nonpositive<R: Real>(x: R) -> R {
     const LOG2_E: f32 = std::f32::consts::LOG2_E;
     // ln 2 = LN2_HI + LN2_LO, with LN2_HI short enough (9 bits) that n·LN2_HI is exact.
     const LN2_HI: f32 = 0.693_359_4;
@@ -39,19 +40,17 @@ pub(crate) fn exp_nonpositive(x: f32) -> f32 {
     // 1.5·2²³: adding and subtracting it rounds to an integer.
     const ROUND: f32 = 12_582_912.0;
     // A select rather than `max`, which would turn NaN into −110 (whose e^x rounds to 0).
-    let x = if x < -110.0 { -110.0 } else { x };
-    let shifted = x.mul_add(LOG2_E, ROUND);
-    let n = shifted - ROUND;
-    let r = (-n).mul_add(LN2_LO, (-n).mul_add(LN2_HI, x));
+    let lowest = R::splat(-110.0);
+    let x = x.if_less(lowest, lowest, x);
+    let shifted = x.mul_add(R::splat(LOG2_E), R::splat(ROUND));
+    let minus_n = -(shifted - R::splat(ROUND));
+    let r = minus_n.mul_add(R::splat(LN2_LO), minus_n.mul_add(R::splat(LN2_HI), x));
     let p = horner(r, [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0]);
     // The integer n sits in the low mantissa bits of `shifted` (|n| < 2²²): reading it there
     // instead of through `n as i32`, whose saturating semantics do not vectorise, gives the
     // same 2ⁿ in integer lanes.
-    let n_int = shifted.to_bits().wrapping_sub(ROUND.to_bits()) as i32;
-    let half = n_int >> 1;
-    let rest = n_int - half;
-    let scale = |k: i32| f32::from_bits((k.wrapping_add(127) as u32) << 23);
-    (p * scale(half)) * scale(rest)
+    let (two_half, two_rest) = shifted.pow2_halves(ROUND);
+    (p * two_half) * two_rest
 }
 
 /// erfc(z) for z ≥ 0 with a relative error below 1.2e-7 (in exact arithmetic) all the way into
@@ -60,8 +59,9 @@ pub(crate) fn exp_nonpositive(x: f32) -> f32 {
 /// in GELU's negative tail, where GELU(x) = ½x·erfc(−x/√2) is tiny but its L2-normalised row is
 /// not, and the cancelling form ½x(1 + erf(x/√2)) rounds such a row to zero.
 #[inline(always)]
-fn erfc_nonnegative(z: f32) -> f32 {
-    let t = 1.0 / 0.5f32.mul_add(z, 1.0);
+fn erfc_nonnegative<R: Real>(z: R) -> R {
+    let one = R::splat(1.0);
+    let t = one / R::splat(0.5).mul_add(z, one);
     let p = horner(
         t,
         [
@@ -84,27 +84,25 @@ fn erfc_nonnegative(z: f32) -> f32 {
 /// Φ(0) is exactly ½ (the fit alone gives ½ − 1e-7), so that GELU′(0) = ½ as SPEC §1 states.
 /// Φ(NaN) is NaN.
 #[inline(always)]
-fn normal_cdf(x: f32) -> f32 {
-    let tail = 0.5 * erfc_nonnegative(x.abs() * FRAC_1_SQRT_2);
+fn normal_cdf<R: Real>(x: R) -> R {
+    let tail = R::splat(0.5) * erfc_nonnegative(x.abs() * R::splat(FRAC_1_SQRT_2));
     // Two selects rather than an if/else-if chain, so that loops over this vectorise.
-    let cdf = if x > 0.0 { 1.0 - tail } else { tail };
-    if x == 0.0 {
-        0.5
-    } else {
-        cdf
-    }
+    let zero = R::splat(0.0);
+    let cdf = x.if_greater(zero, R::splat(1.0) - tail, tail);
+    x.if_equal(zero, R::splat(0.5), cdf)
 }
 
 /// GELU(x) = x·Φ(x) = ½x(1 + erf(x/√2)). GELU(0) is exactly 0, which exact growth relies on.
 #[inline(always)]
-pub(crate) fn gelu_scalar(x: f32) -> f32 {
+pub(crate) fn gelu<R: Real>(x: R) -> R {
     x * normal_cdf(x)
 }
 
 /// GELU′(x) = Φ(x) + x·φ(x), with φ(x) = exp(−x²/2)/√(2π).
 #[inline(always)]
-pub(crate) fn gelu_grad_scalar(x: f32) -> f32 {
-    (x * FRAC_1_SQRT_2PI).mul_add(exp_nonpositive(-0.5 * x * x), normal_cdf(x))
+pub(crate) fn gelu_grad<R: Real>(x: R) -> R {
+    let density = exp_nonpositive(R::splat(-0.5) * x * x);
+    (x * R::splat(FRAC_1_SQRT_2PI)).mul_add(density, normal_cdf(x))
 }
 
 /// max(x, 0), written so that a NaN passes through (`f32::max` would turn it into 0).
@@ -130,11 +128,12 @@ fn sigmoid_scalar(x: f32) -> f32 {
     }
 }
 
-/// (GELU(x), GELU′(x)) sharing one Φ(x): the bits of `gelu_scalar` and `gelu_grad_scalar`.
+/// (GELU(x), GELU′(x)) sharing one Φ(x): the bits of `gelu` and `gelu_grad`.
 #[inline(always)]
-pub(crate) fn gelu_and_grad_scalar(x: f32) -> (f32, f32) {
+pub(crate) fn gelu_and_grad<R: Real>(x: R) -> (R, R) {
     let cdf = normal_cdf(x);
-    (x * cdf, (x * FRAC_1_SQRT_2PI).mul_add(exp_nonpositive(-0.5 * x * x), cdf))
+    let density = exp_nonpositive(R::splat(-0.5) * x * x);
+    (x * cdf, (x * R::splat(FRAC_1_SQRT_2PI)).mul_add(density, cdf))
 }
 
 fn map(op: &'static str, x: &Tensor, f: impl Fn(f32) -> f32 + Sync + Send) -> Result<Tensor> {
@@ -159,7 +158,7 @@ pub(crate) fn forward(op: Unary, x: &Tensor, p: f32, q: f32) -> Result<Tensor> {
         Unary::Log => map(name, x, f32::ln),
         Unary::Sqrt => map(name, x, f32::sqrt),
         Unary::Square => map(name, x, |v| v * v),
-        Unary::Gelu => map(name, x, gelu_scalar),
+        Unary::Gelu => map(name, x, gelu::<f32>),
         Unary::Powf => map(name, x, move |v| v.powf(p)),
         Unary::Affine => map(name, x, move |v| v * p + q),
         Unary::Relu => map(name, x, relu_scalar),
@@ -177,7 +176,7 @@ pub(crate) fn backward(op: Unary, v: &Tensor, g: &Tensor, p: f32) -> Result<Tens
         Unary::Log => zip(name, v, g, |x, g| g / x),
         Unary::Sqrt => zip(name, v, g, |y, g| g / (2.0 * y)),
         Unary::Square => zip(name, v, g, |x, g| 2.0 * x * g),
-        Unary::Gelu => zip(name, v, g, |x, g| g * gelu_grad_scalar(x)),
+        Unary::Gelu => zip(name, v, g, |x, g| g * gelu_grad(x)),
         Unary::Powf => zip(name, v, g, move |x, g| g * p * x.powf(p - 1.0)),
         Unary::Relu => zip(name, v, g, |x, g| if x > 0.0 { g } else { 0.0 }),
         Unary::Tanh => zip(name, v, g, |y, g| g * (1.0 - y * y)),
@@ -212,7 +211,7 @@ mod tests {
             let gelu = xd * cdf;
             let grad = cdf + xd * (-0.5 * xd * xd).exp() / (2.0 * std::f64::consts::PI).sqrt();
             if gelu != 0.0 {
-                let e = (super::gelu_scalar(x) as f64 - gelu).abs() / gelu.abs();
+                let e = (super::gelu(x) as f64 - gelu).abs() / gelu.abs();
                 // exp(−x²/2) takes its argument in f32, rounded to about 6e-8·x²/2: in the far
                 // tail that rounding, not the fit, sets the relative error.
                 let bound = 1e-6 + 2e-7 * xd * xd;
@@ -222,12 +221,12 @@ mod tests {
             // GELU′ = Φ + x·φ crosses zero near x = −0.75, so its error is measured against the
             // size of its two terms rather than against itself.
             let scale = cdf + (xd * (-0.5 * xd * xd).exp()).abs();
-            worst_grad = worst_grad.max((super::gelu_grad_scalar(x) as f64 - grad).abs() / scale);
+            worst_grad = worst_grad.max((super::gelu_grad(x) as f64 - grad).abs() / scale);
         }
         assert!(worst_gelu < 3e-5, "max relative GELU error {worst_gelu}");
         assert!(worst_grad < 1e-5, "max relative GELU' error {worst_grad}");
-        assert_eq!(super::gelu_scalar(0.0), 0.0);
-        assert!((super::gelu_grad_scalar(0.0) - 0.5).abs() < 1e-7);
+        assert_eq!(super::gelu(0.0), 0.0);
+        assert!((super::gelu_grad(0.0) - 0.5).abs() < 1e-7);
         let mut worst_exp = 0.0f64;
         for i in 0..=86_900 {
             let x = -(i as f32) * 1e-3;
@@ -258,7 +257,7 @@ mod tests {
             );
             assert_eq!(by_cast.to_bits(), by_bits.to_bits(), "2^n at x = {x}");
         }
-        assert_eq!(super::gelu_scalar(0.0), 0.0);
-        assert!((super::gelu_grad_scalar(0.0) - 0.5).abs() < 1e-7);
+        assert_eq!(super::gelu(0.0), 0.0);
+        assert!((super::gelu_grad(0.0) - 0.5).abs() < 1e-7);
     }
 }
