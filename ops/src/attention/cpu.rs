@@ -3,7 +3,12 @@
 //! Work is cut into tiles: `QUERY_TILE` query rows against `KEY_TILE` keys of one head. Every
 //! product inside a tile pair is a small matrix product C (+)= A·B computed by a register-blocked
 //! kernel (`MR` rows × `NR` columns of C held in registers while the shared dimension streams
-//! past), which the compiler turns into AVX2/FMA (or NEON) vector code. The operands are first
+//! past), which the compiler turns into AVX2/FMA (or NEON) vector code, or written with
+//! AVX-512 registers and twice the rows (one 16-lane register per row of C: one load of B for
+//! every eight FMAs, where AVX2 needs two). On Zen 4, whose 512-bit FMAs take both 256-bit
+//! pipes, the two run at the same speed within noise; on cores with two full 512-bit FMA
+//! units (Intel's server cores) the AVX-512 one can do twice the FMAs per cycle. The operands
+//! are first
 //! packed into panels, the order in which that kernel reads them (`pack_panels`), with the head
 //! dim rounded up to `NR` and partial tiles filled with zeros, so the kernel needs no edge cases;
 //! packing costs O(tile·d_h) against the O(tile²·d_h) of the products.
@@ -28,20 +33,58 @@ use tokenformer_core::{Result, Tensor};
 /// rows keep the forward pass's tasks small enough to balance across threads.
 const QUERY_TILE: usize = 64;
 const KEY_TILE: usize = 128;
-/// Rows and columns of the register block of the tile products: 4 × 16 accumulators are eight
-/// 8-wide vectors, half the 16 vector registers of AVX2, leaving room for operands.
-const MR: usize = 4;
+/// Columns of the register block of the tile products, and its rows (MR, a parameter of the
+/// kernels): 4 × 16 accumulators are eight 8-wide AVX2 registers, half of its 16, leaving room
+/// for operands; with AVX-512, 8 × 16 are eight of its 32 registers, and each step of the
+/// shared dimension loads one vector of B for 8 fused multiply-adds instead of two for 8.
 const NR: usize = 16;
+const MR_AVX2: usize = 4;
+/// The tallest register block, which the scratch buffers are sized for.
+const MAX_MR: usize = 8;
 const _: () = assert!(
-    QUERY_TILE.is_multiple_of(MR) && KEY_TILE.is_multiple_of(MR) && KEY_TILE.is_multiple_of(NR)
+    QUERY_TILE.is_multiple_of(MAX_MR)
+        && KEY_TILE.is_multiple_of(MAX_MR)
+        && KEY_TILE.is_multiple_of(NR)
+        && MAX_MR.is_multiple_of(MR_AVX2)
 );
 /// Lanes of the vectorised row sums.
 const LANES: usize = 8;
 
-/// How a multiply-add is computed. The kernels are generic over it so that one source gives a
-/// fused (FMA) version for CPUs that have it and a plain one for those that do not.
+/// How a multiply-add is computed, and the register block of the tile products. The kernels
+/// are generic over it so that one source gives a fused (FMA) version for CPUs that have it, a
+/// plain one for those that do not, and one whose register block is written for AVX-512.
 trait Arith {
     fn mul_add(a: f32, b: f32, c: f32) -> f32;
+
+    /// One MR × NR block of C (+)= A·B from an A panel [k][MR] and a B panel [k][NR]. The
+    /// accumulators are a fixed-size array the compiler keeps in vector registers.
+    #[inline(always)]
+    fn micro_kernel<const MR: usize>(
+        a_panel: &[f32],
+        b_panel: &[f32],
+        c: &mut [f32],
+        ldc: usize,
+        accumulate: bool,
+    ) {
+        let mut acc = [[0.0f32; NR]; MR];
+        if accumulate {
+            for (r, acc_row) in acc.iter_mut().enumerate() {
+                acc_row.copy_from_slice(&c[r * ldc..][..NR]);
+            }
+        }
+        let (a_steps, _) = a_panel.as_chunks::<MR>();
+        let (b_steps, _) = b_panel.as_chunks::<NR>();
+        for (a, b) in a_steps.iter().zip(b_steps) {
+            for r in 0..MR {
+                for j in 0..NR {
+                    acc[r][j] = Self::mul_add(a[r], b[j], acc[r][j]);
+                }
+            }
+        }
+        for (r, acc_row) in acc.iter().enumerate() {
+            c[r * ldc..][..NR].copy_from_slice(acc_row);
+        }
+    }
 }
 
 /// a·b + c rounded once (an FMA instruction where the target has one).
@@ -50,6 +93,49 @@ impl Arith for Fused {
     #[inline(always)]
     fn mul_add(a: f32, b: f32, c: f32) -> f32 {
         a.mul_add(b, c)
+    }
+}
+
+/// Fused multiply-adds, and a register block of one AVX-512 register (NR = 16 lanes) per row:
+/// the bits of [`Fused`], for code compiled with AVX-512.
+#[cfg(target_arch = "x86_64")]
+struct FusedAvx512;
+#[cfg(target_arch = "x86_64")]
+impl Arith for FusedAvx512 {
+    #[inline(always)]
+    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
+        a.mul_add(b, c)
+    }
+
+    #[inline(always)]
+    fn micro_kernel<const MR: usize>(
+        a_panel: &[f32],
+        b_panel: &[f32],
+        c: &mut [f32],
+        ldc: usize,
+        accumulate: bool,
+    ) {
+        use crate::vector::{x86::Avx512, Real};
+        type Row = Avx512<1>;
+        const { assert!(Row::LANES == NR) };
+        let mut acc = [Row::splat(0.0); MR];
+        if accumulate {
+            for (r, acc_row) in acc.iter_mut().enumerate() {
+                *acc_row = Row::load(&c[r * ldc..]);
+            }
+        }
+        let (a_steps, _) = a_panel.as_chunks::<MR>();
+        let (b_steps, _) = b_panel.as_chunks::<NR>();
+        for (a, b) in a_steps.iter().zip(b_steps) {
+            let b = Row::load(b);
+            for r in 0..MR {
+                // a·b + acc lane by lane: the bits of `Fused`'s a[r]·b[j] + acc[r][j].
+                acc[r] = Row::splat(a[r]).mul_add(b, acc[r]);
+            }
+        }
+        for (r, acc_row) in acc.iter().enumerate() {
+            acc_row.store(&mut c[r * ldc..]);
+        }
     }
 }
 
@@ -69,16 +155,26 @@ enum Isa {
     /// x86-64 with AVX2 and FMA: the vector code is compiled for 8-wide registers.
     #[cfg(target_arch = "x86_64")]
     Avx2Fma,
+    /// x86-64 with AVX-512F and FMA: 16-wide registers, and the taller register block.
+    #[cfg(target_arch = "x86_64")]
+    Avx512Fma,
     /// Whatever the build targets by default (SSE2 on x86-64, NEON with FMA on aarch64).
     Baseline,
 }
 
 impl Isa {
-    /// AVX2 and FMA where the processor has them and `TOKENFORMER_CPU_ISA` allows them.
+    /// The widest of AVX-512 and AVX2 (each with FMA) that the processor has and
+    /// `TOKENFORMER_CPU_ISA` allows.
     fn detect() -> Isa {
         #[cfg(target_arch = "x86_64")]
-        if crate::processor::vector_isa() >= crate::processor::VectorIsa::Avx2 {
-            return Isa::Avx2Fma;
+        {
+            use crate::processor::{vector_isa, VectorIsa};
+            if vector_isa() >= VectorIsa::Avx512 {
+                return Isa::Avx512Fma;
+            }
+            if vector_isa() >= VectorIsa::Avx2 {
+                return Isa::Avx2Fma;
+            }
         }
         Isa::Baseline
     }
@@ -293,7 +389,7 @@ enum Operand<'a> {
 /// [k][NR]; `micro_kernel` streams the two side by side.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn tile_product<A: Arith>(
+fn tile_product<A: Arith, const MR: usize>(
     (m, n, k, panel_depth): (usize, usize, usize, usize),
     a: Operand,
     b: &[f32],
@@ -356,38 +452,8 @@ fn tile_product<A: Arith>(
             }
             let panel = c0 * panel_depth;
             let b_panel = &b[panel + p_start * NR..panel + p_end * NR];
-            micro_kernel::<A>(a_panel, b_panel, &mut c[r0 * ldc + c0..], ldc, accumulate);
+            A::micro_kernel::<MR>(a_panel, b_panel, &mut c[r0 * ldc + c0..], ldc, accumulate);
         }
-    }
-}
-
-/// One MR × NR block of C (+)= A·B from an A panel [k][MR] and a B panel [k][NR]. The
-/// accumulators are a fixed-size array the compiler keeps in vector registers.
-#[inline(always)]
-fn micro_kernel<A: Arith>(
-    a_panel: &[f32],
-    b_panel: &[f32],
-    c: &mut [f32],
-    ldc: usize,
-    accumulate: bool,
-) {
-    let mut acc = [[0.0f32; NR]; MR];
-    if accumulate {
-        for (r, acc_row) in acc.iter_mut().enumerate() {
-            acc_row.copy_from_slice(&c[r * ldc..][..NR]);
-        }
-    }
-    let (a_steps, _) = a_panel.as_chunks::<MR>();
-    let (b_steps, _) = b_panel.as_chunks::<NR>();
-    for (a, b) in a_steps.iter().zip(b_steps) {
-        for r in 0..MR {
-            for j in 0..NR {
-                acc[r][j] = A::mul_add(a[r], b[j], acc[r][j]);
-            }
-        }
-    }
-    for (r, acc_row) in acc.iter().enumerate() {
-        c[r * ldc..][..NR].copy_from_slice(acc_row);
     }
 }
 
@@ -428,14 +494,14 @@ impl ForwardScratch {
             o: vec![0.0; QUERY_TILE * g.dp],
             m: vec![0.0; QUERY_TILE],
             l: vec![0.0; QUERY_TILE],
-            pack: vec![0.0; MR * g.dp.max(KEY_TILE)],
+            pack: vec![0.0; MAX_MR * g.dp.max(KEY_TILE)],
         }
     }
 }
 
 /// Rows first_query.. of one head: `out` [rows][d] and `lse` [rows].
 #[inline(always)]
-fn forward_tile<A: Arith>(
+fn forward_tile<A: Arith, const MR: usize>(
     g: &Geometry,
     head: Head,
     first_query: usize,
@@ -468,7 +534,16 @@ fn forward_tile<A: Arith>(
             (Causal::Full, Causal::Full)
         };
         let (q, shape) = (Operand::Packed(&s.q), (rows_p, keys.next_multiple_of(NR), dp, dp));
-        tile_product::<A>(shape, q, &s.k_t, &mut s.s, KEY_TILE, false, scores_mask, &mut s.pack);
+        tile_product::<A, MR>(
+            shape,
+            q,
+            &s.k_t,
+            &mut s.s,
+            KEY_TILE,
+            false,
+            scores_mask,
+            &mut s.pack,
+        );
         // Online softmax: fold this tile's scores into each row's running maximum and sum,
         // rescaling what was accumulated under the old maximum.
         for (r, row) in s.s.chunks_exact_mut(KEY_TILE).take(rows_p).enumerate() {
@@ -489,7 +564,7 @@ fn forward_tile<A: Arith>(
         }
         let p = Operand::Rows(&s.s, KEY_TILE);
         let shape = (rows_p, dp, keys, KEY_TILE);
-        tile_product::<A>(shape, p, &s.v, &mut s.o, dp, true, product_mask, &mut s.pack);
+        tile_product::<A, MR>(shape, p, &s.v, &mut s.o, dp, true, product_mask, &mut s.pack);
     }
     for (r, (out_row, lse_r)) in out.chunks_exact_mut(d).zip(lse.iter_mut()).enumerate() {
         copy_rows_unpadded(&s.o[r * dp..][..dp], dp, d, out_row, 1.0 / s.l[r]);
@@ -507,7 +582,20 @@ fn forward_tile_avx2(
     lse: &mut [f32],
     s: &mut ForwardScratch,
 ) {
-    forward_tile::<Fused>(g, head, first_query, out, lse, s)
+    forward_tile::<Fused, MR_AVX2>(g, head, first_query, out, lse, s)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn forward_tile_avx512(
+    g: &Geometry,
+    head: Head,
+    first_query: usize,
+    out: &mut [f32],
+    lse: &mut [f32],
+    s: &mut ForwardScratch,
+) {
+    forward_tile::<FusedAvx512, MAX_MR>(g, head, first_query, out, lse, s)
 }
 
 fn forward_tile_for(
@@ -520,13 +608,15 @@ fn forward_tile_for(
     s: &mut ForwardScratch,
 ) {
     match isa {
-        // SAFETY: Isa::detect returned Avx2Fma only after checking the CPU has AVX2 and FMA.
+        // SAFETY: Isa::detect returned each only after checking the CPU has its instructions.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Fma => unsafe { forward_tile_avx512(g, head, first_query, out, lse, s) },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2Fma => unsafe { forward_tile_avx2(g, head, first_query, out, lse, s) },
         #[cfg(target_arch = "aarch64")]
-        Isa::Baseline => forward_tile::<Fused>(g, head, first_query, out, lse, s),
+        Isa::Baseline => forward_tile::<Fused, MR_AVX2>(g, head, first_query, out, lse, s),
         #[cfg(not(target_arch = "aarch64"))]
-        Isa::Baseline => forward_tile::<Separate>(g, head, first_query, out, lse, s),
+        Isa::Baseline => forward_tile::<Separate, MR_AVX2>(g, head, first_query, out, lse, s),
     }
 }
 
@@ -536,6 +626,11 @@ pub(crate) fn causal_attention_fused(
     k: &Tensor,
     v: &Tensor,
 ) -> Result<(Tensor, Tensor)> {
+    forward_with(Isa::detect(), q, k, v)
+}
+
+/// `causal_attention_fused` on the kernels of `isa`.
+fn forward_with(isa: Isa, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
     let op = "causal_attention_fused";
     let (qs, ks, vs) = (q.cpu_slice(op)?, k.cpu_slice(op)?, v.cpu_slice(op)?);
     let dims = q.dims();
@@ -555,7 +650,6 @@ pub(crate) fn causal_attention_fused(
         zeroed(out_parts);
     } else {
         let g = Geometry::new(t, d);
-        let isa = Isa::detect();
         // One task per (head, query tile); it alone writes that tile's rows of out and lse.
         type Task<'a> = (usize, usize, &'a mut [MaybeUninit<f32>], &'a mut [f32]);
         let tasks: Vec<Task> = out_parts
@@ -635,7 +729,7 @@ impl BackwardScratch {
             gv: tile(KEY_TILE, g.dp),
             gq: tile(g.query_tiles() * QUERY_TILE, g.dp),
             delta: vec![0.0; g.t],
-            pack: vec![0.0; MR * g.dp.max(KEY_TILE).max(QUERY_TILE)],
+            pack: vec![0.0; MAX_MR * g.dp.max(KEY_TILE).max(QUERY_TILE)],
         }
     }
 }
@@ -652,7 +746,7 @@ struct HeadGrad<'a> {
 /// stay in scratch until every query tile at or after it has added to them, and each query
 /// tile's gradient gathers the key tiles in increasing order.
 #[inline(always)]
-fn backward_head<A: Arith>(
+fn backward_head<A: Arith, const MR: usize>(
     g: &Geometry,
     head: Head,
     grad: HeadGrad,
@@ -690,7 +784,7 @@ fn backward_head<A: Arith>(
             let scores_mask = mask(Causal::MaskedOutput { first_query, first_key });
             let (q, g_out) = (Operand::Packed(&s.q_a), Operand::Packed(&s.g_out_a));
             let shape = (rows_p, keys.next_multiple_of(NR), dp, dp);
-            tile_product::<A>(
+            tile_product::<A, MR>(
                 shape,
                 q,
                 &s.k_t,
@@ -700,7 +794,7 @@ fn backward_head<A: Arith>(
                 scores_mask,
                 &mut s.pack,
             );
-            tile_product::<A>(
+            tile_product::<A, MR>(
                 shape,
                 g_out,
                 &s.v_t,
@@ -733,14 +827,23 @@ fn backward_head<A: Arith>(
             let from_key = mask(Causal::QueriesFromKey { first_query, first_key });
             let shape = (keys.next_multiple_of(MR), dp, rows, QUERY_TILE);
             let p_t = Operand::Transposed(&s.p, KEY_TILE);
-            tile_product::<A>(shape, p_t, &s.g_out_b, &mut s.gv, dp, true, from_key, &mut s.pack);
+            tile_product::<A, MR>(
+                shape,
+                p_t,
+                &s.g_out_b,
+                &mut s.gv,
+                dp,
+                true,
+                from_key,
+                &mut s.pack,
+            );
             let ds_t = Operand::Transposed(&s.ds, KEY_TILE);
-            tile_product::<A>(shape, ds_t, &s.q_b, &mut s.gk, dp, true, from_key, &mut s.pack);
+            tile_product::<A, MR>(shape, ds_t, &s.q_b, &mut s.gk, dp, true, from_key, &mut s.pack);
             let up_to_query = mask(Causal::KeysUpToQuery { first_query, first_key });
             let ds = Operand::Rows(&s.ds, KEY_TILE);
             let gq_tile = &mut s.gq[first_query * dp..];
             let shape = (rows_p, dp, keys, KEY_TILE);
-            tile_product::<A>(shape, ds, &s.k, gq_tile, dp, true, up_to_query, &mut s.pack);
+            tile_product::<A, MR>(shape, ds, &s.k, gq_tile, dp, true, up_to_query, &mut s.pack);
         }
         copy_rows_unpadded(&s.gk, dp, d, &mut gk[first_key * d..(first_key + keys) * d], 1.0);
         copy_rows_unpadded(&s.gv, dp, d, &mut gv[first_key * d..(first_key + keys) * d], 1.0);
@@ -757,7 +860,19 @@ fn backward_head_avx2(
     grads: (&mut [f32], &mut [f32], &mut [f32]),
     s: &mut BackwardScratch,
 ) {
-    backward_head::<Fused>(g, head, grad, grads, s)
+    backward_head::<Fused, MR_AVX2>(g, head, grad, grads, s)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn backward_head_avx512(
+    g: &Geometry,
+    head: Head,
+    grad: HeadGrad,
+    grads: (&mut [f32], &mut [f32], &mut [f32]),
+    s: &mut BackwardScratch,
+) {
+    backward_head::<FusedAvx512, MAX_MR>(g, head, grad, grads, s)
 }
 
 fn backward_head_for(
@@ -769,13 +884,15 @@ fn backward_head_for(
     s: &mut BackwardScratch,
 ) {
     match isa {
-        // SAFETY: Isa::detect returned Avx2Fma only after checking the CPU has AVX2 and FMA.
+        // SAFETY: Isa::detect returned each only after checking the CPU has its instructions.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Fma => unsafe { backward_head_avx512(g, head, grad, grads, s) },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2Fma => unsafe { backward_head_avx2(g, head, grad, grads, s) },
         #[cfg(target_arch = "aarch64")]
-        Isa::Baseline => backward_head::<Fused>(g, head, grad, grads, s),
+        Isa::Baseline => backward_head::<Fused, MR_AVX2>(g, head, grad, grads, s),
         #[cfg(not(target_arch = "aarch64"))]
-        Isa::Baseline => backward_head::<Separate>(g, head, grad, grads, s),
+        Isa::Baseline => backward_head::<Separate, MR_AVX2>(g, head, grad, grads, s),
     }
 }
 
@@ -788,6 +905,12 @@ pub(crate) fn causal_attention_fused_backward(
     lse: &Tensor,
     g_out: &Tensor,
 ) -> Result<(Tensor, Tensor, Tensor)> {
+    backward_with(Isa::detect(), [q, k, v, out, lse, g_out])
+}
+
+/// `causal_attention_fused_backward` on the kernels of `isa`.
+fn backward_with(isa: Isa, tensors: [&Tensor; 6]) -> Result<(Tensor, Tensor, Tensor)> {
+    let [q, k, v, out, lse, g_out] = tensors;
     let op = "causal_attention_fused_backward";
     let (qs, ks, vs) = (q.cpu_slice(op)?, k.cpu_slice(op)?, v.cpu_slice(op)?);
     let (out_s, lse_s, g_s) = (out.cpu_slice(op)?, lse.cpu_slice(op)?, g_out.cpu_slice(op)?);
@@ -808,7 +931,6 @@ pub(crate) fn causal_attention_fused_backward(
         }
     } else {
         let g = Geometry::new(t, d);
-        let isa = Isa::detect();
         let head_len = t * d;
         type Out<'a> = &'a mut [MaybeUninit<f32>];
         type Task<'a> = (usize, ((Out<'a>, Out<'a>), Out<'a>));
@@ -853,6 +975,36 @@ pub(crate) fn causal_attention_fused_backward(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::{randn, values};
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn avx512_and_avx2_kernels_give_the_same_bits() {
+        let fma = std::arch::is_x86_feature_detected!("fma");
+        if !(fma && std::arch::is_x86_feature_detected!("avx512f")) {
+            return;
+        }
+        let bits = |t: &Tensor| values(t).iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        // Sequence lengths across several query and key tiles and not multiples of them or of
+        // either register block; head dims below, at and between multiples of NR.
+        for (case, dims) in
+            [[2, 3, 77, 16], [1, 2, 300, 40], [3, 1, 129, 7], [1, 1, 8, 64]].into_iter().enumerate()
+        {
+            let seed = 10 * case as u64;
+            let (q, k, v) = (randn(&dims, seed), randn(&dims, seed + 1), randn(&dims, seed + 2));
+            let g = randn(&dims, seed + 3);
+            let wide = forward_with(Isa::Avx512Fma, &q, &k, &v).unwrap();
+            let narrow = forward_with(Isa::Avx2Fma, &q, &k, &v).unwrap();
+            assert_eq!(bits(&wide.0), bits(&narrow.0), "{dims:?} out");
+            assert_eq!(bits(&wide.1), bits(&narrow.1), "{dims:?} lse");
+            let (out, lse) = (&narrow.0, &narrow.1);
+            let wide = backward_with(Isa::Avx512Fma, [&q, &k, &v, out, lse, &g]).unwrap();
+            let narrow = backward_with(Isa::Avx2Fma, [&q, &k, &v, out, lse, &g]).unwrap();
+            assert_eq!(bits(&wide.0), bits(&narrow.0), "{dims:?} gq");
+            assert_eq!(bits(&wide.1), bits(&narrow.1), "{dims:?} gk");
+            assert_eq!(bits(&wide.2), bits(&narrow.2), "{dims:?} gv");
+        }
+    }
 
     #[test]
     fn exp_is_within_two_ulp_of_the_library() {
