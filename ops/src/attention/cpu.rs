@@ -8,10 +8,9 @@
 //! every eight FMAs, where AVX2 needs two). On Zen 4, whose 512-bit FMAs take both 256-bit
 //! pipes, the two run at the same speed within noise; on cores with two full 512-bit FMA
 //! units (Intel's server cores) the AVX-512 one can do twice the FMAs per cycle. The operands
-//! are first
-//! packed into panels, the order in which that kernel reads them (`pack_panels`), with the head
-//! dim rounded up to `NR` and partial tiles filled with zeros, so the kernel needs no edge cases;
-//! packing costs O(tile·d_h) against the O(tile²·d_h) of the products.
+//! are first packed into panels, the order in which that kernel reads them (`pack_panels`),
+//! with the head dim rounded up to `NR` and partial tiles filled with zeros, so the kernel
+//! needs no edge cases; packing costs O(tile·d_h) against the O(tile²·d_h) of the products.
 //!
 //! Parallel work: the forward pass runs one task per (batch, head, query tile); the backward
 //! pass one task per (batch, head), because the key gradients of a head sum over all its query
