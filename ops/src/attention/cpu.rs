@@ -7,10 +7,12 @@
 //! AVX-512 registers and twice the rows (one 16-lane register per row of C: one load of B for
 //! every eight FMAs, where AVX2 needs two). On Zen 4, whose 512-bit FMAs take both 256-bit
 //! pipes, the two run at the same speed within noise; on cores with two full 512-bit FMA
-//! units (Intel's server cores) the AVX-512 one can do twice the FMAs per cycle. The operands
-//! are first packed into panels, the order in which that kernel reads them (`pack_panels`),
-//! with the head dim rounded up to `NR` and partial tiles filled with zeros, so the kernel
-//! needs no edge cases; packing costs O(tile·d_h) against the O(tile²·d_h) of the products.
+//! units (Intel's server cores) the AVX-512 one can do twice the FMAs per cycle. The q, k, v
+//! and output-gradient tiles are first packed into panels, the order in which that kernel
+//! reads them (`pack_panels`), with the head dim rounded up to `NR` and partial tiles filled
+//! with zeros, so the kernel needs no edge cases; packing costs O(tile·d_h) against the
+//! O(tile²·d_h) of the products. The probability tiles (P and its gradient), which only
+//! head dim / NR register blocks read per row, are read where they lie instead.
 //!
 //! Parallel work: the forward pass runs one task per (batch, head, query tile); the backward
 //! pass one task per (batch, head), because the key gradients of a head sum over all its query
@@ -55,11 +57,12 @@ const LANES: usize = 8;
 trait Arith {
     fn mul_add(a: f32, b: f32, c: f32) -> f32;
 
-    /// One MR × NR block of C (+)= A·B from an A panel [k][MR] and a B panel [k][NR]. The
-    /// accumulators are a fixed-size array the compiler keeps in vector registers.
+    /// One MR × NR block of C (+)= A·B from MR rows of A, read where they lie, and a B
+    /// panel [k][NR]. The accumulators are a fixed-size array the compiler keeps in vector
+    /// registers.
     #[inline(always)]
     fn micro_kernel<const MR: usize>(
-        a_panel: &[f32],
+        a: BlockOfA,
         b_panel: &[f32],
         c: &mut [f32],
         ldc: usize,
@@ -71,12 +74,13 @@ trait Arith {
                 acc_row.copy_from_slice(&c[r * ldc..][..NR]);
             }
         }
-        let (a_steps, _) = a_panel.as_chunks::<MR>();
         let (b_steps, _) = b_panel.as_chunks::<NR>();
-        for (a, b) in a_steps.iter().zip(b_steps) {
-            for r in 0..MR {
-                for j in 0..NR {
-                    acc[r][j] = Self::mul_add(a[r], b[j], acc[r][j]);
+        for (p, b) in b_steps.iter().enumerate().take(a.depth) {
+            for (r, acc_row) in acc.iter_mut().enumerate() {
+                // SAFETY: r < MR, the rows of every BlockOfA made for this kernel, and p < depth.
+                let a_rp = unsafe { a.at(r, p) };
+                for (acc_rj, &b_j) in acc_row.iter_mut().zip(b) {
+                    *acc_rj = Self::mul_add(a_rp, b_j, *acc_rj);
                 }
             }
         }
@@ -108,7 +112,7 @@ impl Arith for FusedAvx512 {
 
     #[inline(always)]
     fn micro_kernel<const MR: usize>(
-        a_panel: &[f32],
+        a: BlockOfA,
         b_panel: &[f32],
         c: &mut [f32],
         ldc: usize,
@@ -123,13 +127,14 @@ impl Arith for FusedAvx512 {
                 *acc_row = Row::load(&c[r * ldc..]);
             }
         }
-        let (a_steps, _) = a_panel.as_chunks::<MR>();
         let (b_steps, _) = b_panel.as_chunks::<NR>();
-        for (a, b) in a_steps.iter().zip(b_steps) {
+        for (p, b) in b_steps.iter().enumerate().take(a.depth) {
             let b = Row::load(b);
-            for r in 0..MR {
-                // a·b + acc lane by lane: the bits of `Fused`'s a[r]·b[j] + acc[r][j].
-                acc[r] = Row::splat(a[r]).mul_add(b, acc[r]);
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                // SAFETY: r < MR, the rows of every BlockOfA made for this kernel, and p < depth.
+                let a_rp = unsafe { a.at(r, p) };
+                // a·b + acc lane by lane: the bits of `Fused`'s a(r, p)·b[j] + acc[r][j].
+                *acc_r = Row::splat(a_rp).mul_add(b, *acc_r);
             }
         }
         for (r, acc_row) in acc.iter().enumerate() {
@@ -366,26 +371,68 @@ enum Causal {
     QueriesFromKey { first_query: usize, first_key: usize },
 }
 
-/// The A operand of a tile product.
+/// The A operand of a tile product. The register blocks read it where it lies: a copy into
+/// panels would cost as much as the few blocks of C (head dim / NR) that reuse it.
 #[derive(Clone, Copy)]
 enum Operand<'a> {
     /// Already packed into panels of MR rows (`pack_panels` with width MR).
     Packed(&'a [f32]),
-    /// A row-major tile with rows `ld` apart, packed by the product as it goes: A(r, p) =
-    /// data[r·ld + p].
+    /// A row-major tile with rows `ld` apart: A(r, p) = data[r·ld + p].
     Rows(&'a [f32], usize),
     /// The transpose of such a tile: A(r, p) = data[p·ld + r].
     Transposed(&'a [f32], usize),
+}
+
+/// The MR rows of A that one register block reads, for `depth` steps of the shared dimension:
+/// A(r, p) = data[r·row_stride + p·step_stride].
+#[derive(Clone, Copy)]
+struct BlockOfA<'a> {
+    data: &'a [f32],
+    row_stride: usize,
+    step_stride: usize,
+    depth: usize,
+}
+
+impl<'a> BlockOfA<'a> {
+    /// # Panics
+    /// If `data` does not hold every element the block reads.
+    #[inline(always)]
+    fn new(
+        data: &'a [f32],
+        rows: usize,
+        (row_stride, step_stride): (usize, usize),
+        depth: usize,
+    ) -> Self {
+        assert!(
+            rows == 0
+                || depth == 0
+                || (rows - 1) * row_stride + (depth - 1) * step_stride < data.len(),
+            "attention: a block of A reaches past its tile"
+        );
+        BlockOfA { data, row_stride, step_stride, depth }
+    }
+
+    /// A(r, p), without a bounds check in the register block's inner loop.
+    ///
+    /// # Safety
+    /// r is below the `rows` and p below the `depth` that `new` checked.
+    #[inline(always)]
+    unsafe fn at(&self, r: usize, p: usize) -> f32 {
+        debug_assert!(p < self.depth);
+        // SAFETY: `new` checked that A(rows − 1, depth − 1), the last element, lies inside
+        // `data`, and the caller keeps r and p below those.
+        unsafe { *self.data.get_unchecked(r * self.row_stride + p * self.step_stride) }
+    }
 }
 
 /// C[m × n] = A[m × k]·B[k × n], or C += A·B when `accumulate`; B comes packed into panels of
 /// NR columns (`pack_panels` of Bᵀ with width NR), C is row-major with rows `ldc` apart, m is a
 /// multiple of MR and n of NR. Packed operands were packed for a depth of `panel_depth` ≥ k
 /// (a whole tile), of which the product uses the first k (the part of the tile that is
-/// present). `pack` holds MR·k values, for an A that is not packed yet.
+/// present).
 ///
-/// Each block of MR rows of A is one panel, [k][MR]; each block of NR columns of B is one,
-/// [k][NR]; `micro_kernel` streams the two side by side.
+/// Each block of NR columns of B is one panel, [k][NR]; `micro_kernel` streams it beside MR
+/// rows of A.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn tile_product<A: Arith, const MR: usize>(
@@ -396,7 +443,6 @@ fn tile_product<A: Arith, const MR: usize>(
     ldc: usize,
     accumulate: bool,
     causal: Causal,
-    pack: &mut [f32],
 ) {
     debug_assert!(m % MR == 0 && n % NR == 0);
     for r0 in (0..m).step_by(MR) {
@@ -419,28 +465,16 @@ fn tile_product<A: Arith, const MR: usize>(
             }
             continue;
         }
-        let a_panel: &[f32] = match a {
+        let a_block = match a {
             Operand::Packed(data) => {
-                let panel = r0 * panel_depth;
-                &data[panel + p_start * MR..panel + p_end * MR]
+                let panel = &data[r0 * panel_depth + p_start * MR..];
+                BlockOfA::new(panel, MR, (1, MR), depth)
             }
             Operand::Transposed(data, ld) => {
-                // The MR values of one step p are adjacent.
-                for (p, dst) in (p_start..p_end).zip(pack.chunks_exact_mut(MR)) {
-                    dst.copy_from_slice(&data[p * ld + r0..][..MR]);
-                }
-                &pack[..depth * MR]
+                BlockOfA::new(&data[p_start * ld + r0..], MR, (1, ld), depth)
             }
             Operand::Rows(data, ld) => {
-                // Interleave MR row slices (bounds checked once per row, not per element).
-                let rows: [&[f32]; MR] =
-                    std::array::from_fn(|r| &data[(r0 + r) * ld + p_start..][..depth]);
-                for (p, dst) in pack[..depth * MR].chunks_exact_mut(MR).enumerate() {
-                    for (x, row) in dst.iter_mut().zip(&rows) {
-                        *x = row[p];
-                    }
-                }
-                &pack[..depth * MR]
+                BlockOfA::new(&data[r0 * ld + p_start..], MR, (ld, 1), depth)
             }
         };
         for c0 in (0..n).step_by(NR) {
@@ -451,7 +485,7 @@ fn tile_product<A: Arith, const MR: usize>(
             }
             let panel = c0 * panel_depth;
             let b_panel = &b[panel + p_start * NR..panel + p_end * NR];
-            A::micro_kernel::<MR>(a_panel, b_panel, &mut c[r0 * ldc + c0..], ldc, accumulate);
+            A::micro_kernel::<MR>(a_block, b_panel, &mut c[r0 * ldc + c0..], ldc, accumulate);
         }
     }
 }
@@ -480,7 +514,6 @@ struct ForwardScratch {
     o: Vec<f32>,
     m: Vec<f32>,
     l: Vec<f32>,
-    pack: Vec<f32>,
 }
 
 impl ForwardScratch {
@@ -493,7 +526,6 @@ impl ForwardScratch {
             o: vec![0.0; QUERY_TILE * g.dp],
             m: vec![0.0; QUERY_TILE],
             l: vec![0.0; QUERY_TILE],
-            pack: vec![0.0; MAX_MR * g.dp.max(KEY_TILE)],
         }
     }
 }
@@ -533,16 +565,7 @@ fn forward_tile<A: Arith, const MR: usize>(
             (Causal::Full, Causal::Full)
         };
         let (q, shape) = (Operand::Packed(&s.q), (rows_p, keys.next_multiple_of(NR), dp, dp));
-        tile_product::<A, MR>(
-            shape,
-            q,
-            &s.k_t,
-            &mut s.s,
-            KEY_TILE,
-            false,
-            scores_mask,
-            &mut s.pack,
-        );
+        tile_product::<A, MR>(shape, q, &s.k_t, &mut s.s, KEY_TILE, false, scores_mask);
         // Online softmax: fold this tile's scores into each row's running maximum and sum,
         // rescaling what was accumulated under the old maximum.
         for (r, row) in s.s.chunks_exact_mut(KEY_TILE).take(rows_p).enumerate() {
@@ -563,7 +586,7 @@ fn forward_tile<A: Arith, const MR: usize>(
         }
         let p = Operand::Rows(&s.s, KEY_TILE);
         let shape = (rows_p, dp, keys, KEY_TILE);
-        tile_product::<A, MR>(shape, p, &s.v, &mut s.o, dp, true, product_mask, &mut s.pack);
+        tile_product::<A, MR>(shape, p, &s.v, &mut s.o, dp, true, product_mask);
     }
     for (r, (out_row, lse_r)) in out.chunks_exact_mut(d).zip(lse.iter_mut()).enumerate() {
         copy_rows_unpadded(&s.o[r * dp..][..dp], dp, d, out_row, 1.0 / s.l[r]);
@@ -708,7 +731,6 @@ struct BackwardScratch {
     gq: Vec<f32>,
     /// D_i = Σ_c g_out[i][c]·out[i][c] per query of the head.
     delta: Vec<f32>,
-    pack: Vec<f32>,
 }
 
 impl BackwardScratch {
@@ -728,7 +750,6 @@ impl BackwardScratch {
             gv: tile(KEY_TILE, g.dp),
             gq: tile(g.query_tiles() * QUERY_TILE, g.dp),
             delta: vec![0.0; g.t],
-            pack: vec![0.0; MAX_MR * g.dp.max(KEY_TILE).max(QUERY_TILE)],
         }
     }
 }
@@ -783,26 +804,8 @@ fn backward_head<A: Arith, const MR: usize>(
             let scores_mask = mask(Causal::MaskedOutput { first_query, first_key });
             let (q, g_out) = (Operand::Packed(&s.q_a), Operand::Packed(&s.g_out_a));
             let shape = (rows_p, keys.next_multiple_of(NR), dp, dp);
-            tile_product::<A, MR>(
-                shape,
-                q,
-                &s.k_t,
-                &mut s.p,
-                KEY_TILE,
-                false,
-                scores_mask,
-                &mut s.pack,
-            );
-            tile_product::<A, MR>(
-                shape,
-                g_out,
-                &s.v_t,
-                &mut s.ds,
-                KEY_TILE,
-                false,
-                scores_mask,
-                &mut s.pack,
-            );
+            tile_product::<A, MR>(shape, q, &s.k_t, &mut s.p, KEY_TILE, false, scores_mask);
+            tile_product::<A, MR>(shape, g_out, &s.v_t, &mut s.ds, KEY_TILE, false, scores_mask);
             // P = e^(s·scale − lse), then ∂L/∂s = scale · P ⊙ (∂L/∂P − D), zero where masked.
             for (r, (p_row, ds_row)) in
                 s.p.chunks_exact_mut(KEY_TILE)
@@ -826,23 +829,14 @@ fn backward_head<A: Arith, const MR: usize>(
             let from_key = mask(Causal::QueriesFromKey { first_query, first_key });
             let shape = (keys.next_multiple_of(MR), dp, rows, QUERY_TILE);
             let p_t = Operand::Transposed(&s.p, KEY_TILE);
-            tile_product::<A, MR>(
-                shape,
-                p_t,
-                &s.g_out_b,
-                &mut s.gv,
-                dp,
-                true,
-                from_key,
-                &mut s.pack,
-            );
+            tile_product::<A, MR>(shape, p_t, &s.g_out_b, &mut s.gv, dp, true, from_key);
             let ds_t = Operand::Transposed(&s.ds, KEY_TILE);
-            tile_product::<A, MR>(shape, ds_t, &s.q_b, &mut s.gk, dp, true, from_key, &mut s.pack);
+            tile_product::<A, MR>(shape, ds_t, &s.q_b, &mut s.gk, dp, true, from_key);
             let up_to_query = mask(Causal::KeysUpToQuery { first_query, first_key });
             let ds = Operand::Rows(&s.ds, KEY_TILE);
             let gq_tile = &mut s.gq[first_query * dp..];
             let shape = (rows_p, dp, keys, KEY_TILE);
-            tile_product::<A, MR>(shape, ds, &s.k, gq_tile, dp, true, up_to_query, &mut s.pack);
+            tile_product::<A, MR>(shape, ds, &s.k, gq_tile, dp, true, up_to_query);
         }
         copy_rows_unpadded(&s.gk, dp, d, &mut gk[first_key * d..(first_key + keys) * d], 1.0);
         copy_rows_unpadded(&s.gv, dp, d, &mut gv[first_key * d..(first_key + keys) * d], 1.0);
@@ -975,6 +969,18 @@ fn backward_with(isa: Isa, tensors: [&Tensor; 6]) -> Result<(Tensor, Tensor, Ten
 mod tests {
     use super::*;
     use crate::testing::{randn, values};
+
+    #[test]
+    fn a_block_of_a_is_checked_against_its_tile() {
+        let data = [0.0f32; 40];
+        // 4 rows 8 apart, 9 steps: the last element read is 3·8 + 8 = 32.
+        let block = BlockOfA::new(&data, 4, (8, 1), 9);
+        // SAFETY: inside the rows and depth given to `new`.
+        assert_eq!(unsafe { block.at(3, 8) }, 0.0);
+        BlockOfA::new(&data, 4, (1, 4), 10); // the last read is 3 + 36 = 39
+        let past_end = std::panic::catch_unwind(|| BlockOfA::new(&data, 4, (1, 4), 11));
+        assert!(past_end.is_err(), "a block reaching element 43 of 40 was accepted");
+    }
 
     #[test]
     #[cfg(target_arch = "x86_64")]
