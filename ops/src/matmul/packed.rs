@@ -6,7 +6,8 @@
 //! a few hundred terms), where a general GEMM spends much of its time packing both operands
 //! again in every thread and every call. Here A is read in place through its strides (only a
 //! partial last tile of rows is copied, or whole blocks where its strides would crowd one cache
-//! set: see `pack_a_blocks`), B is packed once per product and shared by the threads (or read in
+//! set, or a transposed A would crowd B out of L1: see `pack_a_blocks`), B is packed once per
+//! product and shared by the threads (or read in
 //! place, for a row-major B under a product with few rows: see `b_operand`), and the caller can
 //! keep a packed B (a Pattention's key or value tokens) across many row blocks.
 //!
@@ -319,19 +320,34 @@ thread_local! {
 }
 
 /// Whether blocks of A are copied into contiguous micro-panels (as BLIS always does) rather
-/// than read in place through their strides.
+/// than read in place through their strides, for a product over `k` with `n` columns of B.
 ///
 /// In place saves the copy, which costs a good share of the product when few panels of B reuse
 /// it (a Pattention's blocks of rows against a few hundred columns: copying made the model's
-/// steps 2% slower). A copy pays where the MR rows a micro-panel reads at one step (or, for a
-/// transposed A, its successive steps) fall in so few L1 sets that they cannot all stay there:
-/// with 14-row tiles and a stride of 4 KiB (1,024 columns), which puts all 14 in one 8-way
-/// set, a product ran at 0.8× of its speed without the copy. With 8 rows in 8 ways, in place
-/// was still 2% faster.
-fn pack_a_blocks(a: &View<'_>, n: usize, blocking: &Blocking) -> bool {
+/// steps 2% slower). A copy pays in two cases:
+///
+/// - the MR rows a micro-panel reads at one step fall in so few L1 sets that they cannot all
+///   stay there: with 14-row tiles and a stride of 4 KiB (1,024 columns), which puts all 14 in
+///   one 8-way set, a product ran at 0.8× of its speed without the copy. With 8 rows in 8
+///   ways, in place was still 2% faster;
+/// - a transposed A (the Aᵀ·G of a backward pass) whose steps lie a cache line or more apart:
+///   read in place, its micro-panel takes one line per step, KC lines, which beside the KC × NR
+///   micro-panel of B that the loop keeps in L1 no longer fit in the ways that C leaves. Aᵀ·G at
+///   384 × 2048 × 1536 on Zen 4 ran at 123–126 GFLOP/s in place against 147–150 copied with
+///   AVX2 (KC 320: 20 KiB of lines beside 20 KiB of B in a 32 KiB L1), and at 151–161
+///   against 169–172 with AVX-512 (KC 160: 10 KiB beside 20 KiB).
+fn pack_a_blocks(a: &View<'_>, k: usize, n: usize, blocking: &Blocking) -> bool {
+    if n < 4 * blocking.nr {
+        return false;
+    }
+    let l1 = crate::processor::cache_info().l1d;
     let step = if a.col_stride == 1 { a.row_stride } else { a.col_stride };
-    let ways = crate::processor::cache_info().l1d.ways;
-    n >= 4 * blocking.nr && blocking.mr.div_ceil(l1_sets_reached(step)) > ways
+    let crowded_sets = blocking.mr.div_ceil(l1_sets_reached(step)) > l1.ways;
+    let f32_size = std::mem::size_of::<f32>();
+    let line_per_step = a.col_stride != 1 && a.col_stride * f32_size >= l1.line;
+    let kc = blocking.kc.min(k);
+    let beside_b = kc * l1.line + kc * blocking.nr * f32_size > l1.size / l1.ways * (l1.ways - 1);
+    crowded_sets || (line_per_step && beside_b)
 }
 
 /// C[0..rows, panels·NR] (row stride ldc) = a·b (or += when `accumulate`), blocked as
@@ -367,7 +383,7 @@ unsafe fn gemm_block(
     }
     let pack_all = b
         .copy_a
-        .unwrap_or_else(|| pack_a_blocks(&a, (panels.end - panels.start) * nr, &b.blocking));
+        .unwrap_or_else(|| pack_a_blocks(&a, k, (panels.end - panels.start) * nr, &b.blocking));
     let mc_max = mc_max.min(rows.next_multiple_of(mr));
     let panels_per_slab = (nc / nr).max(1);
     let mut packed_a = A_BLOCKS.with(|cell| std::mem::take(&mut *cell.borrow_mut()));
