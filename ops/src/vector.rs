@@ -357,6 +357,19 @@ pub(crate) mod x86 {
 /// The most lanes a [`Real`] holds (four AVX-512 registers).
 const MAX_LANES: usize = 64;
 
+/// The `lanes` values of `x` from `start` as one `R`: loaded in place when they fill it, else
+/// from a copy padded with zeros. (A function rather than a closure, as in `x86`.)
+#[inline(always)]
+fn load_group<R: Real>(x: &[f32], start: usize, lanes: usize) -> R {
+    if lanes == R::LANES {
+        R::load(&x[start..])
+    } else {
+        let mut padded = [0.0f32; MAX_LANES];
+        padded[..lanes].copy_from_slice(&x[start..]);
+        R::load(&padded)
+    }
+}
+
 /// Runs `f` along rows of equal length, `R::LANES` values at a time: it gets the values of
 /// `inputs` and of `outputs` there and returns the new values of `outputs`. The last, partial
 /// group is padded with zeros and only its real lanes are written back. (`f` has one call site,
@@ -367,29 +380,19 @@ pub(crate) fn lanewise<R: Real, const I: usize, const O: usize>(
     mut outputs: [&mut [f32]; O],
     f: impl Fn([R; I], [R; O]) -> [R; O],
 ) {
-    const { assert!(O > 0) };
-    assert!(R::LANES <= MAX_LANES);
+    const { assert!(O > 0 && R::LANES <= MAX_LANES) };
     let len = outputs[0].len();
     debug_assert!(inputs.iter().all(|x| x.len() == len));
     debug_assert!(outputs.iter().all(|x| x.len() == len));
     for start in (0..len).step_by(R::LANES) {
         let lanes = R::LANES.min(len - start);
-        let load = |x: &[f32]| {
-            if lanes == R::LANES {
-                R::load(&x[start..])
-            } else {
-                let mut padded = [0.0f32; MAX_LANES];
-                padded[..lanes].copy_from_slice(&x[start..]);
-                R::load(&padded)
-            }
-        };
         let mut ins = [R::splat(0.0); I];
         for (value, x) in ins.iter_mut().zip(inputs) {
-            *value = load(x);
+            *value = load_group(x, start, lanes);
         }
         let mut outs = [R::splat(0.0); O];
         for (value, x) in outs.iter_mut().zip(outputs.iter()) {
-            *value = load(x);
+            *value = load_group(x, start, lanes);
         }
         for (out, value) in outputs.iter_mut().zip(f(ins, outs)) {
             if lanes == R::LANES {

@@ -4,10 +4,14 @@
 //! product inside a tile pair is a small matrix product C (+)= A·B computed by a register-blocked
 //! kernel (`MR` rows × `NR` columns of C held in registers while the shared dimension streams
 //! past), which the compiler turns into AVX2/FMA (or NEON) vector code, or written with
-//! AVX-512 registers and twice the rows (one 16-lane register per row of C: one load of B for
-//! every eight FMAs, where AVX2 needs two). On Zen 4, whose 512-bit FMAs take both 256-bit
-//! pipes, the two run at the same speed within noise; on cores with two full 512-bit FMA
-//! units (Intel's server cores) the AVX-512 one can do twice the FMAs per cycle. The q, k, v
+//! AVX-512 registers and twice the rows (one 16-lane register per row of C: each step of the
+//! shared dimension does eight 16-lane FMAs from one load of B and eight broadcasts of A, where
+//! AVX2 does eight 8-lane FMAs from two loads of B and four broadcasts). On Zen 4, whose 512-bit
+//! FMAs take both 256-bit pipes, the two run at the same speed within noise; cores with two
+//! full 512-bit FMA units (Intel's server cores) can do twice the FMAs per cycle in the AVX-512
+//! one (not measured here). For finite inputs both give the same bits: the taller block only
+//! adds masked terms, exact zeros, to its rows' sums (an infinity among the masked values would
+//! turn them into NaN, as it does in any product with the mask's zeros). The q, k, v
 //! and output-gradient tiles are first packed into panels, the order in which that kernel
 //! reads them (`pack_panels`), with the head dim rounded up to `NR` and partial tiles filled
 //! with zeros, so the kernel needs no edge cases; packing costs O(tile·d_h) against the
@@ -36,17 +40,16 @@ const QUERY_TILE: usize = 64;
 const KEY_TILE: usize = 128;
 /// Columns of the register block of the tile products, and its rows (MR, a parameter of the
 /// kernels): 4 × 16 accumulators are eight 8-wide AVX2 registers, half of its 16, leaving room
-/// for operands; with AVX-512, 8 × 16 are eight of its 32 registers, and each step of the
-/// shared dimension loads one vector of B for 8 fused multiply-adds instead of two for 8.
+/// for operands (the plain and NEON builds use the same block); with AVX-512, 8 × 16 are eight
+/// of its 32 registers.
 const NR: usize = 16;
 const MR_AVX2: usize = 4;
-/// The tallest register block, which the scratch buffers are sized for.
-const MAX_MR: usize = 8;
+const MR_AVX512: usize = 8;
 const _: () = assert!(
-    QUERY_TILE.is_multiple_of(MAX_MR)
-        && KEY_TILE.is_multiple_of(MAX_MR)
+    QUERY_TILE.is_multiple_of(MR_AVX512)
+        && KEY_TILE.is_multiple_of(MR_AVX512)
         && KEY_TILE.is_multiple_of(NR)
-        && MAX_MR.is_multiple_of(MR_AVX2)
+        && MR_AVX512.is_multiple_of(MR_AVX2)
 );
 /// Lanes of the vectorised row sums.
 const LANES: usize = 8;
@@ -62,7 +65,7 @@ trait Arith {
     /// registers.
     #[inline(always)]
     fn micro_kernel<const MR: usize>(
-        a: BlockOfA,
+        a: BlockOfA<MR>,
         b_panel: &[f32],
         c: &mut [f32],
         ldc: usize,
@@ -77,7 +80,7 @@ trait Arith {
         let (b_steps, _) = b_panel.as_chunks::<NR>();
         for (p, b) in b_steps.iter().enumerate().take(a.depth) {
             for (r, acc_row) in acc.iter_mut().enumerate() {
-                // SAFETY: r < MR, the rows of every BlockOfA made for this kernel, and p < depth.
+                // SAFETY: p < depth (the loop takes `a.depth` steps).
                 let a_rp = unsafe { a.at(r, p) };
                 for (acc_rj, &b_j) in acc_row.iter_mut().zip(b) {
                     *acc_rj = Self::mul_add(a_rp, b_j, *acc_rj);
@@ -112,7 +115,7 @@ impl Arith for FusedAvx512 {
 
     #[inline(always)]
     fn micro_kernel<const MR: usize>(
-        a: BlockOfA,
+        a: BlockOfA<MR>,
         b_panel: &[f32],
         c: &mut [f32],
         ldc: usize,
@@ -131,7 +134,7 @@ impl Arith for FusedAvx512 {
         for (p, b) in b_steps.iter().enumerate().take(a.depth) {
             let b = Row::load(b);
             for (r, acc_r) in acc.iter_mut().enumerate() {
-                // SAFETY: r < MR, the rows of every BlockOfA made for this kernel, and p < depth.
+                // SAFETY: p < depth (the loop takes `a.depth` steps).
                 let a_rp = unsafe { a.at(r, p) };
                 // a·b + acc lane by lane: the bits of `Fused`'s a(r, p)·b[j] + acc[r][j].
                 *acc_r = Row::splat(a_rp).mul_add(b, *acc_r);
@@ -383,30 +386,27 @@ enum Operand<'a> {
     Transposed(&'a [f32], usize),
 }
 
-/// The MR rows of A that one register block reads, for `depth` steps of the shared dimension:
-/// A(r, p) = data[r·row_stride + p·step_stride].
+/// The ROWS rows of A that one register block reads, for `depth` steps of the shared
+/// dimension: A(r, p) = data[r·row_stride + p·step_stride].
 #[derive(Clone, Copy)]
-struct BlockOfA<'a> {
+struct BlockOfA<'a, const ROWS: usize> {
     data: &'a [f32],
     row_stride: usize,
     step_stride: usize,
     depth: usize,
 }
 
-impl<'a> BlockOfA<'a> {
+impl<'a, const ROWS: usize> BlockOfA<'a, ROWS> {
     /// # Panics
     /// If `data` does not hold every element the block reads.
     #[inline(always)]
-    fn new(
-        data: &'a [f32],
-        rows: usize,
-        (row_stride, step_stride): (usize, usize),
-        depth: usize,
-    ) -> Self {
+    fn new(data: &'a [f32], (row_stride, step_stride): (usize, usize), depth: usize) -> Self {
+        let last = (ROWS.saturating_sub(1))
+            .checked_mul(row_stride)
+            .zip((depth.saturating_sub(1)).checked_mul(step_stride))
+            .and_then(|(rows, steps)| rows.checked_add(steps));
         assert!(
-            rows == 0
-                || depth == 0
-                || (rows - 1) * row_stride + (depth - 1) * step_stride < data.len(),
+            ROWS == 0 || depth == 0 || last.is_some_and(|last| last < data.len()),
             "attention: a block of A reaches past its tile"
         );
         BlockOfA { data, row_stride, step_stride, depth }
@@ -415,12 +415,13 @@ impl<'a> BlockOfA<'a> {
     /// A(r, p), without a bounds check in the register block's inner loop.
     ///
     /// # Safety
-    /// r is below the `rows` and p below the `depth` that `new` checked.
+    /// p is below the `depth` given to `new` (r is below ROWS, checked here).
     #[inline(always)]
     unsafe fn at(&self, r: usize, p: usize) -> f32 {
+        assert!(r < ROWS);
         debug_assert!(p < self.depth);
-        // SAFETY: `new` checked that A(rows − 1, depth − 1), the last element, lies inside
-        // `data`, and the caller keeps r and p below those.
+        // SAFETY: `new` checked that A(ROWS − 1, depth − 1), the last element, lies inside
+        // `data`; r < ROWS, and the caller keeps p below depth.
         unsafe { *self.data.get_unchecked(r * self.row_stride + p * self.step_stride) }
     }
 }
@@ -468,14 +469,12 @@ fn tile_product<A: Arith, const MR: usize>(
         let a_block = match a {
             Operand::Packed(data) => {
                 let panel = &data[r0 * panel_depth + p_start * MR..];
-                BlockOfA::new(panel, MR, (1, MR), depth)
+                BlockOfA::new(panel, (1, MR), depth)
             }
             Operand::Transposed(data, ld) => {
-                BlockOfA::new(&data[p_start * ld + r0..], MR, (1, ld), depth)
+                BlockOfA::new(&data[p_start * ld + r0..], (1, ld), depth)
             }
-            Operand::Rows(data, ld) => {
-                BlockOfA::new(&data[r0 * ld + p_start..], MR, (ld, 1), depth)
-            }
+            Operand::Rows(data, ld) => BlockOfA::new(&data[r0 * ld + p_start..], (ld, 1), depth),
         };
         for c0 in (0..n).step_by(NR) {
             if let Causal::MaskedOutput { first_query, first_key } = causal {
@@ -617,7 +616,7 @@ fn forward_tile_avx512(
     lse: &mut [f32],
     s: &mut ForwardScratch,
 ) {
-    forward_tile::<FusedAvx512, MAX_MR>(g, head, first_query, out, lse, s)
+    forward_tile::<FusedAvx512, MR_AVX512>(g, head, first_query, out, lse, s)
 }
 
 fn forward_tile_for(
@@ -865,7 +864,7 @@ fn backward_head_avx512(
     grads: (&mut [f32], &mut [f32], &mut [f32]),
     s: &mut BackwardScratch,
 ) {
-    backward_head::<FusedAvx512, MAX_MR>(g, head, grad, grads, s)
+    backward_head::<FusedAvx512, MR_AVX512>(g, head, grad, grads, s)
 }
 
 fn backward_head_for(
@@ -974,17 +973,17 @@ mod tests {
     fn a_block_of_a_is_checked_against_its_tile() {
         let data = [0.0f32; 40];
         // 4 rows 8 apart, 9 steps: the last element read is 3·8 + 8 = 32.
-        let block = BlockOfA::new(&data, 4, (8, 1), 9);
+        let block = BlockOfA::<4>::new(&data, (8, 1), 9);
         // SAFETY: inside the rows and depth given to `new`.
         assert_eq!(unsafe { block.at(3, 8) }, 0.0);
-        BlockOfA::new(&data, 4, (1, 4), 10); // the last read is 3 + 36 = 39
-        let past_end = std::panic::catch_unwind(|| BlockOfA::new(&data, 4, (1, 4), 11));
+        BlockOfA::<4>::new(&data, (1, 4), 10); // the last read is 3 + 36 = 39
+        let past_end = std::panic::catch_unwind(|| BlockOfA::<4>::new(&data, (1, 4), 11));
         assert!(past_end.is_err(), "a block reaching element 43 of 40 was accepted");
     }
 
     #[test]
     #[cfg(target_arch = "x86_64")]
-    fn avx512_and_avx2_kernels_give_the_same_bits() {
+    fn avx512_and_avx2_kernels_give_the_same_bits_for_finite_inputs() {
         let fma = std::arch::is_x86_feature_detected!("fma");
         if !(fma && std::arch::is_x86_feature_detected!("avx512f")) {
             return;

@@ -7,8 +7,8 @@
 //! again in every thread and every call. Here A is read in place through its strides (only a
 //! partial last tile of rows is copied, or whole blocks where its strides would crowd one cache
 //! set, or a transposed A would crowd B out of L1: see `pack_a_blocks`), B is packed once per
-//! product and shared by the threads (or read in
-//! place, for a row-major B under a product with few rows: see `b_operand`), and the caller can
+//! product and shared by the threads (or read in place, for a row-major B under a product with
+//! few rows: see `b_operand`), and the caller can
 //! keep a packed B (a Pattention's key or value tokens) across many row blocks.
 //!
 //! The block sizes and the register tile's height come from the processor's caches and
@@ -332,10 +332,11 @@ thread_local! {
 ///   ways, in place was still 2% faster;
 /// - a transposed A (the Aᵀ·G of a backward pass) whose steps lie a cache line or more apart:
 ///   read in place, its micro-panel takes one line per step, KC lines, which beside the KC × NR
-///   micro-panel of B that the loop keeps in L1 no longer fit in the ways that C leaves. Aᵀ·G at
-///   384 × 2048 × 1536 on Zen 4 ran at 123–126 GFLOP/s in place against 147–150 copied with
+///   micro-panel of B that the loop keeps in L1 no longer fit in the ways that C leaves (with
+///   a single way, or none reported, there is no such budget and the rule stays out). Aᵀ·G at
+///   384 × 2048 × 1536 on Zen 4 ran at 123–126 GFLOP/s in place against 155–170 copied with
 ///   AVX2 (KC 320: 20 KiB of lines beside 20 KiB of B in a 32 KiB L1), and at 151–161
-///   against 169–172 with AVX-512 (KC 160: 10 KiB beside 20 KiB).
+///   against 176–184 with AVX-512 (KC 160: 10 KiB beside 20 KiB).
 fn pack_a_blocks(a: &View<'_>, k: usize, n: usize, blocking: &Blocking) -> bool {
     if n < 4 * blocking.nr {
         return false;
@@ -344,7 +345,7 @@ fn pack_a_blocks(a: &View<'_>, k: usize, n: usize, blocking: &Blocking) -> bool 
     let step = if a.col_stride == 1 { a.row_stride } else { a.col_stride };
     let crowded_sets = blocking.mr.div_ceil(l1_sets_reached(step)) > l1.ways;
     let f32_size = std::mem::size_of::<f32>();
-    let line_per_step = a.col_stride != 1 && a.col_stride * f32_size >= l1.line;
+    let line_per_step = a.col_stride != 1 && a.col_stride * f32_size >= l1.line && l1.ways > 1;
     let kc = blocking.kc.min(k);
     let beside_b = kc * l1.line + kc * blocking.nr * f32_size > l1.size / l1.ways * (l1.ways - 1);
     crowded_sets || (line_per_step && beside_b)
