@@ -46,15 +46,6 @@ pub(crate) trait Real:
     fn pow2_halves(self, offset: f32) -> (Self, Self);
 }
 
-/// The two factors of [`Real::pow2_halves`] for one lane.
-#[inline(always)]
-fn pow2_halves_scalar(bits: u32, offset: f32) -> (f32, f32) {
-    let n = bits.wrapping_sub(offset.to_bits()) as i32;
-    let half = n >> 1;
-    let scale = |k: i32| f32::from_bits((k.wrapping_add(127) as u32) << 23);
-    (scale(half), scale(n - half))
-}
-
 impl Real for f32 {
     const LANES: usize = 1;
     #[inline(always)]
@@ -103,7 +94,10 @@ impl Real for f32 {
     }
     #[inline(always)]
     fn pow2_halves(self, offset: f32) -> (f32, f32) {
-        pow2_halves_scalar(self.to_bits(), offset)
+        let n = self.to_bits().wrapping_sub(offset.to_bits()) as i32;
+        let half = n >> 1;
+        let scale = |k: i32| f32::from_bits((k.wrapping_add(127) as u32) << 23);
+        (scale(half), scale(n - half))
     }
 }
 
@@ -370,6 +364,19 @@ fn load_group<R: Real>(x: &[f32], start: usize, lanes: usize) -> R {
     }
 }
 
+/// `value` into the `lanes` values of `x` from `start`: stored in place when they fill it, else
+/// through a padded copy of which only the real lanes are written back.
+#[inline(always)]
+fn store_group<R: Real>(value: R, x: &mut [f32], start: usize, lanes: usize) {
+    if lanes == R::LANES {
+        value.store(&mut x[start..]);
+    } else {
+        let mut padded = [0.0f32; MAX_LANES];
+        value.store(&mut padded);
+        x[start..].copy_from_slice(&padded[..lanes]);
+    }
+}
+
 /// Runs `f` along rows of equal length, `R::LANES` values at a time: it gets the values of
 /// `inputs` and of `outputs` there and returns the new values of `outputs`. The last, partial
 /// group is padded with zeros and only its real lanes are written back. (`f` has one call site,
@@ -395,13 +402,7 @@ pub(crate) fn lanewise<R: Real, const I: usize, const O: usize>(
             *value = load_group(x, start, lanes);
         }
         for (out, value) in outputs.iter_mut().zip(f(ins, outs)) {
-            if lanes == R::LANES {
-                value.store(&mut out[start..]);
-            } else {
-                let mut padded = [0.0f32; MAX_LANES];
-                value.store(&mut padded);
-                out[start..].copy_from_slice(&padded[..lanes]);
-            }
+            store_group(value, out, start, lanes);
         }
     }
 }

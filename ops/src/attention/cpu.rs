@@ -110,7 +110,7 @@ struct FusedAvx512;
 impl Arith for FusedAvx512 {
     #[inline(always)]
     fn mul_add(a: f32, b: f32, c: f32) -> f32 {
-        a.mul_add(b, c)
+        Fused::mul_add(a, b, c)
     }
 
     #[inline(always)]

@@ -8,8 +8,8 @@
 //! partial last tile of rows is copied, or whole blocks where its strides would crowd one cache
 //! set, or a transposed A would crowd B out of L1: see `pack_a_blocks`), B is packed once per
 //! product and shared by the threads (or read in place, for a row-major B under a product with
-//! few rows: see `b_operand`), and the caller can
-//! keep a packed B (a Pattention's key or value tokens) across many row blocks.
+//! few rows: see `b_operand`), and the caller can keep a packed B (a Pattention's key or value
+//! tokens) across many row blocks.
 //!
 //! The block sizes and the register tile's height come from the processor's caches and
 //! registers at run time (`blocking.rs`); the output is cut into tasks, over rows and, for a
