@@ -472,11 +472,18 @@ fn pack_a_panel(
     out: &mut [f32],
 ) {
     if a.row_stride == 1 {
-        // A transposed: the MR values of one step are contiguous.
-        for (p, dst) in out.chunks_exact_mut(mr).take(kc).enumerate() {
-            let src = &a.data[first + (p0 + p) * a.col_stride..][..rows];
-            dst[..rows].copy_from_slice(src);
-            dst[rows..].fill(0.0);
+        // A transposed: the MR values of one step are contiguous. A copy of a length known
+        // at compile time is a few register moves; one of `rows` values is a call to memcpy
+        // per step, which took as long as the product's arithmetic at K = 384.
+        let steps = out.chunks_exact_mut(mr).take(kc).enumerate();
+        let src = |p: usize| &a.data[first + (p0 + p) * a.col_stride..];
+        match (rows, mr) {
+            (6, 6) => steps.for_each(|(p, dst)| copy_step::<6>(src(p), dst)),
+            (8, 8) => steps.for_each(|(p, dst)| copy_step::<8>(src(p), dst)),
+            _ => steps.for_each(|(p, dst)| {
+                dst[..rows].copy_from_slice(&src(p)[..rows]);
+                dst[rows..].fill(0.0);
+            }),
         }
     } else {
         for i in 0..mr {
@@ -492,6 +499,13 @@ fn pack_a_panel(
             }
         }
     }
+}
+
+/// The first `N` values of `src` into `dst`, which holds `N`.
+#[inline(always)]
+fn copy_step<const N: usize>(src: &[f32], dst: &mut [f32]) {
+    let src: &[f32; N] = src[..N].try_into().expect("N values");
+    dst.copy_from_slice(src);
 }
 
 /// One MR × NR tile (a partial one through a scratch tile, with the same arithmetic).
