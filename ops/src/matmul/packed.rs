@@ -433,7 +433,6 @@ unsafe fn gemm_block(
                         unsafe {
                             run_tile(
                                 isa,
-                                mr,
                                 kc,
                                 a_tile,
                                 (b_panel, b.ldb),
@@ -508,17 +507,17 @@ fn copy_step<const N: usize>(src: &[f32], dst: &mut [f32]) {
     dst.copy_from_slice(src);
 }
 
-/// One MR × NR tile (a partial one through a scratch tile, with the same arithmetic).
+/// One tile of `tile_rows` ≤ MR rows and `cols` ≤ NR columns: the kernel for that many rows,
+/// through a scratch tile when it is short of columns (with the same arithmetic).
 ///
 /// # Safety
 /// `c` must be writable for `tile_rows` rows of `cols` values at stride `ldc`, and readable
-/// there when `load_c`; A must be readable at (i, p) for i < MR, p < kc through its strides,
-/// and the B panel must hold kc rows of NR values at stride ldb.
+/// there when `load_c`; A must be readable at (i, p) for i < tile_rows, p < kc through its
+/// strides, and the B panel must hold kc rows of NR values at stride ldb.
 #[allow(clippy::too_many_arguments)]
 #[inline]
 unsafe fn run_tile(
     isa: Isa,
-    mr: usize,
     kc: usize,
     a: (*const f32, usize, usize),
     b: (&[f32], usize),
@@ -529,8 +528,10 @@ unsafe fn run_tile(
     load_c: bool,
 ) {
     let nr = b_width(isa);
-    if tile_rows == mr && cols == nr {
-        return kernel(isa, mr, kc, a, b, c, ldc, load_c);
+    // A tile short of rows runs the kernel for the rows it has: the same chains, without the
+    // arithmetic on padding (at 128 rows, AVX2's last tile has 2 of its 6).
+    if cols == nr {
+        return kernel(isa, tile_rows, kc, a, b, c, ldc, load_c);
     }
     let mut tile = [0.0f32; MAX_TILE];
     if load_c {
@@ -538,7 +539,7 @@ unsafe fn run_tile(
             std::ptr::copy_nonoverlapping(c.add(i * ldc), tile[i * nr..].as_mut_ptr(), cols);
         }
     }
-    kernel(isa, mr, kc, a, b, tile.as_mut_ptr(), nr, load_c);
+    kernel(isa, tile_rows, kc, a, b, tile.as_mut_ptr(), nr, load_c);
     for i in 0..tile_rows {
         std::ptr::copy_nonoverlapping(tile[i * nr..].as_ptr(), c.add(i * ldc), cols);
     }
@@ -552,7 +553,8 @@ const fn b_width(isa: Isa) -> usize {
     }
 }
 
-/// The full-tile kernel of `isa` with `mr` rows (see `run_tile` for the safety contract).
+/// The kernel of `isa` for `mr` rows, at most the tile's (see `run_tile` for the safety
+/// contract).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn kernel(
@@ -568,10 +570,19 @@ unsafe fn kernel(
     let (a, a_rs, a_cs) = a;
     let (b, ldb) = (b.0.as_ptr(), b.1);
     #[cfg(target_arch = "x86_64")]
-    match (isa, mr) {
-        (Isa::Avx512, 8) => x86::kernel_avx512::<8>(kc, a, a_rs, a_cs, b, ldb, c, ldc, load_c),
-        (Isa::Avx2Fma, 6) => x86::kernel_avx2::<6>(kc, a, a_rs, a_cs, b, ldb, c, ldc, load_c),
-        _ => unreachable!("no {isa:?} kernel with {mr} rows"),
+    {
+        macro_rules! rows {
+            ($kernel:ident: $($rows:literal)*) => {
+                match mr {
+                    $($rows => x86::$kernel::<$rows>(kc, a, a_rs, a_cs, b, ldb, c, ldc, load_c),)*
+                    _ => unreachable!("no {isa:?} kernel with {mr} rows"),
+                }
+            };
+        }
+        match isa {
+            Isa::Avx512 => rows!(kernel_avx512: 1 2 3 4 5 6 7 8),
+            Isa::Avx2Fma => rows!(kernel_avx2: 1 2 3 4 5 6),
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
     unreachable!(
