@@ -4,15 +4,17 @@
 //!
 //! The backward pass walks the rows in chunks of a few hundred. Each chunk's blocks leave S and
 //! g_A in a chunk-sized workspace, and the two sums over rows, g_V = Sᵀ·g_O and g_K = g_Aᵀ·X,
-//! then continue their chains with that chunk's rows while the next chunk's blocks run (two
-//! workspaces, used in turn). Compared with S and g_A built for all rows and summed at the
-//! end, that keeps them in cache between being written and read, and never allocates two
-//! [rows, n] arrays.
+//! then continue their chains with that chunk's rows. Compared with S and g_A built for all
+//! rows and summed at the end, that keeps them in cache between being written and read, and
+//! never allocates two [rows, n] arrays. The two phases of a chunk run one after the other,
+//! each on all threads: running a chunk's sums beside the next chunk's blocks (two workspaces,
+//! used in turn) was slower: the Pattention backward passes of a `tiny` step at 16 × 256 took
+//! 118-122 ms that way against 113-115 ms (two Zen 4 cores, AVX2).
 //! The chunks run in row order, so every element of g_V and g_K is still one FMA chain over
 //! the rows in order: the bits of the plain product.
 //!
 //! Outputs are not zero-filled before the kernels overwrite them: the GEMM writes into
-//! uninitialised blocks directly, and the backward pass's workspaces are kept between calls,
+//! uninitialised blocks directly, and the backward pass's workspace is kept between calls,
 //! where a `vec![0.0; _]` would be one more serial pass over memory (several MB per call).
 
 use crate::cpu_tensor;
@@ -42,7 +44,7 @@ const PARALLEL_MIN_MACS: usize = 1 << 18;
 
 thread_local! {
     /// Per-thread scratch, kept between calls: one block of S in the forward pass, the chunk
-    /// workspaces of S and g_A (4 · chunk_rows · n values) on the thread that runs a backward.
+    /// workspace of S and g_A (2 · chunk_rows · n values) on the thread that runs a backward.
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
@@ -164,8 +166,8 @@ struct Backward<'a> {
 }
 
 impl Backward<'_> {
-    /// For the rows first.. of one chunk: S and g_A into `weights` and `g_scores` (chunk-sized
-    /// workspaces) and g_X into `g_x`, block by block.
+    /// For the rows first.. of one chunk: S and g_A into `weights` and `g_scores` (the halves
+    /// of the chunk's workspace) and g_X into `g_x`, block by block.
     fn chunk_blocks(
         &self,
         first: usize,
@@ -218,38 +220,24 @@ impl Backward<'_> {
             || packed::gemm(isa, ga_t, x_chunk, n, rows, d_in, g_keys, more),
         );
     }
-    /// The pass over all `rows` rows, chunk by chunk: g_X into `g_x_chunks`, the sums into
-    /// `g_values` and `g_keys`. Each chunk's blocks fill one workspace while the previous
-    /// chunk's sums read the other.
+    /// The pass over all `rows` rows, chunk by chunk: each chunk's blocks write its S and g_A
+    /// into `work` (and its g_X into `g_x_chunks`), then its rows are added to the sums in
+    /// `g_values` and `g_keys`.
     fn chunks(
         &self,
         isa: Isa,
         rows: usize,
-        work: [&mut [f32]; 2],
+        work: &mut [f32],
         g_x_chunks: Vec<&mut [MaybeUninit<f32>]>,
         g_values: &mut [f32],
         g_keys: &mut [f32],
     ) {
-        let chunk_len = work[0].len() / 2;
-        let [mut done, mut next] = work;
-        let chunk_count = g_x_chunks.len();
-        let mut g_x_chunks = g_x_chunks.into_iter();
-        let (s_first, ga_first) = done.split_at_mut(chunk_len);
-        self.chunk_blocks(0, s_first, ga_first, g_x_chunks.next().expect("rows > 0"));
-        for c in 0..chunk_count {
+        let (weights, g_scores) = work.split_at_mut(work.len() / 2);
+        for (c, g_x_chunk) in g_x_chunks.into_iter().enumerate() {
             let first = c * self.chunk_rows;
             let rows_c = self.chunk_rows.min(rows - first);
-            let (s_done, ga_done) = done.split_at(chunk_len);
-            rayon::join(
-                || self.chunk_sums(isa, first, rows_c, s_done, ga_done, g_values, g_keys),
-                || {
-                    if let Some(gx_next) = g_x_chunks.next() {
-                        let (s_next, ga_next) = next.split_at_mut(chunk_len);
-                        self.chunk_blocks(first + self.chunk_rows, s_next, ga_next, gx_next);
-                    }
-                },
-            );
-            std::mem::swap(&mut done, &mut next);
+            self.chunk_blocks(first, weights, g_scores, g_x_chunk);
+            self.chunk_sums(isa, first, rows_c, weights, g_scores, g_values, g_keys);
         }
     }
 }
@@ -287,13 +275,12 @@ pub(crate) fn pattention_backward(
     let mut g_x = BlockOutput::new(rows * d_in);
     let mut g_values = vec![0.0f32; n * d_out];
     let mut g_keys = vec![0.0f32; n * d_in];
-    // Two workspaces for S and g_A of a chunk: one being summed, one being filled. Every value
-    // is written (S by Θ, g_A by the product g_O·Vᵀ) before it is read.
+    // The workspace for S and g_A of a chunk. Every value is written (S by Θ, g_A by the
+    // product g_O·Vᵀ) before it is read.
     let chunk_len = bw.chunk_rows.min(rows) * n;
-    with_scratch(4 * chunk_len, |work| {
-        let (first_work, second_work) = work.split_at_mut(2 * chunk_len);
+    with_scratch(2 * chunk_len, |work| {
         let g_x_chunks = g_x.blocks(bw.chunk_rows * d_in).collect();
-        bw.chunks(isa, rows, [first_work, second_work], g_x_chunks, &mut g_values, &mut g_keys)
+        bw.chunks(isa, rows, work, g_x_chunks, &mut g_values, &mut g_keys)
     });
     // SAFETY: `chunks` ran `chunk_blocks` on every chunk of g_x, whose products wrote each
     // whole (row stride d_in).
