@@ -16,7 +16,10 @@
 //! reads them (`pack_panels`), with the head dim rounded up to `NR` and partial tiles filled
 //! with zeros, so the kernel needs no edge cases; packing costs O(tile·d_h) against the
 //! O(tile²·d_h) of the products. The probability tiles (P and its gradient), which only
-//! head dim / NR register blocks read per row, are read where they lie instead.
+//! head dim / NR register blocks read per row, are read where they lie instead. The forward
+//! pass packs every key and value tile once per call (`PackedKeys`) rather than once per query
+//! tile that reads it: on one Zen 4 core (AVX2) that took its [16, 4, 256, 32] from 6.3-6.4 to
+//! 5.5-5.7 ms and [2, 4, 1024, 64] from 16.9-17.0 to 14.7 ms.
 //!
 //! Parallel work: the forward pass runs one task per (batch, head, query tile); the backward
 //! pass one task per (batch, head), because the key gradients of a head sum over all its query
@@ -203,6 +206,13 @@ impl Geometry {
     }
     fn query_tiles(&self) -> usize {
         self.t.div_ceil(QUERY_TILE)
+    }
+    fn key_tiles(&self) -> usize {
+        self.t.div_ceil(KEY_TILE)
+    }
+    /// Values in one packed key (or value) tile: KEY_TILE × dp.
+    fn key_tile_len(&self) -> usize {
+        KEY_TILE * self.dp
     }
 }
 
@@ -502,10 +512,6 @@ fn visible_keys(query: usize, first_key: usize, keys: usize) -> usize {
 struct ForwardScratch {
     /// The query tile as A panels (rows: queries, depth: head dim).
     q: Vec<f32>,
-    /// The key tile as B panels of kᵀ (depth: head dim, columns: keys), and the value tile as
-    /// B panels of v (depth: keys, columns: head dim).
-    k_t: Vec<f32>,
-    v: Vec<f32>,
     /// Scores, then probabilities (unnormalised) [QUERY_TILE][KEY_TILE].
     s: Vec<f32>,
     /// Σ_j e^(s_ij − m_i)·v_j so far [QUERY_TILE][dp], the running maximum m_i and the running
@@ -519,8 +525,6 @@ impl ForwardScratch {
     fn new(g: &Geometry) -> ForwardScratch {
         ForwardScratch {
             q: vec![0.0; QUERY_TILE * g.dp],
-            k_t: vec![0.0; g.dp * KEY_TILE],
-            v: vec![0.0; KEY_TILE * g.dp],
             s: vec![0.0; QUERY_TILE * KEY_TILE],
             o: vec![0.0; QUERY_TILE * g.dp],
             m: vec![0.0; QUERY_TILE],
@@ -529,11 +533,55 @@ impl ForwardScratch {
     }
 }
 
+/// Every head's key tiles as B panels of kᵀ (depth: head dim, columns: keys) and value tiles as
+/// B panels of v (depth: keys, columns: head dim), packed once per call: each key tile serves
+/// every query tile at or after it (at T = 256, 6 (query, key) tile pairs per head against 2
+/// key tiles), and packing them per pair took a sixth of the forward pass.
+struct PackedKeys {
+    k_t: Vec<f32>,
+    v: Vec<f32>,
+}
+
+impl PackedKeys {
+    fn new(g: &Geometry, heads: usize, k: &[f32], v: &[f32]) -> PackedKeys {
+        let tile_len = g.key_tile_len();
+        let len = heads * g.key_tiles() * tile_len;
+        let (mut k_t, mut v_packed) = (vec![0.0f32; len], vec![0.0f32; len]);
+        let pack = |i: usize, (k_tile, v_tile): (&mut [f32], &mut [f32])| {
+            let (h, tile) = (i / g.key_tiles(), i % g.key_tiles());
+            let first_key = h * g.t + tile * KEY_TILE;
+            let rows = first_key * g.d..(first_key + KEY_TILE.min(g.t - tile * KEY_TILE)) * g.d;
+            pack_panels(&k[rows.clone()], g.d, false, g.dp, NR, k_tile);
+            pack_panels(&v[rows], g.d, true, KEY_TILE, NR, v_tile);
+        };
+        if k.len() >= PARALLEL_MIN_ELEMS {
+            let tiles = k_t.par_chunks_mut(tile_len).zip(v_packed.par_chunks_mut(tile_len));
+            tiles.enumerate().for_each(|(i, pair)| pack(i, pair));
+        } else {
+            let tiles = k_t.chunks_mut(tile_len).zip(v_packed.chunks_mut(tile_len));
+            tiles.enumerate().for_each(|(i, pair)| pack(i, pair));
+        }
+        PackedKeys { k_t, v: v_packed }
+    }
+
+    fn head(&self, g: &Geometry, h: usize) -> HeadKeys<'_> {
+        let len = g.key_tiles() * g.key_tile_len();
+        HeadKeys { k_t: &self.k_t[h * len..][..len], v: &self.v[h * len..][..len] }
+    }
+}
+
+/// One head's key and value tiles, packed once for all its query tiles (see [`PackedKeys`]).
+#[derive(Clone, Copy)]
+struct HeadKeys<'a> {
+    k_t: &'a [f32],
+    v: &'a [f32],
+}
+
 /// Rows first_query.. of one head: `out` [rows][d] and `lse` [rows].
 #[inline(always)]
 fn forward_tile<A: Arith, const MR: usize>(
     g: &Geometry,
-    head: Head,
+    (head, keys_packed): (Head, HeadKeys),
     first_query: usize,
     out: &mut [f32],
     lse: &mut [f32],
@@ -549,11 +597,10 @@ fn forward_tile<A: Arith, const MR: usize>(
     s.m.fill(f32::NEG_INFINITY);
     s.l.fill(0.0);
     // Key tiles wholly after the last query are masked out entirely: never visited.
-    for first_key in (0..=last_query).step_by(KEY_TILE) {
+    for (tile, first_key) in (0..=last_query).step_by(KEY_TILE).enumerate() {
         let keys = KEY_TILE.min(g.t - first_key);
-        let key_rows = first_key * d..(first_key + keys) * d;
-        pack_panels(&head.k[key_rows.clone()], d, false, dp, NR, &mut s.k_t);
-        pack_panels(&head.v[key_rows], d, true, KEY_TILE, NR, &mut s.v);
+        let k_t = &keys_packed.k_t[tile * g.key_tile_len()..][..g.key_tile_len()];
+        let v = &keys_packed.v[tile * g.key_tile_len()..][..g.key_tile_len()];
         let on_diagonal = first_key + keys - 1 > first_query;
         let (scores_mask, product_mask) = if on_diagonal {
             (
@@ -564,7 +611,7 @@ fn forward_tile<A: Arith, const MR: usize>(
             (Causal::Full, Causal::Full)
         };
         let (q, shape) = (Operand::Packed(&s.q), (rows_p, keys.next_multiple_of(NR), dp, dp));
-        tile_product::<A, MR>(shape, q, &s.k_t, &mut s.s, KEY_TILE, false, scores_mask);
+        tile_product::<A, MR>(shape, q, k_t, &mut s.s, KEY_TILE, false, scores_mask);
         // Online softmax: fold this tile's scores into each row's running maximum and sum,
         // rescaling what was accumulated under the old maximum.
         for (r, row) in s.s.chunks_exact_mut(KEY_TILE).take(rows_p).enumerate() {
@@ -585,7 +632,7 @@ fn forward_tile<A: Arith, const MR: usize>(
         }
         let p = Operand::Rows(&s.s, KEY_TILE);
         let shape = (rows_p, dp, keys, KEY_TILE);
-        tile_product::<A, MR>(shape, p, &s.v, &mut s.o, dp, true, product_mask);
+        tile_product::<A, MR>(shape, p, v, &mut s.o, dp, true, product_mask);
     }
     for (r, (out_row, lse_r)) in out.chunks_exact_mut(d).zip(lse.iter_mut()).enumerate() {
         copy_rows_unpadded(&s.o[r * dp..][..dp], dp, d, out_row, 1.0 / s.l[r]);
@@ -597,7 +644,7 @@ fn forward_tile<A: Arith, const MR: usize>(
 #[target_feature(enable = "avx2,fma")]
 fn forward_tile_avx2(
     g: &Geometry,
-    head: Head,
+    head: (Head, HeadKeys),
     first_query: usize,
     out: &mut [f32],
     lse: &mut [f32],
@@ -610,7 +657,7 @@ fn forward_tile_avx2(
 #[target_feature(enable = "avx512f,avx2,fma")]
 fn forward_tile_avx512(
     g: &Geometry,
-    head: Head,
+    head: (Head, HeadKeys),
     first_query: usize,
     out: &mut [f32],
     lse: &mut [f32],
@@ -622,7 +669,7 @@ fn forward_tile_avx512(
 fn forward_tile_for(
     isa: Isa,
     g: &Geometry,
-    head: Head,
+    head: (Head, HeadKeys),
     first_query: usize,
     out: &mut [f32],
     lse: &mut [f32],
@@ -671,6 +718,7 @@ fn forward_with(isa: Isa, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor,
         zeroed(out_parts);
     } else {
         let g = Geometry::new(t, d);
+        let keys_packed = PackedKeys::new(&g, heads, ks, vs);
         // One task per (head, query tile); it alone writes that tile's rows of out and lse.
         type Task<'a> = (usize, usize, &'a mut [MaybeUninit<f32>], &'a mut [f32]);
         let tasks: Vec<Task> = out_parts
@@ -689,6 +737,7 @@ fn forward_with(isa: Isa, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor,
             let out_t = zeroed(out_t);
             let range = h * t * d..(h + 1) * t * d;
             let head = Head { q: &qs[range.clone()], k: &ks[range.clone()], v: &vs[range] };
+            let head = (head, keys_packed.head(&g, h));
             forward_tile_for(isa, &g, head, first_query, out_t, lse_t, scratch);
         };
         if q.numel() >= PARALLEL_MIN_ELEMS {
