@@ -17,9 +17,9 @@
 //! with zeros, so the kernel needs no edge cases; packing costs O(tile·d_h) against the
 //! O(tile²·d_h) of the products. The probability tiles (P and its gradient), which only
 //! head dim / NR register blocks read per row, are read where they lie instead. The forward
-//! pass packs every key and value tile once per call (`PackedKeys`) rather than once per query
-//! tile that reads it: on one Zen 4 core (AVX2) that took its [16, 4, 256, 32] from 6.3-6.4 to
-//! 5.5-5.7 ms and [2, 4, 1024, 64] from 16.9-17.0 to 14.7 ms.
+//! pass packs every key and value tile once per call (`PackedKeys`, a padded copy of k and v)
+//! rather than once per query tile that reads it: on one Zen 4 core (AVX2) that took its
+//! [16, 4, 256, 32] from 6.3-6.4 to 5.5-5.7 ms and [2, 4, 1024, 64] from 16.9-17.0 to 14.7 ms.
 //!
 //! Parallel work: the forward pass runs one task per (batch, head, query tile); the backward
 //! pass one task per (batch, head), because the key gradients of a head sum over all its query
@@ -549,8 +549,8 @@ impl PackedKeys {
         let (mut k_t, mut v_packed) = (vec![0.0f32; len], vec![0.0f32; len]);
         let pack = |i: usize, (k_tile, v_tile): (&mut [f32], &mut [f32])| {
             let (h, tile) = (i / g.key_tiles(), i % g.key_tiles());
-            let first_key = h * g.t + tile * KEY_TILE;
-            let rows = first_key * g.d..(first_key + KEY_TILE.min(g.t - tile * KEY_TILE)) * g.d;
+            let first_row = h * g.t + tile * KEY_TILE;
+            let rows = first_row * g.d..(first_row + KEY_TILE.min(g.t - tile * KEY_TILE)) * g.d;
             pack_panels(&k[rows.clone()], g.d, false, g.dp, NR, k_tile);
             pack_panels(&v[rows], g.d, true, KEY_TILE, NR, v_tile);
         };
@@ -564,15 +564,17 @@ impl PackedKeys {
         PackedKeys { k_t, v: v_packed }
     }
 
-    fn head(&self, g: &Geometry, h: usize) -> HeadKeys<'_> {
+    /// Head h, with its queries `q`.
+    fn head<'a>(&'a self, g: &Geometry, h: usize, q: &'a [f32]) -> ForwardHead<'a> {
         let len = g.key_tiles() * g.key_tile_len();
-        HeadKeys { k_t: &self.k_t[h * len..][..len], v: &self.v[h * len..][..len] }
+        ForwardHead { q, k_t: &self.k_t[h * len..][..len], v: &self.v[h * len..][..len] }
     }
 }
 
-/// One head's key and value tiles, packed once for all its query tiles (see [`PackedKeys`]).
+/// One head's queries [T, d_h], and its key and value tiles packed (see [`PackedKeys`]).
 #[derive(Clone, Copy)]
-struct HeadKeys<'a> {
+struct ForwardHead<'a> {
+    q: &'a [f32],
     k_t: &'a [f32],
     v: &'a [f32],
 }
@@ -581,7 +583,7 @@ struct HeadKeys<'a> {
 #[inline(always)]
 fn forward_tile<A: Arith, const MR: usize>(
     g: &Geometry,
-    (head, keys_packed): (Head, HeadKeys),
+    head: ForwardHead,
     first_query: usize,
     out: &mut [f32],
     lse: &mut [f32],
@@ -599,8 +601,8 @@ fn forward_tile<A: Arith, const MR: usize>(
     // Key tiles wholly after the last query are masked out entirely: never visited.
     for (tile, first_key) in (0..=last_query).step_by(KEY_TILE).enumerate() {
         let keys = KEY_TILE.min(g.t - first_key);
-        let k_t = &keys_packed.k_t[tile * g.key_tile_len()..][..g.key_tile_len()];
-        let v = &keys_packed.v[tile * g.key_tile_len()..][..g.key_tile_len()];
+        let k_t = &head.k_t[tile * g.key_tile_len()..][..g.key_tile_len()];
+        let v = &head.v[tile * g.key_tile_len()..][..g.key_tile_len()];
         let on_diagonal = first_key + keys - 1 > first_query;
         let (scores_mask, product_mask) = if on_diagonal {
             (
@@ -644,7 +646,7 @@ fn forward_tile<A: Arith, const MR: usize>(
 #[target_feature(enable = "avx2,fma")]
 fn forward_tile_avx2(
     g: &Geometry,
-    head: (Head, HeadKeys),
+    head: ForwardHead,
     first_query: usize,
     out: &mut [f32],
     lse: &mut [f32],
@@ -657,7 +659,7 @@ fn forward_tile_avx2(
 #[target_feature(enable = "avx512f,avx2,fma")]
 fn forward_tile_avx512(
     g: &Geometry,
-    head: (Head, HeadKeys),
+    head: ForwardHead,
     first_query: usize,
     out: &mut [f32],
     lse: &mut [f32],
@@ -669,7 +671,7 @@ fn forward_tile_avx512(
 fn forward_tile_for(
     isa: Isa,
     g: &Geometry,
-    head: (Head, HeadKeys),
+    head: ForwardHead,
     first_query: usize,
     out: &mut [f32],
     lse: &mut [f32],
@@ -735,9 +737,7 @@ fn forward_with(isa: Isa, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor,
             .collect();
         let run = |scratch: &mut ForwardScratch, (h, first_query, out_t, lse_t): Task| {
             let out_t = zeroed(out_t);
-            let range = h * t * d..(h + 1) * t * d;
-            let head = Head { q: &qs[range.clone()], k: &ks[range.clone()], v: &vs[range] };
-            let head = (head, keys_packed.head(&g, h));
+            let head = keys_packed.head(&g, h, &qs[h * t * d..(h + 1) * t * d]);
             forward_tile_for(isa, &g, head, first_query, out_t, lse_t, scratch);
         };
         if q.numel() >= PARALLEL_MIN_ELEMS {

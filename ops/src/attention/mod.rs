@@ -321,8 +321,9 @@ mod fused_tests {
 
     #[test]
     fn fused_is_the_same_bits_whatever_the_thread_count() {
-        // Large enough for the parallel path; several query tiles per head.
-        let dims = [2, 3, 150, 24];
+        // Large enough for the parallel path (36,000 values); several query tiles per head, a
+        // partial key tile, and a head dim padded to the register block's width.
+        let dims = [2, 3, 150, 40];
         let (q, k, v) = (randn(&dims, 8), randn(&dims, 9), randn(&dims, 10));
         let g = randn(&dims, 11);
         let run = |threads: usize| {

@@ -4,9 +4,9 @@
 //!
 //! Why our own: the model's products are thin (T·B rows by a few hundred columns, reduced over
 //! a few hundred terms), where a general GEMM spends much of its time packing both operands
-//! again in every thread and every call. Here A is read in place through its strides (only a
-//! partial last tile of rows is copied, or whole blocks where its strides would crowd one cache
-//! set, or a transposed A would crowd B out of L1: see `pack_a_blocks`), B is packed once per
+//! again in every thread and every call. Here A is read in place through its strides (whole
+//! blocks are copied only where its strides would crowd one cache set, or a transposed A would
+//! crowd B out of L1: see `pack_a_blocks`), B is packed once per
 //! product and shared by the threads (or read in place, for a row-major B under a product with
 //! few rows: see `b_operand`), and the caller can keep a packed B (a Pattention's key or value
 //! tokens) across many row blocks.
@@ -23,8 +23,9 @@
 //! ```
 //!
 //! with c₀ = 0, or the previous value of c[i,j] when accumulating. Blocking over k reloads the
-//! accumulators from C and continues the same chain, and a tile at the edge of C runs the same
-//! chain in a scratch tile, so an element's bits depend on neither the blocking, nor the thread
+//! accumulators from C and continues the same chain, a tile short of rows runs the kernel for
+//! the rows it has, and one short of columns runs the same chain in a scratch tile, so an
+//! element's bits depend on neither the blocking, nor the thread
 //! count, nor where the element falls in a tile; and appending terms whose a (or b) is an exact
 //! zero, as exact growth of a Pattention does, leaves every bit of C unchanged.
 
@@ -388,7 +389,7 @@ unsafe fn gemm_block(
     let mc_max = mc_max.min(rows.next_multiple_of(mr));
     let panels_per_slab = (nc / nr).max(1);
     let mut packed_a = A_BLOCKS.with(|cell| std::mem::take(&mut *cell.borrow_mut()));
-    let need = if pack_all { mc_max * kc_max.min(k) } else { mr * kc_max.min(k) };
+    let need = if pack_all { mc_max * kc_max.min(k) } else { 0 };
     if packed_a.len() < need {
         packed_a.resize(need, 0.0);
     }
@@ -404,14 +405,12 @@ unsafe fn gemm_block(
             let mut i0 = 0;
             while i0 < rows {
                 let block_rows = mc_max.min(rows - i0);
-                let full = block_rows / mr;
-                let edge_rows = block_rows - full * mr;
-                let tiles = full + (edge_rows > 0) as usize;
-                // Copied micro-panels: all of the block's, or only a last partial one.
-                let first_copied = if pack_all { 0 } else { full };
-                for r in first_copied..tiles {
-                    let panel = &mut packed_a[(r - first_copied) * mr * kc..][..mr * kc];
-                    pack_a_panel(&a, i0 + r * mr, (block_rows - r * mr).min(mr), p0, kc, mr, panel);
+                let tiles = block_rows.div_ceil(mr);
+                if pack_all {
+                    for (r, panel) in packed_a.chunks_exact_mut(mr * kc).take(tiles).enumerate() {
+                        let tile_rows = (block_rows - r * mr).min(mr);
+                        pack_a_panel(&a, i0 + r * mr, tile_rows, p0, kc, mr, panel);
+                    }
                 }
                 for q in slab..slab_end {
                     let b_panel =
@@ -419,14 +418,15 @@ unsafe fn gemm_block(
                     let cols = nr.min(n - q * nr);
                     for r in 0..tiles {
                         let tile_rows = (block_rows - r * mr).min(mr);
-                        let a_tile = if r >= first_copied {
-                            (packed_a[(r - first_copied) * mr * kc..].as_ptr(), 1, mr)
+                        let a_tile = if pack_all {
+                            (packed_a[r * mr * kc..].as_ptr(), 1, mr)
                         } else {
                             let offset = (i0 + r * mr) * a.row_stride + p0 * a.col_stride;
                             (a.data[offset..].as_ptr(), a.row_stride, a.col_stride)
                         };
-                        // SAFETY: A covers rows × k (so every (i, p) of an in-place panel is
-                        // inside it), a copied panel holds kc·MR values, the B panel kc rows
+                        // SAFETY: A covers rows × k (so every (i, p), i < tile_rows, of an
+                        // in-place panel is inside it), a copied panel holds kc·MR values, the
+                        // B panel kc rows
                         // of NR values at stride ldb, and the tile reads (when load_c, values
                         // an earlier k-block or the caller wrote) and writes tile_rows rows of
                         // `cols` values at stride ldc from this corner, inside C.
@@ -459,8 +459,10 @@ unsafe fn gemm_block(
     });
 }
 
-/// Rows first..first+rows (at most MR) of A over k in p0..p0+kc, zero-padded to MR rows and
-/// laid out as the kernels read a transposed A: value (i, p) at p·MR + i.
+/// Rows first..first+rows (at most MR) of A over k in p0..p0+kc, laid out as the kernels read
+/// a transposed A: value (i, p) at p·MR + i. A panel of fewer than MR rows keeps its stride and
+/// leaves the values past its rows as they were: the kernel for a short tile reads only its
+/// rows.
 fn pack_a_panel(
     a: &View<'_>,
     first: usize,
@@ -471,30 +473,21 @@ fn pack_a_panel(
     out: &mut [f32],
 ) {
     if a.row_stride == 1 {
-        // A transposed: the MR values of one step are contiguous. A copy of a length known
-        // at compile time is a few register moves; one of `rows` values is a call to memcpy
-        // per step, which took as long as the product's arithmetic at K = 384.
+        // A transposed: the values of one step are contiguous. A copy of a length known at
+        // compile time is a few register moves; one of `rows` values is a call to memcpy per
+        // step, which cost 5% of a `tiny` training step at 16 × 256 held to AVX2.
         let steps = out.chunks_exact_mut(mr).take(kc).enumerate();
         let src = |p: usize| &a.data[first + (p0 + p) * a.col_stride..];
         match (rows, mr) {
             (6, 6) => steps.for_each(|(p, dst)| copy_step::<6>(src(p), dst)),
             (8, 8) => steps.for_each(|(p, dst)| copy_step::<8>(src(p), dst)),
-            _ => steps.for_each(|(p, dst)| {
-                dst[..rows].copy_from_slice(&src(p)[..rows]);
-                dst[rows..].fill(0.0);
-            }),
+            _ => steps.for_each(|(p, dst)| dst[..rows].copy_from_slice(&src(p)[..rows])),
         }
     } else {
-        for i in 0..mr {
-            if i < rows {
-                let start = (first + i) * a.row_stride + p0 * a.col_stride;
-                for p in 0..kc {
-                    out[p * mr + i] = a.data[start + p * a.col_stride];
-                }
-            } else {
-                for p in 0..kc {
-                    out[p * mr + i] = 0.0;
-                }
+        for i in 0..rows {
+            let start = (first + i) * a.row_stride + p0 * a.col_stride;
+            for p in 0..kc {
+                out[p * mr + i] = a.data[start + p * a.col_stride];
             }
         }
     }
@@ -882,9 +875,10 @@ mod tests {
 
     #[test]
     fn every_tile_blocking_copy_and_split_gives_the_same_bits() {
-        // The blocking a processor's caches pick, and others as another processor could: every
-        // tile height the kernels have, blocks smaller than the product in each direction, A
-        // copied or read in place; and products that split over rows or over columns.
+        // The blocking a processor's caches pick, and others as another processor could: the
+        // tile height of each kernel family, blocks smaller than the product in each direction, A
+        // copied or read in place; products that split over rows or over columns; and a last
+        // tile short of each number of rows (each of the short kernels).
         for isa in kernels() {
             let base = isa.blocking();
             let (nr, heights) = match isa {
@@ -893,7 +887,8 @@ mod tests {
             };
             assert_eq!(base.nr, nr);
             assert!(heights.contains(&base.mr), "{isa:?} has no kernel for {base:?}");
-            let shapes = [(50, 513, 70), (37, 300, 200), (9, 700, 96), (200, 64, 129)];
+            let mut shapes = vec![(50, 513, 70), (37, 300, 200), (9, 700, 96), (200, 64, 129)];
+            shapes.extend((1..base.mr).map(|short| (2 * base.mr + short, 70, 40)));
             for &(m, k, n) in &shapes {
                 for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
                     let a_data = crate::testing::values(&randn(&[m * k], (m + k) as u64));

@@ -7,9 +7,9 @@
 //! then continue their chains with that chunk's rows. Compared with S and g_A built for all
 //! rows and summed at the end, that keeps them in cache between being written and read, and
 //! never allocates two [rows, n] arrays. The two phases of a chunk run one after the other,
-//! each on all threads: running a chunk's sums beside the next chunk's blocks (two workspaces,
-//! used in turn) was slower: the Pattention backward passes of a `tiny` step at 16 × 256 took
-//! 118-122 ms that way against 113-115 ms (two Zen 4 cores, AVX2).
+//! each on all threads. Running a chunk's sums beside the next chunk's blocks, with two
+//! workspaces used in turn, was slower (the Pattention backward passes of a `tiny` step at
+//! 16 × 256 took 118-122 ms that way against 113-115 ms, on two Zen 4 cores with AVX2).
 //! The chunks run in row order, so every element of g_V and g_K is still one FMA chain over
 //! the rows in order: the bits of the plain product.
 //!
