@@ -6,10 +6,10 @@
 //! a few hundred terms), where a general GEMM spends much of its time packing both operands
 //! again in every thread and every call. Here A is read in place through its strides (whole
 //! blocks are copied only where its strides would crowd one cache set, or a transposed A would
-//! crowd B out of L1: see `pack_a_blocks`), B is packed once per
-//! product and shared by the threads (or read in place, for a row-major B under a product with
-//! few rows: see `b_operand`), and the caller can keep a packed B (a Pattention's key or value
-//! tokens) across many row blocks.
+//! crowd B out of L1: see `pack_a_blocks`), B is packed once per product and shared by the
+//! threads (or read in place, for a row-major B under a product with few rows: see
+//! `b_operand`), and the caller can keep a packed B (a Pattention's key or value tokens)
+//! across many row blocks.
 //!
 //! The block sizes and the register tile's height come from the processor's caches and
 //! registers at run time (`blocking.rs`); the output is cut into tasks, over rows and, for a
@@ -25,9 +25,9 @@
 //! with c₀ = 0, or the previous value of c[i,j] when accumulating. Blocking over k reloads the
 //! accumulators from C and continues the same chain, a tile short of rows runs the kernel for
 //! the rows it has, and one short of columns runs the same chain in a scratch tile, so an
-//! element's bits depend on neither the blocking, nor the thread
-//! count, nor where the element falls in a tile; and appending terms whose a (or b) is an exact
-//! zero, as exact growth of a Pattention does, leaves every bit of C unchanged.
+//! element's bits depend on neither the blocking, nor the thread count, nor where the element
+//! falls in a tile; and appending terms whose a (or b) is an exact zero, as exact growth of a
+//! Pattention does, leaves every bit of C unchanged.
 
 use super::blocking::{blocking, Blocking};
 use crate::processor::VectorIsa;
@@ -426,10 +426,10 @@ unsafe fn gemm_block(
                         };
                         // SAFETY: A covers rows × k (so every (i, p), i < tile_rows, of an
                         // in-place panel is inside it), a copied panel holds kc·MR values, the
-                        // B panel kc rows
-                        // of NR values at stride ldb, and the tile reads (when load_c, values
-                        // an earlier k-block or the caller wrote) and writes tile_rows rows of
-                        // `cols` values at stride ldc from this corner, inside C.
+                        // B panel kc rows of NR values at stride ldb, and the tile reads (when
+                        // load_c, values an earlier k-block or the caller wrote) and writes
+                        // tile_rows rows of `cols` values at stride ldc from this corner,
+                        // inside C.
                         unsafe {
                             run_tile(
                                 isa,
@@ -709,8 +709,9 @@ impl Split {
     }
 }
 
-/// c (m × n, row-major) = a·b (or += when `accumulate`), B prepared once (`b_operand`) and the rows of C cut
-/// into blocks computed in parallel. An uninitialised `c` comes back fully written.
+/// c (m × n, row-major) = a·b (or += when `accumulate`), B prepared once (`b_operand`) and the
+/// rows of C cut into blocks computed in parallel. An uninitialised `c` comes back fully
+/// written.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm<T: OutputElem>(
     isa: Isa,
@@ -876,8 +877,8 @@ mod tests {
     #[test]
     fn every_tile_blocking_copy_and_split_gives_the_same_bits() {
         // The blocking a processor's caches pick, and others as another processor could: the
-        // tile height of each kernel family, blocks smaller than the product in each direction, A
-        // copied or read in place; products that split over rows or over columns; and a last
+        // tile height of each kernel family, blocks smaller than the product in each direction,
+        // A copied or read in place; products that split over rows or over columns; and a last
         // tile short of each number of rows (each of the short kernels).
         for isa in kernels() {
             let base = isa.blocking();
